@@ -1,0 +1,3 @@
+"""distgen: distributed training of image generative models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""Typed configuration: frozen dataclasses built from YAML plus dotted overrides.
+
+A config file is plain YAML mirroring the dataclass tree; ``key.sub=value``
+arguments on the command line override it. Everything is checked before
+anything runs: unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or impossible.
+
+    The message always starts with the dotted field name (``train.batch_size``)
+    and, when known, the file it came from.
+    """
+
+
+class _Raw(str):
+    """A value typed on the command line: parsed according to the field's type."""
+
+
+def check(cond: bool, field: str, msg: str) -> None:
+    """Raise ConfigError for ``field`` unless ``cond`` holds (used by ``validate`` hooks)."""
+    if not cond:
+        raise ConfigError(f"{field}: {msg}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_raw(raw: _Raw) -> Any:
+    try:
+        return yaml.safe_load(str(raw))
+    except yaml.YAMLError:
+        return str(raw)
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Convert a YAML/override value into ``tp``, or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, _Raw):
+            value = _parse_raw(value)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or '<root>'}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        v = str(value) if isinstance(value, _Raw) else value
+        if v not in choices:
+            raise ConfigError(f"{path}: {v!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return v
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if isinstance(value, _Raw) and _parse_raw(value) is None and type(None) in args:
+            return None
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _build(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} is not a {_type_name(tp)}")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, _Raw):
+            parsed = _parse_raw(value)
+            value = parsed if isinstance(parsed, list) else [str(value)]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        out = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out)
+    if tp is str:
+        if isinstance(value, _Raw):
+            return str(value)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(value, _Raw):
+        value = _parse_raw(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is Any or tp is dict:
+        return _parse_raw(value) if isinstance(value, _Raw) else value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def build_dataclass(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys, types and values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # A section may pick a subclass from its own contents (a model family, say).
+    resolve = getattr(cls, "resolve_type", None)
+    if resolve is not None:
+        sub = resolve(data, path)
+        if sub is not cls:
+            return build_dataclass(sub, data, path)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            extra = f" (did you mean '{path + '.' if path else ''}{hint[0]}'?)" if hint else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{full}: unknown key{extra}; known keys here: {known}")
+        kwargs[key] = _build(hints[key], value, full)
+    # Sections left out of the file still get checked with their defaults.
+    for name, f in fields.items():
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` overrides into a nested dict (values stay raw strings)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"{key}: malformed override key")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{key}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _Raw(value)
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return data
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,511 @@
+"""Streaming webdataset shards for training and evaluation.
+
+The loader is a composition of small generator stages, each visible here:
+
+    training:   shards -> deal_shards (node) -> deal_shards (worker) -> resample -> read_tar
+                -> shuffle -> decode -> random_flip -> batched
+    evaluation: slices -> split_by_node -> split_by_worker -> read_tar -> decode -> batched
+
+Training is infinite and resampled; every (seed, rank, worker, start step)
+gives its own random stream, so a resumed run does not replay what it saw.
+Evaluation is one exact pass: with per-shard counts (from a manifest) the
+global sample range is cut into contiguous pieces, one per rank x worker, so
+every sample is seen exactly once whatever the shard count; without counts
+whole shards are dealt out round-robin (still exact, less balanced).
+
+Ranks are passed in (see :mod:`distgen.dist`); nothing here touches
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.gopen import gopen
+
+from distgen.data.errors import DataError
+from distgen.data.shard import MANIFEST_FORMAT
+from distgen.data.tario import iter_members
+
+log = logging.getLogger("distgen.data")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+PIL_FORMATS = {"png": ["PNG"], "jpg": ["JPEG"], "jpeg": ["JPEG"], "webp": ["WEBP"]}
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ShardSet:
+    """Resolved inputs: shard URLs, their sample counts when known, manifest metadata."""
+
+    urls: tuple[str, ...]
+    counts: tuple[Optional[int], ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> Optional[int]:
+        return None if any(c is None for c in self.counts) else sum(self.counts)
+
+
+def _load_manifest(path: Path) -> ShardSet:
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        raise DataError(f"{path}: not a distgen manifest (format {MANIFEST_FORMAT})")
+    urls, counts = [], []
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):
+            raise DataError(f"{path}: shards[{i}] needs a name and an integer count")
+        name = s["name"]
+        url = name if name.startswith("pipe:") or Path(name).is_absolute() else str(path.parent / name)
+        if not url.startswith("pipe:") and not Path(url).is_file():
+            raise DataError(f"{path}: shard {url} is missing")
+        urls.append(url)
+        counts.append(s["count"])
+    return ShardSet(tuple(urls), tuple(counts), {k: v for k, v in m.items() if k != "shards"})
+
+
+def resolve_shards(inputs: str | Sequence[str]) -> ShardSet:
+    """Turn a manifest, brace patterns, paths or ``pipe:`` URLs into a :class:`ShardSet`."""
+    items = [inputs] if isinstance(inputs, str) else list(inputs)
+    urls: list[str] = []
+    counts: list[Optional[int]] = []
+    meta: dict = {}
+    for item in items:
+        if item.endswith(".json") and not item.startswith("pipe:"):
+            s = _load_manifest(Path(item))
+            urls += s.urls
+            counts += s.counts
+            meta = meta or s.meta
+            continue
+        for url in braceexpand(item):
+            if not url.startswith("pipe:") and not Path(url).is_file():
+                raise DataError(f"{url}: shard not found")
+            urls.append(url)
+            counts.append(None)
+    if not urls:
+        raise DataError(f"no shards given ({inputs!r}): pass a manifest, a brace pattern or a list of tar files")
+    return ShardSet(tuple(urls), tuple(counts), meta)
+
+
+# --------------------------------------------------------------------------- errors
+class ErrorPolicy:
+    """``raise`` stops at the first bad sample; ``skip`` counts it, logs it and goes on."""
+
+    def __init__(self, mode: str = "raise"):
+        if mode not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be raise or skip, got {mode!r}")
+        self.mode = mode
+        self.skipped = 0
+
+    def __call__(self, err: DataError) -> None:
+        if self.mode == "raise":
+            raise err
+        self.skipped += 1
+        log.warning("skipped bad input (%d so far in this worker): %s", self.skipped, err)
+
+    def take(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
+
+
+# --------------------------------------------------------------------------- splitting
+@dataclass(frozen=True)
+class Slice:
+    """Samples ``[start, stop)`` of one shard (``stop=None``: to the end)."""
+
+    url: str
+    start: int = 0
+    stop: Optional[int] = None
+
+
+def partition(slices: Sequence[Slice], part: int, nparts: int) -> list[Slice]:
+    """Part ``part`` of ``nparts`` of the samples in ``slices``, each sample in exactly one part.
+
+    With known lengths the concatenated sample range is cut into ``nparts``
+    contiguous pieces whose sizes differ by at most one. With unknown lengths
+    whole slices are dealt round-robin.
+    """
+    if any(s.stop is None for s in slices):
+        return list(slices[part::nparts])
+    total = sum(s.stop - s.start for s in slices)
+    lo, hi = total * part // nparts, total * (part + 1) // nparts
+    out, pos = [], 0
+    for s in slices:
+        n = s.stop - s.start
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append(Slice(s.url, s.start + a - pos, s.start + b - pos))
+        pos += n
+    return out
+
+
+def split_by_node(slices: Sequence[Slice], rank: int, world: int) -> list[Slice]:
+    """Stage: this rank's share of the data (evaluation: exact partition)."""
+    return partition(slices, rank, world)
+
+
+def split_by_worker(slices: Sequence[Slice], worker: int, workers: int) -> list[Slice]:
+    """Stage: this DataLoader worker's share of its rank's data."""
+    return partition(slices, worker, workers)
+
+
+def deal_shards(shards: Sequence, part: int, nparts: int) -> list:
+    """Training split: disjoint shard subsets when there are enough shards, else all of them.
+
+    With fewer shards than parts, every part resamples all shards; their
+    different seeds still give each rank and worker a different stream.
+    """
+    return list(shards[part::nparts]) if len(shards) >= nparts else list(shards)
+
+
+def resample(shards: Sequence[tuple[str, Optional[int]]], rng: random.Random) -> Iterator[Slice]:
+    """Stage: an endless stream of ``(url, count)`` shards drawn with replacement.
+
+    A shard with a known count is read circularly from a random sample
+    onwards, so a stream with another seed (another rank, or a resumed run)
+    does not start by replaying the first samples of the same shard.
+    """
+    while True:
+        url, count = rng.choice(shards)
+        off = rng.randrange(count) if count else 0
+        yield Slice(url, off, count)
+        if off:
+            yield Slice(url, 0, off)
+
+
+# --------------------------------------------------------------------------- reading
+def _split_name(fname: str) -> tuple[str, str]:
+    prefix, _, base = fname.rpartition("/")
+    key, dot, ext = base.partition(".")
+    if not dot:
+        raise ValueError(f"member {fname!r} has no extension")
+    return (f"{prefix}/{key}" if prefix else key), ext.lower()
+
+
+def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
+    """Stage: samples (``__key__``, ``__url__`` and one entry per member extension) from tar shards.
+
+    Members are grouped by key; a shard that ends early, is corrupt or whose
+    ``pipe:`` command fails raises a DataError naming the shard and the last
+    good key (or, with ``skip``, counts once and moves to the next shard).
+    """
+    for sl in slices:
+        url = sl.url
+        index = 0
+        last_key = None
+        done = False
+        stream = None
+        try:
+            stream = gopen(url, "rb")
+            current: Optional[dict] = None
+            for fname, data in iter_members(stream):
+                key, ext = _split_name(fname)
+                if current is not None and key == current["__key__"]:
+                    if ext in current:
+                        raise ValueError(f"key {key} has two '{ext}' members")
+                    current[ext] = data
+                    continue
+                if current is not None:
+                    if index >= sl.start:
+                        yield current
+                    last_key = current["__key__"]
+                    index += 1
+                    if sl.stop is not None and index >= sl.stop:
+                        done = True
+                        break
+                current = {"__key__": key, "__url__": url, ext: data}
+            if not done and current is not None:
+                if index >= sl.start:
+                    yield current
+                last_key = current["__key__"]
+                index += 1
+            if sl.stop is not None and index < sl.stop:
+                raise ValueError(f"ended after {index} samples, expected at least {sl.stop} (manifest count)")
+        except DataError as e:
+            policy(e)
+        except GeneratorExit:  # the consumer stopped early: not an error
+            done = True
+            raise
+        except Exception as e:  # tarfile, pipe and OS errors all mean a bad shard
+            where = f"after key {last_key}" if last_key else "before its first sample"
+            policy(DataError(f"shard {url}: corrupt, truncated or unreadable tar {where}: {e}"))
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as e:
+                    # Closing a pipe we stopped reading early can report SIGPIPE; harmless then.
+                    if not done:
+                        policy(DataError(f"shard {url}: {e}"))
+
+
+def shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Stage: shuffle through a buffer of ``bufsize`` samples."""
+    buf: list = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    resolution: int
+    channels: int
+    resize: str = "center_crop"  # or "stretch"
+    labels: str = "optional"  # "required", "optional" (-1 when missing) or "none"
+    expect_size: Optional[tuple[int, int]] = None  # (H, W) every stored image must have
+    expect_channels: Optional[int] = None
+
+
+def _to_resolution(im: Image.Image, res: int, mode: str) -> Image.Image:
+    """Centre square crop (ADM/EDM style) or stretch, then an antialiased resize to res x res."""
+    w, h = im.size
+    if (w, h) == (res, res):
+        return im
+    if mode == "center_crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    return im.resize((res, res), Image.BICUBIC if max(w, h) < res else Image.LANCZOS)
+
+
+def open_image(data: bytes, ext: str) -> Image.Image:
+    """Decode image bytes with PIL (told the format, which skips probing every plugin)."""
+    im = Image.open(io.BytesIO(data), formats=PIL_FORMATS[ext])
+    im.load()
+    return im
+
+
+def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
+    """Stage: stored bytes -> ``{"key", "image": uint8 CxHxW, "label"}`` at the configured resolution."""
+    expect_c = spec.expect_channels or spec.channels
+    want_mode = "L" if spec.channels == 1 else "RGB"
+    expect_hw = tuple(spec.expect_size) if spec.expect_size is not None else None
+    for s in samples:
+        key, url = s["__key__"], s["__url__"]
+        try:
+            ext = next((e for e in IMAGE_EXTS if e in s), None)
+            if ext is None:
+                raise DataError(f"shard {url}, key {key}: no image member (one of {', '.join(IMAGE_EXTS)})")
+            try:
+                im = open_image(s[ext], ext)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise DataError(f"shard {url}, key {key}: '{ext}' is not a decodable image ({e})") from None
+            chans = 1 if im.mode in GREY_MODES else 3  # alpha does not count
+            if chans != expect_c:
+                raise DataError(f"shard {url}, key {key}: image has {chans} channel(s), expected {expect_c}")
+            if expect_hw is not None and (im.height, im.width) != expect_hw:
+                raise DataError(
+                    f"shard {url}, key {key}: image is {im.height}x{im.width}, expected "
+                    f"{expect_hw[0]}x{expect_hw[1]} (from the manifest)"
+                )
+            if im.mode != want_mode:
+                im = im.convert(want_mode)
+            arr = np.asarray(_to_resolution(im, spec.resolution, spec.resize))
+            out = {"key": key, "image": arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)}
+            if spec.labels != "none":
+                if "cls" in s:
+                    try:
+                        out["label"] = int(s["cls"])
+                    except ValueError:
+                        raise DataError(f"shard {url}, key {key}: 'cls' is not an integer: {s['cls'][:20]!r}") from None
+                elif spec.labels == "required":
+                    raise DataError(f"shard {url}, key {key}: missing 'cls' label (data.labels is true)")
+                else:
+                    out["label"] = -1
+            yield out
+        except DataError as e:
+            policy(e)
+
+
+def random_flip(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+    """Stage: horizontal flip with probability 1/2."""
+    for s in samples:
+        if rng.random() < 0.5:
+            s["image"] = s["image"][:, :, ::-1]
+        yield s
+
+
+def batched(samples: Iterable[dict], batch_size: int, policy: ErrorPolicy, partial: bool = True) -> Iterator[dict]:
+    """Stage: collate into ``{"image": uint8 BxCxHxW, "label", "key", "skipped"}`` (numpy arrays).
+
+    ``skipped`` carries this worker's skip count since its last batch to the
+    main process, which adds them up.
+    """
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield _collate(buf, policy.take())
+            buf = []
+    if buf and partial:
+        yield _collate(buf, policy.take())
+    elif policy.skipped:
+        yield {"skipped": policy.take()}
+
+
+def _collate(buf: list[dict], skipped: int) -> dict:
+    out = {
+        # uint8 numpy crosses the process boundary as plain pickled bytes: 4x
+        # smaller than float, and cheaper than a shared-memory segment per batch.
+        "image": np.stack([s["image"] for s in buf]),
+        "key": [s["key"] for s in buf],
+        "skipped": skipped,
+    }
+    if "label" in buf[0]:
+        out["label"] = np.array([s["label"] for s in buf], dtype=np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- datasets
+def stream_seed(seed: int, rank: int, worker: int, step: int) -> int:
+    """Seed for one rank's worker, from (seed, rank, worker, start step)."""
+    return int(np.random.SeedSequence([seed, rank, worker, step]).generate_state(1)[0])
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The pipeline above as an IterableDataset of batches (use with ``batch_size=None``)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        mode: str,
+        batch_size: int,
+        decode_spec: DecodeSpec,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+        shuffle_buffer: int = 2000,
+        flip: bool = False,
+        on_error: str = "raise",
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be train or eval, got {mode!r}")
+        self.shards, self.mode, self.batch_size, self.spec = shards, mode, batch_size, decode_spec
+        self.rank, self.world, self.seed, self.start_step = rank, world, seed, start_step
+        self.shuffle_buffer, self.flip, self.on_error = shuffle_buffer, flip, on_error
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # Objects inherited from the parent (torch, diffusers, ...) need no
+            # scanning by this worker's garbage collector.
+            gc.freeze()
+        policy = ErrorPolicy(self.on_error)
+        if self.mode == "eval":
+            slices = [Slice(u, 0, c) for u, c in zip(self.shards.urls, self.shards.counts)]
+            slices = split_by_node(slices, self.rank, self.world)
+            slices = split_by_worker(slices, worker, workers)
+            samples = read_tar(slices, policy)
+        else:
+            rng = random.Random(stream_seed(self.seed, self.rank, worker, self.start_step))
+            shards = list(zip(self.shards.urls, self.shards.counts))
+            shards = deal_shards(shards, self.rank, self.world)
+            shards = deal_shards(shards, worker, workers)
+            samples = read_tar(resample(shards, rng), policy)
+            samples = shuffle(samples, self.shuffle_buffer, rng)
+        samples = decode(samples, self.spec, policy)
+        if self.flip and self.mode == "train":
+            samples = random_flip(samples, rng)
+        yield from batched(samples, self.batch_size, policy)
+
+
+class Loader:
+    """Iterates a :class:`ShardStream` through a DataLoader and finishes batches in the main process.
+
+    Images become float tensors in [-1, 1], NCHW. ``count`` is the number of
+    samples delivered on this rank, ``skipped`` the bad inputs skipped by all
+    of this rank's workers.
+    """
+
+    def __init__(self, dataset: ShardStream, workers: int = 2, pin_memory: bool = False):
+        self.dataset = dataset
+        self.workers = workers
+        self.loader = torch.utils.data.DataLoader(
+            # Batches are already made; identity collate keeps numpy as numpy.
+            dataset, batch_size=None, collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
+            # Workers stay alive across passes in training; eval makes one pass.
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        self.count = 0
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            self.skipped += batch.pop("skipped", 0)
+            if "image" not in batch:
+                continue
+            batch["image"] = to_float(batch["image"])
+            if "label" in batch:
+                batch["label"] = torch.from_numpy(batch["label"])
+            self.count += len(batch["key"])
+            yield batch
+
+
+def _identity(x):
+    return x
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 BxCxHxW -> float BxCxHxW in [-1, 1].
+
+    Done in numpy, which stays on one thread: torch would wake its intra-op
+    threads here, and they spin on the cores the data workers need.
+    """
+    x = images.astype(np.float32)
+    x *= 1 / 127.5
+    x -= 1.0
+    return torch.from_numpy(x)
+
+
+def make_loader(
+    inputs: str | Sequence[str],
+    cfg,  # DataConfig
+    *,
+    batch_size: int,
+    mode: str,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    start_step: int = 0,
+    pin_memory: bool = False,
+) -> Loader:
+    """Build a :class:`Loader` over ``inputs`` from a :class:`~distgen.config.DataConfig`."""
+    shards = resolve_shards(inputs)
+    meta = shards.meta
+    size = tuple(meta["image_size"]) if meta.get("image_size") else None
+    if cfg.labels and meta and meta.get("num_classes") == 0:
+        raise DataError(f"data.labels is true but the manifest of {shards.urls[0]} lists no classes")
+    labels = "required" if cfg.labels else ("optional" if meta.get("num_classes") else "none")
+    spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"))
+    if meta.get("channels") and meta["channels"] != cfg.channels:
+        raise DataError(f"data.channels is {cfg.channels} but the shards hold {meta['channels']}-channel images")
+    ds = ShardStream(
+        shards, mode=mode, batch_size=batch_size, decode_spec=spec, rank=rank, world=world, seed=seed,
+        start_step=start_step, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, on_error=cfg.on_error,
+    )
+    return Loader(ds, workers=cfg.workers, pin_memory=pin_memory)

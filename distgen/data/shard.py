@@ -1,0 +1,137 @@
+"""Write webdataset tar shards and their manifest (``distgen data shard``).
+
+Shards are byte-for-byte deterministic: members are written in a fixed order
+with fixed mtime, owner and mode, and PNG encoding is lossless and stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from distgen.data.errors import DataError
+from distgen.data.sources import Source, open_source
+
+MANIFEST_FORMAT = "distgen-shards/1"
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def manifest_path(out_dir: str | Path, split: str) -> Path:
+    return Path(out_dir) / f"{split}.manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(
+    source: Source | str,
+    out_dir: str | Path,
+    split: str = "train",
+    samples_per_shard: int = 10000,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Shard ``source`` into ``out_dir/<split>-NNNNNN.tar`` and write the manifest.
+
+    Tars are written under temporary names and renamed only once the whole
+    split is written, then the manifest is written atomically: a failure
+    part-way leaves the previous shards and manifest as they were, and no
+    manifest ever names a partial shard. Returns the manifest dict.
+    """
+    if isinstance(source, str):
+        source = open_source(source, split)
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{split}-*.tar.tmp"):
+        stale.unlink()
+    shards: list[dict] = []
+    done: list[tuple[Path, Path]] = []  # (temporary, final) names
+    writer = None
+    tmp: Optional[Path] = None
+    count_in_shard = 0
+    index = 0
+
+    def close_current():
+        nonlocal writer, tmp
+        if writer is None:
+            return
+        writer.close()
+        final = out / f"{split}-{len(shards):06d}.tar"
+        shards.append({"name": final.name, "count": count_in_shard, "sha256": _sha256(tmp)})
+        done.append((tmp, final))
+        if log:
+            log(f"wrote {final} ({count_in_shard} samples)")
+        writer, tmp = None, None
+
+    def _write_one(img, label):
+        nonlocal writer, tmp, count_in_shard, index
+        if writer is None:
+            tmp = out / f".{split}-{len(shards):06d}.tar.tmp"
+            # Fixed owner, mode and an integer mtime (a float one adds a PAX
+            # header per member) make the tars reproducible.
+            writer = wds.TarWriter(str(tmp), user="distgen", group="distgen", mode=0o444, mtime=0, encoder=False)
+            count_in_shard = 0
+        sample = {"__key__": f"{split}_{index:07d}", "png": encode_png(img)}
+        if label is not None:
+            sample["cls"] = str(label).encode()
+        writer.write(sample)
+        count_in_shard += 1
+        index += 1
+        if count_in_shard == samples_per_shard:
+            close_current()
+
+    try:
+        for img, label in source.items():
+            _write_one(img, label)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        for t, _ in done + ([(tmp, None)] if tmp else []):
+            t.unlink(missing_ok=True)
+        raise
+    close_current()
+    if index == 0:
+        raise DataError(f"{source.name}: no samples to shard")
+    # Only now replace the old split: manifest first, so a crash in between
+    # leaves no manifest rather than one naming shards that changed.
+    mp = manifest_path(out, split)
+    mp.unlink(missing_ok=True)
+    # Old shards would otherwise be mistaken for new ones by a brace pattern.
+    for old in out.glob(f"{split}-*.tar"):
+        old.unlink()
+    for t, final in done:
+        os.replace(t, final)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": source.name,
+        "split": split,
+        "total": index,
+        "image_size": list(source.image_size) if source.image_size else None,
+        "channels": source.channels,
+        "num_classes": len(source.class_names),
+        "class_names": list(source.class_names),
+        "shards": shards,
+    }
+    tmpm = mp.with_suffix(".json.tmp")
+    tmpm.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmpm, mp)
+    return manifest

