@@ -1,6 +1,8 @@
 """Command line: turns arguments into a typed config and hands it on. Nothing else.
 
     distgen train CONFIG [key=value ...] [--dry-run]
+    distgen sample RUN_DIR|EXPORT_DIR --num N [--steps S] [--sampler ddpm|ddim|dpmsolver] [--seed K] --out OUT
+    distgen export RUN_DIR OUT_DIR
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
     distgen demo
@@ -24,6 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    sm = sub.add_parser("sample", help="sample from a run's EMA weights or an export")
+    sm.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
+    sm.add_argument("--num", type=int, required=True, help="number of images")
+    sm.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
+    sm.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
+
+    ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -76,6 +91,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from distgen.sample import sample_command
+
+    if args.num < 1:
+        raise ConfigError(f"--num: must be >= 1, got {args.num}")
+    return sample_command(args.path, args.num, args.out, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                          guidance=args.guidance)
+
+
+def cmd_export(args) -> int:
+    from distgen.sample import export
+
+    out = export(args.run_dir, args.out_dir)
+    print(f"distgen: exported the EMA weights of {args.run_dir} -> {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from distgen.demo import demo
 
@@ -86,15 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     from distgen.data import DataError
+    from distgen.sample import SampleError
+    from distgen.train import TrainingError
 
     try:
         if args.cmd == "train":
             return cmd_train(args)
+        if args.cmd == "sample":
+            return cmd_sample(args)
+        if args.cmd == "export":
+            return cmd_export(args)
         if args.cmd == "data":
             return cmd_shard(args) if args.data_cmd == "shard" else cmd_bench(args)
         if args.cmd == "demo":
             return cmd_demo(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, SampleError, TrainingError) as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -40,6 +40,12 @@ def init_from_env(backend: str = "gloo") -> None:
         td.init_process_group(backend=backend)
 
 
+def cpu_only() -> bool:
+    """True when Accelerate should form CPU process groups (gloo): no GPU, and not DeepSpeed
+    (whose own CPU accelerator picks the backend)."""
+    return not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
+
+
 def barrier() -> None:
     if initialized():
         td.barrier()

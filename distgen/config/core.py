@@ -127,9 +127,9 @@ def build_dataclass(cls: type, data: dict, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     # A section may pick a subclass from its own contents (a model family, say).
-    resolve = getattr(cls, "resolve_type", None)
+    resolve = cls.__dict__.get("resolve_type")
     if resolve is not None:
-        sub = resolve(data, path)
+        sub = resolve.__get__(None, cls)(data, path)
         if sub is not cls:
             return build_dataclass(sub, data, path)
     kwargs = {}
@@ -141,7 +141,7 @@ def build_dataclass(cls: type, data: dict, path: str = "") -> Any:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{full}: unknown key{extra}; known keys here: {known}")
         kwargs[key] = _build(hints[key], value, full)
-    # Sections left out of the file still get checked with their defaults.
+    # Sections left out of the file still get checked (and resolved) with their defaults.
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name)

@@ -48,14 +48,78 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 64  # per device, per step (before gradient accumulation)
+    batch_size: int = 64  # per device, per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step (global batch = batch_size x world x grad_accum)
+    total_kimg: float = 10.0  # training length, in thousands of samples seen (not epochs)
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_kimg: float = 0.0  # linear learning-rate warm-up
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    log_every: int = 10  # steps between progress / metrics.jsonl / TensorBoard records
+    sample_every: int = 500  # steps between EMA sample grids (0: only at the end)
+    sample_num: int = 64  # images in a sample grid
+    checkpoint_every: int = 1000  # steps between full checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    max_steps: Optional[int] = None  # stop (with a checkpoint) after this step even if kimg is not reached
 
     def validate(self, path: str) -> None:
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, f"{path}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.total_kimg > 0, f"{path}.total_kimg", f"must be > 0, got {self.total_kimg}")
+        check(self.lr > 0, f"{path}.lr", f"must be > 0, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        check(self.warmup_kimg >= 0, f"{path}.warmup_kimg", "must be >= 0")
+        check(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 turns clipping off)")
+        check(self.max_nonfinite >= 1, f"{path}.max_nonfinite", "must be >= 1")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_num"):
+            check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.sample_every >= 0, f"{path}.sample_every", "must be >= 0")
+        check(self.max_steps is None or self.max_steps >= 1, f"{path}.max_steps", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    # EMA half-lives in thousands of samples (EDM's definition); several give several EMAs.
+    # The first is the one used for samples, evaluation and export.
+    halflife_kimg: tuple[float, ...] = (500.0,)
+    rampup: Optional[float] = 0.05  # EDM ramp-up: half-life <= rampup x samples seen; null: none
+    decay: Optional[float] = None  # a fixed per-step decay instead of half-lives
+
+    def validate(self, path: str) -> None:
+        check(len(self.halflife_kimg) >= 1 and all(h > 0 for h in self.halflife_kimg), f"{path}.halflife_kimg",
+              "must be a non-empty list of positive numbers")
+        check(self.rampup is None or self.rampup > 0, f"{path}.rampup", "must be > 0 or null")
+        check(self.decay is None or 0 < self.decay < 1, f"{path}.decay", "must be in (0, 1) or null")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model family's section; ``family`` picks the dataclass (see distgen.families)."""
+
+    family: str = "diffusion"
+
+    @classmethod
+    def resolve_type(cls, data: dict, path: str) -> type:
+        from distgen.families import FAMILIES
+
+        family = str(data.get("family", "diffusion"))
+        if family not in FAMILIES:
+            from distgen.config.core import ConfigError
+
+            raise ConfigError(f"{path}.family: unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+        return FAMILIES[family].config_cls
 
 
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)

@@ -1,0 +1,77 @@
+"""EMA of network weights: diffusers' EMAModel with EDM's half-life schedule.
+
+EDM (Karras et al. 2022) sets the EMA by a half-life in training samples,
+``beta = 0.5 ** (batch / halflife_nimg)``, with a ramp-up that keeps the
+half-life at most ``rampup x samples seen`` early in training. A fixed
+per-step decay is available too. Several half-lives can run at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+
+class HalfLifeEMA(EMAModel):
+    """EMAModel whose decay follows EDM's half-life (and ramp-up) in samples, or a fixed value."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter], halflife_nimg: float, rampup: Optional[float],
+                 fixed_decay: Optional[float] = None):
+        super().__init__(parameters, decay=1.0, foreach=True)
+        self.halflife_nimg, self.rampup, self.fixed_decay = halflife_nimg, rampup, fixed_decay
+        self.cur_nimg = 0  # samples seen after this step; set by the trainer
+        self.batch = 1  # global batch of this step; set by the trainer
+
+    def get_decay(self, optimization_step: int) -> float:
+        if self.fixed_decay is not None:
+            return self.fixed_decay
+        h = self.halflife_nimg
+        if self.rampup is not None:
+            h = min(h, self.cur_nimg * self.rampup)
+        return 0.5 ** (self.batch / max(h, 1e-8))
+
+
+class EMASet:
+    """One or more EMAs of one network, with a module copy to sample from."""
+
+    def __init__(self, network: nn.Module, halflives_kimg: Iterable[float], rampup: Optional[float],
+                 fixed_decay: Optional[float]):
+        # A full copy made before any sharding (ZeRO-3): every rank holds whole EMA weights.
+        self.module = copy.deepcopy(network).eval().requires_grad_(False)
+        self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
+
+    @torch.no_grad()
+    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, gather=None) -> None:
+        """Move every EMA towards ``params``; ``gather`` gives a context that materialises sharded params."""
+        with gather(params) if gather is not None else contextlib.nullcontext():
+            for e in self.emas:
+                e.cur_nimg, e.batch = cur_nimg, batch
+                e.step(params)
+
+    def materialize(self, index: int = 0) -> nn.Module:
+        """The module holding EMA number ``index`` (0: the primary one)."""
+        self.emas[index].copy_to(self.module.parameters())
+        return self.module
+
+    def state(self) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+        """Tensors (by parameter name) and step counters of each EMA, for checkpoints."""
+        names = [n for n, _ in self.module.named_parameters()]
+        tensors = [{n: t.detach().contiguous() for n, t in zip(names, e.shadow_params)} for e in self.emas]
+        return tensors, [e.optimization_step for e in self.emas]
+
+    def load(self, tensors: list[dict[str, torch.Tensor]], steps: list[int]) -> None:
+        names = [n for n, _ in self.module.named_parameters()]
+        if len(tensors) != len(self.emas):
+            raise ValueError(f"checkpoint holds {len(tensors)} EMA(s), config asks for {len(self.emas)}")
+        for e, t, s in zip(self.emas, tensors, steps):
+            missing = set(names) - set(t)
+            if missing:
+                raise ValueError(f"EMA tensors lack {sorted(missing)[:3]}")
+            for sp, n in zip(e.shadow_params, names):
+                sp.copy_(t[n])
+            e.optimization_step = s

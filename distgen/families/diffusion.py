@@ -1,0 +1,155 @@
+"""Pixel-space diffusion (DDPM, Ho et al. 2020) on diffusers' UNet2DModel and schedulers.
+
+Training noise comes from a DDPMScheduler (linear or cosine betas), the network
+predicts epsilon or v (Salimans & Ho 2022), and sampling uses DDPM, DDIM
+(Song et al. 2021) or DPM-Solver++ (Lu et al. 2022). Class conditioning drops
+labels to a null class with probability ``label_dropout`` so that
+classifier-free guidance (Ho & Salimans 2022) works at sampling time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from distgen.config.core import check
+from distgen.config.schema import ModelConfig
+from distgen.families.base import DataInfo, Family, Phase
+
+# Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "ddpm-cifar10": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, norm_num_groups=32,
+                         dropout=0.1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(ModelConfig):
+    family: str = "diffusion"
+    preset: Literal["tiny", "small", "ddpm-cifar10"] = "small"
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "cosine"] = "linear"  # cosine: Nichol & Dhariwal 2021
+    num_train_timesteps: int = 1000
+    class_conditional: bool = False  # needs labelled data
+    label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
+    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "ddim"  # default for grids and `distgen sample`
+    sample_steps: int = 50
+    guidance_scale: float = 1.0  # 1: plain conditional sampling
+
+    def validate(self, path: str) -> None:
+        check(self.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
+        check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
+        check(1 <= self.sample_steps <= self.num_train_timesteps, f"{path}.sample_steps",
+              f"must be in [1, num_train_timesteps], got {self.sample_steps}")
+        check(self.guidance_scale >= 0, f"{path}.guidance_scale", "must be >= 0")
+
+
+def _scheduler_config(cfg: DiffusionConfig) -> dict:
+    return dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction,
+                beta_schedule="squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else "linear",
+                beta_start=1e-4, beta_end=0.02, clip_sample=True)
+
+
+def make_sampler(name: str, train_scheduler: DDPMScheduler):
+    """A diffusers sampling scheduler sharing the training noise schedule."""
+    if name == "ddpm":
+        return DDPMScheduler.from_config(train_scheduler.config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(train_scheduler.config)
+    if name == "dpmsolver":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+class Diffusion(Family):
+    name = "diffusion"
+    config_cls = DiffusionConfig
+
+    def __init__(self, cfg: DiffusionConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        if cfg.class_conditional and data.num_classes < 1:
+            raise ValueError("model.class_conditional needs labelled data (the manifest lists no classes)")
+        self.num_classes = data.num_classes if cfg.class_conditional else 0
+        self.scheduler = DDPMScheduler(**_scheduler_config(cfg))
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes  # the extra embedding index used for dropped labels
+
+    def unet_kwargs(self) -> dict:
+        kw = dict(PRESETS[self.cfg.preset])
+        kw.update(sample_size=self.data.resolution, in_channels=self.data.channels, out_channels=self.data.channels)
+        if self.num_classes:
+            kw["num_class_embeds"] = self.num_classes + 1
+        return kw
+
+    def build_networks(self):
+        return {"unet": UNet2DModel(**self.unet_kwargs())}
+
+    def phases(self):
+        return [Phase("denoise", "unet")]
+
+    def loss(self, phase, nets, batch, generator):
+        x0 = batch["image"]
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        xt = self.scheduler.add_noise(x0, noise, t)
+        labels = None
+        if self.num_classes:
+            labels = batch["label"].to(x0.device)
+            drop = torch.rand(b, device=x0.device, generator=generator) < self.cfg.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        pred = nets["unet"](xt, t, class_labels=labels).sample
+        target = noise if self.cfg.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return per_sample, {}
+
+    @torch.no_grad()
+    def sample(self, nets, generators, *, labels=None, steps=None, sampler=None, guidance=None):
+        unet = nets["unet"]
+        device = next(unet.parameters()).device
+        sched = make_sampler(sampler or self.cfg.sampler, self.scheduler)
+        sched.set_timesteps(steps or self.cfg.sample_steps, device=device)
+        n = len(generators)
+        shape = (n, self.data.channels, self.data.resolution, self.data.resolution)
+        # One generator per image: an image depends on its own seed only, not on the batch around it.
+        x = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+        x = x * sched.init_noise_sigma
+        g = self.cfg.guidance_scale if guidance is None else guidance
+        if self.num_classes:
+            if labels is None:
+                labels = torch.tensor([i % self.num_classes for i in range(n)])
+            labels = labels.to(device)
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t)
+            if self.num_classes and g != 1.0:
+                null = torch.full_like(labels, self.null_class)
+                out = unet(torch.cat([xin, xin]), t, class_labels=torch.cat([labels, null])).sample
+                cond, uncond = out.chunk(2)
+                out = uncond + g * (cond - uncond)
+            else:
+                out = unet(xin, t, class_labels=labels).sample
+            x = sched.step(out, t, x, generator=generators).prev_sample
+        return x.clamp(-1, 1)
+
+    def export(self, nets, out_dir):
+        # A standard diffusers pipeline folder: DiffusionPipeline.from_pretrained(out_dir) runs it.
+        DDPMPipeline(unet=nets["unet"], scheduler=self.scheduler).save_pretrained(out_dir, safe_serialization=True)
+
+    def load_export(self, out_dir):
+        unet = UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)
+        return {"unet": unet}

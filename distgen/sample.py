@@ -1,0 +1,164 @@
+"""``distgen sample`` and ``distgen export``: EMA weights out of a run, images out of weights.
+
+Image ``i`` is drawn from its own generator seeded by (seed, i), and images
+are computed in fixed blocks of consecutive indices dealt round-robin to the
+ranks, so the files are the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen import dist
+from distgen.config import Config, build_dataclass, to_dict
+from distgen.families import DataInfo, build_family
+
+EXPORT_META = "distgen.json"
+BLOCK = 16  # images per forward pass; part of what makes results independent of world size
+
+
+class SampleError(RuntimeError):
+    pass
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: Optional[int] = None) -> Path:
+    """A PNG grid of float [-1, 1] NCHW images (or uint8 NHWC)."""
+    from PIL import Image
+
+    x = to_uint8(images) if torch.is_tensor(images) else images
+    n, h, w, c = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    canvas = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[:, :, 0] if c == 1 else canvas).save(path)
+    return path
+
+
+def _load_config(d: dict, where: Path) -> Config:
+    try:
+        return build_dataclass(Config, d)
+    except Exception as e:
+        raise SampleError(f"{where}: the stored config does not load ({e})") from None
+
+
+def load_ema(path: str | Path, device: str | torch.device = "cpu"):
+    """(family, EMA networks, config) from a run folder (newest checkpoint) or an export folder."""
+    path = Path(path)
+    if (path / EXPORT_META).is_file():
+        meta = json.loads((path / EXPORT_META).read_text())
+        cfg = _load_config(meta["config"], path / EXPORT_META)
+        family = build_family(cfg.model, DataInfo(**meta["data_info"]))
+        nets = family.load_export(path)
+    elif (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
+        cp = path if (path / "meta.json").is_file() else ckpt.newest_checkpoint(path / "checkpoints")
+        if cp is None:
+            raise SampleError(f"{path}/checkpoints: no complete checkpoint")
+        meta = ckpt.read_meta(cp)
+        cfg = _load_config(meta["config"], cp / "meta.json")
+        family = build_family(cfg.model, DataInfo(**meta["data_info"]))
+        nets = family.build_networks()
+        for n in family.ema_networks():
+            nets[n].load_state_dict(ckpt.load_tensors(cp / f"ema0-{n}.safetensors"))
+    else:
+        raise SampleError(f"{path}: neither a run folder (checkpoints/) nor an export folder ({EXPORT_META})")
+    for n in nets.values():
+        n.to(device).eval().requires_grad_(False)
+    return family, nets, cfg
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cp = ckpt.newest_checkpoint(run_dir / "checkpoints")
+    if cp is None:
+        raise SampleError(f"{run_dir}/checkpoints: no complete checkpoint to export")
+    meta = ckpt.read_meta(cp)
+    family, nets, cfg = load_ema(run_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    family.export(nets, tmp)
+    (tmp / EXPORT_META).write_text(json.dumps({
+        "family": family.name, "data_info": meta["data_info"], "config": to_dict(cfg),
+        "source": {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0},
+    }, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def image_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def generate(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,
+             device="cpu", rank: int = 0, world: int = 1) -> dict[int, tuple[np.ndarray, int]]:
+    """This rank's images: {index: (uint8 HWC, label)} for its blocks of indices."""
+    out = {}
+    blocks = range(rank, math.ceil(num / BLOCK), world)
+    ncls = getattr(family, "num_classes", 0)
+    for b in blocks:
+        idx = list(range(b * BLOCK, min((b + 1) * BLOCK, num)))
+        gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
+        labels = torch.tensor([i % ncls for i in idx]) if ncls else None
+        x = to_uint8(family.sample(nets, gens, labels=labels, steps=steps, sampler=sampler, guidance=guidance))
+        for j, i in enumerate(idx):
+            out[i] = (x[j], (i % ncls) if ncls else -1)
+    return out
+
+
+def sample_command(path: str, num: int, out: str, *, steps=None, sampler=None, seed: int = 0,
+                   guidance=None) -> int:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
+    device = state.device
+    family, nets, cfg = load_ema(path, device)
+    mine = generate(family, nets, num, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
+                    device=device, rank=dist.rank(), world=dist.world_size())
+    parts = dist.all_gather_object(mine)
+    if dist.is_main():
+        allimgs = {}
+        for p in parts:
+            allimgs.update(p)
+        x = np.stack([allimgs[i][0] for i in range(num)])
+        y = np.array([allimgs[i][1] for i in range(num)])
+        outp = Path(out)
+        if outp.suffix == ".png":
+            save_grid(x, outp)
+        elif outp.suffix == ".npz":
+            outp.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {"x": x} if (y < 0).all() else {"x": x, "y": y}
+            np.savez(outp, **arrays)
+        else:
+            from PIL import Image
+
+            outp.mkdir(parents=True, exist_ok=True)
+            for i in range(num):
+                img = x[i, :, :, 0] if x.shape[3] == 1 else x[i]
+                Image.fromarray(img).save(outp / f"{i:06d}.png")
+        print(f"distgen: {num} samples ({sampler or cfg.model.sampler}, "
+              f"{steps or cfg.model.sample_steps} steps, seed {seed}) from {path} -> {outp}")
+    dist.barrier()
+    return 0

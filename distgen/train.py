@@ -1,0 +1,394 @@
+"""The training loop. It receives a validated Config and knows no model family.
+
+A family (distgen.families) supplies networks, phases and per-sample losses;
+this loop runs them on Accelerate (DDP, multi-node, DeepSpeed ZeRO, mixed
+precision), keeps EMAs, logs, samples, checkpoints, resumes and handles
+preemption. Counting is in samples seen (kimg), never epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen import dist
+from distgen.config import Config, to_dict, to_yaml
+from distgen.data import make_loader, resolve_shards
+from distgen.ema import EMASet
+from distgen.families import DataInfo, build_family
+
+# Exit status after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "try again later".
+# The sbatch templates requeue the job on it.
+EXIT_PREEMPTED = 75
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (divergence, impossible engine combination)."""
+
+
+def lr_factor(cfg, nimg: int) -> float:
+    """Learning-rate multiplier after ``nimg`` samples: linear warm-up, then constant/cosine/linear decay."""
+    warm = cfg.warmup_kimg * 1000
+    if warm > 0 and nimg < warm:
+        return (nimg + 1) / warm
+    total = cfg.total_kimg * 1000
+    frac = min(max((nimg - warm) / max(total - warm, 1), 0.0), 1.0)
+    if cfg.lr_decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.lr_decay == "linear":
+        return 1.0 - frac
+    return 1.0
+
+
+def data_info(cfg: Config) -> DataInfo:
+    if not cfg.data.train:
+        raise TrainingError("data.train: no training shards configured (a manifest, brace pattern or pipe: URLs)")
+    meta = resolve_shards(list(cfg.data.train)).meta
+    return DataInfo(cfg.data.resolution, cfg.data.channels, int(meta.get("num_classes") or 0))
+
+
+class RunLog:
+    """Rank-0 outputs of a run: metrics.jsonl, TensorBoard scalars, a progress bar."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = self.bar = None
+        if not enabled:
+            return
+        # A resumed run drops records written after its checkpoint by the run it replaces.
+        if self.path.exists():
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        # A bar on a terminal; one line per record in batch logs (SLURM, CI).
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.tty)
+
+    def record(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, rec["step"])
+        self.tb.flush()
+        eta = rec.get("eta_s")
+        eta = f"{eta / 60:.1f}m" if eta is not None else "-"
+        if self.tty:
+            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=f"{rec['loss']:.4f}",
+                                 sps=f"{rec['samples_per_s']:.0f}", eta=eta)
+        else:
+            print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {rec['loss']:.4f}  "
+                  f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}", flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.tb.close()
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+
+def _safe_deepspeed_checkpoints(engine) -> None:
+    """Make DeepSpeed read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from distgen.engines import SafeTorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = SafeTorchCheckpointEngine(engine.checkpoint_engine)
+
+
+def train(cfg: Config) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    tc = cfg.train
+    acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                      cpu=dist.cpu_only())
+    rank, world = acc.process_index, acc.num_processes
+    main = acc.is_main_process
+    use_ds = acc.distributed_type == DistributedType.DEEPSPEED
+    run_dir = Path(cfg.run.folder)
+    root = run_dir / "checkpoints"
+
+    # ---- what cannot work fails here, before any compute
+    if tc.mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    info = data_info(cfg)
+    family = build_family(cfg.model, info)
+    phases = family.phases()
+    if use_ds:
+        if len({p.network for p in phases}) > 1:
+            raise TrainingError(f"DeepSpeed through Accelerate drives one network per run; the {family.name} "
+                                f"family trains {len(phases)} ({', '.join(p.network for p in phases)})")
+        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+        # DeepSpeed clips inside its step; give it distgen's setting.
+        ds_cfg["gradient_clipping"] = tc.grad_clip
+        zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+    else:
+        zero_stage = 0
+
+    global_batch = tc.batch_size * world * tc.grad_accum
+    total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
+    stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        print(to_yaml(cfg), end="")
+        print(f"distgen: {world} process(es) on {acc.device} ({acc.distributed_type.value}"
+              f"{f', ZeRO-{zero_stage}' if use_ds else ''}), mixed precision {tc.mixed_precision}")
+        print(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {world} process(es) x "
+              f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
+        sys.stdout.flush()
+
+    # ---- networks, optimizers, EMA; the same initial weights on every rank
+    torch.manual_seed(cfg.run.seed)
+    nets = family.build_networks()
+    for n in nets.values():
+        n.to(acc.device)
+    emas = {name: EMASet(nets[name], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
+            for name in family.ema_networks()}
+    opts = {p.name: torch.optim.AdamW(nets[p.network].parameters(), lr=tc.lr * p.lr_scale,
+                                      betas=tuple(tc.betas), weight_decay=tc.weight_decay) for p in phases}
+    names = list(nets)
+    prepared = acc.prepare(*[nets[n] for n in names], *[opts[p.name] for p in phases])
+    models = dict(zip(names, prepared[:len(names)]))
+    opts = dict(zip([p.name for p in phases], prepared[len(names):]))
+    if use_ds:
+        _safe_deepspeed_checkpoints(models[phases[0].network])
+    gather = None
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None)  # noqa: E731
+
+    # ---- resume from the newest complete checkpoint
+    step, nimg, data_start = 0, 0, 0
+    counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0}
+    interval = {"loss_sum": 0.0, "loss_n": 0}
+    latest = ckpt.newest_checkpoint(root)
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        if meta["world_size"] != world and main:
+            print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {world}")
+        for n in names:
+            if use_ds:
+                continue
+            acc.unwrap_model(models[n]).load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
+        if use_ds:
+            models[phases[0].network].load_checkpoint(str(latest / "deepspeed"), tag="state",
+                                                      load_lr_scheduler_states=False)
+        else:
+            for p in phases:
+                opts[p.name].load_state_dict(ckpt.load_state(latest / f"optim-{p.name}.pt"))
+        if acc.scaler is not None and (latest / "scaler.pt").is_file():
+            acc.scaler.load_state_dict(ckpt.load_state(latest / "scaler.pt"))
+        for n, e in emas.items():
+            e.load([ckpt.load_tensors(latest / f"ema{i}-{n}.safetensors") for i in range(len(e.emas))],
+                   meta["ema_steps"][n])
+        step, nimg, data_start = meta["step"], meta["nimg"], meta["data_start_step"]
+        counters.update(meta["counters"])
+        interval.update(meta["interval"])
+        ckpt.load_rng(latest, rank)
+        if main:
+            print(f"distgen: resumed from {latest} (step {step}, {nimg / 1000:.1f} kimg)")
+
+    pin = acc.device.type == "cuda"
+
+    def data_iter(start: int):
+        loader = make_loader(list(cfg.data.train), cfg.data, batch_size=tc.batch_size, mode="train", rank=rank,
+                             world=world, seed=cfg.run.seed, start_step=start, pin_memory=pin)
+        return loader, iter(loader)
+
+    loader, batches = data_iter(data_start)
+    log = RunLog(run_dir, stop_at, step, main)
+    preempt = _Preemption()
+    noise = torch.Generator(device=acc.device)
+    skipped_data = 0
+
+    def save(reason: str) -> Path:
+        nonlocal loader, batches, data_start, skipped_data
+        tmp = ckpt.tmp_dir(root, step)
+        if main:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if use_ds:
+            models[phases[0].network].save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        elif main:
+            for n in names:
+                ckpt.save_tensors(tmp / f"{n}.safetensors", acc.unwrap_model(models[n]).state_dict())
+            for p in phases:
+                ckpt.save_state(tmp / f"optim-{p.name}.pt", opts[p.name].state_dict())
+        if main:
+            if acc.scaler is not None:
+                ckpt.save_state(tmp / "scaler.pt", acc.scaler.state_dict())
+            ema_steps = {}
+            for n, e in emas.items():
+                tensors, ema_steps[n] = e.state()
+                for i, t in enumerate(tensors):
+                    ckpt.save_tensors(tmp / f"ema{i}-{n}.safetensors", t)
+            ckpt.write_meta(tmp, {
+                "step": step, "nimg": nimg, "data_start_step": step, "world_size": world, "reason": reason,
+                "counters": counters, "interval": interval, "ema_steps": ema_steps,
+                "family": family.name, "data_info": to_dict(info), "config": to_dict(cfg),
+            })
+        ckpt.save_rng(tmp, rank)
+        acc.wait_for_everyone()
+        final = ckpt.step_dir(root, step)
+        if main:
+            final = ckpt.finalize(root, step, tc.keep_checkpoints)
+        acc.wait_for_everyone()
+        # The data stream restarts from the checkpoint's step in this run too, so a
+        # resumed run sees exactly what the uninterrupted one sees.
+        skipped_data += loader.skipped
+        loader, batches = data_iter(step)
+        data_start = step
+        return final
+
+    def grid(tag: str) -> Optional[Path]:
+        if not main:
+            return None
+        from distgen.sample import save_grid
+
+        ema_nets = {n: e.materialize(0) for n, e in emas.items()}
+        gens = [torch.Generator(device=acc.device).manual_seed(i) for i in range(tc.sample_num)]
+        with torch.no_grad():
+            images = family.sample(ema_nets, gens)
+        path = run_dir / "samples" / f"{tag}.png"
+        save_grid(images, path)
+        return path
+
+    t_last, n_last = time.time(), nimg
+    last_good = latest
+    try:
+        while step < stop_at:
+            lr_mult = lr_factor(tc, nimg)
+            step_ok = True
+            for pi, p in enumerate(phases):
+                if step % p.every:
+                    continue
+                model, opt = models[p.network], opts[p.name]
+                for g in opt.param_groups:
+                    g["lr"] = tc.lr * p.lr_scale * lr_mult
+                for micro in range(tc.grad_accum):
+                    batch = next(batches)
+                    batch = {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v)
+                             for k, v in batch.items()}
+                    # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
+                    noise.manual_seed(int(np.random.SeedSequence([cfg.run.seed, rank, step, pi, micro]).generate_state(1)[0]))
+                    with acc.accumulate(model):
+                        with acc.autocast():
+                            per_sample, _ = family.loss(p.name, models, batch, noise)
+                        loss = per_sample.mean()
+                        finite = bool(torch.isfinite(loss.detach()))
+                        if use_ds:  # DeepSpeed steps inside backward: agree on skipping before it
+                            finite = dist.all_reduce_sum(int(not finite)) == 0
+                        if finite:
+                            interval["loss_sum"] += float(loss.detach())
+                            interval["loss_n"] += 1
+                            acc.backward(loss)
+                        else:
+                            step_ok = False
+                        if acc.sync_gradients and not use_ds:
+                            if step_ok:
+                                norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
+                                                           else float("inf"))
+                                if acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                                    step_ok = False
+                            if step_ok:
+                                opt.step()
+                                if acc.optimizer_step_was_skipped:
+                                    counters["overflow_total"] += 1  # fp16 loss scaling found inf, lowered scale
+                            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step_ok:
+                counters["nonfinite_run"] = 0
+                nimg += global_batch
+                for n, e in emas.items():
+                    e.update(list(models[n].parameters()), nimg, global_batch, gather)
+            else:
+                counters["nonfinite_total"] += 1
+                counters["nonfinite_run"] += 1
+                if counters["nonfinite_run"] >= tc.max_nonfinite:
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {step}); "
+                                        f"stopping without saving: {where}")
+            log.advance()
+
+            if step % tc.log_every == 0 or step == stop_at:
+                loss_sum = dist.all_reduce_sum(float(interval["loss_sum"]))
+                loss_n = dist.all_reduce_sum(int(interval["loss_n"]))
+                now = time.time()
+                sps = (nimg - n_last) / max(now - t_last, 1e-9)
+                rec = {"step": step, "kimg": nimg / 1000, "loss": loss_sum / max(loss_n, 1),
+                       "lr": tc.lr * lr_mult, "samples_per_s": sps,
+                       "eta_s": (stop_at - step) * global_batch / sps if sps > 0 else None,
+                       "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"]}
+                log.record(rec)
+                interval.update(loss_sum=0.0, loss_n=0)
+                t_last, n_last = now, nimg
+
+            stop_now = dist.all_reduce_sum(int(preempt.flag)) > 0 if world > 1 else preempt.flag
+            if stop_now:
+                path = save("preempted")
+                if main:
+                    print(f"\ndistgen: signal received: checkpoint {path} written at step {step}; "
+                          f"exiting with {EXIT_PREEMPTED} (requeue)")
+                log.close()
+                return EXIT_PREEMPTED
+            if step % tc.checkpoint_every == 0 and step < stop_at:
+                last_good = save("periodic")
+            if tc.sample_every and step % tc.sample_every == 0 and step < stop_at:
+                grid(f"step-{step:08d}")
+                acc.wait_for_everyone()
+    finally:
+        log.close()
+
+    final = save("end")
+    path = grid(f"step-{step:08d}")
+    skipped = dist.all_reduce_sum(int(skipped_data + loader.skipped))
+    if main:
+        print(f"distgen: done at step {step} ({nimg / 1000:.1f} kimg)")
+        if skipped:
+            print(f"distgen: {skipped} bad input sample(s) were skipped (data.on_error=skip)")
+        print(f"distgen: run folder  {run_dir}")
+        print(f"distgen: checkpoint  {final}")
+        print(f"distgen: metrics     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+        if path:
+            print(f"distgen: samples     {path}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return 0
