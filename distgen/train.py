@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -132,6 +133,11 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DistributedType
 
     tc = cfg.train
+    # distgen's config is the source of truth: Accelerate would let the launcher's
+    # environment (from an accelerate config file) override these arguments.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = tc.mixed_precision
+    os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(tc.grad_accum)
+    os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.grad_clip)
     acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                       cpu=dist.cpu_only())
     rank, world = acc.process_index, acc.num_processes
@@ -151,8 +157,9 @@ def train(cfg: Config) -> int:
             raise TrainingError(f"DeepSpeed through Accelerate drives one network per run; the {family.name} "
                                 f"family trains {len(phases)} ({', '.join(p.network for p in phases)})")
         ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
-        # DeepSpeed clips inside its step; give it distgen's setting.
+        # DeepSpeed clips inside its step and needs the per-device batch (no DataLoader is prepared).
         ds_cfg["gradient_clipping"] = tc.grad_clip
+        ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
         zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
     else:
         zero_stage = 0
@@ -235,7 +242,7 @@ def train(cfg: Config) -> int:
     noise = torch.Generator(device=acc.device)
     skipped_data = 0
 
-    def save(reason: str) -> Path:
+    def save(reason: str, restart_data: bool = True) -> Path:
         nonlocal loader, batches, data_start, skipped_data
         tmp = ckpt.tmp_dir(root, step)
         if main:
@@ -271,6 +278,8 @@ def train(cfg: Config) -> int:
         if main:
             final = ckpt.finalize(root, step, tc.keep_checkpoints)
         acc.wait_for_everyone()
+        if not restart_data:
+            return final
         # The data stream restarts from the checkpoint's step in this run too, so a
         # resumed run sees exactly what the uninterrupted one sees.
         skipped_data += loader.skipped
@@ -342,13 +351,10 @@ def train(cfg: Config) -> int:
             else:
                 counters["nonfinite_total"] += 1
                 counters["nonfinite_run"] += 1
-                if counters["nonfinite_run"] >= tc.max_nonfinite:
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {step}); "
-                                        f"stopping without saving: {where}")
             log.advance()
+            diverged = counters["nonfinite_run"] >= tc.max_nonfinite
 
-            if step % tc.log_every == 0 or step == stop_at:
+            if step % tc.log_every == 0 or step == stop_at or diverged:
                 loss_sum = dist.all_reduce_sum(float(interval["loss_sum"]))
                 loss_n = dist.all_reduce_sum(int(interval["loss_n"]))
                 now = time.time()
@@ -360,10 +366,14 @@ def train(cfg: Config) -> int:
                 log.record(rec)
                 interval.update(loss_sum=0.0, loss_n=0)
                 t_last, n_last = now, nimg
+            if diverged:
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {step}); "
+                                    f"stopping without saving: {where}")
 
             stop_now = dist.all_reduce_sum(int(preempt.flag)) > 0 if world > 1 else preempt.flag
             if stop_now:
-                path = save("preempted")
+                path = save("preempted", restart_data=False)
                 if main:
                     print(f"\ndistgen: signal received: checkpoint {path} written at step {step}; "
                           f"exiting with {EXIT_PREEMPTED} (requeue)")
@@ -377,7 +387,7 @@ def train(cfg: Config) -> int:
     finally:
         log.close()
 
-    final = save("end")
+    final = save("end", restart_data=False)
     path = grid(f"step-{step:08d}")
     skipped = dist.all_reduce_sum(int(skipped_data + loader.skipped))
     if main:

@@ -447,6 +447,7 @@ class Loader:
         self.loader = torch.utils.data.DataLoader(
             # Batches are already made; identity collate keeps numpy as numpy.
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
+            worker_init_fn=_worker_init if workers > 0 else None,
             # Workers stay alive across passes in training; eval makes one pass.
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
@@ -468,6 +469,15 @@ class Loader:
 
 def _identity(x):
     return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Schedulers signal every process of a job; the main process turns SIGTERM /
+    # SIGUSR1 into a checkpoint, and its workers must not die before it is written.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from distgen.config.core import check
+from distgen.config.core import ConfigError, check
 from distgen.config.schema import ModelConfig
 from distgen.families.base import DataInfo, Family, Phase
 
@@ -81,7 +81,7 @@ class Diffusion(Family):
     def __init__(self, cfg: DiffusionConfig, data: DataInfo):
         super().__init__(cfg, data)
         if cfg.class_conditional and data.num_classes < 1:
-            raise ValueError("model.class_conditional needs labelled data (the manifest lists no classes)")
+            raise ConfigError("model.class_conditional needs labelled data (the training manifest lists no classes)")
         self.num_classes = data.num_classes if cfg.class_conditional else 0
         self.scheduler = DDPMScheduler(**_scheduler_config(cfg))
 

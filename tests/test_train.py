@@ -1,0 +1,224 @@
+"""The trainer, run as users run it: `distgen train` and `accelerate launch` with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO
+from distgen import checkpoint as ckpt
+
+ACCEL = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def tiny_config(tmp_path: Path, manifest: Path, **over) -> Path:
+    cfg = {
+        "run": {"name": "tiny", "dir": str(tmp_path / "run"), "seed": 1},
+        "data": {"train": [str(manifest)], "resolution": 28, "channels": 1, "workers": 1, "shuffle_buffer": 100},
+        "model": {"family": "diffusion", "preset": "tiny", "sample_steps": 4},
+        "train": {"batch_size": 8, "total_kimg": 0.32, "log_every": 5, "checkpoint_every": 10, "sample_every": 0,
+                  "sample_num": 4, "keep_checkpoints": 2},
+        "ema": {"halflife_kimg": [0.1, 0.5]},
+    }
+    for k, v in over.items():
+        cfg[k].update(v)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def run(cmd, env, timeout=600, check=True):
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def launch(nproc: int, config_file: str = "configs/accelerate/ddp.yaml"):
+    if nproc == 1:
+        return [sys.executable, "-m", "distgen"]
+    return ACCEL + ["--config_file", config_file, "--num_processes", str(nproc), "--main_process_port",
+                    str(_free_port()), "-m", "distgen"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(cp: Path, name: str = "unet.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(cp / name))
+
+
+def test_one_process_run_folder_export_and_sampling(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"sample_every": 20})
+    r = run(launch(1) + ["train", str(cfg)], env_with_repo)
+    run_dir = tmp_path / "run"
+    assert "global batch 8 = 8 per device x 1 process(es) x 1 accumulation; 40 steps" in r.stdout
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"] == 8
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert recs[-1]["kimg"] == pytest.approx(0.32) and all(np.isfinite(r["loss"]) for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"]  # it learns
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "samples" / "step-00000020.png").is_file() and (run_dir / "samples" / "step-00000040.png").is_file()
+    cps = ckpt.complete_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in cps] == ["step-00000030", "step-00000040"]  # keep_checkpoints=2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000040"
+    meta = ckpt.read_meta(cps[-1])
+    assert meta["step"] == 40 and meta["nimg"] == 320 and meta["world_size"] == 1
+    assert sorted(p.name for p in cps[-1].iterdir()) == [
+        "ema0-unet.safetensors", "ema1-unet.safetensors", "meta.json", "optim-denoise.pt",
+        "rng-0.json", "rng-0.safetensors", "unet.safetensors"]
+    # two EMA lengths differ from each other and from the raw weights
+    raw, e0, e1 = weights(cps[-1]), weights(cps[-1], "ema0-unet.safetensors"), weights(cps[-1], "ema1-unet.safetensors")
+    k = "conv_in.weight"
+    assert not torch.equal(raw[k], e0[k]) and not torch.equal(e0[k], e1[k])
+
+    # export: a diffusers pipeline that runs without distgen
+    out = tmp_path / "export"
+    run(launch(1) + ["export", str(run_dir), str(out)], env_with_repo)
+    assert torch.equal(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))[k], e0[k])
+    script = (
+        "import sys; sys.modules['distgen'] = None\n"  # any import of distgen fails
+        "import torch, diffusers\n"
+        f"pipe = diffusers.DiffusionPipeline.from_pretrained({str(out)!r})\n"
+        "img = pipe(batch_size=2, num_inference_steps=3, output_type='np', generator=torch.manual_seed(0)).images\n"
+        "print(type(pipe).__name__, img.shape)\n"
+    )
+    r = run([sys.executable, "-c", script], {**env_with_repo, "HF_HUB_OFFLINE": "1"})
+    assert "DDPMPipeline (2, 28, 28, 1)" in r.stdout
+
+    # sampling: grid, folder, npz; the run folder and the export give the same images
+    run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--out", str(tmp_path / "g.png")], env_with_repo)
+    run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--out", str(tmp_path / "pngs")], env_with_repo)
+    run(launch(1) + ["sample", str(run_dir), "--num", "5", "--steps", "3", "--sampler", "dpmsolver",
+                     "--out", str(tmp_path / "a.npz")], env_with_repo)
+    run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--sampler", "dpmsolver",
+                     "--out", str(tmp_path / "b.npz")], env_with_repo)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (92, 92)  # 3x3 grid of 28px + 2px padding
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    a, b = np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"]
+    assert a.shape == (5, 28, 28, 1) and a.dtype == np.uint8 and np.array_equal(a, b)
+
+
+def test_two_processes_resume_is_exact(tmp_path, fm_test_shards, env_with_repo):
+    """2N steps straight == N steps, stop, resume to 2N: same weights (1e-6) and same logged losses."""
+    straight = tiny_config(tmp_path / "a", fm_test_shards)
+    resumed = tiny_config(tmp_path / "b", fm_test_shards)
+    run(launch(2) + ["train", str(straight)], env_with_repo)
+    first = run(launch(2) + ["train", str(resumed), "train.max_steps=10"], env_with_repo)
+    assert "2 process(es)" in first.stdout and "20 steps" in first.stdout
+    # A checkpoint cut off mid-write: a later step folder without meta.json, and a temporary folder.
+    root = tmp_path / "b" / "run" / "checkpoints"
+    (root / "step-00000015").mkdir()
+    (root / "step-00000015" / "unet.safetensors").write_bytes(b"partial")
+    (root / ".tmp-step-00000016").mkdir()
+    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
+    assert f"resumed from {root / 'step-00000010'} (step 10" in second.stdout
+    a = weights(tmp_path / "a" / "run" / "checkpoints" / "step-00000020")
+    b = weights(root / "step-00000020")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ea = weights(tmp_path / "a" / "run" / "checkpoints" / "step-00000020", "ema1-unet.safetensors")
+    eb = weights(root / "step-00000020", "ema1-unet.safetensors")
+    assert max((ea[k] - eb[k]).abs().max().item() for k in ea) <= 1e-6
+    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert len(la) == 4 and la == lb
+
+
+def test_sampling_with_two_processes_writes_the_same_files(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.08})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    args = ["sample", str(tmp_path / "run"), "--num", "37", "--steps", "3", "--sampler", "ddpm", "--seed", "5"]
+    run(launch(1) + args + ["--out", str(tmp_path / "one.npz")], env_with_repo)
+    run(launch(2) + args + ["--out", str(tmp_path / "two.npz")], env_with_repo)
+    run(launch(2) + args + ["--out", str(tmp_path / "two")], env_with_repo)
+    one, two = np.load(tmp_path / "one.npz")["x"], np.load(tmp_path / "two.npz")["x"]
+    assert one.shape == (37, 28, 28, 1) and np.array_equal(one, two)
+    assert len(list((tmp_path / "two").iterdir())) == 37
+    assert len({one[i].tobytes() for i in range(37)}) == 37  # every image its own seed
+
+
+def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.16})
+    ds = launch(2, "configs/accelerate/zero2.yaml")
+    first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
+    assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step-00000005" / "deepspeed").is_dir()
+    second = run(ds + ["train", str(cfg)], env_with_repo)
+    assert "resumed from" in second.stdout and "done at step 10" in second.stdout
+    meta = ckpt.read_meta(root / "step-00000010")
+    assert meta["step"] == 10 and all(np.isfinite(losses(tmp_path / "run")))
+    out = tmp_path / "export"
+    run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 100, "log_every": 1, "checkpoint_every": 1000})
+    proc = subprocess.Popen(launch(1) + ["train", str(cfg)], env=env_with_repo, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    cps = ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(cps) == 1
+    meta = ckpt.read_meta(cps[0])
+    assert meta["reason"] == "preempted" and meta["step"] >= 3
+    assert f"checkpoint {cps[0]} written at step {meta['step']}; exiting with 75" in out
+    # The requeued job continues from there.
+    r = run(launch(1) + ["train", str(cfg), f"train.max_steps={meta['step'] + 2}"], env_with_repo)
+    assert f"(step {meta['step']}," in r.stdout and f"done at step {meta['step'] + 2}" in r.stdout
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, fm_test_shards, env_with_repo):
+    # lr=1e30 without clipping: the first update blows the weights up and every later loss is inf/nan.
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"lr": 1e30, "grad_clip": 0.0, "checkpoint_every": 1,
+                                                        "max_nonfinite": 3, "log_every": 1})
+    r = run(launch(1) + ["train", str(cfg)], env_with_repo, check=False)
+    assert r.returncode == 2
+    good = tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert f"3 non-finite steps in a row (step 4); stopping without saving: the last good checkpoint is {good}" in r.stderr
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
+    assert all(torch.isfinite(t).all() for t in weights(good).values())
+    rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["nonfinite_total"] == 3
+
+
+def test_impossible_combination_fails_at_start(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"mixed_precision": "fp16"})
+    r = run(launch(1) + ["train", str(cfg)], env_with_repo, check=False)
+    assert r.returncode == 2 and "train.mixed_precision=fp16 needs a GPU" in r.stderr
+    cfg = tiny_config(tmp_path, fm_test_shards, model={"class_conditional": True})
+    bad = tmp_path / "nolabels.json"
+    m = json.loads(fm_test_shards.read_text())
+    m.update(num_classes=0, class_names=[])
+    m["shards"] = [dict(s, name=str(fm_test_shards.parent / s["name"])) for s in m["shards"]]
+    bad.write_text(json.dumps(m))
+    r = run(launch(1) + ["train", str(cfg), f"data.train=[{bad}]"], env_with_repo, check=False)
+    assert r.returncode == 2 and "model.class_conditional needs labelled data" in r.stderr

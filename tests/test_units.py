@@ -1,0 +1,85 @@
+"""Small pieces of the trainer checked against their definitions."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen.config import TrainConfig
+from distgen.ema import EMASet, HalfLifeEMA
+from distgen.train import lr_factor
+
+
+def test_lr_schedule():
+    tc = TrainConfig(total_kimg=10, warmup_kimg=1, lr_decay="cosine")
+    assert lr_factor(tc, 0) == pytest.approx(1 / 1000)
+    assert lr_factor(tc, 499) == pytest.approx(0.5)
+    assert lr_factor(tc, 1000) == pytest.approx(1.0)
+    assert lr_factor(tc, 5500) == pytest.approx(0.5)
+    assert lr_factor(tc, 10000) == pytest.approx(0.0, abs=1e-12)
+    lin = TrainConfig(total_kimg=10, lr_decay="linear")
+    assert lr_factor(lin, 2500) == pytest.approx(0.75)
+    assert lr_factor(TrainConfig(), 123456) == 1.0
+
+
+def test_ema_follows_edm_halflife_with_rampup():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = HalfLifeEMA([p], halflife_nimg=10_000, rampup=0.05)
+    ema.batch = 100
+    ema.cur_nimg = 1000  # ramp-up: half-life = min(10000, 0.05 * 1000) = 50 samples
+    assert ema.get_decay(1) == pytest.approx(0.5 ** (100 / 50))
+    ema.cur_nimg = 10 ** 7  # ramp-up over: the half-life itself
+    assert ema.get_decay(1) == pytest.approx(0.5 ** (100 / 10_000))
+    fixed = HalfLifeEMA([p], 1, None, fixed_decay=0.999)
+    assert fixed.get_decay(5) == 0.999
+    # After exactly one half-life of samples at a constant target, the EMA is half-way there.
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    s = EMASet(net, [1.0], rampup=None, fixed_decay=None)  # half-life 1000 samples
+    net.weight.data.fill_(1.0)
+    for i in range(10):  # 10 steps of 100 samples
+        s.update(list(net.parameters()), (i + 1) * 100, 100)
+    assert s.materialize(0).weight.item() == pytest.approx(0.5, rel=1e-6)
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    ckpt.save_rng(tmp_path, 0)
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    assert ckpt.load_rng(tmp_path, 0)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+    assert not ckpt.load_rng(tmp_path, 1)
+
+
+def test_checkpoint_finalize_prunes_and_ignores_partial(tmp_path):
+    for step in (10, 20, 30):
+        t = ckpt.tmp_dir(tmp_path, step)
+        t.mkdir()
+        ckpt.write_meta(t, {"step": step})
+        ckpt.finalize(tmp_path, step, keep=2)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000030"
+    ckpt.tmp_dir(tmp_path, 40).mkdir()  # cut off before the rename
+    (tmp_path / "step-00000050").mkdir()  # renamed by hand, no meta.json
+    assert ckpt.newest_checkpoint(tmp_path).name == "step-00000030"
+
+
+def test_state_files_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state": Evil()}, tmp_path / "optim-x.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        ckpt.load_state(tmp_path / "optim-x.pt")
