@@ -46,6 +46,16 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
 
 
+def accelerate_handlers() -> list:
+    """Accelerate kwargs handlers for this machine: DeepSpeed without GPUs needs gloo named
+    explicitly (Accelerate would otherwise see no backend and count one process)."""
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
 def barrier() -> None:
     if initialized():
         td.barrier()

@@ -9,7 +9,6 @@ per-step decay is available too. Several half-lives can run at once.
 from __future__ import annotations
 
 import copy
-import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -17,11 +16,25 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 
+def _fix_diffusers_zero3() -> None:
+    # diffusers' EMAModel.step names `deepspeed` under ZeRO-3 without importing it
+    # (NameError); give its module the name when DeepSpeed is installed.
+    import diffusers.training_utils as tu
+
+    if not hasattr(tu, "deepspeed"):
+        try:
+            import deepspeed
+        except ImportError:
+            return
+        tu.deepspeed = deepspeed
+
+
 class HalfLifeEMA(EMAModel):
     """EMAModel whose decay follows EDM's half-life (and ramp-up) in samples, or a fixed value."""
 
     def __init__(self, parameters: Iterable[nn.Parameter], halflife_nimg: float, rampup: Optional[float],
                  fixed_decay: Optional[float] = None):
+        _fix_diffusers_zero3()
         super().__init__(parameters, decay=1.0, foreach=True)
         self.halflife_nimg, self.rampup, self.fixed_decay = halflife_nimg, rampup, fixed_decay
         self.cur_nimg = 0  # samples seen after this step; set by the trainer
@@ -46,12 +59,11 @@ class EMASet:
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
 
     @torch.no_grad()
-    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, gather=None) -> None:
-        """Move every EMA towards ``params``; ``gather`` gives a context that materialises sharded params."""
-        with gather(params) if gather is not None else contextlib.nullcontext():
-            for e in self.emas:
-                e.cur_nimg, e.batch = cur_nimg, batch
-                e.step(params)
+    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int) -> None:
+        """Move every EMA towards ``params`` (EMAModel gathers ZeRO-3-sharded ones itself)."""
+        for e in self.emas:
+            e.cur_nimg, e.batch = cur_nimg, batch
+            e.step(params)
 
     def materialize(self, index: int = 0) -> nn.Module:
         """The module holding EMA number ``index`` (0: the primary one)."""

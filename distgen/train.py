@@ -89,11 +89,11 @@ class RunLog:
         self.tb.flush()
         eta = rec.get("eta_s")
         eta = f"{eta / 60:.1f}m" if eta is not None else "-"
+        loss = f"{rec['loss']:.4f}" if rec["loss"] is not None else "non-finite"
         if self.tty:
-            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=f"{rec['loss']:.4f}",
-                                 sps=f"{rec['samples_per_s']:.0f}", eta=eta)
+            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
         else:
-            print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {rec['loss']:.4f}  "
+            print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
                   f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}", flush=True)
 
     def advance(self, n: int = 1) -> None:
@@ -139,7 +139,7 @@ def train(cfg: Config) -> int:
     os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(tc.grad_accum)
     os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.grad_clip)
     acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                      cpu=dist.cpu_only())
+                      cpu=dist.cpu_only(), kwargs_handlers=dist.accelerate_handlers())
     rank, world = acc.process_index, acc.num_processes
     main = acc.is_main_process
     use_ds = acc.distributed_type == DistributedType.DEEPSPEED
@@ -192,11 +192,14 @@ def train(cfg: Config) -> int:
     opts = dict(zip([p.name for p in phases], prepared[len(names):]))
     if use_ds:
         _safe_deepspeed_checkpoints(models[phases[0].network])
-    gather = None
     if zero_stage == 3:
-        import deepspeed
+        # ZeRO-3 shards parameters; diffusers' EMAModel gathers them itself when
+        # transformers knows ZeRO-3 is on (Accelerate's DeepSpeed plugin tells it).
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None)  # noqa: E731
+        if not is_deepspeed_zero3_enabled():
+            raise TrainingError("ZeRO-3: transformers does not see ZeRO-3 enabled, so EMA updates could not "
+                                "gather the sharded parameters; check the accelerate DeepSpeed config")
 
     # ---- resume from the newest complete checkpoint
     step, nimg, data_start = 0, 0, 0
@@ -347,7 +350,7 @@ def train(cfg: Config) -> int:
                 counters["nonfinite_run"] = 0
                 nimg += global_batch
                 for n, e in emas.items():
-                    e.update(list(models[n].parameters()), nimg, global_batch, gather)
+                    e.update(list(models[n].parameters()), nimg, global_batch)
             else:
                 counters["nonfinite_total"] += 1
                 counters["nonfinite_run"] += 1
@@ -359,7 +362,8 @@ def train(cfg: Config) -> int:
                 loss_n = dist.all_reduce_sum(int(interval["loss_n"]))
                 now = time.time()
                 sps = (nimg - n_last) / max(now - t_last, 1e-9)
-                rec = {"step": step, "kimg": nimg / 1000, "loss": loss_sum / max(loss_n, 1),
+                # null when every step of the interval was non-finite
+                rec = {"step": step, "kimg": nimg / 1000, "loss": loss_sum / loss_n if loss_n else None,
                        "lr": tc.lr * lr_mult, "samples_per_s": sps,
                        "eta_s": (stop_at - step) * global_batch / sps if sps > 0 else None,
                        "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"]}
@@ -379,7 +383,8 @@ def train(cfg: Config) -> int:
                           f"exiting with {EXIT_PREEMPTED} (requeue)")
                 log.close()
                 return EXIT_PREEMPTED
-            if step % tc.checkpoint_every == 0 and step < stop_at:
+            # No periodic checkpoint in a non-finite streak: the last one stays the last good one.
+            if step % tc.checkpoint_every == 0 and step < stop_at and counters["nonfinite_run"] == 0:
                 last_good = save("periodic")
             if tc.sample_every and step % tc.sample_every == 0 and step < stop_at:
                 grid(f"step-{step:08d}")
