@@ -29,10 +29,11 @@ def tiny_config(tmp_path: Path, manifest: Path, **over) -> Path:
         "model": {"family": "diffusion", "preset": "tiny", "sample_steps": 4},
         "train": {"batch_size": 8, "total_kimg": 0.32, "log_every": 5, "checkpoint_every": 10, "sample_every": 0,
                   "sample_num": 4, "keep_checkpoints": 2},
-        "ema": {"halflife_kimg": [0.1, 0.5]},
+        "ema": {"halflife_kimg": [0.1, 0.5], "rampup": None},
     }
     for k, v in over.items():
         cfg[k].update(v)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -116,7 +117,7 @@ def test_one_process_run_folder_export_and_sampling(tmp_path, fm_test_shards, en
                      "--out", str(tmp_path / "b.npz")], env_with_repo)
     from PIL import Image
 
-    assert Image.open(tmp_path / "g.png").size == (92, 92)  # 3x3 grid of 28px + 2px padding
+    assert Image.open(tmp_path / "g.png").size == (92, 62)  # 3 columns x 2 rows of 28px + 2px padding
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(5)]
     a, b = np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"]
     assert a.shape == (5, 28, 28, 1) and a.dtype == np.uint8 and np.array_equal(a, b)
@@ -166,6 +167,19 @@ def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env
     assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout
     root = tmp_path / "run" / "checkpoints"
     assert (root / "step-00000005" / "deepspeed").is_dir()
+
+    # A tampered DeepSpeed file with pickled code is refused, not executed.
+    import shutil
+
+    evil_run = tmp_path / "evil"
+    shutil.copytree(tmp_path / "run", evil_run)
+    model_file = next((evil_run / "checkpoints" / "step-00000005" / "deepspeed" / "state").glob("mp_rank_*_model_states.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Evil(str(marker))}, model_file)
+    bad = run(ds + ["train", str(cfg), f"run.dir={evil_run}"], env_with_repo, check=False)
+    assert bad.returncode != 0 and "Weights only load failed" in bad.stderr
+    assert not marker.exists()
+
     second = run(ds + ["train", str(cfg)], env_with_repo)
     assert "resumed from" in second.stdout and "done at step 10" in second.stdout
     meta = ckpt.read_meta(root / "step-00000010")
@@ -173,6 +187,23 @@ def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env
     out = tmp_path / "export"
     run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"mixed_precision": "bf16", "grad_accum": 2, "total_kimg": 0.08})
+    r = run(launch(1) + ["train", str(cfg)], env_with_repo)
+    assert "mixed precision bf16" in r.stdout
+    assert "global batch 16 = 8 per device x 1 process(es) x 2 accumulation; 5 steps" in r.stdout
+    meta = ckpt.read_meta(tmp_path / "run" / "checkpoints" / "step-00000005")
+    assert meta["nimg"] == 80 and all(np.isfinite(losses(tmp_path / "run")))
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, fm_test_shards, env_with_repo):
@@ -207,7 +238,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, fm_test_s
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
     assert all(torch.isfinite(t).all() for t in weights(good).values())
     rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rec[-1]["nonfinite_total"] == 3
+    assert rec[-1]["step"] == 4 and rec[-1]["nonfinite_total"] == 3 and rec[-1]["loss"] is None
 
 
 def test_impossible_combination_fails_at_start(tmp_path, fm_test_shards, env_with_repo):
