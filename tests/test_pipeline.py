@@ -156,3 +156,29 @@ def test_resolve_shards_errors(tmp_path, fm_test_shards):
 def test_channel_mismatch_with_config_is_refused(fm_test_shards):
     with pytest.raises(DataError, match="data.channels is 3 but the shards hold 1-channel"):
         make_loader(str(fm_test_shards), DataConfig(channels=3), batch_size=4, mode="eval")
+
+
+def test_process_exits_with_live_workers_and_workers_survive_foreign_sigterm(fm_test_shards, env_with_repo):
+    """Workers ignore a scheduler's SIGTERM but still end when their parent shuts down."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+from distgen.config import DataConfig
+from distgen.data import make_loader
+loader = make_loader({str(fm_test_shards)!r}, DataConfig(resolution=28, workers=2), batch_size=8, mode="train")
+it = iter(loader)
+next(it)
+import multiprocessing
+workers = [p.pid for p in multiprocessing.active_children()]
+import subprocess
+for pid in workers:  # sent by another process (as slurmstepd would): ignored
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)
+time.sleep(0.5)
+next(it)  # still alive and serving
+print("alive", len(workers))
+"""  # the global iterator stays alive until interpreter exit
+    r = subprocess.run([sys.executable, "-c", script], env=env_with_repo, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "alive 2" in r.stdout

@@ -208,13 +208,14 @@ def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo)
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, fm_test_shards, env_with_repo):
     cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 100, "log_every": 1, "checkpoint_every": 1000})
-    proc = subprocess.Popen(launch(1) + ["train", str(cfg)], env=env_with_repo, cwd=REPO,
+    # Its own process group, signalled whole as SLURM does: DataLoader workers get SIGTERM too.
+    proc = subprocess.Popen(launch(1) + ["train", str(cfg)], env=env_with_repo, cwd=REPO, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     cps = ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")

@@ -472,12 +472,29 @@ def _identity(x):
 
 
 def _worker_init(_worker_id: int) -> None:
-    # Schedulers signal every process of a job; the main process turns SIGTERM /
-    # SIGUSR1 into a checkpoint, and its workers must not die before it is written.
-    import signal
+    """Let a worker outlive a scheduler's SIGTERM/SIGUSR1 but not its parent's.
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    SLURM signals every process of a job; the main process turns the signal
+    into a checkpoint, and a worker that died first would crash it (the
+    DataLoader raises on a worker killed by a signal). The parent's own
+    terminate() at shutdown is also a SIGTERM, so a thread reads each signal
+    with its sender and exits only when the sender is the parent.
+    """
+    import os
+    import signal
+    import threading
+
+    sigs = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            info = signal.sigwaitinfo(sigs)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="distgen-signals", daemon=True).start()
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
