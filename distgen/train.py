@@ -304,6 +304,7 @@ def train(cfg: Config) -> int:
         return path
 
     t_last, n_last = time.time(), nimg
+    t_start, n_start = t_last, nimg
     last_good = latest
     try:
         while step < stop_at:
@@ -362,10 +363,11 @@ def train(cfg: Config) -> int:
                 loss_n = dist.all_reduce_sum(int(interval["loss_n"]))
                 now = time.time()
                 sps = (nimg - n_last) / max(now - t_last, 1e-9)
+                avg = (nimg - n_start) / max(now - t_start, 1e-9)  # the ETA uses the whole run's pace
                 # null when every step of the interval was non-finite
                 rec = {"step": step, "kimg": nimg / 1000, "loss": loss_sum / loss_n if loss_n else None,
                        "lr": tc.lr * lr_mult, "samples_per_s": sps,
-                       "eta_s": (stop_at - step) * global_batch / sps if sps > 0 else None,
+                       "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None,
                        "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"]}
                 log.record(rec)
                 interval.update(loss_sum=0.0, loss_n=0)

@@ -198,12 +198,27 @@ class _Evil:
 
 
 def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo):
-    cfg = tiny_config(tmp_path, fm_test_shards, train={"mixed_precision": "bf16", "grad_accum": 2, "total_kimg": 0.08})
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"mixed_precision": "bf16", "grad_accum": 2, "total_kimg": 0.08},
+                      model={"prediction": "v_prediction", "beta_schedule": "cosine"})
     r = run(launch(1) + ["train", str(cfg)], env_with_repo)
     assert "mixed precision bf16" in r.stdout
     assert "global batch 16 = 8 per device x 1 process(es) x 2 accumulation; 5 steps" in r.stdout
     meta = ckpt.read_meta(tmp_path / "run" / "checkpoints" / "step-00000005")
     assert meta["nimg"] == 80 and all(np.isfinite(losses(tmp_path / "run")))
+
+
+def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
+    """Under ZeRO-3 parameters are sharded; the EMA (full copy on every rank) must still follow them."""
+    ddp = tiny_config(tmp_path / "ddp", fm_test_shards, train={"total_kimg": 0.08})
+    z3 = tiny_config(tmp_path / "z3", fm_test_shards, train={"total_kimg": 0.08})
+    run(launch(2) + ["train", str(ddp)], env_with_repo)
+    r = run(launch(2, "configs/accelerate/zero3.yaml") + ["train", str(z3)], env_with_repo)
+    assert "ZeRO-3" in r.stdout
+    a = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
+    b = weights(tmp_path / "z3" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
+    init = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the EMA did move
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, fm_test_shards, env_with_repo):
@@ -254,3 +269,30 @@ def test_impossible_combination_fails_at_start(tmp_path, fm_test_shards, env_wit
     bad.write_text(json.dumps(m))
     r = run(launch(1) + ["train", str(cfg), f"data.train=[{bad}]"], env_with_repo, check=False)
     assert r.returncode == 2 and "model.class_conditional needs labelled data" in r.stderr
+
+
+def test_class_conditional_training_guidance_and_export(tmp_path, fm_test_shards, env_with_repo):
+    cfg = tiny_config(tmp_path, fm_test_shards, model={"class_conditional": True, "label_dropout": 0.2},
+                      data={"labels": True}, train={"total_kimg": 0.08})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    base = ["sample", str(tmp_path / "run"), "--num", "12", "--steps", "3"]
+    run(launch(1) + base + ["--out", str(tmp_path / "g1.npz")], env_with_repo)
+    run(launch(1) + base + ["--guidance", "3", "--out", str(tmp_path / "g3.npz")], env_with_repo)
+    g1, g3 = np.load(tmp_path / "g1.npz"), np.load(tmp_path / "g3.npz")
+    assert list(g1["y"]) == [i % 10 for i in range(12)]  # labels cycle over the classes
+    assert not np.array_equal(g1["x"], g3["x"])  # guidance changes the images
+    out = tmp_path / "export"
+    run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
+    script = (
+        "import sys; sys.modules['distgen'] = None\n"
+        "import torch, diffusers\n"
+        f"pipe = diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "img = pipe(class_labels=[1, 7], guidance_scale=2.0, num_inference_steps=3, output_type='np',\n"
+        "           generator=torch.manual_seed(0)).images\n"
+        "print(type(pipe).__name__, img.shape)\n"
+    )
+    r = run([sys.executable, "-c", script], {**env_with_repo, "HF_HUB_OFFLINE": "1"})
+    assert "ClassConditionalDDPMPipeline (2, 28, 28, 1)" in r.stdout
+    run(launch(1) + ["sample", str(out), "--num", "12", "--steps", "3", "--guidance", "3",
+                     "--out", str(tmp_path / "e3.npz")], env_with_repo)
+    assert np.array_equal(np.load(tmp_path / "e3.npz")["x"], g3["x"])

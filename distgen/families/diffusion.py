@@ -9,6 +9,8 @@ classifier-free guidance (Ho & Salimans 2022) works at sampling time.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -149,6 +151,14 @@ class Diffusion(Family):
     def export(self, nets, out_dir):
         # A standard diffusers pipeline folder: DiffusionPipeline.from_pretrained(out_dir) runs it.
         DDPMPipeline(unet=nets["unet"], scheduler=self.scheduler).save_pretrained(out_dir, safe_serialization=True)
+        if self.num_classes:
+            # DDPMPipeline cannot pass class labels: ship a small pipeline that can, and name it
+            # in model_index.json so from_pretrained picks it up from the folder.
+            out = Path(out_dir)
+            shutil.copy(Path(__file__).with_name("class_conditional_pipeline.py"), out / "class_conditional_pipeline.py")
+            index = json.loads((out / "model_index.json").read_text())
+            index["_class_name"] = ["class_conditional_pipeline", "ClassConditionalDDPMPipeline"]
+            (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def load_export(self, out_dir):
         unet = UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)
