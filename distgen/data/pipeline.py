@@ -212,7 +212,23 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
         try:
             stream = gopen(url, "rb")
             current: Optional[dict] = None
-            for fname, data in iter_members(stream):
+            members = iter_members(stream)
+            if sl.start:
+                # Fast skip to sample `start`: count key changes, build nothing.
+                prev = None
+                for fname, data in members:
+                    key, ext = _split_name(fname)
+                    if key != prev:
+                        if prev is not None:
+                            index += 1
+                            last_key = prev
+                        prev = key
+                        if index == sl.start:
+                            current = {"__key__": key, "__url__": url, ext: data}
+                            break
+                else:
+                    index += prev is not None  # the shard ended inside the skipped part
+            for fname, data in members:
                 key, ext = _split_name(fname)
                 if current is not None and key == current["__key__"]:
                     if ext in current:
