@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,9 +54,8 @@ def main() -> None:
                            capture_output=True, text=True, check=True)
             recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
             # Intervals after the warm-up one, weighted by their steps.
-            timed = [x for x in recs[1:]]
             steps = [x["step"] - p["step"] for p, x in zip(recs, recs[1:])]
-            secs = sum(s * a.batch * a.nproc / x["samples_per_s"] for s, x in zip(steps, timed))
+            secs = sum(s * a.batch * a.nproc / x["samples_per_s"] for s, x in zip(steps, recs[1:]))
             ours.append(sum(steps) * a.batch * a.nproc / secs)
     b, o = max(bare), max(ours)
     print(f"{a.nproc} process(es), preset {a.preset}, batch {a.batch}/process, {a.steps} timed steps, best of {a.repeats}:")

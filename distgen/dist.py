@@ -1,4 +1,4 @@
-"""Every distributed concern in one place: ranks, seeding, barriers, gathers, rank-0 output.
+"""Every distributed concern in one place: ranks, process-group set-up, barriers, gathers.
 
 Works with or without an initialised process group (one process is world 1),
 so models, data stages and tests never import torch.distributed themselves.
@@ -7,7 +7,6 @@ so models, data stages and tests never import torch.distributed themselves.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import torch
@@ -24,10 +23,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return td.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main() -> bool:
@@ -61,13 +56,6 @@ def barrier() -> None:
         td.barrier()
 
 
-def seed_for(seed: int, rank_: int | None = None, world: int | None = None) -> int:
-    """Per-rank seed ``seed * world + rank`` (EDM's convention)."""
-    r = rank() if rank_ is None else rank_
-    w = world_size() if world is None else world
-    return seed * w + r
-
-
 def all_reduce_sum(value: int | float) -> int | float:
     """Sum a number over all ranks."""
     if not initialized():
@@ -86,10 +74,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
     return out
-
-
-def print0(*args: Any, **kwargs: Any) -> None:
-    """print on rank 0 only."""
-    if is_main():
-        print(*args, **kwargs)
-        sys.stdout.flush()

@@ -7,7 +7,6 @@ import random
 import shutil
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
@@ -121,7 +120,6 @@ def test_resize_crop_and_flip(fm_test_shards):
     kw = dict(batch_size=64, mode="train", seed=3)
     plain = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0), **kw)))
     flip = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0, flip=True), **kw)))
-    assert plain["key"] != flip["key"] or True
     by_key = {k: x for k, x in zip(plain["key"], plain["image"])}
     mirrored = same = 0
     for k, x in zip(flip["key"], flip["image"]):
