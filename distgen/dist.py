@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as td
 
@@ -49,6 +50,15 @@ def accelerate_handlers() -> list:
 
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from a tuple of integers (seed, rank, step, ...), well mixed by numpy's SeedSequence.
+
+    Every stream that must be reproducible from its coordinates (data per rank and
+    worker, training noise per step, one image per index) is seeded through here.
+    """
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def barrier() -> None:

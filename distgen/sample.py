@@ -109,7 +109,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def image_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return dist.derive_seed(seed, index)
 
 
 def generate(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,

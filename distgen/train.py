@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from distgen import checkpoint as ckpt
@@ -210,14 +210,12 @@ def train(cfg: Config) -> int:
         meta = ckpt.read_meta(latest)
         if meta["world_size"] != world and main:
             print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {world}")
-        for n in names:
-            if use_ds:
-                continue
-            acc.unwrap_model(models[n]).load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
         if use_ds:
             models[phases[0].network].load_checkpoint(str(latest / "deepspeed"), tag="state",
                                                       load_lr_scheduler_states=False)
         else:
+            for n in names:
+                acc.unwrap_model(models[n]).load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
             for p in phases:
                 opts[p.name].load_state_dict(ckpt.load_state(latest / f"optim-{p.name}.pt"))
         if acc.scaler is not None and (latest / "scaler.pt").is_file():
@@ -246,12 +244,10 @@ def train(cfg: Config) -> int:
     skipped_data = 0
 
     def save(reason: str, restart_data: bool = True) -> Path:
-        nonlocal loader, batches, data_start, skipped_data
+        nonlocal loader, batches, skipped_data
         tmp = ckpt.tmp_dir(root, step)
         if main:
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
@@ -287,7 +283,6 @@ def train(cfg: Config) -> int:
         # resumed run sees exactly what the uninterrupted one sees.
         skipped_data += loader.skipped
         loader, batches = data_iter(step)
-        data_start = step
         return final
 
     def grid(tag: str) -> Optional[Path]:
@@ -321,7 +316,7 @@ def train(cfg: Config) -> int:
                     batch = {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v)
                              for k, v in batch.items()}
                     # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
-                    noise.manual_seed(int(np.random.SeedSequence([cfg.run.seed, rank, step, pi, micro]).generate_state(1)[0]))
+                    noise.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro))
                     with acc.accumulate(model):
                         with acc.autocast():
                             per_sample, _ = family.loss(p.name, models, batch, noise)

@@ -35,6 +35,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 
 from distgen.data.errors import DataError
+from distgen.dist import derive_seed
 from distgen.data.shard import MANIFEST_FORMAT
 from distgen.data.tario import iter_members
 
@@ -396,7 +397,7 @@ def _collate(buf: list[dict], skipped: int) -> dict:
 # --------------------------------------------------------------------------- datasets
 def stream_seed(seed: int, rank: int, worker: int, step: int) -> int:
     """Seed for one rank's worker, from (seed, rank, worker, start step)."""
-    return int(np.random.SeedSequence([seed, rank, worker, step]).generate_state(1)[0])
+    return derive_seed(seed, rank, worker, step)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
