@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("shards", nargs="+", help="manifest, brace pattern or tar files")
     b.add_argument("--workers", default="1,2", help="DataLoader workers, or a comma list to compare (default 1,2)")
     b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
-    b.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
+    b.add_argument("--seconds", type=float, default=3.0, help="length of each timed run")
+    b.add_argument("--repeats", type=int, default=5, help="interleaved runs of each; the best is reported")
 
     sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
     return p

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import gc
 import io
+import os
 import json
 import logging
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -37,7 +39,7 @@ from webdataset.gopen import gopen
 from distgen.data.errors import DataError
 from distgen.dist import derive_seed
 from distgen.data.shard import MANIFEST_FORMAT
-from distgen.data.tario import iter_members
+from distgen.data.tario import iter_entries, seek_sample
 
 log = logging.getLogger("distgen.data")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -197,39 +199,49 @@ def _split_name(fname: str) -> tuple[str, str]:
     return (f"{prefix}/{key}" if prefix else key), ext.lower()
 
 
+def _sample_key(fname: str) -> str:
+    return _split_name(fname)[0]
+
+
+# Byte positions of samples in local shards, learnt while reading them, so a
+# training stream can start a shard at a random sample with one seek. Keyed by
+# (path, size, mtime) so a rewritten shard is never read through stale positions.
+_SAMPLE_POS: dict[tuple, "array[int]"] = {}
+
+
+def _position_index(stream) -> Optional["array[int]"]:
+    try:
+        if not stream.seekable() or stream.tell() != 0:
+            return None
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None  # a pipe or another stream without a file behind it
+    return _SAMPLE_POS.setdefault((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), array("q"))
+
+
 def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
     """Stage: samples (``__key__``, ``__url__`` and one entry per member extension) from tar shards.
 
     Members are grouped by key; a shard that ends early, is corrupt or whose
     ``pipe:`` command fails raises a DataError naming the shard and the last
     good key (or, with ``skip``, counts once and moves to the next shard).
+    A slice that starts inside a local shard seeks to its first sample.
     """
     for sl in slices:
         url = sl.url
-        index = 0
+        index = 0  # number of the sample being assembled
         last_key = None
         done = False
         stream = None
         try:
             stream = gopen(url, "rb")
+            positions = _position_index(stream)
+            if sl.start and positions is not None:
+                seek_sample(stream, sl.start, _sample_key, positions)
+                index = sl.start
+            entries = iter_entries(stream, pos=stream.tell() if positions is not None else 0)
             current: Optional[dict] = None
-            members = iter_members(stream)
-            if sl.start:
-                # Fast skip to sample `start`: count key changes, build nothing.
-                prev = None
-                for fname, data in members:
-                    key, ext = _split_name(fname)
-                    if key != prev:
-                        if prev is not None:
-                            index += 1
-                            last_key = prev
-                        prev = key
-                        if index == sl.start:
-                            current = {"__key__": key, "__url__": url, ext: data}
-                            break
-                else:
-                    index += prev is not None  # the shard ended inside the skipped part
-            for fname, data in members:
+            for fname, data, pos in entries:
                 key, ext = _split_name(fname)
                 if current is not None and key == current["__key__"]:
                     if ext in current:
@@ -244,6 +256,11 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
                     if sl.stop is not None and index >= sl.stop:
                         done = True
                         break
+                if positions is not None and index == len(positions):
+                    positions.append(pos)
+                if index < sl.start:  # skipping in a stream that cannot seek (a pipe): build nothing
+                    current = {"__key__": key} if current is None or key != current["__key__"] else current
+                    continue
                 current = {"__key__": key, "__url__": url, ext: data}
             if not done and current is not None:
                 if index >= sl.start:
@@ -258,7 +275,7 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
             done = True
             raise
         except Exception as e:  # tarfile, pipe and OS errors all mean a bad shard
-            where = f"after key {last_key}" if last_key else "before its first sample"
+            where = f"after key {last_key}" if last_key else (f"at sample {index}" if index else "before its first sample")
             policy(DataError(f"shard {url}: corrupt, truncated or unreadable tar {where}: {e}"))
         finally:
             if stream is not None:
@@ -277,7 +294,7 @@ def shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
         if len(buf) < bufsize:
             buf.append(s)
             continue
-        i = rng.randrange(bufsize)
+        i = int(rng.random() * bufsize)  # randrange costs as much as the rest of this stage
         buf[i], s = s, buf[i]
         yield s
     rng.shuffle(buf)
@@ -313,33 +330,47 @@ def open_image(data: bytes, ext: str) -> Image.Image:
     return im
 
 
+def _to_chw(im: Image.Image) -> np.ndarray:
+    """An L or RGB image as uint8 CxHxW.
+
+    Through tobytes(): np.asarray(im) goes through PIL's array interface,
+    which costs as much per small image as reading its tar member.
+    """
+    w, h = im.size
+    arr = np.frombuffer(im.tobytes(), np.uint8)
+    return arr.reshape(1, h, w) if im.mode == "L" else arr.reshape(h, w, 3).transpose(2, 0, 1)
+
+
 def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
     """Stage: stored bytes -> ``{"key", "image": uint8 CxHxW, "label"}`` at the configured resolution."""
     expect_c = spec.expect_channels or spec.channels
     want_mode = "L" if spec.channels == 1 else "RGB"
-    expect_hw = tuple(spec.expect_size) if spec.expect_size is not None else None
+    expect_wh = (spec.expect_size[1], spec.expect_size[0]) if spec.expect_size is not None else None
+    target = (spec.resolution, spec.resolution)
     for s in samples:
         key, url = s["__key__"], s["__url__"]
         try:
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
+            ext = "png" if "png" in s else next((e for e in IMAGE_EXTS if e in s), None)
             if ext is None:
                 raise DataError(f"shard {url}, key {key}: no image member (one of {', '.join(IMAGE_EXTS)})")
             try:
                 im = open_image(s[ext], ext)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise DataError(f"shard {url}, key {key}: '{ext}' is not a decodable image ({e})") from None
-            chans = 1 if im.mode in GREY_MODES else 3  # alpha does not count
+            mode, size = im.mode, im.size
+            chans = 1 if mode in GREY_MODES else 3  # alpha does not count
             if chans != expect_c:
                 raise DataError(f"shard {url}, key {key}: image has {chans} channel(s), expected {expect_c}")
-            if expect_hw is not None and (im.height, im.width) != expect_hw:
+            if expect_wh is not None and size != expect_wh:
                 raise DataError(
-                    f"shard {url}, key {key}: image is {im.height}x{im.width}, expected "
-                    f"{expect_hw[0]}x{expect_hw[1]} (from the manifest)"
+                    f"shard {url}, key {key}: image is {size[1]}x{size[0]}, expected "
+                    f"{expect_wh[1]}x{expect_wh[0]} (from the manifest)"
                 )
-            if im.mode != want_mode:
+            if mode != want_mode:
                 im = im.convert(want_mode)
-            arr = np.asarray(_to_resolution(im, spec.resolution, spec.resize))
-            out = {"key": key, "image": arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)}
+            if size != target:
+                im = _to_resolution(im, spec.resolution, spec.resize)
+            out = {"key": key, "image": _to_chw(im)}
             if spec.labels != "none":
                 if "cls" in s:
                     try:
