@@ -180,3 +180,23 @@ print("alive", len(workers))
     r = subprocess.run([sys.executable, "-c", script], env=env_with_repo, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "alive 2" in r.stdout
+
+
+def test_slices_read_the_same_samples_by_seek_by_learnt_index_and_through_a_pipe(fm_test_shards, tmp_path):
+    from distgen.data.pipeline import _SAMPLE_POS, ErrorPolicy, read_tar
+
+    shard = str(fm_test_shards.parent / "test-000001.tar")
+    whole = [s["__key__"] for s in read_tar([Slice(f"pipe:cat {shard}", 0, 3000)], ErrorPolicy())]
+    assert len(whole) == 3000
+    cuts = [(2999, 3000), (1234, 2000), (0, 17), (500, 501)]
+    _SAMPLE_POS.clear()
+    for a, b in cuts:  # the first read of each cut seeks through headers, later ones through the index
+        for url in (shard, shard, f"pipe:cat {shard}"):
+            got = [s["__key__"] for s in read_tar([Slice(url, a, b)], ErrorPolicy())]
+            assert got == whole[a:b], (url, a, b)
+    # A rewritten file at the same path is never read through the old positions.
+    copy = tmp_path / "copy.tar"
+    shutil.copy(fm_test_shards.parent / "test-000003.tar", copy)
+    assert [s["__key__"] for s in read_tar([Slice(str(copy), 900, 1000)], ErrorPolicy())][0].endswith("9900")
+    shutil.copy(shard, copy)
+    assert [s["__key__"] for s in read_tar([Slice(str(copy), 900, 1000)], ErrorPolicy())] == whole[900:1000]
