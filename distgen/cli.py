@@ -3,6 +3,8 @@
     distgen train CONFIG [key=value ...] [--dry-run]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--steps S] [--sampler ddpm|ddim|dpmsolver] [--seed K] --out OUT
     distgen export RUN_DIR OUT_DIR
+    distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd --num-samples N [--ref SHARDS|STATS] [...]
+    distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
     distgen demo
@@ -39,6 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
+
+    ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
+                                     "(or: eval fit-features SHARDS OUT)")
+    ev.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
+    ev.add_argument("--metrics", default="fid", help="comma list of fid, kid, isc, prc, bpd (default fid)")
+    ev.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
+    ev.add_argument("--ref", nargs="+", default=None,
+                    help="reference shards, manifest or .npz statistics (default: eval.ref, else data.train)")
+    ev.add_argument("--test", nargs="+", default=None, help="test shards for bpd (default data.eval)")
+    ev.add_argument("--batch-size", type=int, default=None, help="images per extractor pass per process")
+    ev.add_argument("--seed", type=int, default=None, help="image i is drawn with the seed (seed, i)")
+    ev.add_argument("--feature-extractor", default=None, metavar="PATH",
+                    help="a file from `distgen eval fit-features` (default: InceptionV3)")
+    ev.add_argument("--inception-weights", default=None, metavar="PATH",
+                    help="local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)")
+    ev.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/distgen)")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--out", default=None, help="also write the results to this JSON file")
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -100,6 +122,37 @@ def cmd_sample(args) -> int:
                           guidance=args.guidance)
 
 
+def _fit_parser() -> argparse.ArgumentParser:
+    f = argparse.ArgumentParser(prog="distgen eval fit-features",
+                                description="train a domain classifier whose features give FD / KID / PR")
+    f.add_argument("shards", nargs="+", help="labelled training shards or manifest")
+    f.add_argument("out", help="output .safetensors file, for --feature-extractor")
+    f.add_argument("--test", nargs="+", default=None, help="test shards (default: test.manifest.json beside SHARDS)")
+    f.add_argument("--kimg", type=float, default=120.0, help="training length in thousands of images")
+    f.add_argument("--batch-size", type=int, default=128)
+    f.add_argument("--seed", type=int, default=0)
+    return f
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from distgen.evaluate.fit import fit_features
+
+    a = _fit_parser().parse_args(argv)
+    fit_features(a.shards, a.out, test=a.test, kimg=a.kimg, batch_size=a.batch_size, seed=a.seed)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from distgen.evaluate.command import eval_command
+
+    if args.num_samples < 2:
+        raise ConfigError(f"--num-samples: must be >= 2, got {args.num_samples}")
+    return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
+                        batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
+                        inception_weights=args.inception_weights, cache_dir=args.cache_dir, steps=args.steps,
+                        sampler=args.sampler, guidance=args.guidance, out=args.out)
+
+
 def cmd_export(args) -> int:
     from distgen.sample import export
 
@@ -116,12 +169,18 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     from distgen.data import DataError
+    from distgen.evaluate import EvalError
     from distgen.sample import SampleError
     from distgen.train import TrainingError
 
     try:
+        if argv[:2] == ["eval", "fit-features"]:
+            return cmd_fit(argv[2:])
+        args = _parser().parse_args(argv)
+        if args.cmd == "eval":
+            return cmd_eval(args)
         if args.cmd == "train":
             return cmd_train(args)
         if args.cmd == "sample":
@@ -132,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_shard(args) if args.data_cmd == "shard" else cmd_bench(args)
         if args.cmd == "demo":
             return cmd_demo(args)
-    except (ConfigError, DataError, SampleError, TrainingError) as e:
+    except (ConfigError, DataError, EvalError, SampleError, TrainingError) as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -84,3 +84,19 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
     return out
+
+
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on ``dst`` (None elsewhere): big results go to one rank only."""
+    if not initialized():
+        return [obj]
+    out: list[Any] | None = [None] * td.get_world_size() if td.get_rank() == dst else None
+    td.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place."""
+    if initialized():
+        td.all_reduce(t)
+    return t

@@ -112,19 +112,31 @@ def image_seed(seed: int, index: int) -> int:
     return dist.derive_seed(seed, index)
 
 
+def iter_blocks(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,
+                device="cpu", rank: int = 0, world: int = 1):
+    """This rank's images, a block at a time: (indices, uint8 NHWC, labels or None).
+
+    Blocks of BLOCK consecutive indices are dealt round-robin to the ranks, and
+    image i is drawn from a generator seeded by (seed, i).
+    """
+    ncls = getattr(family, "num_classes", 0)
+    for b in range(rank, math.ceil(num / BLOCK), world):
+        idx = list(range(b * BLOCK, min((b + 1) * BLOCK, num)))
+        gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
+        labels = torch.tensor([i % ncls for i in idx]) if ncls else None
+        with torch.no_grad():
+            x = to_uint8(family.sample(nets, gens, labels=labels, steps=steps, sampler=sampler, guidance=guidance))
+        yield idx, x, (labels.numpy() if labels is not None else None)
+
+
 def generate(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,
              device="cpu", rank: int = 0, world: int = 1) -> dict[int, tuple[np.ndarray, int]]:
     """This rank's images: {index: (uint8 HWC, label)} for its blocks of indices."""
     out = {}
-    blocks = range(rank, math.ceil(num / BLOCK), world)
-    ncls = getattr(family, "num_classes", 0)
-    for b in blocks:
-        idx = list(range(b * BLOCK, min((b + 1) * BLOCK, num)))
-        gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
-        labels = torch.tensor([i % ncls for i in idx]) if ncls else None
-        x = to_uint8(family.sample(nets, gens, labels=labels, steps=steps, sampler=sampler, guidance=guidance))
+    for idx, x, labels in iter_blocks(family, nets, num, seed=seed, steps=steps, sampler=sampler,
+                                      guidance=guidance, device=device, rank=rank, world=world):
         for j, i in enumerate(idx):
-            out[i] = (x[j], (i % ncls) if ncls else -1)
+            out[i] = (x[j], int(labels[j]) if labels is not None else -1)
     return out
 
 

@@ -96,6 +96,24 @@ class RunLog:
             print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
                   f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}", flush=True)
 
+    def record_eval(self, rec: dict) -> None:
+        """An evaluation's metrics: metrics.jsonl and TensorBoard (eval/<name>), and a line on stdout."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in rec.items():
+            if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(k, v, rec["step"])
+        self.tb.flush()
+        shown = "  ".join(f"{k[5:]} {v:.5g}" for k, v in rec.items()
+                          if k.startswith("eval/") and isinstance(v, float))
+        msg = f"eval at step {rec['step']}: {shown or 'nothing computed'}"
+        if self.tty:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -126,6 +144,27 @@ def _safe_deepspeed_checkpoints(engine) -> None:
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = SafeTorchCheckpointEngine(engine.checkpoint_engine)
+
+
+def _write_best(folder: Path, emas: dict, best: dict, nimg: int, family, info, cfg: Config) -> None:
+    """The primary EMA weights that scored best, as a self-describing folder (`distgen sample/eval/export` read it).
+
+    Written beside the folder and renamed over it, so a crash leaves the previous best intact.
+    """
+    tmp = folder.with_name(".best.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for n, e in emas.items():
+        tensors, _ = e.state()
+        ckpt.save_tensors(tmp / f"ema0-{n}.safetensors", tensors[0])
+    ckpt.write_meta(tmp, {"step": best["step"], "nimg": nimg, "best": best, "family": family.name,
+                          "data_info": to_dict(info), "config": to_dict(cfg)})
+    old = folder.with_name(".best.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train(cfg: Config) -> int:
@@ -239,6 +278,18 @@ def train(cfg: Config) -> int:
 
     loader, batches = data_iter(data_start)
     log = RunLog(run_dir, stop_at, step, main)
+    ec = cfg.eval
+    evaluator = None
+    best = meta.get("best") if latest is not None else None
+    if ec.every:
+        from distgen.evaluate import Evaluator, spec_from_config
+
+        evaluator = Evaluator(spec_from_config(cfg), acc.device)
+        if main and evaluator.skipped:
+            for m, why in evaluator.skipped.items():
+                print(f"distgen: eval: {m} will be skipped: {why}")
+        if all(m in evaluator.skipped for m in ec.metrics):
+            evaluator = None  # nothing left to compute; training goes on
     preempt = _Preemption()
     noise = torch.Generator(device=acc.device)
     skipped_data = 0
@@ -268,7 +319,7 @@ def train(cfg: Config) -> int:
                     ckpt.save_tensors(tmp / f"ema{i}-{n}.safetensors", t)
             ckpt.write_meta(tmp, {
                 "step": step, "nimg": nimg, "data_start_step": step, "world_size": world, "reason": reason,
-                "counters": counters, "interval": interval, "ema_steps": ema_steps,
+                "counters": counters, "interval": interval, "ema_steps": ema_steps, "best": best,
                 "family": family.name, "data_info": to_dict(info), "config": to_dict(cfg),
             })
         ckpt.save_rng(tmp, rank)
@@ -297,6 +348,22 @@ def train(cfg: Config) -> int:
         path = run_dir / "samples" / f"{tag}.png"
         save_grid(images, path)
         return path
+
+    def evaluate() -> None:
+        """Metrics of the primary EMA weights; the best ones so far are kept in run_dir/best."""
+        nonlocal best, t_last
+        t0 = time.time()
+        ema_nets = {n: e.materialize(0) for n, e in emas.items()}
+        res = evaluator.run(family, ema_nets, cfg.data)
+        rec = {"step": step, "kimg": nimg / 1000, **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}}
+        log.record_eval(rec)
+        value = res.get(ec.best_key)
+        if value is not None and ec.better(value, best["value"] if best else None):
+            best = {"metric": ec.best_key, "value": value, "step": step}
+            if main:
+                _write_best(run_dir / "best", emas, best, nimg, family, info, cfg)
+        acc.wait_for_everyone()
+        t_last += time.time() - t0  # evaluation time does not count against training speed
 
     t_last, n_last = time.time(), nimg
     t_start, n_start = t_last, nimg
@@ -386,6 +453,8 @@ def train(cfg: Config) -> int:
             if tc.sample_every and step % tc.sample_every == 0 and step < stop_at:
                 grid(f"step-{step:08d}")
                 acc.wait_for_everyone()
+            if evaluator is not None and (step % ec.every == 0 or step == stop_at):
+                evaluate()
     finally:
         log.close()
 
@@ -401,6 +470,8 @@ def train(cfg: Config) -> int:
         print(f"distgen: metrics     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
         if path:
             print(f"distgen: samples     {path}")
+        if best:
+            print(f"distgen: best        {run_dir / 'best'} ({best['metric']} {best['value']:.5g} at step {best['step']})")
     acc.wait_for_everyone()
     acc.end_training()
     return 0

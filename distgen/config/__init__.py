@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distgen.config.core import ConfigError, apply_overrides, build_dataclass, check, load_yaml, to_dict, to_yaml
-from distgen.config.schema import Config, DataConfig, RunConfig, TrainConfig
+from distgen.config.schema import Config, DataConfig, EvalConfig, RunConfig, TrainConfig
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -21,6 +21,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "RunConfig", "TrainConfig",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "RunConfig", "TrainConfig",
     "apply_overrides", "build_dataclass", "check", "load_config", "to_dict", "to_yaml",
 ]

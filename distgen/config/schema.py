@@ -117,9 +117,55 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # training steps between evaluations of the EMA weights (0: none during training)
+    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd
+    num_samples: int = 10000  # generated images per evaluation
+    ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
+    batch_size: int = 64  # images per feature-extractor pass, per process
+    seed: int = 0  # image i of an evaluation is drawn with the seed (seed, i)
+    feature_extractor: str = "inception"  # or a file from `distgen eval fit-features`
+    inception_weights: Optional[str] = None  # local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)
+    cache_dir: Optional[str] = None  # reference statistics cache; default $DISTGEN_CACHE or ~/.cache/distgen
+    kid_subset_size: int = 1000
+    best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
+
+    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd")
+    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score")
+
+    def validate(self, path: str) -> None:
+        from distgen.evaluate.core import METRICS
+
+        check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")
+        bad = [m for m in self.metrics if m not in METRICS]
+        check(bool(self.metrics) and not bad, f"{path}.metrics",
+              f"unknown metric(s) {bad or '(none)'}; choose from {', '.join(METRICS)}")
+        check(self.num_samples >= 2, f"{path}.num_samples", "must be >= 2")
+        check(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        check(self.kid_subset_size >= 2, f"{path}.kid_subset_size", "must be >= 2")
+        names = self.LOWER_IS_BETTER + self.HIGHER_IS_BETTER
+        check(self.best_metric is None or self.best_metric in names, f"{path}.best_metric",
+              f"must be one of {', '.join(names)}")
+
+    @property
+    def best_key(self) -> str:
+        if self.best_metric:
+            return self.best_metric
+        first = self.metrics[0]
+        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score"}.get(first, first)
+
+    def better(self, a: float, b: Optional[float]) -> bool:
+        """Is ``a`` better than ``b`` for :attr:`best_key`?"""
+        if b is None:
+            return True
+        return a > b if self.best_key in self.HIGHER_IS_BETTER else a < b
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -133,6 +133,7 @@ class Slice:
     url: str
     start: int = 0
     stop: Optional[int] = None
+    shard: int = 0  # position of the shard in the input list: (shard, sample) orders a whole pass
 
 
 def partition(slices: Sequence[Slice], part: int, nparts: int) -> list[Slice]:
@@ -151,7 +152,7 @@ def partition(slices: Sequence[Slice], part: int, nparts: int) -> list[Slice]:
         n = s.stop - s.start
         a, b = max(lo, pos), min(hi, pos + n)
         if a < b:
-            out.append(Slice(s.url, s.start + a - pos, s.start + b - pos))
+            out.append(Slice(s.url, s.start + a - pos, s.start + b - pos, s.shard))
         pos += n
     return out
 
@@ -261,7 +262,7 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
                 if index < sl.start:  # skipping in a stream that cannot seek (a pipe): build nothing
                     current = {"__key__": key} if current is None or key != current["__key__"] else current
                     continue
-                current = {"__key__": key, "__url__": url, ext: data}
+                current = {"__key__": key, "__url__": url, "__index__": (sl.shard << 32) | index, ext: data}
             if not done and current is not None:
                 if index >= sl.start:
                     yield current
@@ -370,7 +371,7 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
                 im = im.convert(want_mode)
             if size != target:
                 im = _to_resolution(im, spec.resolution, spec.resize)
-            out = {"key": key, "image": _to_chw(im)}
+            out = {"key": key, "index": s["__index__"], "image": _to_chw(im)}
             if spec.labels != "none":
                 if "cls" in s:
                     try:
@@ -418,6 +419,8 @@ def _collate(buf: list[dict], skipped: int) -> dict:
         # smaller than float, and cheaper than a shared-memory segment per batch.
         "image": np.stack([s["image"] for s in buf]),
         "key": [s["key"] for s in buf],
+        # (shard << 32) | sample: sorting by it restores the input order of an evaluation pass
+        "index": np.array([s["index"] for s in buf], dtype=np.int64),
         "skipped": skipped,
     }
     if "label" in buf[0]:
@@ -464,7 +467,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             gc.freeze()
         policy = ErrorPolicy(self.on_error)
         if self.mode == "eval":
-            slices = [Slice(u, 0, c) for u, c in zip(self.shards.urls, self.shards.counts)]
+            slices = [Slice(u, 0, c, i) for i, (u, c) in enumerate(zip(self.shards.urls, self.shards.counts))]
             slices = split_by_node(slices, self.rank, self.world)
             slices = split_by_worker(slices, worker, workers)
             samples = read_tar(slices, policy)
@@ -489,9 +492,10 @@ class Loader:
     of this rank's workers.
     """
 
-    def __init__(self, dataset: ShardStream, workers: int = 2, pin_memory: bool = False):
+    def __init__(self, dataset: ShardStream, workers: int = 2, pin_memory: bool = False, as_float: bool = True):
         self.dataset = dataset
         self.workers = workers
+        self.as_float = as_float  # False: uint8 tensors, as metrics' feature extractors take them
         self.loader = torch.utils.data.DataLoader(
             # Batches are already made; identity collate keeps numpy as numpy.
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
@@ -508,7 +512,7 @@ class Loader:
             self.skipped += batch.pop("skipped", 0)
             if "image" not in batch:
                 continue
-            batch["image"] = to_float(batch["image"])
+            batch["image"] = to_float(batch["image"]) if self.as_float else torch.from_numpy(batch["image"])
             if "label" in batch:
                 batch["label"] = torch.from_numpy(batch["label"])
             self.count += len(batch["key"])
@@ -568,6 +572,7 @@ def make_loader(
     seed: int = 0,
     start_step: int = 0,
     pin_memory: bool = False,
+    as_float: bool = True,
 ) -> Loader:
     """Build a :class:`Loader` over ``inputs`` from a :class:`~distgen.config.DataConfig`."""
     shards = resolve_shards(inputs)
@@ -583,4 +588,4 @@ def make_loader(
         shards, mode=mode, batch_size=batch_size, decode_spec=spec, rank=rank, world=world, seed=seed,
         start_step=start_step, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, on_error=cfg.on_error,
     )
-    return Loader(ds, workers=cfg.workers, pin_memory=pin_memory)
+    return Loader(ds, workers=cfg.workers, pin_memory=pin_memory, as_float=as_float)

@@ -42,6 +42,8 @@ class Family:
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    # "exact" or "bound" when log_likelihood is implemented (bits/dim evaluation), else None
+    likelihood: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any, data: DataInfo):
         self.cfg, self.data = cfg, data
@@ -70,6 +72,14 @@ class Family:
                sampler: Optional[str] = None, guidance: Optional[float] = None) -> torch.Tensor:
         """One image per generator, float NCHW in [-1, 1]."""
         raise NotImplementedError
+
+    def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
+                       generators: list[torch.Generator]) -> torch.Tensor:
+        """log p(x) in nats per image (or a lower bound) of uint8 NCHW ``images``, discrete pixel values.
+
+        One generator per image for anything stochastic (dequantisation noise, posterior samples).
+        """
+        raise NotImplementedError(f"the {self.name} family has no log-likelihood")
 
     def export(self, nets: dict[str, nn.Module], out_dir: Path) -> None:
         """Write ``nets`` (EMA weights) in the family's standard format."""

@@ -1,0 +1,54 @@
+"""``distgen eval``: metrics of a run's EMA weights or an export, with one process or many."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from distgen import dist
+from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_config
+
+NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
+         "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim"}
+
+
+def format_results(res: dict) -> str:
+    lines = [f"  {NAMES[k]:<10s} {res[k]:.6g}" for k in NAMES if k in res]
+    if "ref_cache" in res:
+        lines.append(f"  reference: {res['ref_images']} images (cache {res['ref_cache']})")
+    by_reason: dict[str, list[str]] = {}
+    for m, why in res.get("skipped", {}).items():
+        by_reason.setdefault(why, []).append(m)
+    for why, ms in by_reason.items():
+        lines.append(f"  skipped {', '.join(ms)}: {why}")
+    return "\n".join(lines)
+
+
+def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[list[str]] = None,
+                 test: Optional[list[str]] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
+                 feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
+                 cache_dir: Optional[str] = None, steps=None, sampler=None, guidance=None,
+                 out: Optional[str] = None) -> int:
+    from accelerate import PartialState
+
+    from distgen.sample import load_ema
+
+    state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
+    family, nets, cfg = load_ema(path, state.device)
+    spec: EvalSpec = spec_from_config(cfg, metrics=parse_metrics(metrics), num_samples=num_samples, ref=ref,
+                                      test=test, batch_size=batch_size, seed=seed,
+                                      feature_extractor=feature_extractor, inception_weights=inception_weights,
+                                      cache_dir=cache_dir)
+    spec.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler, guidance=guidance).items() if v is not None}
+    res = Evaluator(spec, state.device).run(family, nets, cfg.data)
+    if dist.is_main():
+        print(f"distgen eval: {path}: {spec.num_samples} samples, seed {spec.seed}, {dist.world_size()} process(es), "
+              f"extractor {res['extractor']}, {res['seconds']:.1f}s")
+        print(format_results(res))
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps({"path": path, "seed": spec.seed, **res}, indent=2) + "\n")
+    dist.barrier()
+    # Asked-for metrics that could not be computed make the command fail (after saying why).
+    return 1 if res.get("skipped") else 0

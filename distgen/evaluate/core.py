@@ -1,0 +1,384 @@
+"""Distributed evaluation: every rank extracts features of its share, rank 0 computes the metrics.
+
+- Generated images: image ``i`` comes from the seed (seed, i) and indices are
+  dealt in fixed blocks (see :mod:`distgen.sample`), so the image set, and the
+  metric, do not depend on the number of processes.
+- Features come from torch-fidelity's extractors; rank 0 gathers them (uneven
+  shares are fine), puts them back in index order, and hands them to
+  torch-fidelity's own statistics and metric functions (KID's subsets and
+  IS's splits depend on that order, so it matches a one-process run).
+- Reference statistics from shards are one exact pass over the data: each rank
+  sums its features and their outer products in float64, the sums are added
+  across ranks, and mean and covariance follow. They are cached on disk, keyed
+  by the shards (manifest, sizes, mtimes), the extractor's weights, the layer
+  and the image geometry.
+- ``bpd``: the family supplies log p(x) per image (or a lower bound); the
+  pass over the test split, the sum across ranks and the units are here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                       prc_featuresdict_to_metric)
+
+from distgen import dist
+from distgen.evaluate.extractors import EvalError, Extractor, WeightsUnavailable
+
+METRICS = ("fid", "kid", "isc", "prc", "bpd")
+FEATURE_METRICS = ("fid", "kid", "isc", "prc")
+REFERENCE_METRICS = ("fid", "kid", "prc")
+CACHE_FORMAT = "distgen-refstats/1"
+# torch-fidelity's defaults, passed explicitly so a one-process torch-fidelity run with the same
+# values gives the same numbers.
+FIDELITY_KWARGS = dict(isc_splits=10, samples_shuffle=True, rng_seed=2020, kid_subsets=100,
+                       kid_degree=3, kid_gamma=None, kid_coef0=1, kid_kernel="poly", kid_mmd_estimator="unbiased",
+                       prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+
+
+def parse_metrics(text: str | Iterable[str], where: str = "--metrics") -> tuple[str, ...]:
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    bad = [m for m in items if m not in METRICS]
+    if bad or not items:
+        raise EvalError(f"{where}: unknown metric(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass
+class EvalSpec:
+    metrics: tuple[str, ...] = ("fid",)
+    num_samples: int = 10000
+    ref: Optional[list[str]] = None  # shards/manifest, or a .npz statistics file
+    test: Optional[list[str]] = None  # shards for bpd
+    batch_size: int = 64
+    seed: int = 0
+    feature_extractor: str = "inception"  # or the path of a `fit-features` file
+    inception_weights: Optional[str] = None
+    cache_dir: Optional[str] = None
+    kid_subset_size: int = 1000
+    sampling: dict = field(default_factory=dict)  # steps / sampler / guidance for family.sample
+
+
+@dataclass
+class Reference:
+    num: int
+    stats: Optional[dict] = None  # {"mu", "sigma"} of the FID layer
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer, input order
+    cache: str = "none"  # "hit", "miss" or "none"
+    source: str = ""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTGEN_CACHE", Path.home() / ".cache" / "distgen")) / "reference"
+
+
+# --------------------------------------------------------------------------- gathering
+def gather_in_order(index: list[np.ndarray], feats: dict[str, list[torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    """This rank's (index, features) pieces -> every rank's features on rank 0, sorted by index."""
+    idx = np.concatenate(index) if index else np.zeros(0, np.int64)
+    mine = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in feats.items()}
+    parts = dist.gather_object((idx, mine))
+    if parts is None:
+        return None
+    all_idx = np.concatenate([p[0] for p in parts])
+    order = torch.from_numpy(np.argsort(all_idx, kind="stable"))
+    if len(np.unique(all_idx)) != len(all_idx):
+        raise EvalError("evaluation pass saw a sample twice (internal error in the split)")
+    return {k: torch.cat([p[1][k] for p in parts if len(p[1][k])])[order] for k in feats}
+
+
+class Evaluator:
+    """Runs the metrics of an :class:`EvalSpec` on generated images, once per call, on every rank."""
+
+    def __init__(self, spec: EvalSpec, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
+        self.spec, self.device, self.log = spec, torch.device(device), log
+        self.skipped: dict[str, str] = {}  # metric -> why
+        self.extractor: Optional[Extractor] = None
+        self._reference: Optional[Reference] = None
+        feature_metrics = [m for m in spec.metrics if m in FEATURE_METRICS]
+        if feature_metrics:
+            try:
+                self.extractor = Extractor(spec.feature_extractor, {m: None for m in feature_metrics},
+                                           inception_weights_path=spec.inception_weights, device=self.device)
+            except WeightsUnavailable as e:
+                for m in feature_metrics:
+                    self.skipped[m] = str(e)
+        if "isc" in spec.metrics and self.extractor is not None and self.extractor.name != "inception-v3-compat":
+            # The domain classifier's logits would give a number, but not the Inception Score.
+            self.skipped["isc"] = "the Inception Score needs the InceptionV3 extractor, not a domain one"
+        needs_ref = [m for m in REFERENCE_METRICS if m in spec.metrics and m not in self.skipped]
+        if needs_ref and not spec.ref:
+            raise EvalError(f"metrics {', '.join(needs_ref)} need a reference (--ref SHARDS|MANIFEST|STATS_FILE "
+                            "or eval.ref)")
+
+    # ---- features of batches
+    def _extract(self, batches: Iterable[tuple[np.ndarray, torch.Tensor]]):
+        idx, feats = [], {k: [] for k in self.extractor.features}
+        for index, images in batches:
+            out = self.extractor(images)
+            idx.append(np.asarray(index, dtype=np.int64))
+            for k in feats:
+                feats[k].append(out[k])
+        return idx, feats
+
+    # ---- reference
+    def reference(self, data_cfg) -> Reference:
+        """Reference features/statistics for the FID/KID/PR layers (cached on disk)."""
+        if self._reference is not None:  # later evaluations of a training run: kept in memory
+            self._reference.cache = "hit"
+            return self._reference
+        ref = list(self.spec.ref)
+        if len(ref) == 1 and ref[0].endswith(".npz"):
+            self._reference = self._reference_from_file(Path(ref[0]))
+            return self._reference
+        layers = {self.extractor.layers[m] for m in REFERENCE_METRICS if m in self.spec.metrics and m not in self.skipped}
+        need_feats = any(m in self.spec.metrics and m not in self.skipped for m in ("kid", "prc"))
+        key, desc = self._cache_key(ref, data_cfg, sorted(layers))
+        cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir()
+        path = cache_dir / f"ref-{key[:24]}.safetensors"
+        cached = self._read_cache(path, need_feats) if path.is_file() else None
+        # Every rank must agree on hit or miss: they all take part in a recomputation.
+        hit = dist.all_reduce_sum(int(cached is not None)) == dist.world_size()
+        if hit:
+            self._reference = cached
+            self._reference.cache = "hit"
+            self._reference.source = str(path)
+            return self._reference
+        self._reference = self._compute_reference(ref, data_cfg, need_feats)
+        self._reference.cache, self._reference.source = "miss", str(path)
+        if dist.is_main():
+            self._write_cache(path, self._reference, desc)
+        dist.barrier()
+        return self._reference
+
+    def _cache_key(self, ref: list[str], data_cfg, layers: list[str]) -> tuple[str, dict]:
+        from distgen.data import resolve_shards
+
+        shards = resolve_shards(ref)
+        files = []
+        for u in shards.urls:
+            if u.startswith("pipe:"):
+                files.append([u])
+            else:
+                st = os.stat(u)
+                files.append([os.path.abspath(u), st.st_size, st.st_mtime_ns])
+        manifests = [Path(r).read_text() for r in ref if r.endswith(".json")]
+        desc = {"format": CACHE_FORMAT, "shards": files, "manifests": manifests, "extractor": self.extractor.identity,
+                "layers": layers, "resolution": data_cfg.resolution, "channels": data_cfg.channels,
+                "resize": data_cfg.resize}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest(), desc
+
+    def _read_cache(self, path: Path, need_feats: bool) -> Optional[Reference]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != CACHE_FORMAT:
+                return None
+            num = int(meta["num"])
+        except Exception as e:
+            self.log(f"distgen eval: ignoring unreadable reference cache {path} ({e})")
+            return None
+        feats = {k[len("features/"):]: v for k, v in tensors.items() if k.startswith("features/")}
+        if need_feats and not feats:
+            return None
+        stats = {"mu": tensors["mu"].numpy(), "sigma": tensors["sigma"].numpy()} if "mu" in tensors else None
+        return Reference(num=num, stats=stats, features=feats)
+
+    def _write_cache(self, path: Path, ref: Reference, desc: dict) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"features/{k}": v.contiguous() for k, v in ref.features.items()}
+        if ref.stats is not None:
+            tensors["mu"] = torch.from_numpy(np.ascontiguousarray(ref.stats["mu"]))
+            tensors["sigma"] = torch.from_numpy(np.ascontiguousarray(ref.stats["sigma"]))
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "num": str(ref.num),
+                                               "description": json.dumps(desc)})
+        os.replace(tmp, path)
+
+    def _reference_from_file(self, path: Path) -> Reference:
+        """A statistics file: ``mu`` and ``sigma`` of the FID layer (pytorch-fid / torch-fidelity layout),
+        optionally ``features`` for KID and PR."""
+        if not path.is_file():
+            raise EvalError(f"{path}: reference statistics file not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise EvalError(f"{path}: not a readable .npz statistics file ({e})") from None
+        fid_layer = self.extractor.layers.get("fid") or self.extractor.layers.get("kid") or self.extractor.layers.get("prc")
+        for k in ("mu", "sigma"):
+            if "fid" in self.spec.metrics and k not in arrays:
+                raise EvalError(f"{path}: key '{k}' missing (FID needs mu and sigma)")
+        stats = None
+        if "mu" in arrays:
+            mu, sigma = arrays["mu"], arrays["sigma"]
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise EvalError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+            stats = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
+        feats = {}
+        if "features" in arrays:
+            feats[fid_layer] = torch.from_numpy(arrays["features"].astype(np.float32))
+        for m in ("kid", "prc"):
+            if m in self.spec.metrics and m not in self.skipped and not feats:
+                self.skipped[m] = f"the statistics file {path} holds no 'features' array"
+        num = int(arrays["num"]) if "num" in arrays else (len(feats[fid_layer]) if feats else 0)
+        return Reference(num=num, stats=stats, features=feats, source=str(path))
+
+    def _compute_reference(self, ref: list[str], data_cfg, need_feats: bool) -> Reference:
+        from distgen.data import make_loader
+
+        loader = make_loader(ref, data_cfg, batch_size=self.spec.batch_size, mode="eval", rank=dist.rank(),
+                             world=dist.world_size(), as_float=False)
+        fid_layer = self.extractor.layers.get("fid")
+        feat_layers = {self.extractor.layers[m] for m in ("kid", "prc") if m in self.spec.metrics and m not in self.skipped}
+        s1 = s2 = None
+        n = 0
+        idx, kept = [], {k: [] for k in feat_layers}
+        for batch in loader:
+            out = self.extractor(batch["image"])
+            if fid_layer is not None:
+                f = out[fid_layer].double()
+                s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
+                s2 = f.T @ f if s2 is None else s2 + f.T @ f
+            n += len(batch["key"])
+            if feat_layers:
+                idx.append(np.asarray(batch["index"]))
+                for k in feat_layers:
+                    kept[k].append(out[k])
+        total = int(dist.all_reduce_sum(n))
+        if total < 2:
+            raise EvalError(f"reference {ref}: {total} image(s); statistics need at least 2")
+        stats = None
+        if fid_layer is not None:
+            if s1 is None:  # this rank's share was empty: zeros of the right size for the sums
+                d = self.extractor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))[fid_layer].shape[1]
+                s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+            dev = "cuda" if dist.initialized() and torch.distributed.get_backend() == "nccl" else "cpu"
+            s1 = dist.all_reduce_tensor_(s1.to(dev)).cpu()
+            s2 = dist.all_reduce_tensor_(s2.to(dev)).cpu()
+            mu = s1 / total
+            sigma = (s2 - total * torch.outer(mu, mu)) / (total - 1)
+            # float32 mean as torch-fidelity keeps it; float64 covariance as np.cov gives it
+            stats = {"mu": mu.numpy().astype(np.float32), "sigma": sigma.numpy()}
+        feats = gather_in_order(idx, kept) if feat_layers else {}
+        if dist.is_main():
+            self.log(f"distgen eval: reference {', '.join(ref)}: {total} images")
+        return Reference(num=total, stats=stats, features=feats or {})
+
+    # ---- generated
+    def generated_features(self, family, nets) -> Optional[dict[str, torch.Tensor]]:
+        """Features of ``num_samples`` generated images, in index order, on rank 0."""
+        from distgen.sample import iter_blocks
+
+        def batches():
+            pending_i, pending_x = [], []
+            for index, images, _labels in iter_blocks(family, nets, self.spec.num_samples, seed=self.spec.seed,
+                                                      device=self.device, rank=dist.rank(),
+                                                      world=dist.world_size(), **self.spec.sampling):
+                pending_i += index
+                pending_x.append(torch.from_numpy(images).permute(0, 3, 1, 2))
+                if len(pending_i) >= self.spec.batch_size:
+                    yield np.array(pending_i), torch.cat(pending_x)
+                    pending_i, pending_x = [], []
+            if pending_i:
+                yield np.array(pending_i), torch.cat(pending_x)
+
+        idx, feats = self._extract(batches())
+        return gather_in_order(idx, feats)
+
+    # ---- everything
+    def run(self, family=None, nets=None, data_cfg=None, features: Optional[dict] = None) -> dict:
+        """Metrics (rank 0 gets the numbers; every rank gets the same dict back)."""
+        spec = self.spec
+        res: dict = {}
+        t0 = time.time()
+        todo = [m for m in spec.metrics if m in FEATURE_METRICS and m not in self.skipped]
+        ref = self.reference(data_cfg) if any(m in REFERENCE_METRICS for m in todo) else None
+        if ref is not None:
+            todo = [m for m in todo if m not in self.skipped]  # a stats file can rule out KID / PR
+        if todo:
+            gen = features if features is not None else self.generated_features(family, nets)
+            if dist.is_main():
+                res.update(self._metrics(todo, gen, ref))
+        if "bpd" in spec.metrics:
+            res.update(self.bpd(family, nets, data_cfg))
+        if ref is not None:
+            res["ref_cache"] = ref.cache
+            res["ref_images"] = ref.num
+        if self.skipped:
+            res["skipped"] = dict(self.skipped)
+        res["num_samples"] = spec.num_samples
+        res["extractor"] = self.extractor.name if self.extractor is not None else None
+        res["seconds"] = round(time.time() - t0, 2)
+        return dist.all_gather_object(res)[0]
+
+    def _metrics(self, todo: list[str], gen: dict[str, torch.Tensor], ref: Optional[Reference]) -> dict:
+        lay = self.extractor.layers
+        out: dict = {}
+        kw = dict(FIDELITY_KWARGS)
+        if "isc" in todo:
+            r = isc_featuresdict_to_metric(gen, lay["isc"], **kw)
+            out.update(isc_mean=r[KEY_METRIC_ISC_MEAN], isc_std=r[KEY_METRIC_ISC_STD])
+        if "fid" in todo:
+            stats = fid_features_to_statistics(gen[lay["fid"]])
+            if ref.stats["mu"].shape != stats["mu"].shape:
+                raise EvalError(f"reference {ref.source}: statistics of dimension {ref.stats['mu'].shape[0]}, "
+                                f"the extractor gives {stats['mu'].shape[0]}")
+            out["fid"] = fid_statistics_to_metric(stats, ref.stats, False)[KEY_METRIC_FID]
+        if "kid" in todo:
+            size = min(self.spec.kid_subset_size, len(gen[lay["kid"]]), len(ref.features[lay["kid"]]))
+            r = kid_featuresdict_to_metric(gen, ref.features, lay["kid"], **{**kw, "kid_subset_size": size})
+            out.update(kid_mean=r[KEY_METRIC_KID_MEAN], kid_std=r[KEY_METRIC_KID_STD], kid_subset_size=size)
+        if "prc" in todo:
+            r = prc_featuresdict_to_metric(gen, ref.features, lay["prc"], **kw)
+            out.update(precision=r[KEY_METRIC_PRECISION], recall=r[KEY_METRIC_RECALL], f_score=r[KEY_METRIC_F_SCORE])
+        return out
+
+    # ---- bits per dimension
+    def bpd(self, family, nets, data_cfg) -> dict:
+        """Bits per dimension of the test split: -log2 p(x) / (C H W), summed over every image once."""
+        from distgen.data import make_loader
+
+        if getattr(family, "likelihood", None) is None:
+            self.skipped["bpd"] = f"the {family.name} family supplies no log-likelihood"
+            return {}
+        if not self.spec.test:
+            raise EvalError("bpd needs test shards (--test SHARDS|MANIFEST, or data.eval in the config)")
+        loader = make_loader(self.spec.test, data_cfg, batch_size=self.spec.batch_size, mode="eval",
+                             rank=dist.rank(), world=dist.world_size(), as_float=False)
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for batch in loader:
+                x = batch["image"].to(self.device)
+                # One generator per image, seeded by (seed, index): a stochastic bound (dequantisation,
+                # a VAE's posterior sample) is then the same at any world size.
+                gens = [torch.Generator(device=self.device).manual_seed(dist.derive_seed(self.spec.seed, int(i)))
+                        for i in batch["index"]]
+                labels = batch.get("label")
+                logp = family.log_likelihood(nets, x, labels.to(self.device) if labels is not None else None, gens)
+                nll -= float(logp.double().sum())
+                n += x.shape[0]
+        nll = dist.all_reduce_sum(float(nll))
+        total = int(dist.all_reduce_sum(n))
+        if total == 0:
+            raise EvalError(f"bpd: the test shards {self.spec.test} hold no images")
+        dims = data_cfg.channels * data_cfg.resolution ** 2
+        return {"bpd": nll / (total * dims * math.log(2)), "bpd_images": total, "bpd_kind": family.likelihood}

@@ -1,0 +1,258 @@
+"""Feature extractors for the metrics: torch-fidelity's InceptionV3 and distgen's domain classifier.
+
+Both are torch-fidelity feature extractors (uint8 Bx3xHxW in, a tuple of
+feature tensors out), so torch-fidelity's own metric functions apply to
+their features unchanged.
+
+Weights are never unpickled: torch-fidelity reads a weights path with
+``torch.load(weights_only=False)``, so distgen reads the file itself
+(safetensors, or ``torch.load(weights_only=True)``) and hands torch-fidelity
+an in-memory copy of the plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+INCEPTION = "inception-v3-compat"
+DOMAIN = "distgen-domain"
+WEIGHTS_ENV = "DISTGEN_INCEPTION_WEIGHTS"
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+DOMAIN_FORMAT = "distgen-features/1"
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run as asked (bad file, bad reference, bad option)."""
+
+
+class WeightsUnavailable(EvalError):
+    """The feature extractor's weights are not here and cannot be fetched."""
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, without running pickled code."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EvalError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EvalError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inception_weights(configured: Optional[str] = None, download_timeout: float = 20.0) -> Path:
+    """The local InceptionV3 weights file: configured, from $DISTGEN_INCEPTION_WEIGHTS, torch hub's
+    cache, or downloaded into that cache. Raises WeightsUnavailable saying which and why."""
+    path = configured or os.environ.get(WEIGHTS_ENV)
+    if path:
+        if not Path(path).is_file():
+            src = "eval.inception_weights" if configured else f"${WEIGHTS_ENV}"
+            raise WeightsUnavailable(f"InceptionV3 weights file {path} (from {src}) does not exist")
+        return Path(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout)
+    try:
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
+    except Exception as e:
+        raise WeightsUnavailable(
+            f"InceptionV3 weights are not on this machine and could not be downloaded from {URL_INCEPTION_V3} "
+            f"({type(e).__name__}: {e}). On a machine without internet, copy {INCEPTION_FILE} to it and set "
+            f"eval.inception_weights (or ${WEIGHTS_ENV}) to its path"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return cached
+
+
+# --------------------------------------------------------------------------- the domain extractor
+class DomainNet(nn.Module):
+    """A small CNN classifier; its pooled features are the feature space of domain FD/KID/PR."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float Bx3xHxW in [-1, 1] -> (features B x 4w, logits B x classes)."""
+        f = self.body(x).mean(dim=(2, 3))
+        return f, self.head(f)
+
+
+def uint8_to_input(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    x = x.float() / 127.5 - 1
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def read_domain_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such feature-extractor file (write one with `distgen eval fit-features`)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise EvalError(f"{path}: not a safetensors feature-extractor file ({e})") from None
+    if meta.get("format") != DOMAIN_FORMAT:
+        raise EvalError(f"{path}: not a distgen feature extractor (metadata format {DOMAIN_FORMAT} missing)")
+    info = json.loads(meta["info"])
+    return tensors, info
+
+
+class DomainFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor around a :class:`DomainNet` file from ``fit-features``."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise EvalError(f"the {DOMAIN} feature extractor needs a weights file (--feature-extractor PATH)")
+        tensors, info = read_domain_file(Path(feature_extractor_weights_path))
+        self.resolution = int(info["resolution"])
+        self.net = DomainNet(int(info["num_classes"]), int(info["width"]))
+        self.net.load_state_dict(tensors)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        f, logits = self.net(uint8_to_input(x.to(next(self.parameters()).device), self.resolution))
+        out = {"features": f, "logits": logits}
+        return tuple(out[a] for a in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return None
+
+
+if DOMAIN not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(DOMAIN, DomainFeatureExtractor)
+
+
+# --------------------------------------------------------------------------- building one
+class Extractor:
+    """A torch-fidelity feature extractor plus what identifies it (for reference caches)."""
+
+    def __init__(self, spec: str, metric_layers: dict[str, str], *, inception_weights_path: Optional[str] = None,
+                 device: str | torch.device = "cpu"):
+        if spec in ("inception", INCEPTION):
+            weights = inception_weights(inception_weights_path)
+            self.name, cls = INCEPTION, FeatureExtractorInceptionV3
+            state = load_weights(weights)
+            buf = io.BytesIO()
+            torch.save(state, buf)  # plain tensors we wrote ourselves: safe for torch-fidelity's loader
+            buf.seek(0)
+            path_arg = buf
+        else:
+            weights = Path(spec)
+            self.name, cls = DOMAIN, DomainFeatureExtractor
+            path_arg = str(weights)
+        self.weights = weights
+        self.identity = f"{self.name}:{file_digest(weights)}"
+        self.layers = {m: metric_layers.get(m) or cls.get_default_feature_layer_for_metric(m) for m in metric_layers}
+        self.features = sorted(set(self.layers.values()))
+        for layer in self.features:
+            if layer not in cls.get_provided_features_list():
+                raise EvalError(f"feature layer {layer!r} is not provided by {self.name} "
+                                f"(it has {', '.join(cls.get_provided_features_list())})")
+        self.module = cls(self.name, self.features, feature_extractor_weights_path=path_arg)
+        self.module.requires_grad_(False).eval().to(device)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 BxCxHxW (C = 1 or 3) -> {layer: float32 B x D on CPU}."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"feature extraction takes uint8 images, got {images.dtype}")
+        if images.shape[1] == 1:  # grey -> 3 equal channels, as torch-fidelity expects
+            images = images.expand(-1, 3, -1, -1)
+        out = self.module(images.to(self.device).contiguous())
+        return {name: t.float().cpu() for name, t in zip(self.features, out)}
+
+
+def write_random_inception(path: str | Path, seed: int = 0, images: Optional[torch.Tensor] = None) -> Path:
+    """Randomly initialised InceptionV3 weights, for tests and timings on machines without the
+    real ones: the feature maths is the same, the numbers mean nothing.
+
+    Batch-norm statistics are calibrated on ``images`` (uint8 Nx3xHxW; default
+    random noise), a data-dependent init: with PyTorch's default statistics
+    the activations fade to nothing over the 90-odd layers and every image
+    gets the same features.
+    """
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(seed)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = FeatureExtractorInceptionV3(INCEPTION, ["2048"])
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    net.train()
+    gen = torch.Generator().manual_seed(seed)
+    if images is None:
+        images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    with torch.no_grad():
+        for chunk in images.split(8):
+            net(chunk)
+    for m in bns:
+        m.momentum = 0.1
+    net.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
