@@ -44,6 +44,9 @@ def test_yaml_and_overrides(cfg_file):
     ("run.name=a/b", r"run.name: must be a non-empty name without '/'"),
     ("train.batch_size", r"train.batch_size: an override must look like key.sub=value"),
     ("train.batch_size.x=1", r"train.batch_size: '.*' is a value, not a section|batch_size"),
+    ("eval.metrics=[fid,fdd]", r"eval.metrics: unknown metric\(s\) \['fdd'\]"),
+    ("eval.best_metric=loss", r"eval.best_metric: must be one of fid"),
+    ("eval.every=-1", r"eval.every: must be >= 0"),
 ])
 def test_errors_name_the_field(cfg_file, override, match):
     with pytest.raises(ConfigError, match=match):
