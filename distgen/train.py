@@ -78,15 +78,19 @@ class RunLog:
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.tty)
 
-    def record(self, rec: dict) -> None:
-        if not self.enabled:
-            return
+    def _write(self, rec: dict) -> None:
+        """One metrics.jsonl line; its numbers (not the step) as TensorBoard scalars."""
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.tb.add_scalar(k, v, rec["step"])
         self.tb.flush()
+
+    def record(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(rec)
         eta = rec.get("eta_s")
         eta = f"{eta / 60:.1f}m" if eta is not None else "-"
         loss = f"{rec['loss']:.4f}" if rec["loss"] is not None else "non-finite"
@@ -100,12 +104,7 @@ class RunLog:
         """An evaluation's metrics: metrics.jsonl and TensorBoard (eval/<name>), and a line on stdout."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        for k, v in rec.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.tb.add_scalar(k, v, rec["step"])
-        self.tb.flush()
+        self._write(rec)
         shown = "  ".join(f"{k[5:]} {v:.5g}" for k, v in rec.items()
                           if k.startswith("eval/") and isinstance(v, float))
         msg = f"eval at step {rec['step']}: {shown or 'nothing computed'}"

@@ -33,7 +33,7 @@ def manifest_path(out_dir: str | Path, split: str) -> Path:
     return Path(out_dir) / f"{split}.manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +76,7 @@ def write_shards(
             return
         writer.close()
         final = out / f"{split}-{len(shards):06d}.tar"
-        shards.append({"name": final.name, "count": count_in_shard, "sha256": _sha256(tmp)})
+        shards.append({"name": final.name, "count": count_in_shard, "sha256": file_sha256(tmp)})
         done.append((tmp, final))
         if log:
             log(f"wrote {final} ({count_in_shard} samples)")

@@ -12,7 +12,6 @@ an in-memory copy of the plain tensors.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -26,6 +25,8 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from distgen.data.shard import file_sha256
 
 INCEPTION = "inception-v3-compat"
 DOMAIN = "distgen-domain"
@@ -56,14 +57,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise EvalError(f"{path}: expected a state dict of tensors")
     return state
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def inception_weights(configured: Optional[str] = None, download_timeout: float = 20.0) -> Path:
@@ -199,7 +192,7 @@ class Extractor:
             self.name, cls = DOMAIN, DomainFeatureExtractor
             path_arg = str(weights)
         self.weights = weights
-        self.identity = f"{self.name}:{file_digest(weights)}"
+        self.identity = f"{self.name}:{file_sha256(weights)}"
         self.layers = {m: metric_layers.get(m) or cls.get_default_feature_layer_for_metric(m) for m in metric_layers}
         self.features = sorted(set(self.layers.values()))
         for layer in self.features:
