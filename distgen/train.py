@@ -240,7 +240,7 @@ def train(cfg: Config) -> int:
                                 "gather the sharded parameters; check the accelerate DeepSpeed config")
 
     # ---- resume from the newest complete checkpoint
-    step, nimg, data_start = 0, 0, 0
+    step, nimg, data_start, data_skip = 0, 0, 0, 0
     counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0}
     interval = {"loss_sum": 0.0, "loss_n": 0}
     latest = ckpt.newest_checkpoint(root)
@@ -262,6 +262,7 @@ def train(cfg: Config) -> int:
             e.load([ckpt.load_tensors(latest / f"ema{i}-{n}.safetensors") for i in range(len(e.emas))],
                    meta["ema_steps"][n])
         step, nimg, data_start = meta["step"], meta["nimg"], meta["data_start_step"]
+        data_skip = meta.get("data_skip", 0)
         counters.update(meta["counters"])
         interval.update(meta["interval"])
         ckpt.load_rng(latest, rank)
@@ -276,6 +277,11 @@ def train(cfg: Config) -> int:
         return loader, iter(loader)
 
     loader, batches = data_iter(data_start)
+    # A checkpoint taken between periodic ones (a signal, the end) resumes the stream where it was:
+    # restart it where it last started and draw the batches already used.
+    for _ in range(data_skip):
+        next(batches)
+    consumed = data_skip  # batches drawn from the current stream
     log = RunLog(run_dir, stop_at, step, main)
     ec = cfg.eval
     evaluator = None
@@ -294,7 +300,8 @@ def train(cfg: Config) -> int:
     skipped_data = 0
 
     def save(reason: str, restart_data: bool = True) -> Path:
-        nonlocal loader, batches, skipped_data
+        nonlocal loader, batches, skipped_data, data_start, consumed
+        boundary = restart_data or (step % tc.checkpoint_every == 0 and counters["nonfinite_run"] == 0)
         tmp = ckpt.tmp_dir(root, step)
         if main:
             if tmp.exists():
@@ -317,7 +324,10 @@ def train(cfg: Config) -> int:
                 for i, t in enumerate(tensors):
                     ckpt.save_tensors(tmp / f"ema{i}-{n}.safetensors", t)
             ckpt.write_meta(tmp, {
-                "step": step, "nimg": nimg, "data_start_step": step, "world_size": world, "reason": reason,
+                "step": step, "nimg": nimg, "world_size": world, "reason": reason,
+                # The stream restarts at every checkpoint_every-th step (periodic checkpoints); a checkpoint
+                # between those (a signal, the end) notes where the current stream stands.
+                "data_start_step": step if boundary else data_start, "data_skip": 0 if boundary else consumed,
                 "counters": counters, "interval": interval, "ema_steps": ema_steps, "best": best,
                 "family": family.name, "data_info": to_dict(info), "config": to_dict(cfg),
             })
@@ -333,6 +343,7 @@ def train(cfg: Config) -> int:
         # resumed run sees exactly what the uninterrupted one sees.
         skipped_data += loader.skipped
         loader, batches = data_iter(step)
+        data_start, consumed = step, 0
         return final
 
     def grid(tag: str) -> Optional[Path]:
@@ -379,6 +390,7 @@ def train(cfg: Config) -> int:
                     g["lr"] = tc.lr * p.lr_scale * lr_mult
                 for micro in range(tc.grad_accum):
                     batch = next(batches)
+                    consumed += 1
                     batch = {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v)
                              for k, v in batch.items()}
                     # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
