@@ -8,7 +8,9 @@
 Each task of the job is one machine: it runs one `accelerate launch` with its
 machine rank, the machine count, the first host of the job as main process
 and a port derived from the job id (distgen.slurm). With --tasks-per-node > 1
-several machines share a node (useful to test multi-machine rendezvous).
+several machines share a node: one task per GPU with --tasks-per-node G
+--gpus-per-node G (each task sees its own GPU), or, on one CPU node, a test of
+the multi-machine rendezvous.
 CPU-only partitions work with --gpus-per-node 0 (gloo; --procs-per-node
 processes per machine).
 
@@ -53,17 +55,23 @@ def _wait_exit(pid: int, timeout: float) -> None:
 class Train:
     """The job's function: one machine's `accelerate launch ... distgen train`, checkpointable."""
 
-    def __init__(self, config: str, overrides: list[str], procs_per_machine: int):
-        self.config, self.overrides, self.procs = config, overrides, procs_per_machine
+    def __init__(self, config: str, overrides: list[str], procs_per_machine: int, gpus_per_machine: int = 0):
+        self.config, self.overrides, self.procs, self.gpus = config, overrides, procs_per_machine, gpus_per_machine
         self.proc = None
 
     def __getstate__(self):
-        return {"config": self.config, "overrides": self.overrides, "procs": self.procs, "proc": None}
+        return {**self.__dict__, "proc": None}
 
     def __call__(self) -> str:
         cmd = train_command(self.config, self.overrides, self.procs, rendezvous())
         print("distgen submit: " + " ".join(cmd), flush=True)
-        self.proc = subprocess.Popen(cmd)
+        env = dict(os.environ)
+        tasks_here = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+        if self.gpus and tasks_here > 1:
+            # Several machines (tasks) on a node, e.g. one task per GPU: each sees its own GPUs.
+            local = int(env.get("SLURM_LOCALID", 0))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(local * self.gpus + i) for i in range(self.gpus))
+        self.proc = subprocess.Popen(cmd, env=env)
         code = self.proc.wait()
         if code == 0:
             return "done"
@@ -81,7 +89,7 @@ class Train:
 
         if self.proc is not None:
             _wait_exit(self.proc.pid, timeout=600)
-        return submitit.helpers.DelayedSubmission(Train(self.config, self.overrides, self.procs))
+        return submitit.helpers.DelayedSubmission(Train(self.config, self.overrides, self.procs, self.gpus))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     executor = submitit.SlurmExecutor(folder=str(Path(a.logs) / "%j"), max_num_timeout=20)
     executor.update_parameters(**params)
-    job = executor.submit(Train(config, list(a.overrides), procs))
+    job = executor.submit(Train(config, list(a.overrides), procs, gpus_per_task))
     print(f"submitted job {job.job_id}: {summary}")
     print(f"logs: {Path(a.logs) / job.job_id}/ ({job.job_id}_0_log.out, ...)")
     return 0

@@ -53,12 +53,12 @@ def _wait(job: str, timeout: float = 420) -> dict:
     raise AssertionError(f"job {job} did not finish in {timeout}s: {_job_state(job).get('JobState')}")
 
 
-def _preempt_after_first_checkpoint(job: str, run_dir: Path) -> None:
+def _preempt_after_first_checkpoint(job: str, run_dir: Path, signal: list[str] = ("--signal=TERM",)) -> None:
     end = time.time() + 300
     while not (run_dir / "checkpoints" / "latest").exists():
         assert time.time() < end, f"job {job} wrote no checkpoint: {_job_state(job).get('JobState')}"
         time.sleep(1)
-    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    subprocess.run(["scancel", *signal, job], check=True)
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -102,10 +102,12 @@ def test_sbatch_template_trains_and_requeues_itself_after_a_signal(fm_test_shard
     r = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), "slurm/train.sbatch"],
                        env={**env, "CONFIG": str(cfg)}, cwd=REPO, capture_output=True, text=True, check=True)
     job = r.stdout.strip().split(";")[0]
-    _preempt_after_first_checkpoint(job, tmp_path / "run")
+    # What SLURM does before the time limit (--signal=B:USR1@120): USR1 to the batch script only.
+    _preempt_after_first_checkpoint(job, tmp_path / "run", ["--batch", "--signal=USR1"])
     st = _wait(job)
     log = (tmp_path / f"job-{job}.out").read_text()
     assert st["JobState"] == "COMPLETED", log[-3000:]
+    assert "time-limit signal: checkpointing" in log
     assert int(st["Restarts"]) >= 1 and "requeueing job" in log and "resumed from" in log
     assert _steps(tmp_path / "run")[-1] == 50
     final = tmp_path / "run" / "checkpoints" / "step-00000050"
