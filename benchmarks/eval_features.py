@@ -52,15 +52,9 @@ if dist.is_main():
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def distgen_rate(nproc: int, manifest: Path, weights: Path, threads: int, tmp: Path) -> float:
+    from distgen.dist import free_port
+
     script = tmp / "worker.py"
     script.write_text(WORKER)
     cache = tmp / f"cache-{nproc}-{time.time_ns()}"  # a fresh cache: every run extracts
@@ -71,7 +65,7 @@ def distgen_rate(nproc: int, manifest: Path, weights: Path, threads: int, tmp: P
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs/accelerate/ddp.yaml"), "--num_processes", str(nproc),
-               "--main_process_port", str(_free_port()), str(script)]
+               "--main_process_port", str(free_port()), str(script)]
     out = subprocess.run(cmd + [str(manifest), str(weights), str(cache)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"benchmark worker failed:\n{out.stderr[-3000:]}")

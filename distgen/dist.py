@@ -61,6 +61,15 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a local rendezvous (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def barrier() -> None:
     if initialized():
         td.barrier()

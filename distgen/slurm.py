@@ -91,15 +91,14 @@ def rendezvous(env: Optional[dict] = None) -> Rendezvous:
                       main_host=hosts[0], port=20000 + job % 20000)
 
 
-def train_command(config: str, overrides: list[str], procs_per_machine: int, rdv: Rendezvous,
-                  command: str = "train") -> list[str]:
+def train_command(config: str, overrides: list[str], procs_per_machine: int, rdv: Rendezvous) -> list[str]:
     """One machine's ``accelerate launch ... -m distgen train CONFIG`` of a multi-machine job."""
     return [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(REPO / "configs/accelerate/multinode.yaml"),
             "--num_machines", str(rdv.num_machines), "--machine_rank", str(rdv.machine_rank),
             "--main_process_ip", rdv.main_host, "--main_process_port", str(rdv.port),
             "--num_processes", str(rdv.num_machines * procs_per_machine),
-            "-m", "distgen", command, config, *overrides]
+            "-m", "distgen", "train", config, *overrides]
 
 
 def was_preempted(config: str, overrides: list[str]) -> bool:

@@ -7,14 +7,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distgen.dist import free_port
 
 
 def test_two_ranks_see_each_key_once_in_eval_and_differ_in_training(fm_test_shards, tmp_path, env_with_repo):

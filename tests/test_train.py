@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from distgen import checkpoint as ckpt
+from distgen.dist import free_port
 
 ACCEL = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -50,15 +51,7 @@ def launch(nproc: int, config_file: str = "configs/accelerate/ddp.yaml"):
     if nproc == 1:
         return [sys.executable, "-m", "distgen"]
     return ACCEL + ["--config_file", config_file, "--num_processes", str(nproc), "--main_process_port",
-                    str(_free_port()), "-m", "distgen"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                    str(free_port()), "-m", "distgen"]
 
 
 def losses(run_dir: Path) -> list[float]:

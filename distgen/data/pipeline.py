@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import gc
 import io
-import os
 import json
 import logging
+import os
 import random
 from array import array
 from dataclasses import dataclass, field
@@ -206,7 +206,7 @@ def _sample_key(fname: str) -> str:
 
 # Byte positions of samples in local shards, learnt while reading them, so a
 # training stream can start a shard at a random sample with one seek. Keyed by
-# (path, size, mtime) so a rewritten shard is never read through stale positions.
+# (device, inode, size, mtime) so a rewritten shard is never read through stale positions.
 _SAMPLE_POS: dict[tuple, "array[int]"] = {}
 
 
@@ -260,7 +260,7 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
                 if positions is not None and index == len(positions):
                     positions.append(pos)
                 if index < sl.start:  # skipping in a stream that cannot seek (a pipe): build nothing
-                    current = {"__key__": key} if current is None or key != current["__key__"] else current
+                    current = {"__key__": key}  # a new key: members of the same key were handled above
                     continue
                 current = {"__key__": key, "__url__": url, "__index__": (sl.shard << 32) | index, ext: data}
             if not done and current is not None:
@@ -347,7 +347,6 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
     expect_c = spec.expect_channels or spec.channels
     want_mode = "L" if spec.channels == 1 else "RGB"
     expect_wh = (spec.expect_size[1], spec.expect_size[0]) if spec.expect_size is not None else None
-    target = (spec.resolution, spec.resolution)
     for s in samples:
         key, url = s["__key__"], s["__url__"]
         try:
@@ -369,9 +368,7 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
                 )
             if mode != want_mode:
                 im = im.convert(want_mode)
-            if size != target:
-                im = _to_resolution(im, spec.resolution, spec.resize)
-            out = {"key": key, "index": s["__index__"], "image": _to_chw(im)}
+            out = {"key": key, "index": s["__index__"], "image": _to_chw(_to_resolution(im, spec.resolution, spec.resize))}
             if spec.labels != "none":
                 if "cls" in s:
                     try:
@@ -532,7 +529,6 @@ def _worker_init(_worker_id: int) -> None:
     terminate() at shutdown is also a SIGTERM, so a thread reads each signal
     with its sender and exits only when the sender is the parent.
     """
-    import os
     import signal
     import threading
 

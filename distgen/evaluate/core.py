@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -119,10 +119,14 @@ class Evaluator:
         if "isc" in spec.metrics and self.extractor is not None and self.extractor.name != "inception-v3-compat":
             # The domain classifier's logits would give a number, but not the Inception Score.
             self.skipped["isc"] = "the Inception Score needs the InceptionV3 extractor, not a domain one"
-        needs_ref = [m for m in REFERENCE_METRICS if m in spec.metrics and m not in self.skipped]
+        needs_ref = self._active(REFERENCE_METRICS)
         if needs_ref and not spec.ref:
             raise EvalError(f"metrics {', '.join(needs_ref)} need a reference (--ref SHARDS|MANIFEST|STATS_FILE "
                             "or eval.ref)")
+
+    def _active(self, metrics: Iterable[str]) -> list[str]:
+        """Those of ``metrics`` that were asked for and are not skipped."""
+        return [m for m in metrics if m in self.spec.metrics and m not in self.skipped]
 
     # ---- features of batches
     def _extract(self, batches: Iterable[tuple[np.ndarray, torch.Tensor]]):
@@ -144,8 +148,8 @@ class Evaluator:
         if len(ref) == 1 and ref[0].endswith(".npz"):
             self._reference = self._reference_from_file(Path(ref[0]))
             return self._reference
-        layers = {self.extractor.layers[m] for m in REFERENCE_METRICS if m in self.spec.metrics and m not in self.skipped}
-        need_feats = any(m in self.spec.metrics and m not in self.skipped for m in ("kid", "prc"))
+        layers = {self.extractor.layers[m] for m in self._active(REFERENCE_METRICS)}
+        need_feats = bool(self._active(("kid", "prc")))
         key, desc = self._cache_key(ref, data_cfg, sorted(layers))
         cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir()
         path = cache_dir / f"ref-{key[:24]}.safetensors"
@@ -157,7 +161,7 @@ class Evaluator:
             self._reference.cache = "hit"
             self._reference.source = str(path)
             return self._reference
-        self._reference = self._compute_reference(ref, data_cfg, need_feats)
+        self._reference = self._compute_reference(ref, data_cfg)
         self._reference.cache, self._reference.source = "miss", str(path)
         if dist.is_main():
             self._write_cache(path, self._reference, desc)
@@ -236,19 +240,19 @@ class Evaluator:
         feats = {}
         if "features" in arrays:
             feats[fid_layer] = torch.from_numpy(arrays["features"].astype(np.float32))
-        for m in ("kid", "prc"):
-            if m in self.spec.metrics and m not in self.skipped and not feats:
+        if not feats:
+            for m in self._active(("kid", "prc")):
                 self.skipped[m] = f"the statistics file {path} holds no 'features' array"
         num = int(arrays["num"]) if "num" in arrays else (len(feats[fid_layer]) if feats else 0)
         return Reference(num=num, stats=stats, features=feats, source=str(path))
 
-    def _compute_reference(self, ref: list[str], data_cfg, need_feats: bool) -> Reference:
+    def _compute_reference(self, ref: list[str], data_cfg) -> Reference:
         from distgen.data import make_loader
 
         loader = make_loader(ref, data_cfg, batch_size=self.spec.batch_size, mode="eval", rank=dist.rank(),
                              world=dist.world_size(), as_float=False)
         fid_layer = self.extractor.layers.get("fid")
-        feat_layers = {self.extractor.layers[m] for m in ("kid", "prc") if m in self.spec.metrics and m not in self.skipped}
+        feat_layers = {self.extractor.layers[m] for m in self._active(("kid", "prc"))}
         s1 = s2 = None
         n = 0
         idx, kept = [], {k: [] for k in feat_layers}
@@ -310,10 +314,10 @@ class Evaluator:
         spec = self.spec
         res: dict = {}
         t0 = time.time()
-        todo = [m for m in spec.metrics if m in FEATURE_METRICS and m not in self.skipped]
+        todo = self._active(FEATURE_METRICS)
         ref = self.reference(data_cfg) if any(m in REFERENCE_METRICS for m in todo) else None
         if ref is not None:
-            todo = [m for m in todo if m not in self.skipped]  # a stats file can rule out KID / PR
+            todo = self._active(todo)  # a stats file can rule out KID / PR
         if todo:
             gen = features if features is not None else self.generated_features(family, nets)
             if dist.is_main():
