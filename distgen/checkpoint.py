@@ -5,11 +5,11 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/``:
 - ``meta.json``: step, samples seen, data-stream position, counters, EMA
   steps, world size and the resolved config;
 - ``<net>.safetensors`` and ``ema<i>-<net>.safetensors``: weights;
-- ``optim-<phase>.pt``, ``sched-<phase>.pt``, ``scaler.pt``: optimizer,
-  LR-scheduler and loss-scaler states (tensors and numbers only, read back
-  with ``torch.load(weights_only=True)``);
+- ``optim-<net>.pt``, ``scaler.pt``: each trained network's optimizer and
+  the loss-scaler state (tensors and numbers only, read back with
+  ``torch.load(weights_only=True)``);
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: every rank's RNG states;
-- ``deepspeed/``: DeepSpeed's partitioned model and optimizer states, when
+- ``deepspeed/<net>/``: DeepSpeed's partitioned model and optimizer states, when
   DeepSpeed runs.
 
 Everything is written into ``.tmp-step-NNNNNNNN`` and renamed when complete;

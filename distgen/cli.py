@@ -1,7 +1,8 @@
 """Command line: turns arguments into a typed config and hands it on. Nothing else.
 
     distgen train CONFIG [key=value ...] [--dry-run]
-    distgen sample RUN_DIR|EXPORT_DIR --num N [--steps S] [--sampler ddpm|ddim|dpmsolver] [--seed K] --out OUT
+    distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
+                   [--guidance G] [--truncation PSI] --out OUT
     distgen export RUN_DIR OUT_DIR
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
     sm.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
+    sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")
     sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--truncation", type=float, default=None)
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
@@ -118,8 +121,12 @@ def cmd_sample(args) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num: must be >= 1, got {args.num}")
-    return sample_command(args.path, args.num, args.out, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                          guidance=args.guidance)
+    return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args))
+
+
+def _sampling(args) -> dict:
+    """Sampling options as given on the command line (the family checks which it takes)."""
+    return dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, truncation=args.truncation)
 
 
 def _fit_parser() -> argparse.ArgumentParser:
@@ -149,8 +156,8 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--num-samples: must be >= 2, got {args.num_samples}")
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
-                        inception_weights=args.inception_weights, cache_dir=args.cache_dir, steps=args.steps,
-                        sampler=args.sampler, guidance=args.guidance, out=args.out)
+                        inception_weights=args.inception_weights, cache_dir=args.cache_dir,
+                        options=_sampling(args), out=args.out)
 
 
 def cmd_export(args) -> int:

@@ -86,6 +86,17 @@ def all_reduce_sum(value: int | float) -> int | float:
     return t.item()
 
 
+def all_reduce_floats(values: list[float]) -> list[float]:
+    """Sum each of a few numbers over all ranks, in one collective."""
+    if not initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if td.get_backend() == "nccl":
+        t = t.cuda()
+    td.all_reduce(t)
+    return t.tolist()
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order."""
     if not initialized():

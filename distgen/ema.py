@@ -59,31 +59,52 @@ class EMASet:
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
 
     @torch.no_grad()
-    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int) -> None:
-        """Move every EMA towards ``params`` (EMAModel gathers ZeRO-3-sharded ones itself)."""
+    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None
+               ) -> None:
+        """Move every EMA towards ``params`` (EMAModel gathers ZeRO-3-sharded ones itself).
+
+        Buffers (batch-norm statistics, spectral-norm vectors, StyleGAN's average w)
+        are not averaged: they are copied from ``network``, as StyleGAN2-ADA does.
+        """
         for e in self.emas:
             e.cur_nimg, e.batch = cur_nimg, batch
             e.step(params)
+        if network is not None:
+            live = dict(network.named_buffers())
+            for name, b in self.module.named_buffers():
+                b.copy_(live[name])
 
     def materialize(self, index: int = 0) -> nn.Module:
         """The module holding EMA number ``index`` (0: the primary one)."""
         self.emas[index].copy_to(self.module.parameters())
         return self.module
 
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The module's persistent buffers, by state-dict name."""
+        params = {n for n, _ in self.module.named_parameters()}
+        return {n: t for n, t in self.module.state_dict().items() if n not in params}
+
     def state(self) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-        """Tensors (by parameter name) and step counters of each EMA, for checkpoints."""
+        """Each EMA as a full state dict (EMA parameters plus the buffers) and its step counter, for checkpoints;
+        ``module.load_state_dict`` takes each dict as it is."""
         names = [n for n, _ in self.module.named_parameters()]
-        tensors = [{n: t.detach().contiguous() for n, t in zip(names, e.shadow_params)} for e in self.emas]
+        buffers = {n: t.detach().clone().contiguous() for n, t in self._buffers().items()}
+        tensors = [{**{n: t.detach().contiguous() for n, t in zip(names, e.shadow_params)}, **buffers}
+                   for e in self.emas]
         return tensors, [e.optimization_step for e in self.emas]
 
     def load(self, tensors: list[dict[str, torch.Tensor]], steps: list[int]) -> None:
         names = [n for n, _ in self.module.named_parameters()]
         if len(tensors) != len(self.emas):
             raise ValueError(f"checkpoint holds {len(tensors)} EMA(s), config asks for {len(self.emas)}")
+        buffers = self._buffers()
         for e, t, s in zip(self.emas, tensors, steps):
-            missing = set(names) - set(t)
+            missing = (set(names) | set(buffers)) - set(t)
             if missing:
                 raise ValueError(f"EMA tensors lack {sorted(missing)[:3]}")
             for sp, n in zip(e.shadow_params, names):
                 sp.copy_(t[n])
             e.optimization_step = s
+        with torch.no_grad():
+            for n, b in buffers.items():
+                b.copy_(tensors[0][n])

@@ -112,7 +112,15 @@ def image_seed(seed: int, index: int) -> int:
     return dist.derive_seed(seed, index)
 
 
-def iter_blocks(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,
+def sampling_options(family, options: dict) -> dict:
+    """The set sampling options, checked against those ``family`` takes (a SampleError names the others)."""
+    try:
+        return family.check_sample_options(options)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+
+
+def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict] = None,
                 device="cpu", rank: int = 0, world: int = 1):
     """This rank's images, a block at a time: (indices, uint8 NHWC, labels or None).
 
@@ -125,30 +133,30 @@ def iter_blocks(family, nets, num: int, *, seed: int = 0, steps=None, sampler=No
         gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
         labels = torch.tensor([i % ncls for i in idx]) if ncls else None
         with torch.no_grad():
-            x = to_uint8(family.sample(nets, gens, labels=labels, steps=steps, sampler=sampler, guidance=guidance))
+            x = to_uint8(family.sample(nets, gens, labels=labels, **(options or {})))
         yield idx, x, (labels.numpy() if labels is not None else None)
 
 
-def generate(family, nets, num: int, *, seed: int = 0, steps=None, sampler=None, guidance=None,
+def generate(family, nets, num: int, *, seed: int = 0, options: Optional[dict] = None,
              device="cpu", rank: int = 0, world: int = 1) -> dict[int, tuple[np.ndarray, int]]:
     """This rank's images: {index: (uint8 HWC, label)} for its blocks of indices."""
     out = {}
-    for idx, x, labels in iter_blocks(family, nets, num, seed=seed, steps=steps, sampler=sampler,
-                                      guidance=guidance, device=device, rank=rank, world=world):
+    for idx, x, labels in iter_blocks(family, nets, num, seed=seed, options=options, device=device, rank=rank,
+                                      world=world):
         for j, i in enumerate(idx):
             out[i] = (x[j], int(labels[j]) if labels is not None else -1)
     return out
 
 
-def sample_command(path: str, num: int, out: str, *, steps=None, sampler=None, seed: int = 0,
-                   guidance=None) -> int:
+def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None) -> int:
     from accelerate import PartialState
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
     family, nets, cfg = load_ema(path, device)
-    mine = generate(family, nets, num, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
-                    device=device, rank=dist.rank(), world=dist.world_size())
+    options = sampling_options(family, options or {})
+    mine = generate(family, nets, num, seed=seed, options=options, device=device, rank=dist.rank(),
+                    world=dist.world_size())
     parts = dist.all_gather_object(mine)
     if dist.is_main():
         allimgs = {}
@@ -170,7 +178,7 @@ def sample_command(path: str, num: int, out: str, *, steps=None, sampler=None, s
             for i in range(num):
                 img = x[i, :, :, 0] if x.shape[3] == 1 else x[i]
                 Image.fromarray(img).save(outp / f"{i:06d}.png")
-        print(f"distgen: {num} samples ({sampler or cfg.model.sampler}, "
-              f"{steps or cfg.model.sample_steps} steps, seed {seed}) from {path} -> {outp}")
+        shown = ", ".join(f"{k} {v}" for k, v in options.items())
+        print(f"distgen: {num} samples (seed {seed}{', ' + shown if shown else ''}) from {path} -> {outp}")
     dist.barrier()
     return 0

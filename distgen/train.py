@@ -25,7 +25,7 @@ from distgen import dist
 from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, resolve_shards
 from distgen.ema import EMASet
-from distgen.families import DataInfo, build_family
+from distgen.families import DataInfo, PhaseNets, build_family
 
 # Exit status after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "try again later".
 # The sbatch templates requeue the job on it.
@@ -145,6 +145,33 @@ def _safe_deepspeed_checkpoints(engine) -> None:
         engine.checkpoint_engine = SafeTorchCheckpointEngine(engine.checkpoint_engine)
 
 
+def _accumulate(interval: dict, phase: str, loss: float, extras: dict) -> None:
+    """Add one micro-step's loss and extra scalars to the interval sums."""
+    for k, v in {"loss": loss, **extras}.items():
+        acc = interval.setdefault(f"{phase}/{k}", [0.0, 0])
+        acc[0] += float(v)
+        acc[1] += 1
+
+
+def _interval_means(interval: dict, phases: list[str]) -> dict:
+    """Means over the interval and all ranks. ``loss`` is the first phase's (the only one for most
+    families); with several phases each also appears as ``loss/<phase>``. None where nothing was finite."""
+    total: dict[str, list] = {}
+    for part in dist.all_gather_object(interval):
+        for k, (sm, n) in part.items():
+            t = total.setdefault(k, [0.0, 0])
+            t[0] += sm
+            t[1] += n
+    out = {k: t[0] / t[1] for k, t in sorted(total.items()) if t[1]}
+    res = {"loss": out.pop(f"{phases[0]}/loss", None)}
+    if len(phases) > 1:
+        res[f"loss/{phases[0]}"] = res["loss"]
+        for ph in phases[1:]:
+            res[f"loss/{ph}"] = out.pop(f"{ph}/loss", None)
+    res.update(out)
+    return res
+
+
 def _write_best(folder: Path, emas: dict, best: dict, nimg: int, family, info, cfg: Config) -> None:
     """The primary EMA weights that scored best, as a self-describing folder (`distgen sample/eval/export` read it).
 
@@ -166,6 +193,27 @@ def _write_best(folder: Path, emas: dict, best: dict, nimg: int, family, info, c
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _Trained:
+    """One trained network: its Accelerator (one per network under DeepSpeed), engine-wrapped model,
+    plain module and optimizer, and which of its parameters are meant to train."""
+
+    def __init__(self, name: str, acc, model, opt):
+        self.name, self.acc, self.model, self.opt = name, acc, model, opt
+        self.raw = acc.unwrap_model(model)
+        self.trainable = [p.requires_grad for p in self.raw.parameters()]
+
+    def train_only_this(self, others: list["_Trained"]) -> None:
+        """Gradients on for this network, off for the others: a GAN's generator step runs a frozen
+        discriminator, its discriminator step a generator whose fakes then need no graph."""
+        for t in others:
+            for p, keep in zip(t.raw.parameters(), t.trainable):
+                p.requires_grad_(keep if t is self else False)
+
+
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def train(cfg: Config) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -176,8 +224,20 @@ def train(cfg: Config) -> int:
     os.environ["ACCELERATE_MIXED_PRECISION"] = tc.mixed_precision
     os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(tc.grad_accum)
     os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.grad_clip)
-    acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                      cpu=dist.cpu_only(), kwargs_handlers=dist.accelerate_handlers())
+    info = data_info(cfg)
+    family = build_family(cfg.model, info)
+    phases = family.phases()
+    trained_names = list(dict.fromkeys(p.network for p in phases))
+    acc_kw = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                  cpu=dist.cpu_only(), kwargs_handlers=dist.accelerate_handlers())
+    plugins = None
+    if _deepspeed_requested() and len(trained_names) > 1:
+        # Accelerate's route for several trained models under DeepSpeed: one named plugin
+        # (all from the launcher's DeepSpeed config) and one Accelerator, hence one engine, per network.
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugins = {n: DeepSpeedPlugin() for n in trained_names}
+    acc = Accelerator(**acc_kw, deepspeed_plugins=plugins)
     rank, world = acc.process_index, acc.num_processes
     main = acc.is_main_process
     use_ds = acc.distributed_type == DistributedType.DEEPSPEED
@@ -187,20 +247,18 @@ def train(cfg: Config) -> int:
     # ---- what cannot work fails here, before any compute
     if tc.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    info = data_info(cfg)
-    family = build_family(cfg.model, info)
-    phases = family.phases()
+    zero_stage = None
     if use_ds:
-        if len({p.network for p in phases}) > 1:
-            raise TrainingError(f"DeepSpeed through Accelerate drives one network per run; the {family.name} "
-                                f"family trains {len(phases)} ({', '.join(p.network for p in phases)})")
-        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
-        # DeepSpeed clips inside its step and needs the per-device batch (no DataLoader is prepared).
-        ds_cfg["gradient_clipping"] = tc.grad_clip
-        ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
-        zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
-    else:
-        zero_stage = 0
+        ds_plugins = plugins or {trained_names[0]: acc.state.deepspeed_plugin}
+        for plugin in ds_plugins.values():
+            ds_cfg = plugin.deepspeed_config
+            # DeepSpeed clips inside its step and needs the per-device batch (no DataLoader is prepared).
+            ds_cfg["gradient_clipping"] = tc.grad_clip
+            ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
+            zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        problem = family.engine_problem(zero_stage)
+        if problem:
+            raise TrainingError(f"DeepSpeed ZeRO-{zero_stage}: {problem}")
 
     global_batch = tc.batch_size * world * tc.grad_accum
     total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
@@ -209,8 +267,11 @@ def train(cfg: Config) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         print(to_yaml(cfg), end="")
-        print(f"distgen: {world} process(es) on {acc.device} ({acc.distributed_type.value}"
-              f"{f', ZeRO-{zero_stage}' if use_ds else ''}), mixed precision {tc.mixed_precision}")
+        engine = f", ZeRO-{zero_stage}" if use_ds else ""
+        if use_ds and len(trained_names) > 1:
+            engine += f", one engine per network ({', '.join(trained_names)})"
+        print(f"distgen: {world} process(es) on {acc.device} ({acc.distributed_type.value}{engine}), "
+              f"mixed precision {tc.mixed_precision}")
         print(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {world} process(es) x "
               f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
         sys.stdout.flush()
@@ -222,14 +283,20 @@ def train(cfg: Config) -> int:
         n.to(acc.device)
     emas = {name: EMASet(nets[name], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
             for name in family.ema_networks()}
-    opts = {p.name: torch.optim.AdamW(nets[p.network].parameters(), lr=tc.lr * p.lr_scale,
-                                      betas=tuple(tc.betas), weight_decay=tc.weight_decay) for p in phases}
-    names = list(nets)
-    prepared = acc.prepare(*[nets[n] for n in names], *[opts[p.name] for p in phases])
-    models = dict(zip(names, prepared[:len(names)]))
-    opts = dict(zip([p.name for p in phases], prepared[len(names):]))
-    if use_ds:
-        _safe_deepspeed_checkpoints(models[phases[0].network])
+    trained: dict[str, _Trained] = {}
+    for i, name in enumerate(trained_names):
+        o = family.optim_settings(name)
+        opt = torch.optim.AdamW(nets[name].parameters(), lr=tc.lr * o.lr_scale,
+                                betas=tuple(b ** o.beta_power for b in tc.betas), weight_decay=tc.weight_decay)
+        net_acc = acc
+        if plugins is not None:
+            acc.state.select_deepspeed_plugin(name)
+            net_acc = acc if i == 0 else Accelerator(**acc_kw)
+        model, opt = net_acc.prepare(nets[name], opt)
+        trained[name] = _Trained(name, net_acc, model, opt)
+        if use_ds:
+            _safe_deepspeed_checkpoints(model)
+    raw = {n: trained[n].raw if n in trained else m for n, m in nets.items()}
     if zero_stage == 3:
         # ZeRO-3 shards parameters; diffusers' EMAModel gathers them itself when
         # transformers knows ZeRO-3 is on (Accelerate's DeepSpeed plugin tells it).
@@ -242,22 +309,23 @@ def train(cfg: Config) -> int:
     # ---- resume from the newest complete checkpoint
     step, nimg, data_start, data_skip = 0, 0, 0, 0
     counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0}
-    interval = {"loss_sum": 0.0, "loss_n": 0}
+    interval: dict[str, list] = {}  # "<phase>/<name>" -> [sum, count] since the last record
     latest = ckpt.newest_checkpoint(root)
     if latest is not None:
         meta = ckpt.read_meta(latest)
         if meta["world_size"] != world and main:
             print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {world}")
-        if use_ds:
-            models[phases[0].network].load_checkpoint(str(latest / "deepspeed"), tag="state",
-                                                      load_lr_scheduler_states=False)
-        else:
-            for n in names:
-                acc.unwrap_model(models[n]).load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
-            for p in phases:
-                opts[p.name].load_state_dict(ckpt.load_state(latest / f"optim-{p.name}.pt"))
+        for n, t in trained.items():
+            if use_ds:
+                t.model.load_checkpoint(str(latest / "deepspeed" / n), tag="state", load_lr_scheduler_states=False)
+            else:
+                t.raw.load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
+                t.opt.load_state_dict(ckpt.load_state(latest / f"optim-{n}.pt"))
+        for n in set(nets) - set(trained):
+            nets[n].load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
         if acc.scaler is not None and (latest / "scaler.pt").is_file():
             acc.scaler.load_state_dict(ckpt.load_state(latest / "scaler.pt"))
+        family.load_state_dict(meta.get("family_state", {}))
         for n, e in emas.items():
             e.load([ckpt.load_tensors(latest / f"ema{i}-{n}.safetensors") for i in range(len(e.emas))],
                    meta["ema_steps"][n])
@@ -309,12 +377,15 @@ def train(cfg: Config) -> int:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if use_ds:
-            models[phases[0].network].save_checkpoint(str(tmp / "deepspeed"), tag="state")
-        elif main:
-            for n in names:
-                ckpt.save_tensors(tmp / f"{n}.safetensors", acc.unwrap_model(models[n]).state_dict())
-            for p in phases:
-                ckpt.save_state(tmp / f"optim-{p.name}.pt", opts[p.name].state_dict())
+            for n, t in trained.items():
+                t.model.save_checkpoint(str(tmp / "deepspeed" / n), tag="state")
+        if main:
+            for n in nets:
+                if n not in trained or not use_ds:
+                    ckpt.save_tensors(tmp / f"{n}.safetensors", raw[n].state_dict())
+            if not use_ds:
+                for n, t in trained.items():
+                    ckpt.save_state(tmp / f"optim-{n}.pt", t.opt.state_dict())
         if main:
             if acc.scaler is not None:
                 ckpt.save_state(tmp / "scaler.pt", acc.scaler.state_dict())
@@ -329,6 +400,7 @@ def train(cfg: Config) -> int:
                 # between those (a signal, the end) notes where the current stream stands.
                 "data_start_step": step if boundary else data_start, "data_skip": 0 if boundary else consumed,
                 "counters": counters, "interval": interval, "ema_steps": ema_steps, "best": best,
+                "family_state": family.state_dict(),
                 "family": family.name, "data_info": to_dict(info), "config": to_dict(cfg),
             })
         ckpt.save_rng(tmp, rank)
@@ -375,6 +447,9 @@ def train(cfg: Config) -> int:
         acc.wait_for_everyone()
         t_last += time.time() - t0  # evaluation time does not count against training speed
 
+    for n in set(nets) - set(trained):
+        nets[n].requires_grad_(False)  # networks no phase trains (e.g. a frozen autoencoder)
+    lr_scale = {n: family.optim_settings(n).lr_scale for n in trained}
     t_last, n_last = time.time(), nimg
     t_start, n_start = t_last, nimg
     last_good = latest
@@ -385,9 +460,11 @@ def train(cfg: Config) -> int:
             for pi, p in enumerate(phases):
                 if step % p.every:
                     continue
-                model, opt = models[p.network], opts[p.name]
-                for g in opt.param_groups:
-                    g["lr"] = tc.lr * p.lr_scale * lr_mult
+                t = trained[p.network]
+                t.train_only_this(list(trained.values()))
+                view = PhaseNets({n: t.model if n == p.network else raw[n] for n in nets}, raw)
+                for g in t.opt.param_groups:
+                    g["lr"] = tc.lr * lr_scale[p.network] * lr_mult
                 for micro in range(tc.grad_accum):
                     batch = next(batches)
                     consumed += 1
@@ -395,36 +472,37 @@ def train(cfg: Config) -> int:
                              for k, v in batch.items()}
                     # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
                     noise.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro))
-                    with acc.accumulate(model):
-                        with acc.autocast():
-                            per_sample, _ = family.loss(p.name, models, batch, noise)
+                    with t.acc.accumulate(t.model):
+                        with t.acc.autocast():
+                            per_sample, extras = family.loss(p.name, view, batch, noise)
                         loss = per_sample.mean()
                         finite = bool(torch.isfinite(loss.detach()))
                         if use_ds:  # DeepSpeed steps inside backward: agree on skipping before it
                             finite = dist.all_reduce_sum(int(not finite)) == 0
                         if finite:
-                            interval["loss_sum"] += float(loss.detach())
-                            interval["loss_n"] += 1
-                            acc.backward(loss)
+                            _accumulate(interval, p.name, float(loss.detach()), extras)
+                            t.acc.backward(loss)
                         else:
                             step_ok = False
-                        if acc.sync_gradients and not use_ds:
+                        if t.acc.sync_gradients and not use_ds:
                             if step_ok:
-                                norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
-                                                           else float("inf"))
+                                norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0
+                                                             else float("inf"))
                                 if acc.scaler is None and norm is not None and not torch.isfinite(norm):
                                     step_ok = False
                             if step_ok:
-                                opt.step()
-                                if acc.optimizer_step_was_skipped:
+                                t.opt.step()
+                                if t.acc.optimizer_step_was_skipped:
                                     counters["overflow_total"] += 1  # fp16 loss scaling found inf, lowered scale
-                            opt.zero_grad(set_to_none=True)
+                            t.opt.zero_grad(set_to_none=True)
+                        if t.acc.sync_gradients and step_ok:
+                            family.after_step(p.name, raw)
             step += 1
             if step_ok:
                 counters["nonfinite_run"] = 0
                 nimg += global_batch
                 for n, e in emas.items():
-                    e.update(list(models[n].parameters()), nimg, global_batch)
+                    e.update(list(trained[n].model.parameters()), nimg, global_batch, network=raw[n])
             else:
                 counters["nonfinite_total"] += 1
                 counters["nonfinite_run"] += 1
@@ -432,18 +510,18 @@ def train(cfg: Config) -> int:
             diverged = counters["nonfinite_run"] >= tc.max_nonfinite
 
             if step % tc.log_every == 0 or step == stop_at or diverged:
-                loss_sum = dist.all_reduce_sum(float(interval["loss_sum"]))
-                loss_n = dist.all_reduce_sum(int(interval["loss_n"]))
+                means = _interval_means(interval, [p.name for p in phases])
                 now = time.time()
                 sps = (nimg - n_last) / max(now - t_last, 1e-9)
                 avg = (nimg - n_start) / max(now - t_start, 1e-9)  # the ETA uses the whole run's pace
                 # null when every step of the interval was non-finite
-                rec = {"step": step, "kimg": nimg / 1000, "loss": loss_sum / loss_n if loss_n else None,
+                rec = {"step": step, "kimg": nimg / 1000, "loss": means.pop("loss"),
                        "lr": tc.lr * lr_mult, "samples_per_s": sps,
                        "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None,
-                       "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"]}
+                       "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
+                       **means}
                 log.record(rec)
-                interval.update(loss_sum=0.0, loss_n=0)
+                interval.clear()
                 t_last, n_last = now, nimg
             if diverged:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"

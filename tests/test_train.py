@@ -80,7 +80,7 @@ def test_one_process_run_folder_export_and_sampling(tmp_path, fm_test_shards, en
     meta = ckpt.read_meta(cps[-1])
     assert meta["step"] == 40 and meta["nimg"] == 320 and meta["world_size"] == 1
     assert sorted(p.name for p in cps[-1].iterdir()) == [
-        "ema0-unet.safetensors", "ema1-unet.safetensors", "meta.json", "optim-denoise.pt",
+        "ema0-unet.safetensors", "ema1-unet.safetensors", "meta.json", "optim-unet.pt",
         "rng-0.json", "rng-0.safetensors", "unet.safetensors"]
     # two EMA lengths differ from each other and from the raw weights
     raw, e0, e1 = weights(cps[-1]), weights(cps[-1], "ema0-unet.safetensors"), weights(cps[-1], "ema1-unet.safetensors")
@@ -159,14 +159,14 @@ def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env
     first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
     assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout
     root = tmp_path / "run" / "checkpoints"
-    assert (root / "step-00000005" / "deepspeed").is_dir()
+    assert (root / "step-00000005" / "deepspeed" / "unet").is_dir()
 
     # A tampered DeepSpeed file with pickled code is refused, not executed.
     import shutil
 
     evil_run = tmp_path / "evil"
     shutil.copytree(tmp_path / "run", evil_run)
-    model_file = next((evil_run / "checkpoints" / "step-00000005" / "deepspeed" / "state").glob("mp_rank_*_model_states.pt"))
+    model_file = next((evil_run / "checkpoints" / "step-00000005" / "deepspeed" / "unet" / "state").glob("mp_rank_*_model_states.pt"))
     marker = tmp_path / "pwned"
     torch.save({"module": _Evil(str(marker))}, model_file)
     bad = run(ds + ["train", str(cfg), f"run.dir={evil_run}"], env_with_repo, check=False)

@@ -28,11 +28,11 @@ def format_results(res: dict) -> str:
 def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[list[str]] = None,
                  test: Optional[list[str]] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
                  feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
-                 cache_dir: Optional[str] = None, steps=None, sampler=None, guidance=None,
+                 cache_dir: Optional[str] = None, options: Optional[dict] = None,
                  out: Optional[str] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import load_ema
+    from distgen.sample import load_ema, sampling_options
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     family, nets, cfg = load_ema(path, state.device)
@@ -40,7 +40,7 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                                       test=test, batch_size=batch_size, seed=seed,
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
                                       cache_dir=cache_dir)
-    spec.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler, guidance=guidance).items() if v is not None}
+    spec.sampling = sampling_options(family, options or {})
     res = Evaluator(spec, state.device).run(family, nets, cfg.data)
     if dist.is_main():
         print(f"distgen eval: {path}: {spec.num_samples} samples, seed {spec.seed}, {dist.world_size()} process(es), "

@@ -36,7 +36,7 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_featuresdict_to_metric)
 
 from distgen import dist
-from distgen.evaluate.extractors import EvalError, Extractor, WeightsUnavailable
+from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable
 
 METRICS = ("fid", "kid", "isc", "prc", "bpd")
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
@@ -69,7 +69,7 @@ class EvalSpec:
     inception_weights: Optional[str] = None
     cache_dir: Optional[str] = None
     kid_subset_size: int = 1000
-    sampling: dict = field(default_factory=dict)  # steps / sampler / guidance for family.sample
+    sampling: dict = field(default_factory=dict)  # family.sample options (steps, truncation, ...)
 
 
 @dataclass
@@ -98,6 +98,17 @@ def gather_in_order(index: list[np.ndarray], feats: dict[str, list[torch.Tensor]
     if len(np.unique(all_idx)) != len(all_idx):
         raise EvalError("evaluation pass saw a sample twice (internal error in the split)")
     return {k: torch.cat([p[1][k] for p in parts if len(p[1][k])])[order] for k in feats}
+
+
+def class_spread(logits: torch.Tensor) -> dict:
+    """How the domain classifier spreads generated images over the classes (mode collapse shows here):
+    the entropy of the predicted-class histogram over log(classes) (1: all equally often, 0: one class)
+    and the share of the most frequent class."""
+    k = logits.shape[1]
+    counts = torch.bincount(logits.argmax(1), minlength=k).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"class_entropy": float(-(nz * nz.log()).sum() / math.log(k)), "class_max_share": float(p.max())}
 
 
 class Evaluator:
@@ -296,7 +307,7 @@ class Evaluator:
             pending_i, pending_x = [], []
             for index, images, _labels in iter_blocks(family, nets, self.spec.num_samples, seed=self.spec.seed,
                                                       device=self.device, rank=dist.rank(),
-                                                      world=dist.world_size(), **self.spec.sampling):
+                                                      world=dist.world_size(), options=self.spec.sampling):
                 pending_i += index
                 pending_x.append(torch.from_numpy(images).permute(0, 3, 1, 2))
                 if len(pending_i) >= self.spec.batch_size:
@@ -354,6 +365,8 @@ class Evaluator:
         if "prc" in todo:
             r = prc_featuresdict_to_metric(gen, ref.features, lay["prc"], **kw)
             out.update(precision=r[KEY_METRIC_PRECISION], recall=r[KEY_METRIC_RECALL], f_score=r[KEY_METRIC_F_SCORE])
+        if self.extractor.name == DOMAIN and "logits" in gen:
+            out.update(class_spread(gen["logits"]))
         return out
 
     # ---- bits per dimension

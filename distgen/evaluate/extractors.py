@@ -195,6 +195,9 @@ class Extractor:
         self.identity = f"{self.name}:{file_sha256(weights)}"
         self.layers = {m: metric_layers.get(m) or cls.get_default_feature_layer_for_metric(m) for m in metric_layers}
         self.features = sorted(set(self.layers.values()))
+        if self.name == DOMAIN and "logits" not in self.features:
+            # the domain classifier's predictions give the class spread of samples (a mode-collapse signal)
+            self.features = sorted(self.features + ["logits"])
         for layer in self.features:
             if layer not in cls.get_provided_features_list():
                 raise EvalError(f"feature layer {layer!r} is not provided by {self.name} "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from distgen.families.base import DataInfo, Family, Phase
+from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
 from distgen.families.diffusion import Diffusion
+from distgen.families.gan import GAN
 
 # An explicit registry (no string reflection): config ``model.family`` -> class.
 FAMILIES: dict[str, type[Family]] = {
     Diffusion.name: Diffusion,
+    GAN.name: GAN,
 }
 
 
@@ -15,4 +17,4 @@ def build_family(cfg, data: DataInfo) -> Family:
     return FAMILIES[cfg.family](cfg, data)
 
 
-__all__ = ["FAMILIES", "DataInfo", "Family", "Phase", "build_family"]
+__all__ = ["FAMILIES", "DataInfo", "Family", "OptimSettings", "Phase", "PhaseNets", "build_family"]

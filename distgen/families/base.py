@@ -29,12 +29,40 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class Phase:
-    """One optimisation phase: ``network`` is trained on ``loss(phase.name, ...)`` every ``every`` steps."""
+    """One optimisation phase: ``network`` is trained on ``loss(phase.name, ...)`` every ``every`` steps.
+
+    Phases of one network share its optimizer (StyleGAN2's lazy regularisation
+    steps the main optimizer with the regulariser's loss), as DeepSpeed's one
+    engine per network requires.
+    """
 
     name: str
     network: str
     every: int = 1
-    lr_scale: float = 1.0  # relative to train.lr (e.g. a GAN's discriminator)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """A network's optimizer relative to the ``train`` section: lr x ``lr_scale``, betas ** ``beta_power``
+    (StyleGAN2's correction for lazy regularisation raises both to interval / (interval + 1))."""
+
+    lr_scale: float = 1.0
+    beta_power: float = 1.0
+
+
+class PhaseNets(dict):
+    """Networks by name as one phase sees them.
+
+    Calling ``nets[name](...)`` runs the network: the one this phase trains
+    goes through its engine (DDP / DeepSpeed, so gradients are synchronised),
+    the others are the plain modules with gradients off (a GAN's generator
+    step runs a frozen discriminator). ``nets.raw[name]`` is the plain module
+    of any network, for what is not a forward pass (a weight penalty, buffers).
+    """
+
+    def __init__(self, called: dict[str, nn.Module], raw: dict[str, nn.Module]):
+        super().__init__(called)
+        self.raw = raw
 
 
 class Family:
@@ -58,20 +86,51 @@ class Family:
 
     def ema_networks(self) -> list[str]:
         """Networks that get EMA copies (used for sampling, evaluation and export)."""
-        return [p.network for p in self.phases()]
+        return list(dict.fromkeys(p.network for p in self.phases()))
+
+    def optim_settings(self, network: str) -> OptimSettings:
+        """Learning-rate scale and betas of ``network``'s optimizer (a GAN's two time-scale rule)."""
+        return OptimSettings()
+
+    def engine_problem(self, zero_stage: Optional[int]) -> Optional[str]:
+        """Why this family's configuration cannot run under DeepSpeed ZeRO ``zero_stage`` (None: it can)."""
+        return None
+
+    def after_step(self, phase: str, raw: dict[str, nn.Module]) -> None:
+        """Called after ``phase``'s optimizer step with the plain modules (e.g. WGAN's weight clipping)."""
+
+    # -- state that is not weights (e.g. ADA's augmentation probability): plain numbers, stored in checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"the {self.name} family keeps no state, the checkpoint holds {sorted(state)}")
 
     # -- training
-    def loss(self, phase: str, nets: dict[str, nn.Module], batch: dict, generator: torch.Generator
+    def loss(self, phase: str, nets: PhaseNets, batch: dict, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-sample loss of ``phase`` (shape [B]) and extra scalars to log. The loop reduces it."""
+        """Per-sample loss of ``phase`` (shape [B]) and extra scalars to log (averaged over the
+        logging interval and the ranks, written as ``<phase>/<name>``). The loop reduces the loss."""
         raise NotImplementedError
 
     # -- sampling and export
+    # Keyword options of sample() this family takes (``distgen sample/eval`` flags); others are refused.
+    sample_options: ClassVar[tuple[str, ...]] = ()
+
     def sample(self, nets: dict[str, nn.Module], generators: list[torch.Generator], *,
-               labels: Optional[torch.Tensor] = None, steps: Optional[int] = None,
-               sampler: Optional[str] = None, guidance: Optional[float] = None) -> torch.Tensor:
+               labels: Optional[torch.Tensor] = None, **options) -> torch.Tensor:
         """One image per generator, float NCHW in [-1, 1]."""
         raise NotImplementedError
+
+    def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options that are set, or a ValueError naming any this family does not take."""
+        given = {k: v for k, v in options.items() if v is not None}
+        bad = sorted(set(given) - set(self.sample_options))
+        if bad:
+            raise ValueError(f"the {self.name} family takes no sampling option {', '.join('--' + b for b in bad)} "
+                             f"(it takes: {', '.join('--' + o for o in self.sample_options) or 'none'})")
+        return given
 
     def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
                        generators: list[torch.Generator]) -> torch.Tensor:

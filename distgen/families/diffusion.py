@@ -132,6 +132,8 @@ class Diffusion(Family):
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample, {}
 
+    sample_options = ("steps", "sampler", "guidance")
+
     @torch.no_grad()
     def sample(self, nets, generators, *, labels=None, steps=None, sampler=None, guidance=None):
         unet = nets["unet"]

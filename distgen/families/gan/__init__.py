@@ -1,0 +1,378 @@
+"""The GAN family: MLP, DCGAN, BigGAN- and StyleGAN2-style networks behind one set of phases.
+
+Phases (the trainer runs them; it knows nothing of GANs):
+
+- ``D`` every step: real vs fake (fakes from the frozen generator, no graph),
+  with WGAN-GP's penalty and InfoGAN's mutual-information term when enabled;
+- ``D_r1`` every ``r1_every`` steps: lazy R1 (Karras et al. 2020), scaled by the interval;
+- ``G`` every ``d_steps`` steps (k discriminator steps per generator step),
+  through the frozen discriminator;
+- ``G_pl`` every ``pl_every`` steps: StyleGAN2's path-length regulariser.
+
+Phases of a network share its optimizer; lazy intervals correct its lr and
+betas as StyleGAN2 does. The trainer keeps the generator's EMA, which is what
+samples, evaluates and exports. Augmentation (DiffAugment or ADA) is applied
+to real and fake alike; ADA's p and the path-length mean are family state,
+stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distgen import dist
+from distgen.config.core import ConfigError, check
+from distgen.config.schema import ModelConfig
+from distgen.families.base import DataInfo, Family, OptimSettings, Phase
+from distgen.families.gan import basic, biggan, stylegan2
+from distgen.families.gan.augment import ADA, OPS, augment
+from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
+
+# arch -> (generator class, discriminator class, size presets)
+ARCHS: dict[str, tuple[type[nn.Module], type[nn.Module], dict[str, dict]]] = {
+    "mlp": (basic.MLPGenerator, basic.MLPDiscriminator, basic.PRESETS["mlp"]),
+    "dcgan": (basic.DCGANGenerator, basic.DCGANDiscriminator, basic.PRESETS["dcgan"]),
+    "biggan": (biggan.Generator, biggan.Discriminator, biggan.PRESETS),
+    "stylegan2": (stylegan2.Generator, stylegan2.Discriminator, stylegan2.PRESETS),
+}
+GENERATOR_CONFIG = "generator_config.json"
+
+
+@dataclass(frozen=True)
+class GANConfig(ModelConfig):
+    family: str = "gan"
+    arch: Literal["mlp", "dcgan", "biggan", "stylegan2"] = "dcgan"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp"] = "nonsaturating"
+    d_steps: int = 1  # discriminator steps per generator step
+    d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
+    g_lr_scale: float = 1.0
+    gp_weight: float = 10.0  # WGAN-GP's lambda
+    clip: float = 0.01  # WGAN's weight clipping bound
+    r1_gamma: float = 0.0  # R1 weight gamma (0: off); the penalty is gamma / 2 x ||grad D(x)||^2
+    r1_every: int = 16  # lazy R1: every this many steps, scaled by it (1: every step)
+    pl_weight: float = 0.0  # path-length regularisation weight (StyleGAN2; 2 in the paper; 0: off)
+    pl_every: int = 4
+    pl_decay: float = 0.01  # the running mean of path lengths moves by this fraction a step
+    style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
+    ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
+    spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
+    conditional: bool = False  # class labels into G and D (needs labelled data)
+    info_categorical: int = 0  # InfoGAN: categories of one categorical code (0: none)
+    info_continuous: int = 0  # InfoGAN: continuous codes, uniform in [-1, 1]
+    info_weight: float = 1.0  # lambda of the mutual-information term
+    augment: Literal["none", "diffaugment", "ada"] = "none"
+    augment_ops: tuple[str, ...] = ("color", "translation", "cutout")
+    ada_target: float = 0.6  # ADA's r_t target
+    ada_interval: int = 4  # discriminator steps between p updates
+    ada_kimg: float = 500.0  # p can move 0 -> 1 in this many thousand real images
+    truncation: Optional[float] = None  # default at sampling: psi in W (stylegan2) or the z threshold (others)
+
+    def validate(self, path: str) -> None:
+        for name in ("d_steps", "r1_every", "pl_every", "ada_interval"):
+            check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("d_lr_scale", "g_lr_scale", "clip", "ada_kimg"):
+            check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("gp_weight", "r1_gamma", "pl_weight", "ortho_weight", "info_weight",
+                     "info_categorical", "info_continuous"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.info_categorical != 1, f"{path}.info_categorical", "a categorical code needs >= 2 categories")
+        check(0 <= self.style_mixing <= 1, f"{path}.style_mixing", "must be in [0, 1]")
+        check(0 < self.pl_decay <= 1, f"{path}.pl_decay", "must be in (0, 1]")
+        check(0 <= self.ada_target <= 1, f"{path}.ada_target", "must be in [0, 1]")
+        check(self.pl_weight == 0 or self.arch == "stylegan2", f"{path}.pl_weight",
+              f"path-length regularisation needs arch stylegan2, not {self.arch}")
+        check(self.ortho_weight == 0 or self.arch == "biggan", f"{path}.ortho_weight",
+              f"orthogonal regularisation is BigGAN's (arch biggan), not {self.arch}'s")
+        check(not self.spectral_norm or self.arch in ("mlp", "dcgan"), f"{path}.spectral_norm",
+              "applies to mlp / dcgan (biggan always has it; stylegan2 does not use it)")
+        bad = [o for o in self.augment_ops if o not in OPS]
+        check(not bad, f"{path}.augment_ops", f"unknown op(s) {bad}; choose from {', '.join(OPS)}")
+        check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
+              "the z threshold must be > 0")
+
+
+class Critic(nn.Module):
+    """The arch's discriminator, plus InfoGAN's Q head on its features (Chen et al. 2016):
+    logits for the categorical code and means of the continuous ones."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, q_out: int):
+        super().__init__()
+        self.body = body
+        self.q = nn.Sequential(nn.Linear(feature_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, q_out)) if q_out else None
+
+    def forward(self, x, labels=None):
+        logits, h = self.body(x, labels)
+        return logits, (self.q(h) if self.q is not None else None)
+
+
+class GAN(Family):
+    name = "gan"
+    config_cls = GANConfig
+    sample_options = ("truncation",)
+
+    def __init__(self, cfg: GANConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        if cfg.conditional and data.num_classes < 1:
+            raise ConfigError("model.conditional needs labelled data (the training manifest lists no classes)")
+        r = data.resolution
+        if cfg.arch != "mlp" and (r < 8 or r & (r - 1)):
+            raise ConfigError(f"data.resolution: the {cfg.arch} networks need a power of two >= 8, got {r}")
+        self.num_classes = data.num_classes if cfg.conditional else 0
+        self.g_cls, self.d_cls, presets = ARCHS[cfg.arch]
+        self.preset = dict(presets[cfg.preset])
+        self.noise_dim = int(self.preset["z_dim"])
+        self.n_cat, self.n_cont = cfg.info_categorical, cfg.info_continuous
+        self.z_dim = self.noise_dim + self.n_cat + self.n_cont
+        self.ops = tuple(cfg.augment_ops)
+        self.ada = ADA(cfg.ada_target, cfg.ada_interval, cfg.ada_kimg) if cfg.augment == "ada" else None
+        self.pl_mean = 0.0
+
+    # ---- networks
+    def generator_kwargs(self) -> dict:
+        return {"resolution": self.data.resolution, "channels": self.data.channels, "num_classes": self.num_classes,
+                **self.preset, "z_dim": self.z_dim}
+
+    def build_networks(self):
+        G = self.g_cls(**self.generator_kwargs())
+        dkw = dict(self.preset)
+        if self.cfg.arch in ("mlp", "dcgan"):
+            dkw["spectral"] = self.cfg.spectral_norm
+        body = self.d_cls(self.data.resolution, self.data.channels, self.num_classes, **dkw)
+        # The feature size (for the Q head) from a dummy pass in eval mode, which changes no buffer.
+        body.eval()
+        with torch.no_grad():
+            x = torch.zeros(2, self.data.channels, self.data.resolution, self.data.resolution)
+            _, h = body(x, torch.zeros(2, dtype=torch.long) if self.num_classes else None)
+        body.train()
+        self.num_ws = getattr(G, "num_ws", None)  # StyleGAN2's count of w inputs, for style mixing
+        return {"G": G, "D": Critic(body, h.shape[1], self.n_cat + self.n_cont)}
+
+    def phases(self):
+        c = self.cfg
+        out = [Phase("D", "D")]
+        if c.r1_gamma > 0:
+            out.append(Phase("D_r1", "D", c.r1_every))
+        out.append(Phase("G", "G", c.d_steps))
+        if c.pl_weight > 0:
+            out.append(Phase("G_pl", "G", c.pl_every))
+        return out
+
+    def ema_networks(self):
+        return ["G"]
+
+    def optim_settings(self, network):
+        c = self.cfg
+        scale = c.d_lr_scale if network == "D" else c.g_lr_scale
+        every = c.r1_every if network == "D" and c.r1_gamma > 0 else c.pl_every if network == "G" and c.pl_weight > 0 else 1
+        if every == 1:
+            return OptimSettings(scale)
+        ratio = every / (every + 1)  # StyleGAN2: lazy regularisation steps the same optimizer
+        return OptimSettings(scale * ratio, ratio)
+
+    def engine_problem(self, zero_stage):
+        if zero_stage == 3:
+            return ("a GAN runs each network outside its own engine in the other's phase (the frozen discriminator "
+                    "in the generator step, the generator in the discriminator step), and ZeRO-3 keeps parameters "
+                    "partitioned except inside their own engine's forward; use ZeRO-1 or ZeRO-2")
+        if self.cfg.loss == "wgan":
+            return ("WGAN's weight clipping edits the discriminator's weights after its optimizer step, and ZeRO's "
+                    "optimizer keeps its own fp32 copy of them that would undo the clipping; use loss wgan-gp or hinge")
+        return None
+
+    def after_step(self, phase, raw):
+        if phase == "D" and self.cfg.loss == "wgan":
+            with torch.no_grad():
+                for p in raw["D"].parameters():
+                    p.clamp_(-self.cfg.clip, self.cfg.clip)
+
+    def state_dict(self):
+        return {"pl_mean": self.pl_mean, **({"ada": self.ada.state_dict()} if self.ada else {})}
+
+    def load_state_dict(self, state):
+        self.pl_mean = float(state.get("pl_mean", 0.0))
+        if self.ada is not None:
+            if "ada" not in state:
+                raise ValueError("the checkpoint holds no ADA state but model.augment is ada")
+            self.ada.load_state_dict(state["ada"])
+
+    # ---- latents and images
+    def _labels(self, batch: dict) -> Optional[torch.Tensor]:
+        if not self.num_classes:
+            return None
+        if "label" not in batch:
+            raise ConfigError("model.conditional: the batch carries no labels (set data.labels=true)")
+        return batch["label"].to(batch["image"].device)
+
+    def _latents(self, b: int, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        """z with InfoGAN's codes appended, and the codes (categorical index, continuous values)."""
+        parts = [torch.randn(b, self.noise_dim, device=device, generator=g)]
+        codes = {}
+        if self.n_cat:
+            codes["cat"] = torch.randint(0, self.n_cat, (b,), device=device, generator=g)
+            parts.append(F.one_hot(codes["cat"], self.n_cat).float())
+        if self.n_cont:
+            codes["cont"] = torch.rand(b, self.n_cont, device=device, generator=g) * 2 - 1
+            parts.append(codes["cont"])
+        return torch.cat(parts, 1), codes
+
+    def _fake(self, G, b, labels, g, device, *, update_stats: bool) -> tuple[torch.Tensor, dict]:
+        z, codes = self._latents(b, g, device)
+        kw = {}
+        if self.cfg.arch == "stylegan2":
+            kw = dict(noise_gen=g, update_w_avg=update_stats)
+            if self.cfg.style_mixing > 0:
+                num_ws = self.num_ws
+                mix_z, _ = self._latents(b, g, device)
+                cutoff = torch.randint(1, num_ws, (b,), device=device, generator=g)
+                use = torch.rand(b, device=device, generator=g) < self.cfg.style_mixing
+                kw.update(mix_z=mix_z, mix_cutoff=torch.where(use, cutoff, torch.full_like(cutoff, num_ws)))
+        return G(z, labels, **kw), codes
+
+    def _info(self, q: Optional[torch.Tensor], codes: dict) -> Optional[torch.Tensor]:
+        """InfoGAN's lower bound on I(codes; G(z, codes)) as a per-sample loss: cross-entropy of the
+        categorical code, and the Gaussian (unit variance) negative log-likelihood of the continuous ones."""
+        if q is None:
+            return None
+        q = q.float()
+        loss = torch.zeros(q.shape[0], device=q.device)
+        if self.n_cat:
+            loss = loss + F.cross_entropy(q[:, :self.n_cat], codes["cat"], reduction="none")
+        if self.n_cont:
+            loss = loss + 0.5 * (q[:, self.n_cat:] - codes["cont"]).square().sum(1)
+        return loss
+
+    def _aug(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.cfg.augment == "none":
+            return x
+        return augment(x, self.ops, 1.0 if self.ada is None else self.ada.p, g)
+
+    # ---- the phases' losses
+    def loss(self, phase, nets, batch, generator):
+        g, c = generator, self.cfg
+        real = batch["image"]
+        b, dev = real.shape[0], real.device
+        labels = self._labels(batch)
+        G, D = nets["G"], nets["D"]
+        if phase == "D":
+            with torch.no_grad():
+                fake, codes = self._fake(G, b, labels, g, dev, update_stats=False)
+            real_in, fake_in = self._aug(real, g), self._aug(fake, g)
+            r, _ = D(real_in, labels)
+            f, q = D(fake_in, labels)
+            r, f = r.float(), f.float()
+            loss = d_loss(c.loss, r, f)
+            r, f = r.detach(), f.detach()  # for the logged numbers below
+            # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's
+            t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.0
+            extras = {"real": float(r.mean()), "fake": float(f.mean()),
+                      "acc": 0.5 * float((r > t).float().mean() + (f < t).float().mean())}
+            if c.loss == "wgan-gp":
+                gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
+                loss = loss + c.gp_weight * gp
+                extras["gp"] = float(gp.detach().mean())
+            info = self._info(q, codes)
+            if info is not None:
+                loss = loss + c.info_weight * info
+                extras["info"] = float(info.detach().mean())
+            if self.ada is not None:
+                self.ada.observe(r, dist.all_reduce_floats)
+                extras["ada_p"] = self.ada.p
+            return loss, extras
+        if phase == "D_r1":
+            x = real.detach().requires_grad_(True)
+            r, q = D(self._aug(x, g), labels)
+            pen = r1_penalty(r, x)
+            # "+ 0 x outputs" keeps every parameter in the graph, as DDP without unused-parameter search needs
+            loss = pen * (c.r1_gamma / 2 * c.r1_every) + r.float() * 0
+            if q is not None:
+                loss = loss + q.float().sum(1) * 0
+            return loss, {"r1": float(pen.detach().mean())}
+        if phase == "G":
+            fake, codes = self._fake(G, b, labels, g, dev, update_stats=True)
+            f, q = D(self._aug(fake, g), labels)
+            loss = g_loss(c.loss, f.float())
+            extras = {}
+            if c.ortho_weight > 0:
+                ortho = nets.raw["G"].orthogonal_penalty()
+                loss = loss + c.ortho_weight * ortho
+                extras["ortho"] = float(ortho.detach())
+            info = self._info(q, codes)
+            if info is not None:
+                loss = loss + c.info_weight * info
+                extras["info"] = float(info.detach().mean())
+            return loss, extras
+        if phase == "G_pl":
+            n = max(b // 2, 1)  # StyleGAN2 runs the regulariser on half batches
+            z, _ = self._latents(n, g, dev)
+            lab = labels[:n] if labels is not None else None
+            img, ws = G(z, lab, noise_gen=g, return_ws=True)
+            lengths = path_lengths(img, ws, g)
+            total, count = dist.all_reduce_floats([float(lengths.detach().sum()), float(n)])
+            # one running mean for all ranks (so a checkpoint holds the state of every rank)
+            self.pl_mean += c.pl_decay * (total / count - self.pl_mean)
+            pen = (lengths - self.pl_mean).square()
+            loss = pen * (c.pl_weight * c.pl_every) + img[:, 0, 0, 0].float() * 0
+            return loss, {"pl_length": total / count, "pl_penalty": float(pen.detach().mean())}
+        raise ValueError(f"unknown GAN phase {phase!r}")
+
+    # ---- sampling and export
+    def _z_one(self, gen: torch.Generator, threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's z (truncated-normal resampling beyond ``threshold``: BigGAN's truncation trick)."""
+        z, _ = self._latents(1, gen, gen.device)
+        if threshold is not None:
+            noise = z[:, :self.noise_dim]
+            while True:
+                out = noise.abs() > threshold
+                if not out.any():
+                    break
+                noise = torch.where(out, torch.randn(noise.shape, device=gen.device, generator=gen), noise)
+            z = torch.cat([noise, z[:, self.noise_dim:]], 1)
+        return z
+
+    @torch.no_grad()
+    def sample(self, nets, generators, *, labels=None, truncation=None):
+        G = nets["G"]
+        device = next(G.parameters()).device
+        t = self.cfg.truncation if truncation is None else truncation
+        style = self.cfg.arch == "stylegan2"
+        if not style and t is not None and t <= 0:
+            raise ValueError(f"--truncation: the z threshold must be > 0, got {t}")
+        # One generator per image: an image depends on its own seed only.
+        z = torch.cat([self._z_one(gen, None if style else t) for gen in generators]).to(device)
+        if self.num_classes:
+            if labels is None:
+                labels = torch.tensor([i % self.num_classes for i in range(len(generators))])
+            labels = labels.to(device)
+        else:
+            labels = None
+        x = G(z, labels, truncation=t) if style else G(z, labels)
+        return x.float().clamp(-1, 1)
+
+    def export(self, nets, out_dir):
+        """The EMA generator as ``generator.safetensors`` and a JSON that rebuilds it (``arch`` + constructor kwargs)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in nets["G"].state_dict().items()},
+                  str(out / "generator.safetensors"))
+        spec = {"arch": self.cfg.arch, "kwargs": self.generator_kwargs(), "noise_dim": self.noise_dim,
+                "info_categorical": self.n_cat, "info_continuous": self.n_cont, "truncation": self.cfg.truncation}
+        (out / GENERATOR_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
+
+    def load_export(self, out_dir):
+        out = Path(out_dir)
+        spec = json.loads((out / GENERATOR_CONFIG).read_text())
+        if spec["arch"] not in ARCHS:
+            raise ValueError(f"{out / GENERATOR_CONFIG}: unknown arch {spec['arch']!r}")
+        G = ARCHS[spec["arch"]][0](**spec["kwargs"])
+        G.load_state_dict(load_file(str(out / "generator.safetensors")))
+        return {"G": G}
+

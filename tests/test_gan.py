@@ -1,0 +1,209 @@
+"""The GAN family: its regularisers against direct autograd, its networks' guarantees, and training
+runs as users run them (1 and 2 processes, DeepSpeed, resume, export, sampling, evaluation)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from distgen import checkpoint as ckpt
+from distgen.families.base import DataInfo
+from distgen.families.gan import GAN, GANConfig, basic, biggan, losses, stylegan2
+from distgen.families.gan.augment import ADA, OPS, augment
+from test_train import launch, run, tiny_config, weights
+
+# ---------------------------------------------------------------- regularisers and networks, in process
+
+
+def _mlp_critic(seed=0):
+    torch.manual_seed(seed)
+    return basic.MLPDiscriminator(8, 1, hidden=32, z_dim=0)
+
+
+def test_gradient_penalty_equals_a_direct_autograd_computation():
+    d = _mlp_critic()
+    real, fake = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    gp = losses.gradient_penalty(lambda x: d(x)[0], real, fake, torch.Generator().manual_seed(3))
+    eps = torch.rand(5, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    want = []
+    for i in range(5):  # one image at a time: d/dx of that image's score alone
+        x = (eps[i] * real[i:i + 1] + (1 - eps[i]) * fake[i:i + 1]).requires_grad_(True)
+        (g,) = torch.autograd.grad(d(x)[0].sum(), x)
+        want.append((g.norm() - 1) ** 2)
+    assert torch.allclose(gp, torch.stack(want), rtol=1e-5, atol=1e-7)
+    assert gp.requires_grad  # it trains the critic (double backward)
+    gp.sum().backward()
+    assert d.net[0].weight.grad.abs().sum() > 0
+
+
+def test_r1_equals_a_direct_autograd_computation():
+    d = _mlp_critic(1)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    r1 = losses.r1_penalty(d(x)[0], x)
+    for i in range(4):
+        xi = x[i:i + 1].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(d(xi)[0].sum(), xi)
+        assert r1[i].item() == pytest.approx(g.square().sum().item(), rel=1e-5)
+
+
+def test_losses_are_the_papers_formulas():
+    r, f = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    sig = torch.sigmoid
+    assert torch.allclose(losses.d_loss("minimax", r, f), -torch.log(sig(r)) - torch.log(1 - sig(f)), atol=1e-6)
+    assert torch.allclose(losses.g_loss("minimax", f), torch.log(1 - sig(f)), atol=1e-6)
+    assert torch.allclose(losses.g_loss("nonsaturating", f), -torch.log(sig(f)), atol=1e-6)
+    assert torch.equal(losses.d_loss("hinge", r, f), torch.tensor([0.0 + 1.5, 2.0 + 0.0]))
+    assert torch.equal(losses.d_loss("wgan-gp", r, f), f - r) and torch.equal(losses.g_loss("wgan", f), -f)
+
+
+def test_spectral_norm_bounds_the_largest_singular_value():
+    torch.manual_seed(0)
+    nets = [biggan.Discriminator(16, 1, 10, **biggan.PRESETS["tiny"]),
+            biggan.Generator(16, 1, 10, **biggan.PRESETS["tiny"]),
+            basic.DCGANDiscriminator(16, 1, ch=8, z_dim=0, spectral=True)]
+    checked = 0
+    for net in nets:
+        for m in net.modules():
+            if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
+                with torch.no_grad():
+                    m.parametrizations.weight.original.mul_(10)  # far above 1 without the normalisation
+                checked += 1
+        x = torch.randn(4, 1, 16, 16) if not isinstance(net, biggan.Generator) else None
+        for _ in range(20):  # power iterations run in training-mode forwards
+            if x is None:
+                net(torch.randn(4, net.z_dim), torch.randint(0, 10, (4,)))
+            else:
+                net(x, torch.randint(0, 10, (4,)) if not isinstance(net, basic.DCGANDiscriminator) else None)
+        for m in net.modules():
+            if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
+                w = m.weight.detach()
+                raw = m.parametrizations.weight.original.detach()
+                assert torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2) <= 1.0 + 1e-2
+                assert torch.linalg.matrix_norm(raw.reshape(raw.shape[0], -1), ord=2) > 2
+    assert checked > 10
+
+
+def test_orthogonal_regularisation_is_zero_for_orthogonal_matrices():
+    q, _ = torch.linalg.qr(torch.randn(32, 16))
+    assert biggan.orthogonal_penalty([q.T]).item() == pytest.approx(0.0, abs=1e-6)  # orthonormal rows
+    assert biggan.orthogonal_penalty([torch.randn(16, 32)]).item() > 1
+    g = biggan.Generator(16, 1, 0, **biggan.PRESETS["tiny"])
+    assert g.orthogonal_penalty().item() > 0
+
+
+def test_stylegan2_truncation_and_mixing():
+    torch.manual_seed(0)
+    g = stylegan2.Generator(16, 1, 0, **stylegan2.PRESETS["tiny"]).eval()
+    z = torch.randn(3, g.z_dim)
+    with torch.no_grad():
+        a = g(z, truncation=0.0)
+        assert torch.allclose(a[0], a[1], atol=1e-5) and torch.allclose(a[0], a[2], atol=1e-5)  # all at w_avg
+        full = g(z)
+        assert not torch.allclose(full[0], full[1])
+        same = g(z, mix_z=torch.randn(3, g.z_dim), mix_cutoff=torch.full((3,), g.num_ws))
+        assert torch.equal(same, full)  # cutoff at num_ws: no mixing
+        mixed = g(z, mix_z=torch.randn(3, g.z_dim), mix_cutoff=torch.full((3,), 1))
+        assert not torch.allclose(mixed, full)
+
+
+def test_augmentations_are_exact_and_differentiable():
+    x = torch.randn(6, 3, 16, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, OPS, 0.0, g), x)  # p = 0: untouched
+    y = augment(x, ("translation",), 1.0, g)
+    padded = torch.nn.functional.pad(x.detach(), (2, 2, 2, 2))
+    for i in range(6):  # exactly the image shifted by whole pixels (up to 1/8 of the size), zeros shifted in
+        shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                  if torch.equal(y[i].detach(), padded[i, :, 2 - dy:18 - dy, 2 - dx:18 - dx])]
+        assert len(shifts) == 1, i
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_ada_moves_p_by_the_heuristic():
+    ada = ADA(target=0.6, interval=2, speed_kimg=0.1)  # 100 images move p by 1
+    reduce = lambda v: v  # noqa: E731 - one process
+    ada.observe(torch.ones(10), reduce)
+    assert ada.p == 0  # updates every 2 observations
+    ada.observe(torch.ones(10), reduce)  # r_t = 1 > 0.6: overfitting, more augmentation
+    assert ada.p == pytest.approx(0.2)
+    ada.observe(-torch.ones(10), reduce)
+    ada.observe(-torch.ones(10), reduce)  # r_t = -1: less
+    assert ada.p == pytest.approx(0.0)
+
+
+def test_config_errors_name_the_field(fm_test_shards):
+    from distgen.config import ConfigError, build_dataclass
+    from distgen.config.schema import Config
+
+    for bad, field in [({"arch": "dcgan", "pl_weight": 1.0}, "model.pl_weight"),
+                       ({"arch": "mlp", "ortho_weight": 1e-4}, "model.ortho_weight"),
+                       ({"d_steps": 0}, "model.d_steps"), ({"augment_ops": ["rotate"]}, "model.augment_ops")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            build_dataclass(Config, {"model": {"family": "gan", **bad}})
+    with pytest.raises(ConfigError, match="data.resolution"):
+        GAN(GANConfig(arch="dcgan"), DataInfo(28, 1, 10))
+    with pytest.raises(ConfigError, match="model.conditional"):
+        GAN(GANConfig(conditional=True), DataInfo(32, 1, 0))
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def gan_config(tmp_path, manifest, model: dict, **over):
+    sections = {"model": {"family": "gan", "preset": "tiny", **model},
+                "data": {"resolution": 16, "resize": "stretch", "labels": bool(model.get("conditional"))},
+                "train": {"batch_size": 8, "total_kimg": 0.16, "lr": 2e-3, "betas": [0.5, 0.99], "grad_clip": 0,
+                          "log_every": 2, "checkpoint_every": 10},
+                "ema": {"halflife_kimg": [0.05], "rampup": 0.5}}
+    for k, v in over.items():
+        sections.setdefault(k, {}).update(v)
+    return tiny_config(tmp_path, manifest, **sections)
+
+
+def records(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+MATRIX = {
+    "mlp-minimax-conditional-infogan": {"arch": "mlp", "loss": "minimax", "conditional": True,
+                                        "info_categorical": 10, "info_continuous": 2},
+    "dcgan-nonsaturating-diffaugment": {"arch": "dcgan", "loss": "nonsaturating", "augment": "diffaugment"},
+    "dcgan-wgan-clip": {"arch": "dcgan", "loss": "wgan", "d_steps": 2, "spectral_norm": False},
+    "mlp-wgan-gp-ttur": {"arch": "mlp", "loss": "wgan-gp", "d_lr_scale": 2.0},
+    "biggan-hinge-conditional-ortho": {"arch": "biggan", "loss": "hinge", "conditional": True, "ortho_weight": 1e-4},
+    "stylegan2-r1-pl-mixing-ada": {"arch": "stylegan2", "loss": "nonsaturating", "r1_gamma": 1.0, "r1_every": 4,
+                                   "pl_weight": 2.0, "pl_every": 4, "augment": "ada", "ada_interval": 1,
+                                   "ada_kimg": 0.5},
+}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_each_network_and_loss_trains(name, nproc, tmp_path, fm_test_shards, env_with_repo):
+    model = MATRIX[name]
+    cfg = gan_config(tmp_path, fm_test_shards, model)
+    r = run(launch(nproc) + ["train", str(cfg)], env_with_repo)
+    assert f"{nproc} process(es)" in r.stdout
+    recs = records(tmp_path / "run")
+    assert recs[-1]["kimg"] == pytest.approx(0.16)
+    for rec in recs:
+        assert np.isfinite(rec["loss/D"]) and np.isfinite(rec["loss/G"]) and 0 <= rec["D/acc"] <= 1
+    # The discriminator learns to tell the tiny generator's early images from real ones.
+    accs = [rec["D/acc"] for rec in recs]
+    assert max(accs[len(accs) // 2:]) > 0.75, accs
+    if model.get("r1_gamma"):
+        assert all(np.isfinite(rec["D_r1/r1"]) for rec in recs if "D_r1/r1" in rec)
+        assert any("G_pl/pl_length" in rec for rec in recs)
+    if model.get("augment") == "ada":
+        assert recs[-1]["D/ada_p"] > 0  # the heuristic saw an overfitting discriminator
+    if model.get("info_categorical"):
+        assert all(np.isfinite(rec["D/info"]) for rec in recs)
+    meta = ckpt.read_meta(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert set(meta["ema_steps"]) == {"G"}
+    cp = ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert (cp / "optim-G.pt").is_file() and (cp / "optim-D.pt").is_file() and (cp / "ema0-G.safetensors").is_file()
