@@ -209,6 +209,11 @@ class _Trained:
             for p, keep in zip(t.raw.parameters(), t.trainable):
                 p.requires_grad_(keep if t is self else False)
 
+    def restore(self) -> None:
+        """Gradients back on where they were meant to be (diffusers' EMA updates only those parameters)."""
+        for p, keep in zip(self.raw.parameters(), self.trainable):
+            p.requires_grad_(keep)
+
 
 def _deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -497,6 +502,8 @@ def train(cfg: Config) -> int:
                             t.opt.zero_grad(set_to_none=True)
                         if t.acc.sync_gradients and step_ok:
                             family.after_step(p.name, raw)
+            for t in trained.values():
+                t.restore()
             step += 1
             if step_ok:
                 counters["nonfinite_run"] = 0

@@ -162,7 +162,11 @@ def gan_config(tmp_path, manifest, model: dict, **over):
                 "ema": {"halflife_kimg": [0.05], "rampup": 0.5}}
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)
-    return tiny_config(tmp_path, manifest, **sections)
+    path = tiny_config(tmp_path, manifest, **sections)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = sections["model"]  # a GAN's section, not the diffusion defaults merged with it
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def records(run_dir):
@@ -175,7 +179,9 @@ MATRIX = {
     "dcgan-nonsaturating-diffaugment": {"arch": "dcgan", "loss": "nonsaturating", "augment": "diffaugment"},
     "dcgan-wgan-clip": {"arch": "dcgan", "loss": "wgan", "d_steps": 2, "spectral_norm": False},
     "mlp-wgan-gp-ttur": {"arch": "mlp", "loss": "wgan-gp", "d_lr_scale": 2.0},
-    "biggan-hinge-conditional-ortho": {"arch": "biggan", "loss": "hinge", "conditional": True, "ortho_weight": 1e-4},
+    # BigGAN's own schedule: 2 D steps per G step, G at a quarter of D's learning rate
+    "biggan-hinge-conditional-ortho": {"arch": "biggan", "loss": "hinge", "conditional": True, "ortho_weight": 1e-4,
+                                       "d_steps": 2, "g_lr_scale": 0.25},
     "stylegan2-r1-pl-mixing-ada": {"arch": "stylegan2", "loss": "nonsaturating", "r1_gamma": 1.0, "r1_every": 4,
                                    "pl_weight": 2.0, "pl_every": 4, "augment": "ada", "ada_interval": 1,
                                    "ada_kimg": 0.5},
@@ -207,3 +213,112 @@ def test_each_network_and_loss_trains(name, nproc, tmp_path, fm_test_shards, env
     assert set(meta["ema_steps"]) == {"G"}
     cp = ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints")
     assert (cp / "optim-G.pt").is_file() and (cp / "optim-D.pt").is_file() and (cp / "ema0-G.safetensors").is_file()
+
+
+def _flat(state, prefix=""):
+    """Tensors and numbers of a nested state dict, by path."""
+    out = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else None
+    if items is None:
+        return {prefix: state}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}/{k}"))
+    return out
+
+
+def test_two_process_gan_resume_is_exact(tmp_path, fm_test_shards, env_with_repo):
+    """20 steps straight == 10 steps, stop, resume to 20: both networks, both optimizers, the EMA, ADA's p."""
+    model = {"arch": "dcgan", "loss": "nonsaturating", "d_steps": 2, "r1_gamma": 1.0, "r1_every": 3,
+             "augment": "ada", "ada_interval": 1, "ada_kimg": 0.5}
+    over = {"train": {"total_kimg": 0.32, "checkpoint_every": 10, "log_every": 5}}
+    straight = gan_config(tmp_path / "a", fm_test_shards, model, **over)
+    resumed = gan_config(tmp_path / "b", fm_test_shards, model, **over)
+    run(launch(2) + ["train", str(straight)], env_with_repo)
+    run(launch(2) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)  # between periodic checkpoints
+    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
+    assert "resumed from" in second.stdout and "(step 7" in second.stdout
+    a, b = tmp_path / "a" / "run" / "checkpoints" / "step-00000020", tmp_path / "b" / "run" / "checkpoints" / "step-00000020"
+    for name in ("G.safetensors", "D.safetensors", "ema0-G.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert wa.keys() == wb.keys()
+        assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-6, name
+    for net in ("G", "D"):
+        oa, ob = _flat(ckpt.load_state(a / f"optim-{net}.pt")), _flat(ckpt.load_state(b / f"optim-{net}.pt"))
+        assert oa.keys() == ob.keys()
+        for k in oa:
+            if torch.is_tensor(oa[k]):
+                assert torch.allclose(oa[k].float(), ob[k].float(), atol=1e-6), (net, k)
+            else:
+                assert oa[k] == ob[k], (net, k)
+    ma, mb = ckpt.read_meta(a), ckpt.read_meta(b)
+    assert ma["family_state"]["ada"]["p"] > 0 and ma["family_state"] == mb["family_state"]
+    # The stopped run also logged at its last step (7), so its step-10 record covers 8-10; the others match.
+    ra = {r["step"]: r for r in records(tmp_path / "a" / "run")}
+    rb = {r["step"]: r for r in records(tmp_path / "b" / "run")}
+    assert sorted(rb) == [5, 7, 10, 15, 20]
+    for st in (5, 15, 20):
+        assert ra[st]["loss/D"] == rb[st]["loss/D"] and ra[st]["D/ada_p"] == rb[st]["D/ada_p"]
+
+
+def test_deepspeed_zero2_runs_one_engine_per_network_and_refuses_zero3(tmp_path, fm_test_shards, env_with_repo):
+    model = {"arch": "dcgan", "loss": "hinge", "r1_gamma": 1.0, "r1_every": 2}
+    cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.16})
+    ds = launch(2, "configs/accelerate/zero2.yaml")
+    first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
+    assert "ZeRO-2, one engine per network (D, G)" in first.stdout
+    cp = tmp_path / "run" / "checkpoints" / "step-00000005"
+    assert (cp / "deepspeed" / "G").is_dir() and (cp / "deepspeed" / "D").is_dir()
+    second = run(ds + ["train", str(cfg)], env_with_repo)
+    assert "resumed from" in second.stdout and "done at step 10" in second.stdout
+    recs = records(tmp_path / "run")
+    assert all(np.isfinite(r["loss/D"]) and np.isfinite(r["loss/G"]) for r in recs)
+    assert any("D_r1/r1" in r for r in recs)
+    run(launch(1) + ["export", str(tmp_path / "run"), str(tmp_path / "export")], env_with_repo)
+    assert (tmp_path / "export" / "generator.safetensors").is_file()
+
+    bad = run(launch(2, "configs/accelerate/zero3.yaml") + ["train", str(cfg), f"run.dir={tmp_path / 'z3'}"],
+              env_with_repo, check=False)
+    assert bad.returncode != 0 and "DeepSpeed ZeRO-3: a GAN runs each network outside its own engine" in bad.stderr
+    assert not (tmp_path / "z3" / "checkpoints").exists()
+
+
+def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_path, fm_test_shards, env_with_repo):
+    from safetensors.torch import load_file
+
+    from distgen.families.gan import ARCHS
+
+    model = {"arch": "stylegan2", "loss": "nonsaturating", "conditional": True}
+    cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.08})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    out = tmp_path / "export"
+    run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
+    # The export's own JSON rebuilds the generator: the EMA weights of the newest checkpoint, buffers included.
+    spec = json.loads((out / "generator_config.json").read_text())
+    g = ARCHS[spec["arch"]][0](**spec["kwargs"])
+    g.load_state_dict(load_file(str(out / "generator.safetensors")))
+    ema = weights(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"), "ema0-G.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in g.state_dict().items()) and "w_avg" in "".join(ema)
+
+    def sample(*extra, name):
+        run(launch(1) + ["sample", str(out), "--num", "12", "--seed", "1", *extra, "--out", str(tmp_path / name)],
+            env_with_repo)
+        return np.load(tmp_path / name)["x"]
+
+    plain, half, zero = sample(name="a.npz"), sample("--truncation", "0.5", name="b.npz"), \
+        sample("--truncation", "0", name="c.npz")
+    assert plain.shape == (12, 16, 16, 1) and not np.array_equal(plain, half)
+    assert all(np.array_equal(zero[0], zero[i]) for i in range(12))  # psi = 0: every image from the average w
+    wrong = run(launch(1) + ["sample", str(out), "--num", "2", "--steps", "3", "--out", str(tmp_path / "d.npz")],
+                env_with_repo, check=False)
+    assert wrong.returncode != 0 and "takes no sampling option --steps" in wrong.stderr + wrong.stdout
+
+    feats = tmp_path / "fm.safetensors"
+    run(launch(1) + ["eval", "fit-features", str(fm_test_shards), str(feats), "--kimg", "2", "--test",
+                     str(fm_test_shards)], env_with_repo)
+    res = tmp_path / "eval.json"
+    run(launch(2) + ["eval", str(out), "--metrics", "fid,kid,prc", "--num-samples", "40", "--ref", str(fm_test_shards),
+                     "--feature-extractor", str(feats), "--truncation", "0.7", "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(res)], env_with_repo)
+    r = json.loads(res.read_text())
+    assert r["fid"] > 0 and np.isfinite(r["kid_mean"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert 0 <= r["class_entropy"] <= 1 and 0.1 <= r["class_max_share"] <= 1  # the mode-collapse signal

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 # attn_res must be a block resolution of both nets: 8 exists at every resolution, 16 from 32 up, 64 from 64 up
 # (see attention_resolutions).
 PRESETS: dict[str, dict] = {
-    # fast CPU tests: ~0.08M G + ~0.08M D parameters at 32x32
+    # fast CPU tests: ~0.075M G + ~0.07M D parameters at 32x32
     "tiny": dict(ch=8, z_dim=32, shared_dim=16, attn_res=8),
     # a 32x32 demo, half the width of BigGAN-PyTorch's CIFAR model
     "small": dict(ch=32, z_dim=64, shared_dim=64, attn_res=16),
@@ -287,7 +287,8 @@ class Generator(nn.Module):
         start, widths = _g_arch(resolution)
         n_blocks = len(widths)
         if z_dim < (n_blocks + 1 if hier else 1):
-            raise ValueError(f"z_dim must be >= {n_blocks + 1} (one chunk per block plus one) with hier, got {z_dim}")
+            raise ValueError(f"z_dim must be >= {n_blocks + 1 if hier else 1} (hier: a chunk per block plus one), "
+                             f"got {z_dim!r}")
         if num_classes and shared_dim < 1:
             raise ValueError(f"shared_dim must be >= 1 for a conditional generator, got {shared_dim!r}")
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
@@ -345,7 +346,9 @@ class Discriminator(nn.Module):
 
     logits = linear(h) + sum(embed(y) * h) when conditional -- the projection discriminator (Miyato & Koyama
     2018), which scores class agreement with an inner product instead of concatenating labels to the input.
-    z_dim and shared_dim are accepted (so a preset fits both nets) and ignored.
+    z_dim and shared_dim are accepted (so a preset fits both nets) and ignored. An R1 / gradient penalty alone
+    gives linear.bias no gradient (it does not depend on x): under DDP add 0 * logits.sum() to such a loss, as
+    StyleGAN2-ADA does.
     """
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0, *, ch: int, z_dim: int | None = None,
