@@ -173,18 +173,19 @@ def records(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Every network and every loss at least once, with the regularisers and options spread over them.
 MATRIX = {
     "mlp-minimax-conditional-infogan": {"arch": "mlp", "loss": "minimax", "conditional": True,
                                         "info_categorical": 10, "info_continuous": 2},
-    "dcgan-nonsaturating-diffaugment": {"arch": "dcgan", "loss": "nonsaturating", "augment": "diffaugment"},
-    "dcgan-wgan-clip": {"arch": "dcgan", "loss": "wgan", "d_steps": 2, "spectral_norm": False},
-    "mlp-wgan-gp-ttur": {"arch": "mlp", "loss": "wgan-gp", "d_lr_scale": 2.0},
+    "dcgan-wgan-clip": {"arch": "dcgan", "loss": "wgan", "d_steps": 2},
+    "dcgan-wgan-gp-diffaugment-ttur": {"arch": "dcgan", "loss": "wgan-gp", "spectral_norm": True,
+                                       "augment": "diffaugment", "d_lr_scale": 2.0},
     # BigGAN's own schedule: 2 D steps per G step, G at a quarter of D's learning rate
     "biggan-hinge-conditional-ortho": {"arch": "biggan", "loss": "hinge", "conditional": True, "ortho_weight": 1e-4,
                                        "d_steps": 2, "g_lr_scale": 0.25},
-    "stylegan2-r1-pl-mixing-ada": {"arch": "stylegan2", "loss": "nonsaturating", "r1_gamma": 1.0, "r1_every": 4,
-                                   "pl_weight": 2.0, "pl_every": 4, "augment": "ada", "ada_interval": 1,
-                                   "ada_kimg": 0.5},
+    "stylegan2-nonsaturating-r1-pl-mixing-ada": {"arch": "stylegan2", "loss": "nonsaturating", "r1_gamma": 1.0,
+                                                 "r1_every": 4, "pl_weight": 2.0, "pl_every": 4, "augment": "ada",
+                                                 "ada_interval": 1, "ada_kimg": 0.5},
 }
 
 

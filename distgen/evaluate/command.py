@@ -10,11 +10,12 @@ from distgen import dist
 from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_config
 
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
-         "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim"}
+         "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
+         "class_entropy": "class entropy", "class_max_share": "top class share"}
 
 
 def format_results(res: dict) -> str:
-    lines = [f"  {NAMES[k]:<10s} {res[k]:.6g}" for k in NAMES if k in res]
+    lines = [f"  {NAMES[k]:<15s} {res[k]:.6g}" for k in NAMES if k in res]
     if "ref_cache" in res:
         lines.append(f"  reference: {res['ref_images']} images (cache {res['ref_cache']})")
     by_reason: dict[str, list[str]] = {}

@@ -34,8 +34,8 @@ __all__ = ["PRESETS", "Generator", "Discriminator"]
 PRESETS: dict[str, dict] = {
     # Fast CPU tests: 32 channels at every resolution up to 32x32 (~0.17M parameters for G + D at 32x32).
     "tiny": dict(z_dim=32, w_dim=32, mapping_layers=2, channel_base=1024, channel_max=32),
-    # CPU/GPU demo: 256 channels at 4..16, 128 at 32x32.
-    "small": dict(z_dim=128, w_dim=128, mapping_layers=4, channel_base=4096, channel_max=256),
+    # A CPU demo (~1 s a step at batch 32 per process on 2 cores): 128 channels at 4..16, 64 at 32x32.
+    "small": dict(z_dim=128, w_dim=128, mapping_layers=4, channel_base=2048, channel_max=128),
     # Config F of the paper (Table 1): 512-d latents, 8 mapping layers, up to 512 channels.
     "paper": dict(z_dim=512, w_dim=512, mapping_layers=8, channel_base=32768, channel_max=512),
 }
@@ -231,32 +231,29 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
                      up: bool = False, resample_filter: torch.Tensor | None = None) -> torch.Tensor:
     """Modulated (and optionally demodulated) convolution, paper Sec. 2.2, Eq. 1-3.
 
-    x [B, I, H, W], weight [O, I, k, k] (already scaled), styles [B, I]. Each sample gets its
-    own kernel w'_ijk = s_i w_ijk (Eq. 1), optionally rescaled so each output feature map has
-    unit expected std, w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps) (Eq. 3): demodulation
-    replaces AdaIN's data-dependent instance norm, which caused the "droplet" artefacts.
-    The per-sample kernels are applied in one call by folding the batch into the channel
-    dimension and using groups=B (the grouped-convolution trick of the official code, paper
-    Appendix B). The official code switches to an equivalent scale-activations path during
-    training for speed; we always use the grouped form for simplicity.
+    x [B, I, H, W], weight [O, I, k, k] (already scaled), styles [B, I]. Each sample's kernel is
+    w'_ijk = s_i w_ijk (Eq. 1), optionally rescaled so each output feature map has unit expected
+    std, w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps) (Eq. 3): demodulation replaces AdaIN's
+    data-dependent instance norm, which caused the "droplet" artefacts. Both factors are applied
+    to the activations around one shared convolution (scale the inputs by s, convolve, scale the
+    outputs by the demodulation coefficients): the same result as per-sample kernels, and the
+    official code's training path, several times faster on CPUs than a grouped convolution.
     """
-    batch, in_ch, height, width = x.shape
-    out_ch, _, kh, kw = weight.shape
-    # Build kernels in float32: the squared sum and rsqrt are precision-sensitive under bf16/fp16.
-    w = weight.float()[None] * styles.float()[:, None, :, None, None]  # [B, O, I, k, k]
-    if demodulate:
-        w = w * (w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8).rsqrt()
-    x = x.reshape(1, batch * in_ch, height, width)
+    kh = weight.shape[2]
+    w, s = weight.float(), styles.float()
+    x = x * s.to(x.dtype)[:, :, None, None]
     if up:
         # Transposed stride-2 conv (zero insertion + conv), then the FIR low-pass with gain 4 and
         # padding 1, which gives exactly 2H: the conv2d_resample "fast path" of the official code.
-        w = w.transpose(1, 2).reshape(batch * in_ch, out_ch, kh, kw)
-        x = F.conv_transpose2d(x, w.to(x.dtype), stride=2, groups=batch)
+        x = F.conv_transpose2d(x, w.transpose(0, 1).to(x.dtype), stride=2)
         x = F.conv2d(F.pad(x, [1] * 4), _depthwise(resample_filter, x, gain=4.0), groups=x.shape[1])
     else:
-        w = w.reshape(batch * out_ch, in_ch, kh, kw)
-        x = F.conv2d(x, w.to(x.dtype), padding=kh // 2, groups=batch)
-    return x.reshape(batch, out_ch, x.shape[2], x.shape[3])
+        x = F.conv2d(x, w.to(x.dtype), padding=kh // 2)
+    if demodulate:
+        # sum_ik (s_i w_oik)^2 for every sample and output channel, in float32 (precision-sensitive)
+        d = (s.square() @ w.square().sum(dim=[2, 3]).T + 1e-8).rsqrt()  # [B, O]
+        x = x * d.to(x.dtype)[:, :, None, None]
+    return x
 
 
 class SynthesisLayer(nn.Module):
