@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from distgen import checkpoint as ckpt
 from distgen.families.base import DataInfo
-from distgen.families.gan import GAN, GANConfig, basic, biggan, losses, stylegan2
+from distgen.families.gan import ARCHS, GAN, GANConfig, basic, biggan, losses, stylegan2
 from distgen.families.gan.augment import ADA, OPS, augment
+from distgen.sample import generate, load_ema
 from test_train import launch, run, tiny_config, weights
 
 # ---------------------------------------------------------------- regularisers and networks, in process
@@ -142,13 +144,16 @@ def test_config_errors_name_the_field(fm_test_shards):
 
     for bad, field in [({"arch": "dcgan", "pl_weight": 1.0}, "model.pl_weight"),
                        ({"arch": "mlp", "ortho_weight": 1e-4}, "model.ortho_weight"),
-                       ({"d_steps": 0}, "model.d_steps"), ({"augment_ops": ["rotate"]}, "model.augment_ops")]:
+                       ({"d_steps": 0}, "model.d_steps"), ({"augment_ops": ["rotate"]}, "model.augment_ops"),
+                       ({"arch": "dcgan", "attn_res": 8}, "model.attn_res")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             build_dataclass(Config, {"model": {"family": "gan", **bad}})
     with pytest.raises(ConfigError, match="data.resolution"):
         GAN(GANConfig(arch="dcgan"), DataInfo(28, 1, 10))
     with pytest.raises(ConfigError, match="model.conditional"):
         GAN(GANConfig(conditional=True), DataInfo(32, 1, 0))
+    with pytest.raises(ConfigError, match=r"model.attn_res: must be one of \[0, 8, 16\]"):
+        GAN(GANConfig(arch="biggan", attn_res=32), DataInfo(32, 1, 0))
 
 
 # ---------------------------------------------------------------- training runs
@@ -284,10 +289,6 @@ def test_deepspeed_zero2_runs_one_engine_per_network_and_refuses_zero3(tmp_path,
 
 
 def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_path, fm_test_shards, env_with_repo):
-    from safetensors.torch import load_file
-
-    from distgen.families.gan import ARCHS
-
     model = {"arch": "stylegan2", "loss": "nonsaturating", "conditional": True}
     cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.08})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
@@ -300,14 +301,17 @@ def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_pa
     ema = weights(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"), "ema0-G.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in g.state_dict().items()) and "w_avg" in "".join(ema)
 
-    def sample(*extra, name):
-        run(launch(1) + ["sample", str(out), "--num", "12", "--seed", "1", *extra, "--out", str(tmp_path / name)],
-            env_with_repo)
-        return np.load(tmp_path / name)["x"]
+    family, nets, _ = load_ema(out)
 
-    plain, half, zero = sample(name="a.npz"), sample("--truncation", "0.5", name="b.npz"), \
-        sample("--truncation", "0", name="c.npz")
-    assert plain.shape == (12, 16, 16, 1) and not np.array_equal(plain, half)
+    def images(**options):
+        got = generate(family, nets, 12, seed=1, options=options)
+        return np.stack([got[i][0] for i in range(12)])
+
+    run(launch(1) + ["sample", str(out), "--num", "12", "--seed", "1", "--truncation", "0.5",
+                     "--out", str(tmp_path / "half.npz")], env_with_repo)
+    half, plain, zero = np.load(tmp_path / "half.npz")["x"], images(), images(truncation=0.0)
+    assert half.shape == (12, 16, 16, 1) and np.array_equal(half, images(truncation=0.5))
+    assert not np.array_equal(plain, half)
     assert all(np.array_equal(zero[0], zero[i]) for i in range(12))  # psi = 0: every image from the average w
     wrong = run(launch(1) + ["sample", str(out), "--num", "2", "--steps", "3", "--out", str(tmp_path / "d.npz")],
                 env_with_repo, check=False)

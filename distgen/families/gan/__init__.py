@@ -65,6 +65,7 @@ class GANConfig(ModelConfig):
     style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
     ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
     spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
+    attn_res: Optional[int] = None  # BigGAN: self-attention at this resolution (0: none; null: the preset's)
     conditional: bool = False  # class labels into G and D (needs labelled data)
     info_categorical: int = 0  # InfoGAN: categories of one categorical code (0: none)
     info_continuous: int = 0  # InfoGAN: continuous codes, uniform in [-1, 1]
@@ -96,6 +97,8 @@ class GANConfig(ModelConfig):
               "applies to mlp / dcgan (biggan always has it; stylegan2 does not use it)")
         bad = [o for o in self.augment_ops if o not in OPS]
         check(not bad, f"{path}.augment_ops", f"unknown op(s) {bad}; choose from {', '.join(OPS)}")
+        check(self.attn_res is None or self.arch == "biggan", f"{path}.attn_res",
+              f"sets BigGAN's self-attention (arch biggan), not {self.arch}'s")
         check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
               "the z threshold must be > 0")
 
@@ -129,6 +132,17 @@ class GAN(Family):
         self.num_classes = data.num_classes if cfg.conditional else 0
         self.g_cls, self.d_cls, presets = ARCHS[cfg.arch]
         self.preset = dict(presets[cfg.preset])
+        if cfg.arch == "biggan":
+            valid = biggan.attention_resolutions(r)
+            if cfg.attn_res is not None:
+                if cfg.attn_res not in valid:
+                    raise ConfigError(f"model.attn_res: must be one of {list(valid)} at resolution {r}, "
+                                      f"got {cfg.attn_res}")
+                self.preset["attn_res"] = cfg.attn_res
+            elif self.preset["attn_res"] not in valid:
+                # As BigGAN-PyTorch: the preset's attention resolution (64 for the paper's model) is
+                # left out where the network has no such block (its CIFAR model has none).
+                self.preset["attn_res"] = 0
         self.noise_dim = int(self.preset["z_dim"])
         self.n_cat, self.n_cont = cfg.info_categorical, cfg.info_continuous
         self.z_dim = self.noise_dim + self.n_cat + self.n_cont
