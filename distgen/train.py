@@ -93,7 +93,10 @@ class RunLog:
         self._write(rec)
         eta = rec.get("eta_s")
         eta = f"{eta / 60:.1f}m" if eta is not None else "-"
-        loss = f"{rec['loss']:.4f}" if rec["loss"] is not None else "non-finite"
+        fmt = lambda v: f"{v:.4f}" if v is not None else "non-finite"  # noqa: E731
+        per_phase = {k[5:]: v for k, v in rec.items() if k.startswith("loss/")}
+        # one number per phase where there are several (a GAN's D and G)
+        loss = " ".join(f"{k} {fmt(v)}" for k, v in per_phase.items()) if per_phase else fmt(rec["loss"])
         if self.tty:
             self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
         else:
