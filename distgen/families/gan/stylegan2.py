@@ -13,8 +13,9 @@ The design follows NVlabs/stylegan2-ada-pytorch (Karras et al. 2020b) in spirit:
   discriminator of StyleGAN2-ADA (Miyato & Koyama 2018).
 
 No custom CUDA kernels: upfirdn2d resampling with the [1, 3, 3, 1] binomial filter is
-written with depthwise (grouped) convolutions, and modulated convolution uses the
-grouped-convolution trick (one group per sample). Everything is double-differentiable,
+written with depthwise (grouped) convolutions, and modulated convolution scales the
+activations around one shared convolution (the official code's training path, equal to
+per-sample kernels). Everything is double-differentiable,
 so R1 and path-length regularisation work, and runs under CPU/GPU autocast (the numerically
 sensitive parts, normalisation and demodulation, are computed in float32).
 """
