@@ -76,14 +76,9 @@ def barrier() -> None:
 
 
 def all_reduce_sum(value: int | float) -> int | float:
-    """Sum a number over all ranks."""
-    if not initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
-    if td.get_backend() == "nccl":
-        t = t.cuda()
-    td.all_reduce(t)
-    return t.item()
+    """Sum a number over all ranks (an int stays an int)."""
+    total = all_reduce_floats([float(value)])[0]
+    return int(total) if isinstance(value, int) else total
 
 
 def all_reduce_floats(values: list[float]) -> list[float]:

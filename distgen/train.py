@@ -200,15 +200,15 @@ class _Trained:
     """One trained network: its Accelerator (one per network under DeepSpeed), engine-wrapped model,
     plain module and optimizer, and which of its parameters are meant to train."""
 
-    def __init__(self, name: str, acc, model, opt):
-        self.name, self.acc, self.model, self.opt = name, acc, model, opt
+    def __init__(self, name: str, acc, model, opt, lr_scale: float):
+        self.name, self.acc, self.model, self.opt, self.lr_scale = name, acc, model, opt, lr_scale
         self.raw = acc.unwrap_model(model)
         self.trainable = [p.requires_grad for p in self.raw.parameters()]
 
-    def train_only_this(self, others: list["_Trained"]) -> None:
+    def train_only_this(self, all_trained: list["_Trained"]) -> None:
         """Gradients on for this network, off for the others: a GAN's generator step runs a frozen
         discriminator, its discriminator step a generator whose fakes then need no graph."""
-        for t in others:
+        for t in all_trained:
             for p, keep in zip(t.raw.parameters(), t.trainable):
                 p.requires_grad_(keep if t is self else False)
 
@@ -301,7 +301,7 @@ def train(cfg: Config) -> int:
             acc.state.select_deepspeed_plugin(name)
             net_acc = acc if i == 0 else Accelerator(**acc_kw)
         model, opt = net_acc.prepare(nets[name], opt)
-        trained[name] = _Trained(name, net_acc, model, opt)
+        trained[name] = _Trained(name, net_acc, model, opt, o.lr_scale)
         if use_ds:
             _safe_deepspeed_checkpoints(model)
     raw = {n: trained[n].raw if n in trained else m for n, m in nets.items()}
@@ -394,7 +394,6 @@ def train(cfg: Config) -> int:
             if not use_ds:
                 for n, t in trained.items():
                     ckpt.save_state(tmp / f"optim-{n}.pt", t.opt.state_dict())
-        if main:
             if acc.scaler is not None:
                 ckpt.save_state(tmp / "scaler.pt", acc.scaler.state_dict())
             ema_steps = {}
@@ -457,7 +456,6 @@ def train(cfg: Config) -> int:
 
     for n in set(nets) - set(trained):
         nets[n].requires_grad_(False)  # networks no phase trains (e.g. a frozen autoencoder)
-    lr_scale = {n: family.optim_settings(n).lr_scale for n in trained}
     t_last, n_last = time.time(), nimg
     t_start, n_start = t_last, nimg
     last_good = latest
@@ -472,7 +470,7 @@ def train(cfg: Config) -> int:
                 t.train_only_this(list(trained.values()))
                 view = PhaseNets({n: t.model if n == p.network else raw[n] for n in nets}, raw)
                 for g in t.opt.param_groups:
-                    g["lr"] = tc.lr * lr_scale[p.network] * lr_mult
+                    g["lr"] = tc.lr * t.lr_scale * lr_mult
                 for micro in range(tc.grad_accum):
                     batch = next(batches)
                     consumed += 1
