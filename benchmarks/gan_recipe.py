@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distgen.demo import ensure_shards  # noqa: E402
+from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--num-samples", type=int, default=10000)
-    ap.add_argument("--features", default="runs/fm-features.safetensors")
+    ap.add_argument("--features", default=str(FEATURES), help="the demo's domain extractor, fitted if missing")
     ap.add_argument("--runs", default="runs/recipes")
     a = ap.parse_args()
     paths = ensure_shards()
