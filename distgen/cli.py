@@ -2,7 +2,7 @@
 
     distgen train CONFIG [key=value ...] [--dry-run]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
-                   [--guidance G] [--truncation PSI] --out OUT
+                   [--guidance G] [--truncation PSI] [--temperature T] --out OUT
     distgen export RUN_DIR OUT_DIR
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
     sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")
+    sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow)")
     sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--truncation", type=float, default=None)
+    ev.add_argument("--temperature", type=float, default=None)
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
@@ -126,7 +128,8 @@ def cmd_sample(args) -> int:
 
 def _sampling(args) -> dict:
     """Sampling options as given on the command line (the family checks which it takes)."""
-    return dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, truncation=args.truncation)
+    return dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, truncation=args.truncation,
+                temperature=args.temperature)
 
 
 def _fit_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ preemption. Counting is in samples seen (kimg), never epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from distgen import dist
 from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, resolve_shards
 from distgen.ema import EMASet
-from distgen.families import DataInfo, PhaseNets, build_family
+from distgen.families import DataInfo, Family, PhaseNets, build_family
 
 # Exit status after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "try again later".
 # The sbatch templates requeue the job on it.
@@ -289,6 +290,13 @@ def train(cfg: Config) -> int:
     nets = family.build_networks()
     for n in nets.values():
         n.to(acc.device)
+    latest = ckpt.newest_checkpoint(root)
+    if latest is None and type(family).data_init is not Family.data_init:
+        # Data-dependent initialisation (Glow's actnorm) on a fresh run, before engines copy the
+        # weights and EMAs start from them; a resumed run has the result in its checkpoint.
+        first = make_loader(list(cfg.data.train), dataclasses.replace(cfg.data, workers=0), batch_size=tc.batch_size,
+                            mode="train", rank=rank, world=world, seed=cfg.run.seed)
+        family.data_init(nets, {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in next(iter(first)).items()})
     emas = {name: EMASet(nets[name], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
             for name in family.ema_networks()}
     trained: dict[str, _Trained] = {}
@@ -318,7 +326,6 @@ def train(cfg: Config) -> int:
     step, nimg, data_start, data_skip = 0, 0, 0, 0
     counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0}
     interval: dict[str, list] = {}  # "<phase>/<name>" -> [sum, count] since the last record
-    latest = ckpt.newest_checkpoint(root)
     if latest is not None:
         meta = ckpt.read_meta(latest)
         if meta["world_size"] != world and main:

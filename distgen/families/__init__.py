@@ -5,11 +5,15 @@ from __future__ import annotations
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
 from distgen.families.diffusion import Diffusion
 from distgen.families.gan import GAN
+from distgen.families.glow import GlowFamily
+from distgen.families.pixelcnn import PixelCNN
 
 # An explicit registry (no string reflection): config ``model.family`` -> class.
 FAMILIES: dict[str, type[Family]] = {
     Diffusion.name: Diffusion,
     GAN.name: GAN,
+    PixelCNN.name: PixelCNN,
+    GlowFamily.name: GlowFamily,
 }
 
 

@@ -10,9 +10,10 @@ and samples. Adding a family is a new module registered in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -96,6 +97,10 @@ class Family:
         """Why this family's configuration cannot run under DeepSpeed ZeRO ``zero_stage`` (None: it can)."""
         return None
 
+    def data_init(self, nets: dict[str, nn.Module], batch: dict) -> None:
+        """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs
+        exist. Every rank calls it with its own batch; the family makes the result the same on all."""
+
     def after_step(self, phase: str, raw: dict[str, nn.Module]) -> None:
         """Called after ``phase``'s optimizer step with the plain modules (e.g. WGAN's weight clipping)."""
 
@@ -147,3 +152,25 @@ class Family:
     def load_export(self, out_dir: Path) -> dict[str, nn.Module]:
         """Networks back from :meth:`export`, loaded without running pickled code."""
         raise NotImplementedError
+
+
+def save_module(out_dir: str | Path, stem: str, module: nn.Module, spec: dict) -> None:
+    """``<stem>.safetensors`` (the state dict, buffers included) and ``<stem>_config.json`` (``spec``:
+    what rebuilds the module, e.g. its class and constructor arguments)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out / f"{stem}.safetensors"))
+    (out / f"{stem}_config.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def load_module(out_dir: str | Path, stem: str, build: Callable[[dict], nn.Module]) -> nn.Module:
+    """The module of :func:`save_module`: ``build(spec)``, then its weights, loaded without running pickled code."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    spec = json.loads((out / f"{stem}_config.json").read_text())
+    module = build(spec)
+    module.load_state_dict(load_file(str(out / f"{stem}.safetensors")))
+    return module

@@ -18,8 +18,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
 
 from distgen.config.core import ConfigError, check
 from distgen.config.schema import ModelConfig
@@ -77,8 +75,10 @@ def _discretized_gaussian_loglik(x: torch.Tensor, mean: torch.Tensor, log_scale:
                                    torch.log((upper - lower).clamp(min=tiny))))
 
 
-def make_sampler(name: str, train_scheduler: DDPMScheduler):
+def make_sampler(name: str, train_scheduler):
     """A diffusers sampling scheduler sharing the training noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
     if name == "ddpm":
         return DDPMScheduler.from_config(train_scheduler.config)
     if name == "ddim":
@@ -97,6 +97,9 @@ class Diffusion(Family):
         if cfg.class_conditional and data.num_classes < 1:
             raise ConfigError("model.class_conditional needs labelled data (the training manifest lists no classes)")
         self.num_classes = data.num_classes if cfg.class_conditional else 0
+        # diffusers is imported where it is used: loading the family registry stays cheap
+        from diffusers import DDPMScheduler
+
         self.scheduler = DDPMScheduler(**_scheduler_config(cfg))
 
     @property
@@ -111,6 +114,8 @@ class Diffusion(Family):
         return kw
 
     def build_networks(self):
+        from diffusers import UNet2DModel
+
         return {"unet": UNet2DModel(**self.unet_kwargs())}
 
     def phases(self):
@@ -136,6 +141,8 @@ class Diffusion(Family):
 
     @torch.no_grad()
     def sample(self, nets, generators, *, labels=None, steps=None, sampler=None, guidance=None):
+        from diffusers.utils.torch_utils import randn_tensor
+
         unet = nets["unet"]
         device = next(unet.parameters()).device
         sched = make_sampler(sampler or self.cfg.sampler, self.scheduler)
@@ -173,6 +180,8 @@ class Diffusion(Family):
         improved-diffusion's ``calc_bpd_loop``. Costs one network pass per
         training timestep.
         """
+        from diffusers.utils.torch_utils import randn_tensor
+
         unet = nets["unet"]
         s = self.scheduler
         dev = images.device
@@ -214,6 +223,8 @@ class Diffusion(Family):
         return -total
 
     def export(self, nets, out_dir):
+        from diffusers import DDPMPipeline
+
         # A standard diffusers pipeline folder: DiffusionPipeline.from_pretrained(out_dir) runs it.
         DDPMPipeline(unet=nets["unet"], scheduler=self.scheduler).save_pretrained(out_dir, safe_serialization=True)
         if self.num_classes:
@@ -226,5 +237,7 @@ class Diffusion(Family):
             (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def load_export(self, out_dir):
+        from diffusers import UNet2DModel
+
         unet = UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)
         return {"unet": unet}

@@ -18,20 +18,18 @@ stored in checkpoints.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distgen import dist
 from distgen.config.core import ConfigError, check
 from distgen.config.schema import ModelConfig
-from distgen.families.base import DataInfo, Family, OptimSettings, Phase
+from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
 from distgen.families.gan import basic, biggan, stylegan2
 from distgen.families.gan.augment import ADA, OPS, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
@@ -373,20 +371,14 @@ class GAN(Family):
 
     def export(self, nets, out_dir):
         """The EMA generator as ``generator.safetensors`` and a JSON that rebuilds it (``arch`` + constructor kwargs)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in nets["G"].state_dict().items()},
-                  str(out / "generator.safetensors"))
-        spec = {"arch": self.cfg.arch, "kwargs": self.generator_kwargs(), "noise_dim": self.noise_dim,
-                "info_categorical": self.n_cat, "info_continuous": self.n_cont, "truncation": self.cfg.truncation}
-        (out / GENERATOR_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
+        save_module(out_dir, "generator", nets["G"], {
+            "arch": self.cfg.arch, "kwargs": self.generator_kwargs(), "noise_dim": self.noise_dim,
+            "info_categorical": self.n_cat, "info_continuous": self.n_cont, "truncation": self.cfg.truncation})
 
     def load_export(self, out_dir):
-        out = Path(out_dir)
-        spec = json.loads((out / GENERATOR_CONFIG).read_text())
-        if spec["arch"] not in ARCHS:
-            raise ValueError(f"{out / GENERATOR_CONFIG}: unknown arch {spec['arch']!r}")
-        G = ARCHS[spec["arch"]][0](**spec["kwargs"])
-        G.load_state_dict(load_file(str(out / "generator.safetensors")))
-        return {"G": G}
+        def build(spec):
+            if spec["arch"] not in ARCHS:
+                raise ValueError(f"{Path(out_dir) / GENERATOR_CONFIG}: unknown arch {spec['arch']!r}")
+            return ARCHS[spec["arch"]][0](**spec["kwargs"])
 
+        return {"G": load_module(out_dir, "generator", build)}
