@@ -485,6 +485,9 @@ def train(cfg: Config) -> int:
                              for k, v in batch.items()}
                     # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
                     noise.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro))
+                    # The global RNG too (dropout draws from it): loaders built at a resume draw from it as well,
+                    # so only a per-step seed makes the resumed run's dropout masks those of the straight run.
+                    torch.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro, 1))
                     with t.acc.accumulate(t.model):
                         with t.acc.autocast():
                             per_sample, extras = family.loss(p.name, view, batch, noise)

@@ -17,11 +17,12 @@ from distgen.data import write_shards
 from distgen.dist import free_port
 from distgen.families import pixelcnn as P
 from distgen.families.glow import Glow, squeeze
-from distgen.sample import export, generate, load_ema
+from distgen.sample import SampleError, export, generate, load_ema, sampling_options
 from glow_ranks import init_on_rank
 from test_gan import _flat, records
 from test_train import launch, run, tiny_config, weights
 
+RES = 8  # training runs' image side: PixelCNN++ samples one pass per pixel
 GRID = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # the 256 pixel values on [-1, 1]
 
 
@@ -39,7 +40,7 @@ def test_the_logistic_mixture_sums_to_one_over_the_256_values_of_a_pixel():
     rg = torch.cartesian_prod(GRID, GRID)
     total = 0.0
     for b in GRID:
-        x = torch.cat([rg, b.expand(len(rg), 1)], 1)[:, [2, 0, 1], None, None]  # the last channel varies slowest
+        x = torch.cat([rg, b.expand(len(rg), 1)], 1)[:, [2, 0, 1], None, None]  # the first channel varies slowest
         total += P.log_prob(x, params.expand(len(rg), -1, -1, -1), 2).double().exp().sum().item()
     assert total == pytest.approx(1.0, abs=1e-5)
 
@@ -103,11 +104,23 @@ def _glow(dtype=torch.float32, classes=0):
 
 def test_glow_inverts_and_its_log_determinant_is_the_jacobians():
     net, y, labels = _glow(classes=3)
-    zs, logdet, _ = net.encode(y, labels)
+    zs, logdet, logp = net.encode(y, labels)
     assert [tuple(z.shape[1:]) for z in zs] == net.z_shapes == [(2, 4, 4), (8, 2, 2)]
+    # log p(y) = the priors' log densities (checked against torch.distributions) + log |det|
+    normal = torch.distributions.Normal
+    h = squeeze(y)
+    for step in net.levels[0]:
+        h, _ = step(h)
+    kept, split = h.chunk(2, 1)
+    assert torch.equal(split, zs[0])
+    mean, logs = net.priors[0](kept).chunk(2, 1)
+    want = normal(mean, logs.exp()).log_prob(split).flatten(1).sum(1)
+    mean, logs = (net.top + net.class_prior(labels)[:, :, None, None]).chunk(2, 1)
+    want = want + normal(mean, logs.exp()).log_prob(zs[1]).flatten(1).sum(1)
+    assert torch.allclose(logp, want, rtol=1e-5) and torch.allclose(net(y, labels), logp + logdet)
     assert (net.decode(zs, labels) - y).abs().max() < 1e-4
     net64, y64, _ = _glow(torch.float64)
-    _, logdet, _ = net64.encode(y64[:2])
+    logdet = net64.encode(y64[:2])[1]
 
     def flat(v):
         return torch.cat([z.flatten() for z in net64.encode(v.view(1, 1, 8, 8))[0]])
@@ -140,11 +153,31 @@ def test_actnorm_initialisation_is_the_same_on_two_processes_and_uses_the_global
     assert per_channel.mean(1).abs().max() < 1e-5 and (per_channel.std(1, unbiased=False) - 1).abs().max() < 1e-3
 
 
+def test_config_errors_name_the_field():
+    from distgen.config import ConfigError, build_dataclass
+    from distgen.config.schema import Config
+    from distgen.families.base import DataInfo
+    from distgen.families.glow import GlowConfig, GlowFamily
+
+    for model, field in [({"family": "pixelcnn", "dropout": 1.0}, "model.dropout"),
+                         ({"family": "pixelcnn", "nr_mix": 0}, "model.nr_mix"),
+                         ({"family": "glow", "temperature": -1}, "model.temperature"),
+                         ({"family": "glow", "coupling": "spline"}, "model.coupling")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            build_dataclass(Config, {"model": model})
+    with pytest.raises(ConfigError, match=r"data.resolution: .* multiple of 4, got 30"):
+        P.PixelCNN(P.PixelCNNConfig(), DataInfo(30, 1, 0))
+    with pytest.raises(ConfigError, match=r"model.levels: 3 level.* multiple of 8, got 28"):
+        GlowFamily(GlowConfig(levels=3), DataInfo(28, 1, 0))
+    with pytest.raises(ConfigError, match="model.conditional"):
+        GlowFamily(GlowConfig(conditional=True), DataInfo(28, 1, 0))
+
+
 # ---------------------------------------------------------------- training runs
 
 def lik_config(tmp_path, manifest, model: dict, **over):
     sections = {"model": {"preset": "tiny", **model},
-                "data": {"resolution": 16, "resize": "stretch", "labels": bool(model.get("conditional"))},
+                "data": {"resolution": RES, "resize": "stretch", "labels": bool(model.get("conditional"))},
                 "train": {"batch_size": 8, "total_kimg": 0.16, "lr": 2e-3, "log_every": 2, "checkpoint_every": 10},
                 "ema": {"halflife_kimg": [0.05], "rampup": 0.5}}
     for k, v in over.items():
@@ -208,20 +241,19 @@ def test_one_process_run_exports_samples_and_reports_bits_per_dim(family, tmp_pa
     got = np.load(tmp_path / "s.npz")
     options = {"temperature": 0.7} if family == "glow" else {}
     mine = generate(fam, nets, 5, seed=3, options=options)
-    assert got["x"].shape == (5, 16, 16, 1) and np.array_equal(got["x"], np.stack([mine[i][0] for i in range(5)]))
+    assert got["x"].shape == (5, RES, RES, 1) and np.array_equal(got["x"], np.stack([mine[i][0] for i in range(5)]))
     assert got["y"].tolist() == [0, 1, 2, 3, 4] and len({a.tobytes() for a in got["x"]}) == 5
     if family == "pixelcnn":
-        wrong = run(launch(1) + ["sample", str(out), "--num", "1", "--temperature", "0.5", "--out",
-                                 str(tmp_path / "t.npz")], env_with_repo, check=False)
-        assert wrong.returncode != 0 and "takes no sampling option --temperature" in wrong.stderr + wrong.stdout
+        with pytest.raises(SampleError, match="takes no sampling option --temperature"):
+            sampling_options(fam, {"temperature": 0.5})
 
     # bits/dim of a small labelled test split: the command's figure is the direct sum over its images
     from PIL import Image
     from test_eval import _fm_images
 
     x, y = _fm_images(21, offset=500)
-    x16 = np.stack([np.asarray(Image.fromarray(i).resize((16, 16))) for i in x])
-    np.savez(tmp_path / "t.npz", x=x16, y=y)
+    xs = np.stack([np.asarray(Image.fromarray(i).resize((RES, RES))) for i in x])
+    np.savez(tmp_path / "t.npz", x=xs, y=y)
     write_shards(f"npz:{tmp_path / 't.npz'}", tmp_path / "t", "test", samples_per_shard=8)
     res = tmp_path / "bpd.json"
     r = run(launch(1) + ["eval", str(out), "--metrics", "bpd", "--test", str(tmp_path / "t" / "test.manifest.json"),
@@ -229,5 +261,5 @@ def test_one_process_run_exports_samples_and_reports_bits_per_dim(family, tmp_pa
     assert "bits/dim" in r.stdout
     got = json.loads(res.read_text())
     assert got["bpd_images"] == 21 and got["bpd_kind"] == ("exact" if family == "pixelcnn" else "bound")
-    want = _bpd_direct(fam, nets, x16[..., None], torch.from_numpy(y), per_shard=8)
+    want = _bpd_direct(fam, nets, xs[..., None], torch.from_numpy(y), per_shard=8)
     assert got["bpd"] == pytest.approx(want, rel=1e-6) and 0 < got["bpd"] < 16

@@ -158,24 +158,25 @@ class Coupling(nn.Module):
         self.net = nn.Sequential(ConvActNorm(half, hidden, 3), ConvActNorm(hidden, hidden, 1),
                                  ZeroConv(hidden, (channels - half) * (2 if affine else 1)))
 
-    def _shift_scale(self, x1):
+    def _shift_log_scale(self, x1):
         h = self.net(x1)
         if not self.affine:
             return h, None
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        # log sigmoid directly: log(sigmoid(.)) underflows to -inf for very negative inputs
+        return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x):
         x1, x2 = x.chunk(2, 1)
-        shift, scale = self._shift_scale(x1)
-        if scale is None:
+        shift, log_scale = self._shift_log_scale(x1)
+        if log_scale is None:
             return torch.cat([x1, x2 + shift], 1), x.new_zeros(())
-        y2 = (x2 + shift) * scale
-        return torch.cat([x1, y2], 1), torch.log(scale).flatten(1).sum(1)
+        y2 = (x2 + shift) * torch.exp(log_scale)
+        return torch.cat([x1, y2], 1), log_scale.flatten(1).sum(1)
 
     def reverse(self, y):
         y1, y2 = y.chunk(2, 1)
-        shift, scale = self._shift_scale(y1)
-        x2 = y2 - shift if scale is None else y2 / scale - shift
+        shift, log_scale = self._shift_log_scale(y1)
+        x2 = y2 - shift if log_scale is None else y2 * torch.exp(-log_scale) - shift
         return torch.cat([y1, x2], 1)
 
 

@@ -1,6 +1,7 @@
 """PixelCNN++ (Salimans et al. 2017): an autoregressive model with an exact likelihood.
 
-The network follows openai/pixel-cnn: two causal streams (down-shifted
+The network follows openai/pixel-cnn (without its weight normalisation and
+its data-dependent initialisation; plain convolutions): two causal streams (down-shifted
 convolutions see the rows above, down-right-shifted ones the pixels above and
 to the left), gated residual blocks with concat-ELU and dropout, a U-shaped
 pass over three resolutions with short-cuts from the first half to the second,
@@ -31,7 +32,7 @@ from distgen.families.base import DataInfo, Family, Phase, load_module, save_mod
 # nr_resnet gated blocks per resolution, nr_filters channels, nr_mix logistics; paper: the CIFAR-10 model (2.92 bits/dim)
 PRESETS: dict[str, dict] = {
     "tiny": dict(nr_resnet=1, nr_filters=16, nr_mix=3),
-    "small": dict(nr_resnet=2, nr_filters=64, nr_mix=5),
+    "small": dict(nr_resnet=1, nr_filters=32, nr_mix=5),
     "paper": dict(nr_resnet=5, nr_filters=160, nr_mix=10),
 }
 
@@ -92,9 +93,13 @@ def log_prob(x: torch.Tensor, params: torch.Tensor, nr_mix: int) -> torch.Tensor
 
 
 def _uniform(generators: list[torch.Generator], n: int, device) -> torch.Tensor:
-    """[B, n] uniforms in (0, 1), row i from generators[i] (an image depends on its own seed only)."""
-    u = torch.stack([torch.rand(n, generator=g, device=device) for g in generators])
-    return u.clamp(1e-5, 1 - 1e-5)
+    """[B, n] uniforms in (0, 1), row i from generators[i] (an image depends on its own seed only).
+
+    float64, kept off 0 by 1e-12 only: the logistic tails and the Gumbel draw are cut where the
+    mass left out is ~1e-12 (the reference's float32 clamp at 1e-5 leaves out ~1e-5).
+    """
+    u = torch.stack([torch.rand(n, generator=g, device=device, dtype=torch.float64) for g in generators])
+    return u.clamp(min=1e-12)
 
 
 def sample_pixel(params: torch.Tensor, nr_mix: int, channels: int, generators: list[torch.Generator]) -> torch.Tensor:
@@ -108,7 +113,7 @@ def sample_pixel(params: torch.Tensor, nr_mix: int, channels: int, generators: l
     logits, means, log_scales, coeffs = (t[..., 0, 0] for t in _split(params.float()[:, :, None, None], channels,
                                                                        nr_mix))
     u = _uniform(generators, nr_mix + channels, params.device)
-    k = (logits - torch.log(-torch.log(u[:, :nr_mix]))).argmax(1)
+    k = (logits.double() - torch.log(-torch.log(u[:, :nr_mix]))).argmax(1)
     pick = lambda t: t.gather(-1, k.view(b, 1, 1).expand(b, t.shape[1], 1))[..., 0]  # noqa: E731
     means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)
     x = torch.zeros(b, channels, device=params.device)
@@ -119,7 +124,7 @@ def sample_pixel(params: torch.Tensor, nr_mix: int, channels: int, generators: l
             mean = mean + coeffs[:, j] * x[:, i]
             j += 1
         uc = u[:, nr_mix + c]
-        v = mean + torch.exp(log_scales[:, c]) * (torch.log(uc) - torch.log1p(-uc))
+        v = mean + torch.exp(log_scales[:, c]) * (torch.log(uc) - torch.log1p(-uc)).float()
         x[:, c] = torch.clamp(torch.round((v + 1) * 127.5), 0, 255) / 127.5 - 1
     return x
 
@@ -193,6 +198,8 @@ class GatedResnet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.conv2 = conv(2 * nf, 2 * nf)
         self.cond = nn.Embedding(num_classes, 2 * nf) if num_classes else None
+        if self.cond is not None:
+            nn.init.normal_(self.cond.weight, std=0.05)  # the reference's scale: a small class bias at the start
 
     def forward(self, x, skip=None, labels=None):
         c = self.conv1(concat_elu(x))
