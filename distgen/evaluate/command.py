@@ -44,8 +44,8 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
     spec.sampling = sampling_options(family, options or {})
     res = Evaluator(spec, state.device).run(family, nets, cfg.data)
     if dist.is_main():
-        print(f"distgen eval: {path}: {spec.num_samples} samples, seed {spec.seed}, {dist.world_size()} process(es), "
-              f"extractor {res['extractor']}, {res['seconds']:.1f}s")
+        what = f"{spec.num_samples} samples, extractor {res['extractor']}, " if res["extractor"] else ""
+        print(f"distgen eval: {path}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
         print(format_results(res))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -264,6 +265,36 @@ class PixelCNNpp(nn.Module):
 
 # ---------------------------------------------------------------- the family
 
+class _Progress:
+    """Rank 0's progress through the pixels: a bar on a terminal, a line every 30 s in batch logs."""
+
+    def __init__(self, desc: str, total: int):
+        from distgen import dist
+
+        self.desc, self.total, self.done = desc, total, 0
+        self.on = dist.is_main()
+        self.bar = None
+        if self.on and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="px", leave=False)
+        self.t0 = self.last = time.time()
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.on and time.time() - self.last >= 30:
+            self.last = time.time()
+            print(f"{self.desc}: {self.done}/{self.total} pixels, {self.last - self.t0:.0f}s", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+
 @dataclass(frozen=True)
 class PixelCNNConfig(ModelConfig):
     family: str = "pixelcnn"
@@ -342,19 +373,13 @@ class PixelCNN(Family):
         # Rows below i cannot change row i's output: a pass needs the rows up to i only, rounded up
         # to a multiple of 4 for the two halvings.
         rows = [min(r, 4 * math.ceil((i + 1) / 4)) for i in range(r)]
-        from tqdm import tqdm
-
-        from distgen import dist
-
-        # A bar on a terminal (rank 0); a line every 30 s in batch logs. It is slow by nature: r*r passes.
-        bar = tqdm(total=r * r, desc=f"PixelCNN++ sampling {n} image(s)", unit="px", leave=False,
-                   disable=not dist.is_main(), mininterval=0.5 if sys.stderr.isatty() else 30)
+        progress = _Progress(f"PixelCNN++ sampling {n} image(s)", r * r)
         for i in range(r):
             for j in range(r):
                 params = net(x[:, :, :rows[i]], labels)[:, :, i, j]
                 x[:, :, i, j] = sample_pixel(params, net.nr_mix, c, generators)
-                bar.update(1)
-        bar.close()
+                progress.update()
+        progress.close()
         return x
 
     def export(self, nets, out_dir):
