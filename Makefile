@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 DEEPSPEED ?= deepspeed==0.19.8
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: setup sysdeps demo test clean
 
