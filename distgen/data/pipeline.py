@@ -504,8 +504,27 @@ class Loader:
         self.count = 0
         self.skipped = 0
 
+    def _start(self):
+        """The DataLoader's iterator: its workers start here.
+
+        A scheduler's SIGTERM / SIGUSR1 stays blocked while they start, so a worker is born with
+        them blocked and only its watch thread (:func:`_worker_init`) ever takes them; torch's own
+        worker handler would otherwise let a signal that lands before ``_worker_init`` runs kill
+        the worker (and crash the run it should checkpoint). Here the signals arrive when the
+        block ends.
+        """
+        if not self.workers:
+            return iter(self.loader)
+        import signal
+
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        try:
+            return iter(self.loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
+        for batch in self._start():
             self.skipped += batch.pop("skipped", 0)
             if "image" not in batch:
                 continue
