@@ -290,13 +290,17 @@ def train(cfg: Config) -> int:
     nets = family.build_networks()
     for n in nets.values():
         n.to(acc.device)
+
+    def on_device(batch: dict) -> dict:
+        return {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
     latest = ckpt.newest_checkpoint(root)
     if latest is None and type(family).data_init is not Family.data_init:
         # Data-dependent initialisation (Glow's actnorm) on a fresh run, before engines copy the
         # weights and EMAs start from them; a resumed run has the result in its checkpoint.
         first = make_loader(list(cfg.data.train), dataclasses.replace(cfg.data, workers=0), batch_size=tc.batch_size,
                             mode="train", rank=rank, world=world, seed=cfg.run.seed)
-        family.data_init(nets, {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in next(iter(first)).items()})
+        family.data_init(nets, on_device(next(iter(first))))
     emas = {name: EMASet(nets[name], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
             for name in family.ema_networks()}
     trained: dict[str, _Trained] = {}
@@ -481,8 +485,7 @@ def train(cfg: Config) -> int:
                 for micro in range(tc.grad_accum):
                     batch = next(batches)
                     consumed += 1
-                    batch = {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v)
-                             for k, v in batch.items()}
+                    batch = on_device(batch)
                     # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes.
                     noise.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro))
                     # The global RNG too (dropout draws from it): loaders built at a resume draw from it as well,
