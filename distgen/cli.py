@@ -4,7 +4,7 @@
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
                    [--guidance G] [--truncation PSI] [--temperature T] --out OUT
     distgen export RUN_DIR OUT_DIR
-    distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd --num-samples N [--ref SHARDS|STATS] [...]
+    distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
@@ -48,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
                                      "(or: eval fit-features SHARDS OUT)")
     ev.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
-    ev.add_argument("--metrics", default="fid", help="comma list of fid, kid, isc, prc, bpd (default fid)")
+    ev.add_argument("--metrics", default="fid", help="comma list of fid, kid, isc, prc, bpd, recon (default fid)")
     ev.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
     ev.add_argument("--ref", nargs="+", default=None,
                     help="reference shards, manifest or .npz statistics (default: eval.ref, else data.train)")
-    ev.add_argument("--test", nargs="+", default=None, help="test shards for bpd (default data.eval)")
+    ev.add_argument("--test", nargs="+", default=None, help="test shards for bpd and recon (default data.eval)")
     ev.add_argument("--batch-size", type=int, default=None, help="images per extractor pass per process")
     ev.add_argument("--seed", type=int, default=None, help="image i is drawn with the seed (seed, i)")
     ev.add_argument("--feature-extractor", default=None, metavar="PATH",
@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--truncation", type=float, default=None)
     ev.add_argument("--temperature", type=float, default=None)
+    ev.add_argument("--iw-samples", type=int, default=None,
+                    help="bpd of a VAE: 1 gives the ELBO, K > 1 the importance-weighted bound")
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
@@ -160,7 +162,7 @@ def cmd_eval(args) -> int:
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
                         inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-                        options=_sampling(args), out=args.out)
+                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples}, out=args.out)
 
 
 def cmd_export(args) -> int:

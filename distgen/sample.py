@@ -120,6 +120,16 @@ def sampling_options(family, options: dict) -> dict:
         raise SampleError(str(e)) from None
 
 
+def likelihood_options(family, options: dict) -> dict:
+    """The set bits/dim options (``--iw-samples``), checked against those ``family`` takes."""
+    given = {k: v for k, v in options.items() if v is not None}
+    bad = sorted(set(given) - set(getattr(family, "likelihood_options", ())))
+    if bad:
+        raise SampleError(f"the {family.name} family's likelihood takes no option "
+                          f"{', '.join('--' + b.replace('_', '-') for b in bad)}")
+    return given
+
+
 def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict] = None,
                 device="cpu", rank: int = 0, world: int = 1):
     """This rank's images, a block at a time: (indices, uint8 NHWC, labels or None).

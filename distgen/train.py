@@ -265,6 +265,9 @@ def train(cfg: Config) -> int:
             ds_cfg["gradient_clipping"] = tc.grad_clip
             ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
             zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        if tc.skip_grad_norm:
+            raise TrainingError("train.skip_grad_norm: DeepSpeed steps inside its own backward, so an update "
+                                "cannot be skipped by its gradient norm; unset it or train with DDP")
         problem = family.engine_problem(zero_stage)
         if problem:
             raise TrainingError(f"DeepSpeed ZeRO-{zero_stage}: {problem}")
@@ -328,7 +331,7 @@ def train(cfg: Config) -> int:
 
     # ---- resume from the newest complete checkpoint
     step, nimg, data_start, data_skip = 0, 0, 0, 0
-    counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0}
+    counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0, "skipped_updates_total": 0}
     interval: dict[str, list] = {}  # "<phase>/<name>" -> [sum, count] since the last record
     if latest is not None:
         meta = ckpt.read_meta(latest)
@@ -504,12 +507,18 @@ def train(cfg: Config) -> int:
                         else:
                             step_ok = False
                         if t.acc.sync_gradients and not use_ds:
+                            extreme = False
                             if step_ok:
                                 norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0
                                                              else float("inf"))
                                 if acc.scaler is None and norm is not None and not torch.isfinite(norm):
                                     step_ok = False
-                            if step_ok:
+                                elif tc.skip_grad_norm and norm is not None and float(norm) > tc.skip_grad_norm:
+                                    # VDVAE's stabiliser: an extreme gradient (the same on every rank after
+                                    # DDP's all-reduce) skips this update; the step still counts.
+                                    extreme = True
+                                    counters["skipped_updates_total"] += 1
+                            if step_ok and not extreme:
                                 t.opt.step()
                                 if t.acc.optimizer_step_was_skipped:
                                     counters["overflow_total"] += 1  # fp16 loss scaling found inf, lowered scale
@@ -540,6 +549,7 @@ def train(cfg: Config) -> int:
                        "lr": tc.lr * lr_mult, "samples_per_s": sps,
                        "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None,
                        "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
+                       "skipped_updates_total": counters["skipped_updates_total"],
                        **means}
                 log.record(rec)
                 interval.clear()

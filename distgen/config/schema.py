@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_kimg: float = 0.0  # linear learning-rate warm-up
     lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    skip_grad_norm: Optional[float] = None  # skip an update whose gradient norm (before clipping) exceeds this (VDVAE)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     log_every: int = 10  # steps between progress / metrics.jsonl / TensorBoard records
@@ -76,6 +77,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         check(self.warmup_kimg >= 0, f"{path}.warmup_kimg", "must be >= 0")
         check(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 turns clipping off)")
+        check(self.skip_grad_norm is None or self.skip_grad_norm > 0, f"{path}.skip_grad_norm", "must be > 0 or null")
         check(self.max_nonfinite >= 1, f"{path}.max_nonfinite", "must be >= 1")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_num"):
             check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -119,7 +121,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # training steps between evaluations of the EMA weights (0: none during training)
-    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd
+    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon
     num_samples: int = 10000  # generated images per evaluation
     ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
     batch_size: int = 64  # images per feature-extractor pass, per process
@@ -131,7 +133,7 @@ class EvalConfig:
     best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
 
     LOWER_IS_BETTER = ("fid", "kid_mean", "bpd")
-    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score")
+    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim")
 
     def validate(self, path: str) -> None:
         from distgen.evaluate.core import METRICS
@@ -152,7 +154,7 @@ class EvalConfig:
         if self.best_metric:
             return self.best_metric
         first = self.metrics[0]
-        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score"}.get(first, first)
+        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr"}.get(first, first)
 
     def better(self, a: float, b: Optional[float]) -> bool:
         """Is ``a`` better than ``b`` for :attr:`best_key`?"""

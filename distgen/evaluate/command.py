@@ -11,7 +11,8 @@ from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_confi
 
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
-         "class_entropy": "class entropy", "class_max_share": "top class share"}
+         "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
+         "ssim": "SSIM"}
 
 
 def format_results(res: dict) -> str:
@@ -30,10 +31,10 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                  test: Optional[list[str]] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
                  feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
                  cache_dir: Optional[str] = None, options: Optional[dict] = None,
-                 out: Optional[str] = None) -> int:
+                 likelihood: Optional[dict] = None, out: Optional[str] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import load_ema, sampling_options
+    from distgen.sample import likelihood_options, load_ema, sampling_options
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     family, nets, cfg = load_ema(path, state.device)
@@ -42,6 +43,7 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
                                       cache_dir=cache_dir)
     spec.sampling = sampling_options(family, options or {})
+    spec.likelihood = likelihood_options(family, likelihood or {})
     res = Evaluator(spec, state.device).run(family, nets, cfg.data)
     if dist.is_main():
         what = f"{spec.num_samples} samples, extractor {res['extractor']}, " if res["extractor"] else ""

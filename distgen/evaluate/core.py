@@ -14,6 +14,9 @@
   and the image geometry.
 - ``bpd``: the family supplies log p(x) per image (or a lower bound); the
   pass over the test split, the sum across ranks and the units are here.
+- ``recon``: the family reconstructs the test split (a VAE); PSNR and SSIM
+  (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) per image on the
+  0..255 scale, averaged over every image once.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
 from distgen import dist
 from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable
 
-METRICS = ("fid", "kid", "isc", "prc", "bpd")
+METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon")
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")
 CACHE_FORMAT = "distgen-refstats/1"
@@ -70,6 +73,7 @@ class EvalSpec:
     cache_dir: Optional[str] = None
     kid_subset_size: int = 1000
     sampling: dict = field(default_factory=dict)  # family.sample options (steps, truncation, ...)
+    likelihood: dict = field(default_factory=dict)  # family.log_likelihood options (iw_samples)
 
 
 @dataclass
@@ -335,6 +339,8 @@ class Evaluator:
                 res.update(self._metrics(todo, gen, ref))
         if "bpd" in spec.metrics:
             res.update(self.bpd(family, nets, data_cfg))
+        if "recon" in spec.metrics:
+            res.update(self.recon(family, nets, data_cfg))
         if ref is not None:
             res["ref_cache"] = ref.cache
             res["ref_images"] = ref.num
@@ -372,25 +378,16 @@ class Evaluator:
     # ---- bits per dimension
     def bpd(self, family, nets, data_cfg) -> dict:
         """Bits per dimension of the test split: -log2 p(x) / (C H W), summed over every image once."""
-        from distgen.data import make_loader
-
         if getattr(family, "likelihood", None) is None:
             self.skipped["bpd"] = f"the {family.name} family supplies no log-likelihood"
             return {}
-        if not self.spec.test:
-            raise EvalError("bpd needs test shards (--test SHARDS|MANIFEST, or data.eval in the config)")
-        loader = make_loader(self.spec.test, data_cfg, batch_size=self.spec.batch_size, mode="eval",
-                             rank=dist.rank(), world=dist.world_size(), as_float=False)
         nll, n = 0.0, 0
         with torch.no_grad():
-            for batch in loader:
-                x = batch["image"].to(self.device)
-                # One generator per image, seeded by (seed, index): a stochastic bound (dequantisation,
-                # a VAE's posterior sample) is then the same at any world size.
-                gens = [torch.Generator(device=self.device).manual_seed(dist.derive_seed(self.spec.seed, int(i)))
-                        for i in batch["index"]]
-                labels = batch.get("label")
-                logp = family.log_likelihood(nets, x, labels.to(self.device) if labels is not None else None, gens)
+            # One generator per image, seeded by (seed, index): a stochastic bound (dequantisation,
+            # a VAE's posterior sample) is then the same at any world size.
+            for x, labels, gens in self._test_batches(data_cfg, "bpd"):
+                logp = family.log_likelihood(nets, x, labels.to(self.device) if labels is not None else None, gens,
+                                             **self.spec.likelihood)
                 nll -= float(logp.double().sum())
                 n += x.shape[0]
         nll = dist.all_reduce_sum(float(nll))
@@ -398,4 +395,66 @@ class Evaluator:
         if total == 0:
             raise EvalError(f"bpd: the test shards {self.spec.test} hold no images")
         dims = data_cfg.channels * data_cfg.resolution ** 2
-        return {"bpd": nll / (total * dims * math.log(2)), "bpd_images": total, "bpd_kind": family.likelihood}
+        out = {"bpd": nll / (total * dims * math.log(2)), "bpd_images": total, "bpd_kind": family.likelihood}
+        out.update({f"bpd_{k}": v for k, v in self.spec.likelihood.items()})
+        return out
+
+    def _test_batches(self, data_cfg, what: str):
+        """(uint8 images, labels, one generator per image) of one exact pass over the test split."""
+        from distgen.data import make_loader
+
+        if not self.spec.test:
+            raise EvalError(f"{what} needs test shards (--test SHARDS|MANIFEST, or data.eval in the config)")
+        loader = make_loader(self.spec.test, data_cfg, batch_size=self.spec.batch_size, mode="eval",
+                             rank=dist.rank(), world=dist.world_size(), as_float=False)
+        for batch in loader:
+            gens = [torch.Generator(device=self.device).manual_seed(dist.derive_seed(self.spec.seed, int(i)))
+                    for i in batch["index"]]
+            yield batch["image"].to(self.device), batch.get("label"), gens
+
+    # ---- reconstructions
+    def recon(self, family, nets, data_cfg) -> dict:
+        """Mean PSNR and SSIM of the family's reconstructions of the test split."""
+        from distgen.sample import to_uint8
+
+        if not hasattr(family, "reconstruct"):
+            self.skipped["recon"] = f"the {family.name} family does not reconstruct images"
+            return {}
+        psnr_sum, ssim_sum, n = 0.0, 0.0, 0
+        with torch.no_grad():
+            for x, _labels, gens in self._test_batches(data_cfg, "recon"):
+                rec = torch.from_numpy(to_uint8(family.reconstruct(nets, x, gens))).permute(0, 3, 1, 2)
+                p, q = psnr(x.cpu(), rec), ssim(x.cpu(), rec)
+                psnr_sum += float(p.sum())
+                ssim_sum += float(q.sum())
+                n += x.shape[0]
+        psnr_sum, ssim_sum, n = dist.all_reduce_floats([psnr_sum, ssim_sum, float(n)])
+        if n == 0:
+            raise EvalError(f"recon: the test shards {self.spec.test} hold no images")
+        return {"psnr": psnr_sum / n, "ssim": ssim_sum / n, "recon_images": int(n)}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 NCHW images (peak 255); identical images give +inf."""
+    mse = (a.double() - b.double()).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) of uint8 NCHW images: Gaussian-weighted local statistics over the
+    window positions that fit inside the image, averaged over positions and channels. Images smaller
+    than the window use the largest odd window that fits."""
+    import torch.nn.functional as F
+
+    x, y = a.double(), b.double()
+    c = x.shape[1]
+    size = min(size, (min(x.shape[2:]) - 1) // 2 * 2 + 1)
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+    f = lambda t: F.conv2d(t, w, groups=c)  # noqa: E731
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    m = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return m.flatten(1).mean(1)

@@ -7,6 +7,7 @@ from distgen.families.diffusion import Diffusion
 from distgen.families.gan import GAN
 from distgen.families.glow import GlowFamily
 from distgen.families.pixelcnn import PixelCNN
+from distgen.families.vae import VAEFamily
 
 # An explicit registry (no string reflection): config ``model.family`` -> class.
 FAMILIES: dict[str, type[Family]] = {
@@ -14,6 +15,7 @@ FAMILIES: dict[str, type[Family]] = {
     GAN.name: GAN,
     PixelCNN.name: PixelCNN,
     GlowFamily.name: GlowFamily,
+    VAEFamily.name: VAEFamily,
 }
 
 

@@ -137,11 +137,16 @@ class Family:
                              f"(it takes: {', '.join('--' + o for o in self.sample_options) or 'none'})")
         return given
 
+    # Keyword options of log_likelihood() (``distgen eval`` flags, e.g. a VAE's --iw-samples); others are refused.
+    likelihood_options: ClassVar[tuple[str, ...]] = ()
+
     def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
-                       generators: list[torch.Generator]) -> torch.Tensor:
+                       generators: list[torch.Generator], **options) -> torch.Tensor:
         """log p(x) in nats per image (or a lower bound) of uint8 NCHW ``images``, discrete pixel values.
 
         One generator per image for anything stochastic (dequantisation noise, posterior samples).
+        A family that reconstructs images also defines ``reconstruct(nets, images, generators)``
+        (float NCHW on [-1, 1]), which the ``recon`` metric (PSNR / SSIM) uses.
         """
         raise NotImplementedError(f"the {self.name} family has no log-likelihood")
 

@@ -1,0 +1,415 @@
+"""VAEs: the convolutional VAE / beta-VAE (Kingma & Welling 2014; Higgins et al. 2017) and a
+hierarchical VAE in the style of VDVAE (Child 2021) and NVAE (Vahdat & Kautz 2020).
+
+Both networks share one contract: ``net(x, generator)`` draws latents from the
+posterior and returns the decoder's likelihood parameters, the analytic KL
+of every latent group (per sample), and the log densities of the drawn
+latents under the posterior and the prior (for the importance-weighted
+bound). The decoder's likelihood is a discretised logistic mixture, a
+discretised Gaussian (both on the 256 pixel values) or a Bernoulli over
+binarised pixels.
+
+- Training minimises the negative ELBO in bits/dim, the KL weighted by
+  ``beta`` (beta-VAE), ramped from 0 over ``kl_warmup_kimg`` and with
+  ``free_bits`` nats per latent group (Kingma et al. 2016).
+- ``distgen eval --metrics bpd`` gives the ELBO (``--iw-samples 1``) or the
+  importance-weighted bound with k samples (Burda et al. 2016); ``recon``
+  gives reconstruction PSNR / SSIM of the test split.
+- Sampling draws from the prior with a temperature; :meth:`VAEFamily.reconstruct`
+  and :meth:`VAEFamily.interpolate` go through the latent space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distgen.config.core import ConfigError, check
+from distgen.config.schema import ModelConfig
+from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.diffusion import _discretized_gaussian_loglik
+from distgen.families.pixelcnn import log_prob as logistic_mixture_log_prob
+from distgen.families.pixelcnn import num_params as logistic_mixture_params
+
+LOG2PI = math.log(2 * math.pi)
+
+# arch -> preset -> constructor arguments
+PRESETS: dict[str, dict[str, dict]] = {
+    "vae": {"tiny": dict(width=16, latent_dim=8), "small": dict(width=64, latent_dim=32),
+            "paper": dict(width=128, latent_dim=128)},
+    # blocks per resolution (finest first) and latent channels per group; paper: a VDVAE-like CIFAR-10 size
+    "hvae": {"tiny": dict(width=16, zdim=4, blocks=(1, 1, 1)), "small": dict(width=64, zdim=8, blocks=(2, 2, 2)),
+             "paper": dict(width=384, zdim=16, blocks=(8, 8, 6))},
+}
+
+
+def gaussian_log_density(z, mean, logs) -> torch.Tensor:
+    """log N(z; mean, exp(logs)^2), summed per sample."""
+    return (-0.5 * (LOG2PI + 2 * logs + (z - mean) ** 2 * torch.exp(-2 * logs))).flatten(1).sum(1)
+
+
+def gaussian_kl(qm, qlogs, pm, plogs) -> torch.Tensor:
+    """KL(N(qm, e^qlogs) || N(pm, e^plogs)) in closed form, summed per sample."""
+    return (plogs - qlogs + 0.5 * (torch.exp(2 * qlogs) + (qm - pm) ** 2) * torch.exp(-2 * plogs) - 0.5).flatten(1).sum(1)
+
+
+def _randn(shape, generator, device):
+    """Standard normals; with a list of generators, row i from generators[i] (an image's latents then
+    depend on its own seed only, whatever the batch around it)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+# ---------------------------------------------------------------- the decoder's likelihood
+
+class Likelihood:
+    """p(x | decoder output): the parameter count and the log-probability per sample (nats)."""
+
+    def __init__(self, kind: str, channels: int, nr_mix: int):
+        self.kind, self.channels, self.nr_mix = kind, channels, nr_mix
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "logistic":
+            return logistic_mixture_params(self.channels, self.nr_mix)
+        return self.channels * (2 if self.kind == "gaussian" else 1)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """What is modelled, from images on [-1, 1]: the 256-value grid, or {0, 1} for a Bernoulli."""
+        x255 = ((x + 1) * 127.5).round()
+        return (x255 > 127).float() if self.kind == "bernoulli" else x255 / 127.5 - 1
+
+    def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = out.float()
+        if self.kind == "logistic":
+            return logistic_mixture_log_prob(x, out, self.nr_mix).flatten(1).sum(1)
+        if self.kind == "gaussian":
+            mean, log_scale = out.chunk(2, 1)
+            return _discretized_gaussian_loglik(x, torch.tanh(mean), log_scale.clamp(min=-7)).flatten(1).sum(1)
+        return -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The decoder's point image on [-1, 1] (reconstructions, samples): the mixture's most likely
+        component mean, the Gaussian mean, or the Bernoulli probability."""
+        out = out.float()
+        if self.kind == "gaussian":
+            return torch.tanh(out[:, :self.channels])
+        if self.kind == "bernoulli":
+            return torch.sigmoid(out) * 2 - 1
+        m, c = self.nr_mix, self.channels
+        b, _, h, w = out.shape
+        logits = out[:, :m]
+        rest = out[:, m:].reshape(b, -1, m, h, w)
+        means, coeffs = rest[:, :c], torch.tanh(rest[:, 2 * c:])
+        k = logits.argmax(1, keepdim=True)  # [B, 1, H, W]
+        pick = lambda t: t.gather(2, k[:, None].expand(-1, t.shape[1], 1, -1, -1))[:, :, 0]  # noqa: E731
+        means, coeffs = pick(means), pick(coeffs) if c > 1 else None
+        x, j = [], 0
+        for ch in range(c):
+            v = means[:, ch]
+            for i in range(ch):
+                v = v + coeffs[:, j] * x[i]
+                j += 1
+            x.append(v.clamp(-1, 1))
+        return torch.stack(x, 1)
+
+
+# ---------------------------------------------------------------- the convolutional VAE
+
+class ConvVAE(nn.Module):
+    """Two stride-2 convolutions down to a Gaussian latent vector, and back up."""
+
+    def __init__(self, channels=1, resolution=28, width=64, latent_dim=32, out_channels=3):
+        super().__init__()
+        self.latent_dim, self.res4 = latent_dim, resolution // 4
+        flat = 2 * width * self.res4 ** 2
+        self.enc = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.SiLU(), nn.Conv2d(width, 2 * width, 4, 2, 1),
+                                 nn.SiLU(), nn.Flatten(), nn.Linear(flat, 2 * latent_dim))
+        self.dec_in = nn.Linear(latent_dim, flat)
+        self.dec = nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.SiLU(),
+                                 nn.ConvTranspose2d(width, out_channels, 4, 2, 1))
+
+    def posterior(self, x):
+        mean, logs = self.enc(x).chunk(2, 1)
+        return mean, logs.clamp(-10, 5)
+
+    def decode(self, z):
+        return self.dec(self.dec_in(z).view(z.shape[0], -1, self.res4, self.res4))
+
+    def forward(self, x, generator: Optional[torch.Generator] = None):
+        qm, qlogs = self.posterior(x)
+        z = qm + torch.exp(qlogs) * _randn(qm.shape, generator, x.device)
+        zero = torch.zeros_like(qm)
+        return {"out": self.decode(z), "kl": [gaussian_kl(qm, qlogs, zero, zero)],
+                "logq": gaussian_log_density(z, qm, qlogs), "logp": gaussian_log_density(z, zero, zero)}
+
+    def sample(self, eps: list[torch.Tensor], temperature: float = 1.0):
+        return self.decode(temperature * eps[0])
+
+    def latent_shapes(self):
+        return [(self.latent_dim,)]
+
+
+# ---------------------------------------------------------------- the hierarchical VAE
+
+class ResBlock(nn.Module):
+    """VDVAE's bottleneck residual block: 1x1, 3x3, 3x3, 1x1 with GELU; the last layer starts small."""
+
+    def __init__(self, cin, hidden, cout, residual=True, last_scale=1.0):
+        super().__init__()
+        self.residual = residual
+        self.c1, self.c2 = nn.Conv2d(cin, hidden, 1), nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(hidden, hidden, 3, padding=1), nn.Conv2d(hidden, cout, 1)
+        with torch.no_grad():
+            self.c4.weight.mul_(last_scale)
+
+    def forward(self, x):
+        h = self.c4(F.gelu(self.c3(F.gelu(self.c2(F.gelu(self.c1(F.gelu(x))))))))
+        return x + h if self.residual else h
+
+
+class TopDownBlock(nn.Module):
+    """One latent group: prior p(z | h) and posterior q(z | h, encoder activation), then h += proj(z)."""
+
+    def __init__(self, width, zdim, depth_scale):
+        super().__init__()
+        hidden = max(width // 4, 4)
+        self.zdim = zdim
+        self.enc = ResBlock(2 * width, hidden, 2 * zdim, residual=False)
+        self.prior = ResBlock(width, hidden, 2 * zdim + width, residual=False, last_scale=0.0)  # starts N(0, I)
+        self.proj = nn.Conv2d(zdim, width, 1)
+        with torch.no_grad():
+            self.proj.weight.mul_(depth_scale)
+        self.res = ResBlock(width, hidden, width, last_scale=depth_scale)
+
+    def _prior(self, h):
+        p = self.prior(h)
+        pm, plogs, extra = p[:, :self.zdim], p[:, self.zdim:2 * self.zdim], p[:, 2 * self.zdim:]
+        return pm, plogs, h + extra
+
+    def forward(self, h, act, generator):
+        pm, plogs, h = self._prior(h)
+        qm, qlogs = self.enc(torch.cat([h, act], 1)).chunk(2, 1)
+        qlogs = qlogs.clamp(-10, 5)
+        z = qm + torch.exp(qlogs) * _randn(qm.shape, generator, h.device)
+        stats = (gaussian_kl(qm, qlogs, pm, plogs), gaussian_log_density(z, qm, qlogs),
+                 gaussian_log_density(z, pm, plogs))
+        return self.res(h + self.proj(z)), stats
+
+    def sample(self, h, eps, temperature):
+        pm, plogs, h = self._prior(h)
+        z = pm + temperature * torch.exp(plogs) * eps
+        return self.res(h + self.proj(z))
+
+
+class HierarchicalVAE(nn.Module):
+    """A bottom-up encoder and a top-down decoder over three resolutions (full, 1/2, 1/4), with
+    ``blocks[i]`` latent groups of ``zdim`` channels at resolution i (finest first)."""
+
+    def __init__(self, channels=1, resolution=28, width=64, zdim=8, blocks=(2, 2, 2), out_channels=3):
+        super().__init__()
+        self.res = [resolution, resolution // 2, resolution // 4]
+        self.blocks = tuple(blocks)
+        hidden = max(width // 4, 4)
+        n_groups = sum(blocks)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.enc = nn.ModuleList(nn.Sequential(*[ResBlock(width, hidden, width) for _ in range(max(n, 1))])
+                                 for n in blocks)
+        self.dec = nn.ModuleList(nn.ModuleList(TopDownBlock(width, zdim, 1 / math.sqrt(n_groups)) for _ in range(n))
+                                 for n in blocks)
+        self.h_top = nn.Parameter(torch.zeros(1, width, self.res[-1], self.res[-1]))
+        self.out = nn.Conv2d(width, out_channels, 3, padding=1)
+        self.zdim = zdim
+
+    def _activations(self, x):
+        acts, h = [], self.inp(x)
+        for i, blocks in enumerate(self.enc):
+            h = blocks(h)
+            acts.append(h)
+            if i < len(self.enc) - 1:
+                h = F.avg_pool2d(h, 2)
+        return acts
+
+    def _up(self, h, i):
+        return F.interpolate(h, size=(self.res[i], self.res[i]), mode="nearest")
+
+    def forward(self, x, generator: Optional[torch.Generator] = None):
+        acts = self._activations(x)
+        h = self.h_top.expand(x.shape[0], -1, -1, -1)
+        kls, logq, logp = [], 0, 0
+        for i in reversed(range(len(self.dec))):
+            h = self._up(h, i)
+            for block in self.dec[i]:
+                h, (kl, lq, lp) = block(h, acts[i], generator)
+                kls.append(kl)
+                logq, logp = logq + lq, logp + lp
+        return {"out": self.out(h), "kl": kls, "logq": logq, "logp": logp}
+
+    def sample(self, eps: list[torch.Tensor], temperature: float = 1.0):
+        h = self.h_top.expand(eps[0].shape[0], -1, -1, -1)
+        k = 0
+        for i in reversed(range(len(self.dec))):
+            h = self._up(h, i)
+            for block in self.dec[i]:
+                h = block.sample(h, eps[k], temperature)
+                k += 1
+        return self.out(h)
+
+    def latent_shapes(self):
+        return [(self.zdim, self.res[i], self.res[i]) for i in reversed(range(len(self.dec))) for _ in self.dec[i]]
+
+
+# ---------------------------------------------------------------- the family
+
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    family: str = "vae"
+    arch: Literal["vae", "hvae"] = "vae"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    likelihood: Literal["logistic", "gaussian", "bernoulli"] = "logistic"  # bernoulli: pixels binarised at 128
+    nr_mix: int = 5  # logistic components
+    beta: float = 1.0  # the KL's weight in training (beta-VAE; evaluation always uses 1)
+    kl_warmup_kimg: float = 0.0  # the KL weight ramps linearly from 0 over this many thousand images
+    free_bits: float = 0.0  # nats per latent group (batch mean) below which its KL is not pushed down
+    iw_samples: int = 1  # bits/dim: 1 gives the ELBO, k > 1 the importance-weighted bound (--iw-samples)
+    temperature: float = 1.0  # default sampling temperature (--temperature)
+
+    def validate(self, path: str) -> None:
+        check(self.nr_mix >= 1, f"{path}.nr_mix", f"must be >= 1, got {self.nr_mix}")
+        check(self.beta >= 0, f"{path}.beta", f"must be >= 0, got {self.beta}")
+        check(self.kl_warmup_kimg >= 0, f"{path}.kl_warmup_kimg", "must be >= 0")
+        check(self.free_bits >= 0, f"{path}.free_bits", "must be >= 0")
+        check(self.iw_samples >= 1, f"{path}.iw_samples", f"must be >= 1, got {self.iw_samples}")
+        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
+
+
+ARCHS = {"vae": ConvVAE, "hvae": HierarchicalVAE}
+
+
+class VAEFamily(Family):
+    name = "vae"
+    config_cls = VAEConfig
+    likelihood = "bound"
+    EXPORT = "vae"
+
+    def __init__(self, cfg: VAEConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        if data.resolution % 4:
+            raise ConfigError(f"data.resolution: the VAEs halve the image twice, so it must be a multiple of 4, "
+                              f"got {data.resolution}")
+        self.lik = Likelihood(cfg.likelihood, data.channels, cfg.nr_mix)
+        self.nimg = 0  # images trained on, for the KL warm-up (family state: a resume continues the ramp)
+
+    def net_kwargs(self) -> dict:
+        return dict(channels=self.data.channels, resolution=self.data.resolution,
+                    out_channels=self.lik.out_channels, **PRESETS[self.cfg.arch][self.cfg.preset])
+
+    def build_networks(self):
+        return {"vae": ARCHS[self.cfg.arch](**self.net_kwargs())}
+
+    def phases(self):
+        return [Phase("elbo", "vae")]
+
+    def state_dict(self):
+        return {"nimg": self.nimg}
+
+    def load_state_dict(self, state):
+        self.nimg = int(state.get("nimg", 0))
+
+    def kl_weight(self) -> float:
+        ramp = min(1.0, self.nimg / (self.cfg.kl_warmup_kimg * 1000)) if self.cfg.kl_warmup_kimg > 0 else 1.0
+        return self.cfg.beta * ramp
+
+    def loss(self, phase, nets, batch, generator):
+        x = self.lik.target(batch["image"])
+        res = nets["vae"](x, generator)
+        rec = -self.lik.log_prob(x, res["out"])
+        kls = torch.stack(res["kl"], 1)  # [B, groups]
+        if self.cfg.free_bits > 0:
+            # a group whose batch-mean KL is under the floor gets no push down (Kingma et al. 2016)
+            active = kls.detach().mean(0, keepdim=True) > self.cfg.free_bits
+            kl_term = torch.where(active, kls, torch.full_like(kls, self.cfg.free_bits)).sum(1)
+        else:
+            kl_term = kls.sum(1)
+        w = self.kl_weight()
+        self.nimg += x.shape[0] * _world()
+        dims = x[0].numel() * math.log(2)
+        return (rec + w * kl_term) / dims, {"recon_bpd": float(rec.detach().mean() / dims),
+                                            "kl_bpd": float(kls.detach().sum(1).mean() / dims), "kl_weight": w}
+
+    likelihood_options = ("iw_samples",)
+
+    @torch.no_grad()
+    def log_likelihood(self, nets, images, labels, generators, iw_samples=None):
+        """The ELBO (k = 1) or the importance-weighted bound log 1/k sum_i p(x, z_i) / q(z_i | x), in nats."""
+        k = iw_samples or self.cfg.iw_samples
+        x = self.lik.target(images.float() / 127.5 - 1)
+        if k == 1:  # the ELBO, its KL in closed form (the lower-variance estimate)
+            res = _per_image(nets["vae"], x, generators)
+            return (self.lik.log_prob(x, res["out"]) - torch.stack(res["kl"], 1).sum(1)).double()
+        return self.iw_bound(nets, x, generators, k)
+
+    @torch.no_grad()
+    def iw_bound(self, nets, x, generators, k: int) -> torch.Tensor:
+        """log 1/k sum_i p(x | z_i) p(z_i) / q(z_i | x) with z_i ~ q (Burda et al. 2016), x as modelled."""
+        terms = []
+        for _ in range(k):
+            res = _per_image(nets["vae"], x, generators)
+            terms.append((self.lik.log_prob(x, res["out"]) + res["logp"] - res["logq"]).double())
+        return torch.logsumexp(torch.stack(terms, 1), 1) - math.log(k)
+
+    sample_options = ("temperature",)
+
+    def _eps(self, net, generators, device):
+        return [torch.stack([torch.randn(s, generator=g, device=device) for g in generators])
+                for s in net.latent_shapes()]
+
+    @torch.no_grad()
+    def sample(self, nets, generators, *, labels=None, temperature=None):
+        net = nets["vae"]
+        t = self.cfg.temperature if temperature is None else temperature
+        if t < 0:
+            raise ValueError(f"--temperature must be >= 0, got {t}")
+        device = next(net.parameters()).device
+        return self.lik.mean(net.sample(self._eps(net, generators, device), t))
+
+    @torch.no_grad()
+    def reconstruct(self, nets, images: torch.Tensor, generators) -> torch.Tensor:
+        """uint8 NCHW images -> their reconstructions, float NCHW on [-1, 1] (one posterior draw each)."""
+        x = self.lik.target(images.float() / 127.5 - 1)
+        return self.lik.mean(_per_image(nets["vae"], x, generators)["out"])
+
+    @torch.no_grad()
+    def interpolate(self, nets, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Images along the straight line between the posterior means of images ``a`` and ``b`` (uint8 CHW;
+        the convolutional VAE's single latent vector)."""
+        net = nets["vae"]
+        if not isinstance(net, ConvVAE):
+            raise ValueError("interpolation is defined for arch: vae (one latent vector per image)")
+        x = self.lik.target(torch.stack([a, b]).float() / 127.5 - 1)
+        qm, _ = net.posterior(x)
+        w = torch.linspace(0, 1, steps, device=qm.device)[:, None]
+        return self.lik.mean(net.decode((1 - w) * qm[0] + w * qm[1]))
+
+    def export(self, nets, out_dir):
+        save_module(out_dir, self.EXPORT, nets["vae"], {"arch": self.cfg.arch, "kwargs": self.net_kwargs()})
+
+    def load_export(self, out_dir):
+        return {"vae": load_module(out_dir, self.EXPORT, lambda spec: ARCHS[spec["arch"]](**spec["kwargs"]))}
+
+
+def _world() -> int:
+    from distgen import dist
+
+    return dist.world_size()
+
+
+def _per_image(net, x, generators):
+    """A forward pass whose latent noise for image i comes from generators[i]."""
+    return net(x, list(generators))

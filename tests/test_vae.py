@@ -1,0 +1,129 @@
+"""The VAE family: the bound's pieces checked directly, and training runs as users run them
+(2 processes with an exact resume, 1 process with export, sampling, bits/dim and reconstructions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen.data import write_shards
+from distgen.evaluate.core import psnr, ssim
+from distgen.families.vae import gaussian_kl, gaussian_log_density
+from distgen.sample import export, generate, load_ema
+from test_gan import _flat, records
+from test_likelihood import RES, lik_config
+from test_train import launch, run, weights
+
+
+def test_analytic_kl_equals_a_monte_carlo_estimate():
+    g = torch.Generator().manual_seed(0)
+    qm, qlogs = torch.randn(1, 6, generator=g), 0.4 * torch.randn(1, 6, generator=g)
+    pm, plogs = torch.randn(1, 6, generator=g), 0.4 * torch.randn(1, 6, generator=g)
+    z = qm + torch.exp(qlogs) * torch.randn(400000, 6, generator=g, dtype=torch.float64)
+    terms = gaussian_log_density(z, qm, qlogs) - gaussian_log_density(z, pm, plogs)
+    se = terms.std() / len(terms) ** 0.5
+    assert abs(terms.mean() - gaussian_kl(qm, qlogs, pm, plogs)[0]) < 4 * se
+
+
+def test_psnr_and_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 250, (2, 1, 16, 16), generator=g).to(torch.uint8)
+    assert torch.allclose(psnr(a, a + 2), torch.full((2,), 10 * np.log10(255 ** 2 / 4), dtype=torch.float64))
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    b = (a.double() + 20 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 255).round().to(torch.uint8)
+    # Wang et al.'s formula window by window, written out
+    w1 = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / 4.5)
+    w = torch.outer(w1, w1) / w1.sum() ** 2
+    x, y = a[0, 0].double(), b[0, 0].double()
+    vals = []
+    for i in range(6):
+        for j in range(6):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cxy = (w * (px - mx) * (py - my)).sum()
+            c1, c2 = 6.5025, 58.5225
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    assert ssim(a, b)[0].item() == pytest.approx(torch.stack(vals).mean().item(), abs=1e-9)
+    assert 0 < ssim(a, b)[0] < 1
+
+
+MODELS = {"hvae": {"family": "vae", "arch": "hvae", "free_bits": 0.05, "kl_warmup_kimg": 0.08},
+          "vae": {"family": "vae", "arch": "vae", "beta": 2.0, "likelihood": "gaussian"}}
+
+
+def test_hierarchical_vae_two_process_training_resumes_exactly(tmp_path, fm_test_shards, env_with_repo):
+    """10 steps straight == stop at 7, resume to 10 (KL warm-up state, skipped updates included)."""
+    over = {"train": {"checkpoint_every": 5, "skip_grad_norm": 4.0}}
+    straight = lik_config(tmp_path / "a", fm_test_shards, MODELS["hvae"], **over)
+    resumed = lik_config(tmp_path / "b", fm_test_shards, MODELS["hvae"], **over)
+    run(launch(2) + ["train", str(straight)], env_with_repo)
+    run(launch(2) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
+    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
+    assert "resumed from" in second.stdout and "(step 7" in second.stdout
+    a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
+    for name in ("vae.safetensors", "ema0-vae.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
+    oa, ob = _flat(ckpt.load_state(a / "optim-vae.pt")), _flat(ckpt.load_state(b / "optim-vae.pt"))
+    assert all(torch.allclose(oa[k], ob[k], atol=1e-6) if torch.is_tensor(oa[k]) else oa[k] == ob[k] for k in oa)
+    ma, mb = ckpt.read_meta(a), ckpt.read_meta(b)
+    assert ma["family_state"] == mb["family_state"] == {"nimg": 160}
+    ra, rb = records(tmp_path / "a" / "run"), records(tmp_path / "b" / "run")
+    # the KL weight ramps from 0 to 1 over the first 80 images, and the logs show it
+    assert ra[0]["elbo/kl_weight"] < 1 and ra[-1]["elbo/kl_weight"] == 1.0
+    assert all(0 < r["loss"] < 30 and np.isfinite(r["elbo/kl_bpd"]) for r in ra)
+    # the stabiliser skipped some updates (gradient norms here run 2-6), not all, alike in both runs
+    assert 0 < ra[-1]["skipped_updates_total"] == rb[-1]["skipped_updates_total"] < 10
+
+
+def test_vae_one_process_export_sampling_bits_per_dim_and_reconstructions(tmp_path, fm_test_shards, env_with_repo):
+    cfg = lik_config(tmp_path, fm_test_shards, MODELS["vae"], train={"total_kimg": 0.32, "lr": 3e-3})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    out = export(tmp_path / "run", tmp_path / "export")
+    fam, nets, _ = load_ema(out)
+    run(launch(1) + ["sample", str(out), "--num", "4", "--temperature", "0.5", "--out", str(tmp_path / "s.npz")],
+        env_with_repo)
+    got = np.load(tmp_path / "s.npz")["x"]
+    mine = generate(fam, nets, 4, options={"temperature": 0.5})
+    assert got.shape == (4, RES, RES, 1) and np.array_equal(got, np.stack([mine[i][0] for i in range(4)]))
+    cold = generate(fam, nets, 2, options={"temperature": 0.0})
+    assert np.array_equal(cold[0][0], cold[1][0])  # temperature 0: the prior's mean for every seed
+
+    from PIL import Image
+    from test_eval import _fm_images
+
+    x, y = _fm_images(24, offset=700)
+    xs = np.stack([np.asarray(Image.fromarray(i).resize((RES, RES))) for i in x])
+    np.savez(tmp_path / "t.npz", x=xs, y=y)
+    write_shards(f"npz:{tmp_path / 't.npz'}", tmp_path / "t", "test", samples_per_shard=10)
+    test = str(tmp_path / "t" / "test.manifest.json")
+    res = {}
+    for k in (1, 20):
+        run(launch(1) + ["eval", str(out), "--metrics", "bpd,recon", "--test", test, "--iw-samples", str(k),
+                         "--out", str(tmp_path / f"{k}.json")], env_with_repo)
+        res[k] = json.loads((tmp_path / f"{k}.json").read_text())
+    assert res[1]["bpd_images"] == res[1]["recon_images"] == 24 and res[20]["bpd_iw_samples"] == 20
+    assert res[20]["bpd"] < res[1]["bpd"]  # the importance-weighted bound is tighter
+    assert 10 < res[1]["psnr"] < 40 and 0 < res[1]["ssim"] < 1
+
+    # The bound's two forms on this trained model: k = 1 of the importance-weighted bound is the single-draw
+    # ELBO, whose mean is the closed-form-KL ELBO; more samples give a larger bound.
+    imgs = torch.from_numpy(xs)[:, None]
+    xt = fam.lik.target(imgs.float() / 127.5 - 1)
+    # With the same posterior draws, the two differ by KL - (log q - log p), zero in expectation.
+    seeds = lambda r: [torch.Generator().manual_seed(1000 * r + i) for i in range(24)]  # noqa: E731
+    gap = torch.stack([fam.log_likelihood(nets, imgs, None, seeds(r), iw_samples=1) - fam.iw_bound(nets, xt, seeds(r), 1)
+                       for r in range(200)])
+    assert gap.abs().max() > 1e-3  # the draws differ ...
+    assert (gap.mean(0).abs() < 5 * gap.std(0) / 200 ** 0.5 + 1e-6).all()  # ... and agree on average
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(24)]  # noqa: E731
+    bounds = [fam.iw_bound(nets, xt, gens(), k).mean().item() for k in (1, 10, 100)]
+    assert bounds[0] < bounds[1] < bounds[2]
+    inter = fam.interpolate(nets, imgs[0], imgs[1], steps=5)
+    assert inter.shape == (5, 1, RES, RES)
+    assert torch.allclose(inter[0], fam.lik.mean(nets["vae"].decode(nets["vae"].posterior(xt[:1])[0]))[0])
