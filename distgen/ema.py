@@ -1,4 +1,4 @@
-"""EMA of network weights: diffusers' EMAModel with EDM's half-life schedule.
+"""EMA of network weights: diffusers' EMAModel update with EDM's half-life schedule.
 
 EDM (Karras et al. 2022) sets the EMA by a half-life in training samples,
 ``beta = 0.5 ** (batch / halflife_nimg)``, with a ramp-up that keeps the
@@ -8,34 +8,36 @@ per-step decay is available too. Several half-lives can run at once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterable, Optional
 
 import torch
-from diffusers.training_utils import EMAModel
 from torch import nn
 
 
-def _fix_diffusers_zero3() -> None:
-    # diffusers' EMAModel.step names `deepspeed` under ZeRO-3 without importing it
-    # (NameError); give its module the name when DeepSpeed is installed.
-    import diffusers.training_utils as tu
+def _gathered(params: list[nn.Parameter]):
+    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full
+    tensors for the update (read-only; ``modifier_rank=None`` writes nothing back)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
 
-    if not hasattr(tu, "deepspeed"):
-        try:
-            import deepspeed
-        except ImportError:
-            return
-        tu.deepspeed = deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
-class HalfLifeEMA(EMAModel):
-    """EMAModel whose decay follows EDM's half-life (and ramp-up) in samples, or a fixed value."""
+class HalfLifeEMA:
+    """An EMA of a parameter list whose decay follows EDM's half-life (and ramp-up) in samples, or a fixed value.
+
+    The update is diffusers' EMAModel's (``s -= (1 - decay) * (s - p)``, frozen parameters copied), written out
+    here because importing ``diffusers.training_utils`` pulls in diffusers' U-Nets, pipelines and transformers:
+    about 5 s at the start of every training process, for twenty lines.
+    """
 
     def __init__(self, parameters: Iterable[nn.Parameter], halflife_nimg: float, rampup: Optional[float],
                  fixed_decay: Optional[float] = None):
-        _fix_diffusers_zero3()
-        super().__init__(parameters, decay=1.0, foreach=True)
+        self.shadow_params = [p.detach().clone() for p in parameters]
+        self.optimization_step = 0
         self.halflife_nimg, self.rampup, self.fixed_decay = halflife_nimg, rampup, fixed_decay
         self.cur_nimg = 0  # samples seen after this step; set by the trainer
         self.batch = 1  # global batch of this step; set by the trainer
@@ -47,6 +49,25 @@ class HalfLifeEMA(EMAModel):
         if self.rampup is not None:
             h = min(h, self.cur_nimg * self.rampup)
         return 0.5 ** (self.batch / max(h, 1e-8))
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[nn.Parameter]) -> None:
+        params = list(parameters)
+        self.optimization_step += 1
+        one_minus_decay = 1 - self.get_decay(self.optimization_step)
+        with _gathered(params):
+            live = [(s, p) for s, p in zip(self.shadow_params, params) if p.requires_grad]
+            frozen = [(s, p) for s, p in zip(self.shadow_params, params) if not p.requires_grad]
+            if frozen:
+                torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+            if live:
+                s_live = [s for s, _ in live]
+                torch._foreach_sub_(s_live, torch._foreach_sub(s_live, [p for _, p in live]), alpha=one_minus_decay)
+
+    @torch.no_grad()
+    def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
+        for s, p in zip(self.shadow_params, parameters):
+            p.copy_(s.to(p.device, p.dtype))
 
 
 class EMASet:
@@ -61,7 +82,7 @@ class EMASet:
     @torch.no_grad()
     def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None
                ) -> None:
-        """Move every EMA towards ``params`` (EMAModel gathers ZeRO-3-sharded ones itself).
+        """Move every EMA towards ``params`` (ZeRO-3-sharded ones are gathered first).
 
         Buffers (batch-norm statistics, spectral-norm vectors, StyleGAN's average w)
         are not averaged: they are copied from ``network``, as StyleGAN2-ADA does.

@@ -320,15 +320,6 @@ def train(cfg: Config) -> int:
         if use_ds:
             _safe_deepspeed_checkpoints(model)
     raw = {n: trained[n].raw if n in trained else m for n, m in nets.items()}
-    if zero_stage == 3:
-        # ZeRO-3 shards parameters; diffusers' EMAModel gathers them itself when
-        # transformers knows ZeRO-3 is on (Accelerate's DeepSpeed plugin tells it).
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if not is_deepspeed_zero3_enabled():
-            raise TrainingError("ZeRO-3: transformers does not see ZeRO-3 enabled, so EMA updates could not "
-                                "gather the sharded parameters; check the accelerate DeepSpeed config")
-
     # ---- resume from the newest complete checkpoint
     step, nimg, data_start, data_skip = 0, 0, 0, 0
     counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0, "skipped_updates_total": 0}
