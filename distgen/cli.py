@@ -2,7 +2,7 @@
 
     distgen train CONFIG [key=value ...] [--dry-run]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
-                   [--guidance G] [--truncation PSI] [--temperature T] --out OUT
+                   [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
     distgen export RUN_DIR OUT_DIR
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
     sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")
-    sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow)")
+    sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow, VAEs)")
+    sm.add_argument("--interpolate", nargs=2, default=None, metavar=("IMAGE_A", "IMAGE_B"),
+                    help="instead of sampling, --num images on the latent path from one image file to the other "
+                         "(VAEs)")
     sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
@@ -125,7 +128,8 @@ def cmd_sample(args) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num: must be >= 1, got {args.num}")
-    return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args))
+    return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args),
+                          interpolate=args.interpolate)
 
 
 def _sampling(args) -> dict:

@@ -158,12 +158,46 @@ def generate(family, nets, num: int, *, seed: int = 0, options: Optional[dict] =
     return out
 
 
-def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None) -> int:
+def _read_image(path: str, channels: int, resolution: int) -> torch.Tensor:
+    """An image file as uint8 CHW with the model's channels and size, or an error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise SampleError(f"{path}: not a readable image ({e})") from None
+    if img.size != (resolution, resolution):
+        raise SampleError(f"{path}: is {img.size[0]}x{img.size[1]}, the model takes {resolution}x{resolution}")
+    a = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(a.copy()).view(resolution, resolution, channels).permute(2, 0, 1)
+
+
+def _write_images(x: np.ndarray, y: np.ndarray, outp: Path) -> None:
+    if outp.suffix == ".png":
+        save_grid(x, outp)
+    elif outp.suffix == ".npz":
+        outp.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"x": x} if (y < 0).all() else {"x": x, "y": y}
+        np.savez(outp, **arrays)
+    else:
+        from PIL import Image
+
+        outp.mkdir(parents=True, exist_ok=True)
+        for i in range(len(x)):
+            img = x[i, :, :, 0] if x.shape[3] == 1 else x[i]
+            Image.fromarray(img).save(outp / f"{i:06d}.png")
+
+
+def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None,
+                   interpolate: Optional[tuple[str, str]] = None) -> int:
     from accelerate import PartialState
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
     family, nets, cfg = load_ema(path, device)
+    if interpolate is not None:
+        return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)
     options = sampling_options(family, options or {})
     mine = generate(family, nets, num, seed=seed, options=options, device=device, rank=dist.rank(),
                     world=dist.world_size())
@@ -175,20 +209,23 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
         x = np.stack([allimgs[i][0] for i in range(num)])
         y = np.array([allimgs[i][1] for i in range(num)])
         outp = Path(out)
-        if outp.suffix == ".png":
-            save_grid(x, outp)
-        elif outp.suffix == ".npz":
-            outp.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {"x": x} if (y < 0).all() else {"x": x, "y": y}
-            np.savez(outp, **arrays)
-        else:
-            from PIL import Image
-
-            outp.mkdir(parents=True, exist_ok=True)
-            for i in range(num):
-                img = x[i, :, :, 0] if x.shape[3] == 1 else x[i]
-                Image.fromarray(img).save(outp / f"{i:06d}.png")
+        _write_images(x, y, outp)
         shown = ", ".join(f"{k} {v}" for k, v in options.items())
         print(f"distgen: {num} samples (seed {seed}{', ' + shown if shown else ''}) from {path} -> {outp}")
+    dist.barrier()
+    return 0
+
+
+def _interpolate_command(family, nets, cfg: Config, files: tuple[str, str], num: int, outp: Path, device) -> int:
+    """``num`` images on the latent path from one image file to the other (rank 0 does the work)."""
+    if not hasattr(family, "interpolate"):
+        raise SampleError(f"--interpolate: model.family {cfg.model.family!r} has no latent interpolation")
+    if num < 2:
+        raise SampleError(f"--interpolate: --num is the number of images on the path, at least 2, got {num}")
+    a, b = (_read_image(f, cfg.data.channels, cfg.data.resolution).to(device) for f in files)
+    if dist.is_main():
+        x = to_uint8(family.interpolate(nets, a, b, steps=num))
+        _write_images(x, np.full(num, -1), outp)
+        print(f"distgen: {num} images from {files[0]} to {files[1]} in latent space -> {outp}")
     dist.barrier()
     return 0

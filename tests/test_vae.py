@@ -13,7 +13,7 @@ from distgen import checkpoint as ckpt
 from distgen.data import write_shards
 from distgen.evaluate.core import psnr, ssim
 from distgen.families.vae import gaussian_kl, gaussian_log_density
-from distgen.sample import export, generate, load_ema
+from distgen.sample import export, generate, load_ema, to_uint8
 from test_gan import _flat, records
 from test_likelihood import RES, lik_config
 from test_train import launch, run, weights
@@ -52,18 +52,20 @@ def test_psnr_and_ssim():
     assert 0 < ssim(a, b)[0] < 1
 
 
-MODELS = {"hvae": {"family": "vae", "arch": "hvae", "free_bits": 0.05, "kl_warmup_kimg": 0.08},
+MODELS = {"hvae": {"family": "vae", "arch": "hvae", "free_bits": 0.05, "kl_warmup_kimg": 0.04},
           "vae": {"family": "vae", "arch": "vae", "beta": 2.0, "likelihood": "gaussian"}}
 
 
-def test_hierarchical_vae_two_process_training_resumes_exactly(tmp_path, fm_test_shards, env_with_repo):
-    """10 steps straight == stop at 7, resume to 10 (KL warm-up state, skipped updates included)."""
-    over = {"train": {"checkpoint_every": 5, "skip_grad_norm": 4.0}}
-    straight = lik_config(tmp_path / "a", fm_test_shards, MODELS["hvae"], **over)
-    resumed = lik_config(tmp_path / "b", fm_test_shards, MODELS["hvae"], **over)
-    run(launch(2) + ["train", str(straight)], env_with_repo)
-    run(launch(2) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
-    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
+@pytest.mark.parametrize("model,nproc", [("hvae", 2), ("vae", 2), ("hvae", 1), ("vae", 1)])
+def test_training_resumes_exactly(model, nproc, tmp_path, fm_test_shards, env_with_repo):
+    """10 steps straight == stop at 7, resume to 10 (KL warm-up state and skipped updates included)."""
+    over = {"train": {"checkpoint_every": 5, "total_kimg": 0.08 * nproc,  # 10 steps of 8 images a process
+                      "skip_grad_norm": 4.0 if model == "hvae" else None}}
+    straight = lik_config(tmp_path / "a", fm_test_shards, MODELS[model], **over)
+    resumed = lik_config(tmp_path / "b", fm_test_shards, MODELS[model], **over)
+    run(launch(nproc) + ["train", str(straight)], env_with_repo)
+    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
+    second = run(launch(nproc) + ["train", str(resumed)], env_with_repo)
     assert "resumed from" in second.stdout and "(step 7" in second.stdout
     a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
     for name in ("vae.safetensors", "ema0-vae.safetensors"):
@@ -72,17 +74,21 @@ def test_hierarchical_vae_two_process_training_resumes_exactly(tmp_path, fm_test
     oa, ob = _flat(ckpt.load_state(a / "optim-vae.pt")), _flat(ckpt.load_state(b / "optim-vae.pt"))
     assert all(torch.allclose(oa[k], ob[k], atol=1e-6) if torch.is_tensor(oa[k]) else oa[k] == ob[k] for k in oa)
     ma, mb = ckpt.read_meta(a), ckpt.read_meta(b)
-    assert ma["family_state"] == mb["family_state"] == {"nimg": 160}
+    assert ma["family_state"] == mb["family_state"] == {"nimg": 80 * nproc}
     ra, rb = records(tmp_path / "a" / "run"), records(tmp_path / "b" / "run")
-    # the KL weight ramps from 0 to 1 over the first 80 images, and the logs show it
-    assert ra[0]["elbo/kl_weight"] < 1 and ra[-1]["elbo/kl_weight"] == 1.0
     assert all(0 < r["loss"] < 30 and np.isfinite(r["elbo/kl_bpd"]) for r in ra)
+    if model == "vae":
+        assert all(r["elbo/kl_weight"] == 2.0 for r in ra)  # beta
+        return
+    # the KL weight ramps from 0 to 1 over the first 40 images, and the logs show it
+    assert ra[0]["elbo/kl_weight"] < 1 and ra[-1]["elbo/kl_weight"] == 1.0
     # the stabiliser skipped some updates (gradient norms here run 2-6), not all, alike in both runs
     assert 0 < ra[-1]["skipped_updates_total"] == rb[-1]["skipped_updates_total"] < 10
 
 
-def test_vae_one_process_export_sampling_bits_per_dim_and_reconstructions(tmp_path, fm_test_shards, env_with_repo):
-    cfg = lik_config(tmp_path, fm_test_shards, MODELS["vae"], train={"total_kimg": 0.32, "lr": 3e-3})
+def test_export_sampling_bits_per_dim_reconstructions_and_interpolation(tmp_path, fm_test_shards, env_with_repo):
+    """A trained hierarchical VAE through the commands users run, and the bound's two forms on it."""
+    cfg = lik_config(tmp_path, fm_test_shards, MODELS["hvae"], train={"total_kimg": 0.32, "lr": 3e-3})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
     out = export(tmp_path / "run", tmp_path / "export")
     fam, nets, _ = load_ema(out)
@@ -127,6 +133,44 @@ def test_vae_one_process_export_sampling_bits_per_dim_and_reconstructions(tmp_pa
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(24)]  # noqa: E731
     bounds = [fam.iw_bound(nets, xt, gens(), k).mean().item() for k in (1, 10, 100)]
     assert bounds[0] < bounds[1] < bounds[2]
-    inter = fam.interpolate(nets, imgs[0], imgs[1], steps=5)
-    assert inter.shape == (5, 1, RES, RES)
-    assert torch.allclose(inter[0], fam.lik.mean(nets["vae"].decode(nets["vae"].posterior(xt[:1])[0]))[0])
+
+    # Interpolation through the command: both ends are the images' reconstructions from every group's
+    # posterior mean ...
+    from PIL import Image
+
+    for i in (0, 1):
+        Image.fromarray(xs[i]).save(tmp_path / f"{i}.png")
+    run(launch(1) + ["sample", str(out), "--interpolate", str(tmp_path / "0.png"), str(tmp_path / "1.png"),
+                     "--num", "5", "--out", str(tmp_path / "i.npz")], env_with_repo)
+    inter = np.load(tmp_path / "i.npz")["x"]
+    net = nets["vae"]
+    ends = to_uint8(fam.lik.mean(net.decode_latents(net.posterior_means(xt[:2]))))
+    assert inter.shape == (5, RES, RES, 1) and np.array_equal(inter[[0, -1]], ends)
+    # ... which is the training forward pass with the posterior noise switched off (each group's log-scale
+    # pinned at its floor, e^-10)
+    import copy
+
+    still = copy.deepcopy(net)
+    for block in (b for level in still.dec for b in level):
+        zdim = block.zdim
+        block.enc.c4.weight.data[zdim:] = 0
+        block.enc.c4.bias.data[zdim:] = -100
+    fwd = still(xt[:2], [torch.Generator().manual_seed(i) for i in (0, 1)])["out"]
+    means = still.decode_latents(still.posterior_means(xt[:2]))
+    assert (fwd - means).abs().max() < 1e-3 and (means - net.decode_latents(net.posterior_means(xt[:2]))).abs().max() == 0
+    bad = run(launch(1) + ["sample", str(out), "--interpolate", str(tmp_path / "0.png"), str(cfg),
+                           "--num", "5", "--out", str(tmp_path / "j.npz")], env_with_repo, check=False)
+    assert bad.returncode != 0 and f"{cfg}: not a readable image" in bad.stderr and not (tmp_path / "j.npz").exists()
+
+
+def test_conv_vae_interpolates_between_posterior_means():
+    from distgen.families.base import DataInfo
+    from distgen.families.vae import VAEConfig, VAEFamily
+
+    torch.manual_seed(0)
+    fam = VAEFamily(VAEConfig(arch="vae", preset="tiny"), DataInfo(12, 1, 0))
+    net = fam.build_networks()["vae"]
+    imgs = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8)
+    path = fam.interpolate({"vae": net}, imgs[0], imgs[1], steps=3)
+    qm = net.posterior(fam.lik.target(imgs.float() / 127.5 - 1))[0]
+    assert torch.allclose(path, fam.lik.mean(net.decode(torch.stack([qm[0], (qm[0] + qm[1]) / 2, qm[1]]))), atol=1e-6)

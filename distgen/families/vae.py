@@ -152,6 +152,12 @@ class ConvVAE(nn.Module):
     def sample(self, eps: list[torch.Tensor], temperature: float = 1.0):
         return self.decode(temperature * eps[0])
 
+    def posterior_means(self, x) -> list[torch.Tensor]:
+        return [self.posterior(x)[0]]
+
+    def decode_latents(self, zs: list[torch.Tensor]):
+        return self.decode(zs[0])
+
     def latent_shapes(self):
         return [(self.latent_dim,)]
 
@@ -207,6 +213,15 @@ class TopDownBlock(nn.Module):
         z = pm + temperature * torch.exp(plogs) * eps
         return self.res(h + self.proj(z))
 
+    def posterior_mean(self, h, act):
+        _, _, h = self._prior(h)
+        qm = self.enc(torch.cat([h, act], 1)).chunk(2, 1)[0]
+        return self.res(h + self.proj(qm)), qm
+
+    def given(self, h, z):
+        _, _, h = self._prior(h)
+        return self.res(h + self.proj(z))
+
 
 class HierarchicalVAE(nn.Module):
     """A bottom-up encoder and a top-down decoder over three resolutions (full, 1/2, 1/4), with
@@ -240,29 +255,47 @@ class HierarchicalVAE(nn.Module):
         return F.interpolate(h, size=(self.res[i], self.res[i]), mode="nearest")
 
     def forward(self, x, generator: Optional[torch.Generator] = None):
-        acts = self._activations(x)
-        h = self.h_top.expand(x.shape[0], -1, -1, -1)
-        kls, logq, logp = [], 0, 0
-        for i in reversed(range(len(self.dec))):
-            h = self._up(h, i)
-            for block in self.dec[i]:
-                h, (kl, lq, lp) = block(h, acts[i], generator)
-                kls.append(kl)
-                logq, logp = logq + lq, logp + lp
-        return {"out": self.out(h), "kl": kls, "logq": logq, "logp": logp}
+        acts, stats = self._activations(x), []
+
+        def step(block, h, i):
+            h, st = block(h, acts[i], generator)
+            stats.append(st)
+            return h
+
+        out = self._top_down(x.shape[0], step)
+        return {"out": out, "kl": [st[0] for st in stats], "logq": sum(st[1] for st in stats),
+                "logp": sum(st[2] for st in stats)}
 
     def sample(self, eps: list[torch.Tensor], temperature: float = 1.0):
-        h = self.h_top.expand(eps[0].shape[0], -1, -1, -1)
-        k = 0
-        for i in reversed(range(len(self.dec))):
-            h = self._up(h, i)
-            for block in self.dec[i]:
-                h = block.sample(h, eps[k], temperature)
-                k += 1
-        return self.out(h)
+        it = iter(eps)
+        return self._top_down(eps[0].shape[0], lambda block, h, i: block.sample(h, next(it), temperature))
 
     def latent_shapes(self):
         return [(self.zdim, self.res[i], self.res[i]) for i in reversed(range(len(self.dec))) for _ in self.dec[i]]
+
+    def _top_down(self, n, step):
+        h = self.h_top.expand(n, -1, -1, -1)
+        for i in reversed(range(len(self.dec))):
+            h = self._up(h, i)
+            for block in self.dec[i]:
+                h = step(block, h, i)
+        return self.out(h)
+
+    def posterior_means(self, x) -> list[torch.Tensor]:
+        """Every group's posterior mean, each group conditioned on the means above it."""
+        acts, zs = self._activations(x), []
+
+        def step(block, h, i):
+            h, z = block.posterior_mean(h, acts[i])
+            zs.append(z)
+            return h
+
+        self._top_down(x.shape[0], step)
+        return zs
+
+    def decode_latents(self, zs: list[torch.Tensor]):
+        it = iter(zs)
+        return self._top_down(zs[0].shape[0], lambda block, h, i: block.given(h, next(it)))
 
 
 # ---------------------------------------------------------------- the family
@@ -387,15 +420,17 @@ class VAEFamily(Family):
 
     @torch.no_grad()
     def interpolate(self, nets, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
-        """Images along the straight line between the posterior means of images ``a`` and ``b`` (uint8 CHW;
-        the convolutional VAE's single latent vector)."""
+        """Images along the straight line between the posterior means of images ``a`` and ``b`` (uint8 CHW).
+
+        The hierarchical VAE interpolates every latent group at once, each group's mean taken given the means
+        above it (VDVAE's way), and decodes with the interpolated latents in place of draws.
+        """
         net = nets["vae"]
-        if not isinstance(net, ConvVAE):
-            raise ValueError("interpolation is defined for arch: vae (one latent vector per image)")
         x = self.lik.target(torch.stack([a, b]).float() / 127.5 - 1)
-        qm, _ = net.posterior(x)
-        w = torch.linspace(0, 1, steps, device=qm.device)[:, None]
-        return self.lik.mean(net.decode((1 - w) * qm[0] + w * qm[1]))
+        w = torch.linspace(0, 1, steps, device=x.device)
+        zs = [(1 - w.view(-1, *[1] * (z.dim() - 1))) * z[:1] + w.view(-1, *[1] * (z.dim() - 1)) * z[1:]
+              for z in net.posterior_means(x)]
+        return self.lik.mean(net.decode_latents(zs))
 
     def export(self, nets, out_dir):
         save_module(out_dir, self.EXPORT, nets["vae"], {"arch": self.cfg.arch, "kwargs": self.net_kwargs()})
