@@ -8,6 +8,10 @@ scores the EMA weights against the test split:
 
 - families with a likelihood (pixelcnn, glow): bits/dim of all 10,000 test
   images (`distgen eval --metrics bpd`);
+- VAEs: the ELBO in bits/dim and reconstruction PSNR / SSIM of all 10,000
+  test images, then the ELBO and the importance-weighted bound with K samples
+  (`--iw-samples K`) on the first test shard (5,000 images; K samples cost
+  K forward passes an image);
 - the others: domain FD / KID / PR of N samples in the feature space of the
   small domain classifier (`distgen eval fit-features`, fitted first if PATH
   is missing); Inception weights cannot be downloaded here, so domain FD
@@ -32,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 
-LIKELIHOOD_FAMILIES = ("pixelcnn", "glow")
+LIKELIHOOD_FAMILIES = ("pixelcnn", "glow", "vae")
 
 
 def main() -> int:
@@ -43,6 +47,7 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=10000)
     ap.add_argument("--features", default=str(FEATURES), help="the demo's domain extractor, fitted if missing")
     ap.add_argument("--runs", default="runs/recipes")
+    ap.add_argument("--iw-samples", type=int, default=16, help="VAEs: samples of the importance-weighted bound")
     a = ap.parse_args()
     paths = ensure_shards()
     exe = [sys.executable, "-m", "distgen"]
@@ -54,7 +59,7 @@ def main() -> int:
     run_dir = Path(a.runs) / Path(a.config).stem
     out = run_dir / "recipe-eval.json"
     if family in LIKELIHOOD_FAMILIES:
-        metrics = ["--metrics", "bpd", "--test", str(paths["test"])]
+        metrics = ["--metrics", "bpd,recon" if family == "vae" else "bpd", "--test", str(paths["test"])]
     else:
         features = Path(a.features)
         if not features.is_file():
@@ -70,7 +75,18 @@ def main() -> int:
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     head = (f"recipe {a.config} {' '.join(a.overrides)}: {last['kimg']:.1f} kimg in {train_s / 60:.1f} min "
             f"({a.procs} process(es))")
-    if family in LIKELIHOOD_FAMILIES:
+    if family == "vae":
+        shard = str(Path(paths["test"]).parent / json.loads(Path(paths["test"]).read_text())["shards"][0]["name"])
+        iw = {}
+        for k in (1, a.iw_samples):
+            o = run_dir / f"recipe-eval-k{k}.json"
+            subprocess.run(launch + ["eval", str(run_dir), "--metrics", "bpd", "--test", shard,
+                                     "--iw-samples", str(k), "--out", str(o)], check=True)
+            iw[k] = json.loads(o.read_text())
+        print(f"{head}; the {r['bpd_images']} test images: ELBO {r['bpd']:.4f} bits/dim, reconstructions "
+              f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}; the {iw[1]['bpd_images']} images of {shard}: "
+              f"ELBO {iw[1]['bpd']:.4f}, IW bound (k={a.iw_samples}) {iw[a.iw_samples]['bpd']:.4f} bits/dim")
+    elif family in LIKELIHOOD_FAMILIES:
         print(f"{head}; the {r['bpd_images']} test images: {r['bpd']:.4f} bits/dim ({r['bpd_kind']})")
     else:
         print(f"{head}; {a.num_samples} samples vs the test split: domain FD {r['fid']:.2f}, "
