@@ -97,6 +97,10 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    n_cal = getattr(family, "calibration_images", 0)
+    if n_cal:
+        # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
+        family.calibrate(nets, _first_images(cfg, n_cal))
     family.export(nets, tmp)
     (tmp / EXPORT_META).write_text(json.dumps({
         "family": family.name, "data_info": meta["data_info"], "config": to_dict(cfg),
@@ -106,6 +110,22 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _first_images(cfg: Config, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``data.train`` in shard order (float NCHW on [-1, 1]), the same on every call."""
+    from distgen.data import make_loader
+
+    loader = make_loader(cfg.data.train, cfg.data, batch_size=min(n, 256), mode="eval", rank=0, world=1)
+    out, got = [], 0
+    for batch in loader:
+        out.append(batch["image"])
+        got += len(batch["image"])
+        if got >= n:
+            break
+    if not out:
+        raise SampleError(f"data.train {cfg.data.train}: no images to calibrate the export with")
+    return torch.cat(out)[:n]
 
 
 def image_seed(seed: int, index: int) -> int:

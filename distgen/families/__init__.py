@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from distgen.families.autoencoder import Autoencoder
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
 from distgen.families.diffusion import Diffusion
 from distgen.families.gan import GAN
@@ -16,6 +17,7 @@ FAMILIES: dict[str, type[Family]] = {
     PixelCNN.name: PixelCNN,
     GlowFamily.name: GlowFamily,
     VAEFamily.name: VAEFamily,
+    Autoencoder.name: Autoencoder,
 }
 
 

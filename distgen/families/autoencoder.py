@@ -1,0 +1,204 @@
+"""Stage 1 of latent diffusion: diffusers' ``AutoencoderKL`` (Rombach et al. 2022), trained with distgen.
+
+The loss is LDM's: the reconstruction error summed over pixels (L1 or L2), a KL
+term to N(0, I) with a small weight (``kl_weight``, 1e-6 in LDM), and
+optionally an adversarial term from a patch discriminator (pix2pix's PatchGAN,
+hinge loss) that starts after ``disc_start_kimg``. LDM's LPIPS term is left
+out: its VGG weights cannot be downloaded here.
+
+The export is a diffusers ``AutoencoderKL`` folder (``AutoencoderKL.from_pretrained``
+loads it) whose ``scaling_factor`` is 1 / std of the latents of the training
+data, computed when the export is written (:func:`latent_scaling_factor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distgen.config.core import check
+from distgen.config.schema import ModelConfig
+from distgen.families.base import Family, Phase
+
+# Encoder / decoder sizes. Each level after the first halves the image: f = 2 ** (levels - 1).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4),
+    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
+    # Stable Diffusion's KL-f8 autoencoder (83.7M parameters)
+    "kl-f8": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4),
+}
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(ModelConfig):
+    family: str = "autoencoder"
+    preset: Literal["tiny", "small", "kl-f8"] = "small"
+    recon: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6  # LDM's weight of the KL to N(0, I) against the summed reconstruction error
+    disc_weight: float = 0.0  # > 0: add the patch discriminator's adversarial term with this weight
+    disc_start_kimg: float = 0.0  # the adversarial term starts after this many thousand images
+    disc_layers: int = 2  # stride-2 layers of the patch discriminator
+    disc_width: int = 64
+
+    def validate(self, path: str) -> None:
+        check(self.kl_weight >= 0, f"{path}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        check(self.disc_weight >= 0, f"{path}.disc_weight", f"must be >= 0, got {self.disc_weight}")
+        check(self.disc_start_kimg >= 0, f"{path}.disc_start_kimg", "must be >= 0")
+        check(self.disc_layers >= 1, f"{path}.disc_layers", f"must be >= 1, got {self.disc_layers}")
+        check(self.disc_width >= 1, f"{path}.disc_width", f"must be >= 1, got {self.disc_width}")
+
+
+def autoencoder_kwargs(preset: str, channels: int, resolution: int) -> dict:
+    kw = dict(PRESETS[preset])
+    n = len(kw["block_out_channels"])
+    kw.update(in_channels=channels, out_channels=channels, sample_size=resolution,
+              down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+    return kw
+
+
+class KLAutoencoder(nn.Module):
+    """``AutoencoderKL`` behind one forward pass that returns what the loss needs, so DDP sees every
+    parameter's gradient through its own forward (it wraps ``forward`` only, not ``encode``/``decode``)."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x, generators=None):
+        post = self.ae.encode(x).latent_dist
+        z = post.sample(generator=generators)
+        return self.ae.decode(z).sample, post.kl()
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN: stride-2 4x4 convolutions to a map of real / fake logits, one per patch.
+    GroupNorm stands in for BatchNorm, whose per-rank batch statistics would differ under DDP."""
+
+    def __init__(self, channels: int, width: int = 64, layers: int = 2):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = width
+        for i in range(1, layers):
+            mods += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        mods += [nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2), nn.Conv2d(c, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Autoencoder(Family):
+    name = "autoencoder"
+    config_cls = AutoencoderConfig
+
+    def __init__(self, cfg: AutoencoderConfig, data):
+        super().__init__(cfg, data)
+        self.nimg = 0  # images trained on: when the adversarial term starts (family state)
+
+    def build_networks(self):
+        from diffusers import AutoencoderKL
+
+        nets = {"ae": KLAutoencoder(AutoencoderKL(**autoencoder_kwargs(self.cfg.preset, self.data.channels,
+                                                                      self.data.resolution)))}
+        if self.cfg.disc_weight > 0:
+            nets["disc"] = PatchDiscriminator(self.data.channels, self.cfg.disc_width, self.cfg.disc_layers)
+        return nets
+
+    def phases(self):
+        ph = [Phase("ae", "ae")]
+        if self.cfg.disc_weight > 0:
+            ph.append(Phase("disc", "disc"))
+        return ph
+
+    def ema_networks(self):
+        return ["ae"]
+
+    def engine_problem(self, zero_stage):
+        if zero_stage == 3 and self.cfg.disc_weight > 0:
+            return ("with the adversarial term each network runs outside its own engine in the other's phase, "
+                    "and ZeRO-3 keeps parameters partitioned except inside their own engine's forward; use ZeRO-1 "
+                    "or ZeRO-2, or disc_weight 0")
+        return None
+
+    def state_dict(self):
+        return {"nimg": self.nimg}
+
+    def load_state_dict(self, state):
+        self.nimg = int(state.get("nimg", 0))
+
+    def _adversarial(self) -> bool:
+        return self.cfg.disc_weight > 0 and self.nimg >= self.cfg.disc_start_kimg * 1000
+
+    def loss(self, phase, nets, batch, generator):
+        x = batch["image"]
+        if phase == "disc":
+            with torch.no_grad():
+                fake, _ = nets["ae"](x, generator)
+            real_logits, fake_logits = nets["disc"](x), nets["disc"](fake)
+            on = 1.0 if self._adversarial() else 0.0  # before the start the discriminator is not trained
+            hinge = F.relu(1 - real_logits).mean(dim=(1, 2, 3)) + F.relu(1 + fake_logits).mean(dim=(1, 2, 3))
+            return on * hinge, {"real_logit": float(real_logits.mean()), "fake_logit": float(fake_logits.mean())}
+        rec, kl = nets["ae"](x, generator)
+        err = (rec - x).abs() if self.cfg.recon == "l1" else (rec - x) ** 2
+        loss = err.flatten(1).sum(1) + self.cfg.kl_weight * kl
+        extras = {"recon_l1": float((rec - x).abs().mean()), "kl": float(kl.mean())}
+        if self._adversarial():
+            g = -nets["disc"](rec).mean(dim=(1, 2, 3))
+            loss = loss + self.cfg.disc_weight * g * x[0].numel()  # the same per-pixel scale as the sums
+            extras["g_adv"] = float(g.mean())
+        from distgen import dist
+
+        self.nimg += x.shape[0] * dist.world_size()
+        return loss, extras
+
+    @torch.no_grad()
+    def sample(self, nets, generators, *, labels=None):
+        """Decodes of latents drawn from N(0, I): the KL term's prior, a sanity check for grids only
+        (the autoencoder is not a generative model on its own; stage 2 learns the latents' distribution)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        ae = nets["ae"].ae
+        f = 2 ** (len(ae.config.block_out_channels) - 1)
+        size = self.data.resolution // f
+        dev = next(ae.parameters()).device
+        z = randn_tensor((len(generators), ae.config.latent_channels, size, size), generator=generators, device=dev)
+        return ae.decode(z).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, nets, images: torch.Tensor, generators) -> torch.Tensor:
+        """uint8 NCHW -> reconstructions from the posterior mode, float NCHW on [-1, 1] (``--metrics recon``)."""
+        ae = nets["ae"].ae
+        return ae.decode(ae.encode(images.float() / 127.5 - 1).latent_dist.mode()).sample.clamp(-1, 1)
+
+    calibration_images = 2048  # training images the export's latent scaling factor is computed from
+
+    def calibrate(self, nets, images: torch.Tensor) -> None:
+        g = [torch.Generator().manual_seed(i) for i in range(len(images))]
+        self.scaling_factor = latent_scaling_factor(nets["ae"].ae, images.to(next(nets["ae"].parameters()).device), g)
+
+    def export(self, nets, out_dir):
+        """A diffusers ``AutoencoderKL`` folder, its ``scaling_factor`` set from the data (:meth:`calibrate`)."""
+        ae = nets["ae"].ae
+        sf = getattr(self, "scaling_factor", None)
+        if sf is not None:
+            ae.register_to_config(scaling_factor=float(sf))
+        ae.save_pretrained(Path(out_dir), safe_serialization=True)
+
+    def load_export(self, out_dir):
+        from diffusers import AutoencoderKL
+
+        return {"ae": KLAutoencoder(AutoencoderKL.from_pretrained(Path(out_dir), use_safetensors=True))}
+
+
+@torch.no_grad()
+def latent_scaling_factor(ae, images: torch.Tensor, generators=None) -> float:
+    """1 / std of posterior samples of ``images`` (float NCHW on [-1, 1]): LDM's ``scale_by_std``, which
+    gives the diffusion model latents of unit variance."""
+    z = ae.encode(images).latent_dist.sample(generator=generators)
+    return float(1 / z.double().std())
