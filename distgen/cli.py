@@ -7,6 +7,7 @@
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
+    distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
     distgen demo
 """
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--split", default="train", choices=["train", "test"])
     s.add_argument("--samples-per-shard", type=int, default=10000)
+    en = dsub.add_parser("encode", help="latent shards of image shards under an autoencoder (latent diffusion)")
+    en.add_argument("ae_dir", metavar="AE_DIR", help="an AutoencoderKL folder (distgen export of an autoencoder run)")
+    en.add_argument("shards", metavar="SHARDS", help="image shards: a manifest or a brace pattern")
+    en.add_argument("out_dir", metavar="OUT_DIR")
+    en.add_argument("--split", default=None, help="output split name (default: the input manifest's)")
+    en.add_argument("--batch-size", type=int, default=64)
+    en.add_argument("--samples-per-shard", type=int, default=10000)
     b = dsub.add_parser("bench", help="loader images/s against a raw single-process baseline")
     b.add_argument("shards", nargs="+", help="manifest, brace pattern or tar files")
     b.add_argument("--workers", default="1,2", help="DataLoader workers, or a comma list to compare (default 1,2)")
@@ -109,6 +117,19 @@ def cmd_shard(args) -> int:
     size = "x".join(map(str, m["image_size"])) if m["image_size"] else "mixed"
     print(f"{m['total']} samples in {len(m['shards'])} shard(s), {size}x{m['channels']}, "
           f"{m['num_classes']} classes -> {Path(args.out_dir) / (args.split + '.manifest.json')}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from distgen.data.encode import encode_shards
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    m = encode_shards(args.ae_dir, [args.shards], args.out_dir, split=args.split, batch_size=args.batch_size,
+                      samples_per_shard=args.samples_per_shard)
+    print(f"{m['total']} latents {'x'.join(map(str, m['latent_shape']))} (scaling factor "
+          f"{m['autoencoder']['scaling_factor']:.5g}) in {len(m['shards'])} shard(s) -> "
+          f"{Path(args.out_dir) / (m['split'] + '.manifest.json')}")
     return 0
 
 
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export":
             return cmd_export(args)
         if args.cmd == "data":
-            return cmd_shard(args) if args.data_cmd == "shard" else cmd_bench(args)
+            return {"shard": cmd_shard, "encode": cmd_encode, "bench": cmd_bench}[args.data_cmd](args)
         if args.cmd == "demo":
             return cmd_demo(args)
     except (ConfigError, DataError, EvalError, SampleError, TrainingError) as e:

@@ -79,6 +79,9 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
         nets = family.build_networks()
         for n in family.ema_networks():
             nets[n].load_state_dict(ckpt.load_tensors(cp / f"ema0-{n}.safetensors"))
+        for n in set(nets) - set(family.ema_networks()):
+            if (cp / f"{n}.safetensors").is_file():  # e.g. a frozen autoencoder, as the run used it
+                nets[n].load_state_dict(ckpt.load_tensors(cp / f"{n}.safetensors"))
     else:
         raise SampleError(f"{path}: neither a run folder (checkpoints/) nor an export folder ({EXPORT_META})")
     for n in nets.values():

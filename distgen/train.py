@@ -55,6 +55,9 @@ def data_info(cfg: Config) -> DataInfo:
     if not cfg.data.train:
         raise TrainingError("data.train: no training shards configured (a manifest, brace pattern or pipe: URLs)")
     meta = resolve_shards(list(cfg.data.train)).meta
+    if meta.get("kind") == "latents" and cfg.model.family != "latent_diffusion":
+        raise TrainingError(f"data.train: {cfg.data.train[0]} holds latents (distgen data encode), which only "
+                            f"model.family latent_diffusion trains on, not {cfg.model.family!r}")
     return DataInfo(cfg.data.resolution, cfg.data.channels, int(meta.get("num_classes") or 0))
 
 
@@ -435,7 +438,7 @@ def train(cfg: Config) -> int:
             return None
         from distgen.sample import save_grid
 
-        ema_nets = {n: e.materialize(0) for n, e in emas.items()}
+        ema_nets = {**raw, **{n: e.materialize(0) for n, e in emas.items()}}  # frozen nets too (an autoencoder)
         gens = [torch.Generator(device=acc.device).manual_seed(i) for i in range(tc.sample_num)]
         with torch.no_grad():
             images = family.sample(ema_nets, gens)
@@ -447,7 +450,7 @@ def train(cfg: Config) -> int:
         """Metrics of the primary EMA weights; the best ones so far are kept in run_dir/best."""
         nonlocal best, t_last
         t0 = time.time()
-        ema_nets = {n: e.materialize(0) for n, e in emas.items()}
+        ema_nets = {**raw, **{n: e.materialize(0) for n, e in emas.items()}}  # frozen nets too (an autoencoder)
         res = evaluator.run(family, ema_nets, cfg.data)
         rec = {"step": step, "kimg": nimg / 1000, **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}}
         log.record_eval(rec)

@@ -4,14 +4,16 @@ latent scaling factor computed from the data."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 from distgen.sample import _first_images, export, load_ema
 from test_gan import records
 from test_likelihood import lik_config
-from test_train import launch, run
+from test_train import launch, run, weights
 
 AE_RES = 16
 
@@ -49,3 +51,143 @@ def test_autoencoder_trains_exports_and_round_trips(tmp_path, fm_test_shards, en
     # the export's networks are the run's EMA
     again = fam.reconstruct(nets, ((imgs[:8] + 1) * 127.5).round().to(torch.uint8), None)
     assert again.shape == (8, 1, AE_RES, AE_RES) and np.isfinite(again.numpy()).all()
+
+
+# ---------------------------------------------------------------- stage 2: the latent U-Net
+
+@pytest.fixture(scope="module")
+def ae_folder(tmp_path_factory):
+    """A local AutoencoderKL folder (randomly initialised: what is tested is the plumbing, not its quality)."""
+    from diffusers import AutoencoderKL
+
+    from distgen.families.autoencoder import autoencoder_kwargs
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ae")
+    AutoencoderKL(**autoencoder_kwargs("tiny", 1, AE_RES), scaling_factor=0.7).save_pretrained(out)
+    return out
+
+
+def ldm_config(tmp_path, manifest, ae, **over):
+    model = {"family": "latent_diffusion", "preset": "tiny", "autoencoder": str(ae), "class_conditional": True,
+             "label_dropout": 0.2, "sampler": "ddpm", "sample_steps": 3}
+    model.update(over.pop("model", {}))
+    data = {"resolution": AE_RES, "labels": True, **over.pop("data", {})}
+    return lik_config(tmp_path, manifest, model, data=data, **over)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_latent_diffusion_training_resumes_exactly(nproc, tmp_path, fm_test_shards, ae_folder, env_with_repo):
+    """10 steps straight == stop at 7, resume to 10 (images encoded on the fly, class-conditional)."""
+    over = {"train": {"checkpoint_every": 5, "total_kimg": 0.08 * nproc}}
+    straight = ldm_config(tmp_path / "a", fm_test_shards, ae_folder, **over)
+    resumed = ldm_config(tmp_path / "b", fm_test_shards, ae_folder, **over)
+    run(launch(nproc) + ["train", str(straight)], env_with_repo)
+    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
+    second = run(launch(nproc) + ["train", str(resumed)], env_with_repo)
+    assert "resumed from" in second.stdout and "(step 7" in second.stdout
+    a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
+    for name in ("unet.safetensors", "ema0-unet.safetensors", "ae.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
+    # the autoencoder stays as it was loaded
+    from safetensors.torch import load_file
+
+    orig = load_file(str(ae_folder / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(orig[k], weights(a, "ae.safetensors")[k]) for k in orig)
+    losses_a = [r["loss"] for r in records(tmp_path / "a" / "run")]
+    assert all(np.isfinite(losses_a)) and len(losses_a) == 5
+
+
+def test_latent_diffusion_export_sampling_and_guidance(tmp_path, fm_test_shards, ae_folder, env_with_repo):
+    cfg = ldm_config(tmp_path, fm_test_shards, ae_folder, train={"total_kimg": 0.08})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    base = ["sample", str(tmp_path / "run"), "--num", "6", "--steps", "3"]
+    run(launch(1) + base + ["--out", str(tmp_path / "g1.npz")], env_with_repo)
+    run(launch(1) + base + ["--guidance", "3", "--out", str(tmp_path / "g3.npz")], env_with_repo)
+    g1, g3 = np.load(tmp_path / "g1.npz"), np.load(tmp_path / "g3.npz")
+    assert g1["x"].shape == (6, AE_RES, AE_RES, 1) and list(g1["y"]) == [i % 10 for i in range(6)]
+    assert not np.array_equal(g1["x"], g3["x"])  # guidance changes the images
+
+    out = export(tmp_path / "run", tmp_path / "export")
+    fam, nets, _ = load_ema(out)
+    # guidance scale 1: the guided prediction is the conditional one
+    unet = nets["unet"]
+    x = torch.randn(3, 4, AE_RES // 2, AE_RES // 2, generator=torch.Generator().manual_seed(0))
+    labels, t = torch.tensor([1, 4, 7]), torch.tensor(500)
+    cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, 10)])
+                        ).sample.chunk(2)
+    alone = unet(x, t, class_labels=labels).sample
+    assert torch.allclose(uncond + 1.0 * (cond - uncond), alone, atol=1e-5)
+    assert (cond - uncond).abs().max() > 1e-4  # the label matters, so the check could fail
+
+    # the folder runs in diffusers alone, and `distgen sample` on it gives the run's images
+    script = (
+        "import sys; sys.modules['distgen'] = None\n"
+        "import numpy as np, torch, diffusers\n"
+        f"pipe = diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "g = [torch.Generator().manual_seed(int(s)) for s in sys.argv[1:]]\n"
+        "img = pipe(class_labels=[i % 10 for i in range(6)], guidance_scale=3.0, num_inference_steps=3,\n"
+        "           output_type='np', generator=g).images\n"
+        f"np.save({str(tmp_path / 'pipe.npy')!r}, img)\n"
+        "print(type(pipe).__name__, img.shape)\n"
+    )
+    from distgen.sample import image_seed
+
+    r = run([sys.executable, "-c", script] + [str(image_seed(0, i)) for i in range(6)],
+            {**env_with_repo, "HF_HUB_OFFLINE": "1"})
+    assert "LatentDiffusionPipeline (6, 16, 16, 1)" in r.stdout
+    run(launch(1) + ["sample", str(out), "--num", "6", "--steps", "3", "--guidance", "3",
+                     "--out", str(tmp_path / "e3.npz")], env_with_repo)
+    e3 = np.load(tmp_path / "e3.npz")["x"]
+    assert np.array_equal(e3, g3["x"])
+    piped = np.round(np.load(tmp_path / "pipe.npy") * 255).astype(np.uint8)
+    assert np.abs(piped.astype(int) - e3.astype(int)).max() <= 1
+
+
+def test_latent_shards_round_trip_and_train(tmp_path, ae_folder, env_with_repo):
+    """`distgen data encode` keeps keys, labels and each image's posterior; stage 2 trains on the shards, drawing
+    the same latents as encoding on the fly."""
+    from PIL import Image
+
+    from distgen.config import DataConfig
+    from distgen.data import DataError, make_loader, write_shards
+    from distgen.families.latent import draw_latents, latent_moments, load_autoencoder
+    from test_eval import _fm_images
+
+    x, y = _fm_images(200)
+    xs = np.stack([np.asarray(Image.fromarray(i).resize((AE_RES, AE_RES))) for i in x])
+    np.savez(tmp_path / "im.npz", x=xs, y=y)
+    write_shards(f"npz:{tmp_path / 'im.npz'}", tmp_path / "img", "train", samples_per_shard=70)
+    images = tmp_path / "img" / "train.manifest.json"
+    r = run([sys.executable, "-m", "distgen", "data", "encode", str(ae_folder), str(images), str(tmp_path / "lat"),
+             "--samples-per-shard", "90", "--batch-size", "32"], env_with_repo)
+    assert "200 latents 4x8x8 (scaling factor 0.7)" in r.stdout
+    m = json.loads((tmp_path / "lat" / "train.manifest.json").read_text())
+    assert m["kind"] == "latents" and m["total"] == 200 and [s["count"] for s in m["shards"]] == [90, 90, 20]
+    assert m["num_classes"] == 10 and m["autoencoder"]["scaling_factor"] == 0.7
+
+    cfg = DataConfig(resolution=AE_RES, channels=1, labels=True, workers=1)
+    lat = list(make_loader(str(tmp_path / "lat" / "train.manifest.json"), cfg, batch_size=64, mode="eval"))
+    img = list(make_loader(str(images), cfg, batch_size=64, mode="eval"))
+    keys = [k for b in lat for k in b["key"]]
+    assert keys == [k for b in img for k in b["key"]] and len(set(keys)) == 200
+    assert torch.equal(torch.cat([b["label"] for b in lat]), torch.cat([b["label"] for b in img]))
+    ae = load_autoencoder(ae_folder)
+    moments = torch.cat([b["latent"] for b in lat])
+    with torch.no_grad():
+        direct = latent_moments(ae, torch.cat([b["image"] for b in img]))
+        assert moments.shape == (200, 8, 8, 8) and torch.allclose(moments, direct, atol=1e-5)
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(200)]  # noqa: E731
+        on_the_fly = ae.encode(torch.cat([b["image"] for b in img])).latent_dist.sample(generator=gens()) * 0.7
+        assert torch.allclose(draw_latents(moments, 0.7, gens()), on_the_fly, atol=1e-4)
+    with pytest.raises(DataError, match="holds latents"):
+        make_loader(str(tmp_path / "lat" / "train.manifest.json"), DataConfig(resolution=AE_RES, flip=True),
+                    batch_size=8, mode="train")
+
+    # stage 2 on the latent shards
+    over = {"train": {"total_kimg": 0.08}}
+    c = ldm_config(tmp_path / "t", tmp_path / "lat" / "train.manifest.json", ae_folder, **over)
+    run([sys.executable, "-m", "distgen", "train", str(c)], env_with_repo)
+    recs = records(tmp_path / "t" / "run")
+    assert recs[-1]["kimg"] == 0.08 and all(np.isfinite(r["loss"]) for r in recs)

@@ -310,6 +310,7 @@ class DecodeSpec:
     labels: str = "optional"  # "required", "optional" (-1 when missing) or "none"
     expect_size: Optional[tuple[int, int]] = None  # (H, W) every stored image must have
     expect_channels: Optional[int] = None
+    kind: str = "images"  # or "latents": shards of ``distgen data encode``, an autoencoder's posterior moments
 
 
 def _to_resolution(im: Image.Image, res: int, mode: str) -> Image.Image:
@@ -342,8 +343,44 @@ def _to_chw(im: Image.Image) -> np.ndarray:
     return arr.reshape(1, h, w) if im.mode == "L" else arr.reshape(h, w, 3).transpose(2, 0, 1)
 
 
+def _label(s: dict, out: dict, spec: DecodeSpec) -> None:
+    if spec.labels == "none":
+        return
+    key, url = s["__key__"], s["__url__"]
+    if "cls" in s:
+        try:
+            out["label"] = int(s["cls"])
+        except ValueError:
+            raise DataError(f"shard {url}, key {key}: 'cls' is not an integer: {s['cls'][:20]!r}") from None
+    elif spec.labels == "required":
+        raise DataError(f"shard {url}, key {key}: missing 'cls' label (data.labels is true)")
+    else:
+        out["label"] = -1
+
+
+def decode_latents(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
+    """Stage: stored bytes -> ``{"key", "latent": float32 array, "label"}`` (latent shards)."""
+    for s in samples:
+        key, url = s["__key__"], s["__url__"]
+        try:
+            if "latent.npy" not in s:
+                raise DataError(f"shard {url}, key {key}: no 'latent.npy' member (the manifest says latent shards)")
+            try:
+                lat = np.load(io.BytesIO(s["latent.npy"]), allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"shard {url}, key {key}: 'latent.npy' is not a numpy array ({e})") from None
+            out = {"key": key, "index": s["__index__"], "latent": lat.astype(np.float32, copy=False)}
+            _label(s, out, spec)
+            yield out
+        except DataError as e:
+            policy(e)
+
+
 def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
     """Stage: stored bytes -> ``{"key", "image": uint8 CxHxW, "label"}`` at the configured resolution."""
+    if spec.kind == "latents":
+        yield from decode_latents(samples, spec, policy)
+        return
     expect_c = spec.expect_channels or spec.channels
     want_mode = "L" if spec.channels == 1 else "RGB"
     expect_wh = (spec.expect_size[1], spec.expect_size[0]) if spec.expect_size is not None else None
@@ -369,16 +406,7 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
             if mode != want_mode:
                 im = im.convert(want_mode)
             out = {"key": key, "index": s["__index__"], "image": _to_chw(_to_resolution(im, spec.resolution, spec.resize))}
-            if spec.labels != "none":
-                if "cls" in s:
-                    try:
-                        out["label"] = int(s["cls"])
-                    except ValueError:
-                        raise DataError(f"shard {url}, key {key}: 'cls' is not an integer: {s['cls'][:20]!r}") from None
-                elif spec.labels == "required":
-                    raise DataError(f"shard {url}, key {key}: missing 'cls' label (data.labels is true)")
-                else:
-                    out["label"] = -1
+            _label(s, out, spec)
             yield out
         except DataError as e:
             policy(e)
@@ -414,7 +442,8 @@ def _collate(buf: list[dict], skipped: int) -> dict:
     out = {
         # uint8 numpy crosses the process boundary as plain pickled bytes: 4x
         # smaller than float, and cheaper than a shared-memory segment per batch.
-        "image": np.stack([s["image"] for s in buf]),
+        **({"latent": np.stack([s["latent"] for s in buf])} if "latent" in buf[0]
+           else {"image": np.stack([s["image"] for s in buf])}),
         "key": [s["key"] for s in buf],
         # (shard << 32) | sample: sorting by it restores the input order of an evaluation pass
         "index": np.array([s["index"] for s in buf], dtype=np.int64),
@@ -526,9 +555,12 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         for batch in self._start():
             self.skipped += batch.pop("skipped", 0)
-            if "image" not in batch:
+            if "key" not in batch:  # only a skip count
                 continue
-            batch["image"] = to_float(batch["image"]) if self.as_float else torch.from_numpy(batch["image"])
+            if "latent" in batch:
+                batch["latent"] = torch.from_numpy(batch["latent"])
+            else:
+                batch["image"] = to_float(batch["image"]) if self.as_float else torch.from_numpy(batch["image"])
             if "label" in batch:
                 batch["label"] = torch.from_numpy(batch["label"])
             self.count += len(batch["key"])
@@ -596,7 +628,10 @@ def make_loader(
     if cfg.labels and meta and meta.get("num_classes") == 0:
         raise DataError(f"data.labels is true but the manifest of {shards.urls[0]} lists no classes")
     labels = "required" if cfg.labels else ("optional" if meta.get("num_classes") else "none")
-    spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"))
+    kind = meta.get("kind", "images")
+    if kind == "latents" and cfg.flip:
+        raise DataError(f"data.flip: {shards.urls[0]} holds latents, which cannot be flipped like images")
+    spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"), kind)
     if meta.get("channels") and meta["channels"] != cfg.channels:
         raise DataError(f"data.channels is {cfg.channels} but the shards hold {meta['channels']}-channel images")
     ds = ShardStream(

@@ -11,7 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import webdataset as wds
@@ -48,15 +48,44 @@ def write_shards(
     samples_per_shard: int = 10000,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Shard ``source`` into ``out_dir/<split>-NNNNNN.tar`` and write the manifest.
+    """Shard ``source`` into ``out_dir/<split>-NNNNNN.tar`` and write the manifest (see :func:`write_samples`)."""
+    if isinstance(source, str):
+        source = open_source(source, split)
+
+    def samples():
+        for index, (img, label) in enumerate(source.items()):
+            sample = {"__key__": f"{split}_{index:07d}", "png": encode_png(img)}
+            if label is not None:
+                sample["cls"] = str(label).encode()
+            yield sample
+
+    return write_samples(samples(), out_dir, split, samples_per_shard, log, name=source.name, manifest={
+        "source": source.name,
+        "image_size": list(source.image_size) if source.image_size else None,
+        "channels": source.channels,
+        "num_classes": len(source.class_names),
+        "class_names": list(source.class_names),
+    })
+
+
+def write_samples(
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    split: str,
+    samples_per_shard: int,
+    log: Optional[Callable[[str], None]],
+    *,
+    name: str,
+    manifest: dict,
+) -> dict:
+    """Write webdataset samples (dicts of ``__key__`` and member bytes) into ``out_dir/<split>-NNNNNN.tar`` and
+    the manifest (``manifest`` plus the format, split, total and shard list).
 
     Tars are written under temporary names and renamed only once the whole
     split is written, then the manifest is written atomically: a failure
     part-way leaves the previous shards and manifest as they were, and no
     manifest ever names a partial shard. Returns the manifest dict.
     """
-    if isinstance(source, str):
-        source = open_source(source, split)
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
@@ -82,7 +111,7 @@ def write_shards(
             log(f"wrote {final} ({count_in_shard} samples)")
         writer, tmp = None, None
 
-    def _write_one(img, label):
+    def _write_one(sample):
         nonlocal writer, tmp, count_in_shard, index
         if writer is None:
             tmp = out / f".{split}-{len(shards):06d}.tar.tmp"
@@ -90,9 +119,6 @@ def write_shards(
             # header per member) make the tars reproducible.
             writer = wds.TarWriter(str(tmp), user="distgen", group="distgen", mode=0o444, mtime=0, encoder=False)
             count_in_shard = 0
-        sample = {"__key__": f"{split}_{index:07d}", "png": encode_png(img)}
-        if label is not None:
-            sample["cls"] = str(label).encode()
         writer.write(sample)
         count_in_shard += 1
         index += 1
@@ -100,8 +126,8 @@ def write_shards(
             close_current()
 
     try:
-        for img, label in source.items():
-            _write_one(img, label)
+        for sample in samples:
+            _write_one(sample)
     except BaseException:
         if writer is not None:
             writer.close()
@@ -110,7 +136,7 @@ def write_shards(
         raise
     close_current()
     if index == 0:
-        raise DataError(f"{source.name}: no samples to shard")
+        raise DataError(f"{name}: no samples to shard")
     # Only now replace the old split: manifest first, so a crash in between
     # leaves no manifest rather than one naming shards that changed.
     mp = manifest_path(out, split)
@@ -120,18 +146,9 @@ def write_shards(
         old.unlink()
     for t, final in done:
         os.replace(t, final)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "source": source.name,
-        "split": split,
-        "total": index,
-        "image_size": list(source.image_size) if source.image_size else None,
-        "channels": source.channels,
-        "num_classes": len(source.class_names),
-        "class_names": list(source.class_names),
-        "shards": shards,
-    }
+    full = {"format": MANIFEST_FORMAT, "source": manifest.get("source", name), "split": split, "total": index,
+            **{k: v for k, v in manifest.items() if k != "source"}, "shards": shards}
     tmpm = mp.with_suffix(".json.tmp")
-    tmpm.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmpm.write_text(json.dumps(full, indent=2) + "\n")
     os.replace(tmpm, mp)
-    return manifest
+    return full

@@ -7,6 +7,7 @@ from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseN
 from distgen.families.diffusion import Diffusion
 from distgen.families.gan import GAN
 from distgen.families.glow import GlowFamily
+from distgen.families.latent import LatentDiffusion
 from distgen.families.pixelcnn import PixelCNN
 from distgen.families.vae import VAEFamily
 
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Family]] = {
     GlowFamily.name: GlowFamily,
     VAEFamily.name: VAEFamily,
     Autoencoder.name: Autoencoder,
+    LatentDiffusion.name: LatentDiffusion,
 }
 
 

@@ -100,7 +100,10 @@ class Diffusion(Family):
         # diffusers is imported where it is used: loading the family registry stays cheap
         from diffusers import DDPMScheduler
 
-        self.scheduler = DDPMScheduler(**_scheduler_config(cfg))
+        self.scheduler = DDPMScheduler(**self.scheduler_config())
+
+    def scheduler_config(self) -> dict:
+        return _scheduler_config(self.cfg)
 
     @property
     def null_class(self) -> int:
@@ -121,8 +124,19 @@ class Diffusion(Family):
     def phases(self):
         return [Phase("denoise", "unet")]
 
+    def clean(self, nets, batch, generator) -> torch.Tensor:
+        """What the model denoises: the images (latent diffusion: their latents)."""
+        return batch["image"]
+
+    def noise_shape(self, nets, n: int) -> tuple[int, ...]:
+        return (n, self.data.channels, self.data.resolution, self.data.resolution)
+
+    def finish(self, nets, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's output as images on [-1, 1] (latent diffusion decodes it)."""
+        return x.clamp(-1, 1)
+
     def loss(self, phase, nets, batch, generator):
-        x0 = batch["image"]
+        x0 = self.clean(nets, batch, generator)
         b = x0.shape[0]
         t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
@@ -148,7 +162,7 @@ class Diffusion(Family):
         sched = make_sampler(sampler or self.cfg.sampler, self.scheduler)
         sched.set_timesteps(steps or self.cfg.sample_steps, device=device)
         n = len(generators)
-        shape = (n, self.data.channels, self.data.resolution, self.data.resolution)
+        shape = self.noise_shape(nets, n)
         # One generator per image: an image depends on its own seed only, not on the batch around it.
         x = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
         x = x * sched.init_noise_sigma
@@ -167,7 +181,7 @@ class Diffusion(Family):
             else:
                 out = unet(xin, t, class_labels=labels).sample
             x = sched.step(out, t, x, generator=generators).prev_sample
-        return x.clamp(-1, 1)
+        return self.finish(nets, x)
 
     likelihood = "bound"
 

@@ -1,0 +1,143 @@
+"""Latent diffusion, stage 2 (Rombach et al. 2022): the pixel-diffusion family on an autoencoder's latents.
+
+The autoencoder is a diffusers ``AutoencoderKL`` folder, ``model.autoencoder``:
+a ``distgen export`` of an ``autoencoder`` run (stage 1) or any local pretrained
+one (never a hub download). It is frozen: no phase trains it. Latents are
+``scaling_factor x`` posterior samples, drawn each step from the encoder's
+distribution (encoding the images on the fly), or from the stored moments of
+latent shards written by ``distgen data encode``. Schedulers, samplers and
+classifier-free guidance are the pixel family's; samples are decoded at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from distgen.config.core import ConfigError, check
+from distgen.families.diffusion import Diffusion, DiffusionConfig, _scheduler_config
+
+
+@dataclass(frozen=True)
+class LatentDiffusionConfig(DiffusionConfig):
+    family: str = "latent_diffusion"
+    autoencoder: str = ""  # an AutoencoderKL folder (distgen export of stage 1, or a local pretrained one)
+    scaling_factor: Optional[float] = None  # null: the autoencoder folder's own
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        check(bool(self.autoencoder), f"{path}.autoencoder",
+              "is required: an AutoencoderKL folder (distgen export of an autoencoder run, or a local one)")
+        check(self.scaling_factor is None or self.scaling_factor > 0, f"{path}.scaling_factor",
+              f"must be > 0 or null, got {self.scaling_factor}")
+
+
+def load_autoencoder(folder: str | Path, where: str = "model.autoencoder"):
+    """A diffusers AutoencoderKL from a local folder, safetensors only (no pickled code runs)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}: {folder} is not an AutoencoderKL folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{where}: {folder} holds no .safetensors weights (pickled weights are not loaded)")
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ConfigError(f"{where}: {folder}: {e}") from None
+
+
+def latent_moments(ae, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's posterior of float NCHW images as [B, 2C, h, w]: mean and log-variance, unscaled."""
+    return ae.encode(images).latent_dist.parameters
+
+
+def draw_latents(moments: torch.Tensor, scaling_factor: float, generator) -> torch.Tensor:
+    """scaling_factor x a posterior sample, from stored moments (the same draw ``latent_dist.sample`` makes)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(moments).sample(generator=generator) * scaling_factor
+
+
+class LatentDiffusion(Diffusion):
+    name = "latent_diffusion"
+    config_cls = LatentDiffusionConfig
+    likelihood = None  # the bound of pixel diffusion does not carry over through a decoder
+
+    def scheduler_config(self) -> dict:
+        return {**_scheduler_config(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]
+
+    def build_networks(self):
+        from diffusers import UNet2DModel
+
+        ae = load_autoencoder(self.cfg.autoencoder)
+        if self.cfg.scaling_factor is not None:
+            ae.register_to_config(scaling_factor=float(self.cfg.scaling_factor))
+        if ae.config.in_channels != self.data.channels:
+            raise ConfigError(f"model.autoencoder: {self.cfg.autoencoder} takes {ae.config.in_channels}-channel "
+                              f"images, data.channels is {self.data.channels}")
+        f = 2 ** (len(ae.config.block_out_channels) - 1)
+        if self.data.resolution % f:
+            raise ConfigError(f"data.resolution: the autoencoder downsamples by {f}; {self.data.resolution} "
+                              "is not a multiple of it")
+        kw = self.unet_kwargs()
+        side, down = self.data.resolution // f, 2 ** (len(kw["block_out_channels"]) - 1)
+        if side % down:
+            raise ConfigError(f"model.preset: the {self.cfg.preset!r} U-Net halves its input {down // 2 or 1} "
+                              f"time(s), so the latent side ({self.data.resolution} / {f} = {side}) must be a "
+                              f"multiple of {down}; change data.resolution, the autoencoder or the preset")
+        c = ae.config.latent_channels
+        kw.update(sample_size=self.data.resolution // f, in_channels=c, out_channels=c)
+        return {"unet": UNet2DModel(**kw), "ae": ae}
+
+    def ema_networks(self):
+        return ["unet"]
+
+    def clean(self, nets, batch, generator):
+        ae = nets["ae"]  # frozen: a plain module in every phase
+        sf = ae.config.scaling_factor
+        if "latent" in batch:  # latent shards: the stored moments
+            unet = nets.raw["unet"] if hasattr(nets, "raw") else nets["unet"]  # the module behind any engine
+            want = (2 * ae.config.latent_channels, unet.config.sample_size, unet.config.sample_size)
+            if tuple(batch["latent"].shape[1:]) != want:
+                from distgen.data import DataError
+
+                raise DataError(f"latent shards hold moments of shape {list(batch['latent'].shape[1:])}, the "
+                                f"autoencoder model.autoencoder gives {list(want)}: encode with the same autoencoder")
+            return draw_latents(batch["latent"], sf, generator)
+        with torch.no_grad():
+            return draw_latents(latent_moments(ae, batch["image"]), sf, generator)
+
+    def noise_shape(self, nets, n):
+        cfg = nets["unet"].config
+        return (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def finish(self, nets, x):
+        ae = nets["ae"]
+        return ae.decode(x / ae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def export(self, nets, out_dir):
+        """A diffusers folder: ``DiffusionPipeline.from_pretrained(out_dir)`` loads the autoencoder, the U-Net and
+        the scheduler into ``LatentDiffusionPipeline`` (shipped in the folder), which decodes to images."""
+        from distgen.families.latent_pipeline import LatentDiffusionPipeline
+
+        out = Path(out_dir)
+        pipe = LatentDiffusionPipeline(vae=nets["ae"], unet=nets["unet"], scheduler=self.scheduler)
+        pipe.save_pretrained(out, safe_serialization=True)
+        # the pipeline's code travels with the folder, named in model_index.json for from_pretrained
+        shutil.copy(Path(__file__).with_name("latent_pipeline.py"), out / "latent_pipeline.py")
+        index = json.loads((out / "model_index.json").read_text())
+        index["_class_name"] = ["latent_pipeline", "LatentDiffusionPipeline"]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def load_export(self, out_dir):
+        from diffusers import UNet2DModel
+
+        out = Path(out_dir)
+        return {"unet": UNet2DModel.from_pretrained(out / "unet", use_safetensors=True),
+                "ae": load_autoencoder(out / "vae", where=str(out))}
