@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     from distgen.data import DataError
-    from distgen.evaluate import EvalError
+    from distgen.errors import EvalError
     from distgen.sample import SampleError
     from distgen.train import TrainingError
 

@@ -200,13 +200,21 @@ def _write_best(folder: Path, emas: dict, best: dict, nimg: int, family, info, c
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
 class _Trained:
     """One trained network: its Accelerator (one per network under DeepSpeed), engine-wrapped model,
     plain module and optimizer, and which of its parameters are meant to train."""
 
     def __init__(self, name: str, acc, model, opt, lr_scale: float):
         self.name, self.acc, self.model, self.opt, self.lr_scale = name, acc, model, opt, lr_scale
-        self.raw = acc.unwrap_model(model)
+        # DDP's module directly: accelerate's unwrap_model imports DeepSpeed (about a second) to test for its engine
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.raw = model.module if ddp else acc.unwrap_model(model) if _is_deepspeed(acc) else model
         self.trainable = [p.requires_grad for p in self.raw.parameters()]
 
     def train_only_this(self, all_trained: list["_Trained"]) -> None:

@@ -118,6 +118,11 @@ class ModelConfig:
         return FAMILIES[family].config_cls
 
 
+# Metric names (the evaluator in distgen.evaluate.core computes them; named here so that checking a
+# config does not import torch-fidelity).
+METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # training steps between evaluations of the EMA weights (0: none during training)
@@ -136,8 +141,6 @@ class EvalConfig:
     HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim")
 
     def validate(self, path: str) -> None:
-        from distgen.evaluate.core import METRICS
-
         check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")
         bad = [m for m in self.metrics if m not in METRICS]
         check(bool(self.metrics) and not bad, f"{path}.metrics",

@@ -39,9 +39,9 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_featuresdict_to_metric)
 
 from distgen import dist
+from distgen.config.schema import METRICS
 from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable
 
-METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon")
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")
 CACHE_FORMAT = "distgen-refstats/1"

@@ -27,16 +27,13 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from distgen.data.shard import file_sha256
+from distgen.errors import EvalError
 
 INCEPTION = "inception-v3-compat"
 DOMAIN = "distgen-domain"
 WEIGHTS_ENV = "DISTGEN_INCEPTION_WEIGHTS"
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 DOMAIN_FORMAT = "distgen-features/1"
-
-
-class EvalError(RuntimeError):
-    """Evaluation cannot run as asked (bad file, bad reference, bad option)."""
 
 
 class WeightsUnavailable(EvalError):
