@@ -46,9 +46,9 @@ def setup(tmp_path_factory, fm_test_shards, env):
     x, _ = _fm_images(24)
     weights = write_random_inception(root / "inception-random.pth",
                                      images=torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())
-    run([*launch(1), "sample", str(root / "run"), "--num", "32", "--seed", "7", "--out", str(root / "own.npz")],
+    run([*launch(1), "sample", str(root / "run"), "--num", "20", "--seed", "7", "--out", str(root / "own.npz")],
         env)
-    real, labels = _fm_images(32, offset=100)
+    real, labels = _fm_images(20, offset=100)
     own = np.load(root / "own.npz")["x"][..., 0]
     np.savez(root / "ref.npz", x=np.concatenate([real, own]))
     write_shards(f"npz:{root / 'ref.npz'}", root / "ref", "test", samples_per_shard=24)
@@ -57,7 +57,7 @@ def setup(tmp_path_factory, fm_test_shards, env):
 
 def _eval(nproc, setup, env, *extra, out=None, cache=None, check=True):
     out = out or setup["root"] / f"res-{nproc}.json"
-    cmd = [*launch(nproc), "eval", str(setup["run"]), "--num-samples", "40", "--seed", "3", "--steps", "2",
+    cmd = [*launch(nproc), "eval", str(setup["run"]), "--num-samples", "24", "--seed", "3", "--steps", "2",
            "--cache-dir", str(cache or setup["root"] / "cache"), "--out", str(out), *extra]
     r = run(cmd, env, check=check)
     return (json.loads(out.read_text()) if out.exists() else None), r
@@ -70,10 +70,10 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
     two, _ = _eval(2, setup, env_with_repo, *args)
     one, _ = _eval(1, setup, env_with_repo, *args)
     assert two["ref_cache"] == "miss" and one["ref_cache"] == "hit"  # the second run reuses the first's statistics
-    assert two["ref_images"] == one["ref_images"] == 64
+    assert two["ref_images"] == one["ref_images"] == 40
 
-    # torch-fidelity alone, one process, on the same images: the 40 generated ones and the reference shards.
-    run([*launch(1), "sample", str(setup["run"]), "--num", "40", "--seed", "3", "--steps", "2",
+    # torch-fidelity alone, one process, on the same images: the 24 generated ones and the reference shards.
+    run([*launch(1), "sample", str(setup["run"]), "--num", "24", "--seed", "3", "--steps", "2",
          "--out", str(setup["root"] / "gen.npz")], env_with_repo)
     gen = np.load(setup["root"] / "gen.npz")["x"]
     ref = np.load(setup["root"] / "ref.npz")["x"][..., None]
@@ -91,7 +91,7 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
     tf = torch_fidelity.calculate_metrics(
         input1=Images(gen), input2=Images(ref), cuda=False, feature_extractor="inception-v3-compat",
         feature_extractor_weights_path=str(setup["weights"]), fid=True, kid=True, isc=True, prc=True,
-        kid_subset_size=40, save_cpu_ram=True, verbose=False)
+        kid_subset_size=24, save_cpu_ram=True, verbose=False)
     assert 0 < tf["precision"] < 1 and tf["frechet_inception_distance"] > 0  # not a degenerate comparison
     for tf_key, ours in TF_KEYS.items():
         for res in (two, one):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from distgen.sample import _first_images, export, load_ema
+from distgen.sample import _first_images, export, generate, load_ema
 from test_gan import records
 from test_likelihood import lik_config
 from test_train import launch, run, weights
@@ -76,16 +76,23 @@ def ldm_config(tmp_path, manifest, ae, **over):
     return lik_config(tmp_path, manifest, model, data=data, **over)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_latent_diffusion_training_resumes_exactly(nproc, tmp_path, fm_test_shards, ae_folder, env_with_repo):
-    """10 steps straight == stop at 7, resume to 10 (images encoded on the fly, class-conditional)."""
+def _straight_and_resumed(nproc, tmp_path, manifest, ae_folder, env):
+    """10 steps straight, and 7 steps then a resume to 10 (images encoded on the fly, class-conditional)."""
     over = {"train": {"checkpoint_every": 5, "total_kimg": 0.08 * nproc}}
-    straight = ldm_config(tmp_path / "a", fm_test_shards, ae_folder, **over)
-    resumed = ldm_config(tmp_path / "b", fm_test_shards, ae_folder, **over)
-    run(launch(nproc) + ["train", str(straight)], env_with_repo)
-    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
-    second = run(launch(nproc) + ["train", str(resumed)], env_with_repo)
+    straight = ldm_config(tmp_path / "a", manifest, ae_folder, **over)
+    resumed = ldm_config(tmp_path / "b", manifest, ae_folder, **over)
+    run(launch(nproc) + ["train", str(straight)], env)
+    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env)
+    second = run(launch(nproc) + ["train", str(resumed)], env)
     assert "resumed from" in second.stdout and "(step 7" in second.stdout
+    _same_at_step_10(tmp_path, ae_folder)
+
+
+def test_latent_diffusion_two_process_training_resumes_exactly(tmp_path, fm_test_shards, ae_folder, env_with_repo):
+    _straight_and_resumed(2, tmp_path, fm_test_shards, ae_folder, env_with_repo)
+
+
+def _same_at_step_10(tmp_path, ae_folder):
     a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
     for name in ("unet.safetensors", "ema0-unet.safetensors", "ae.safetensors"):
         wa, wb = weights(a, name), weights(b, name)
@@ -99,15 +106,16 @@ def test_latent_diffusion_training_resumes_exactly(nproc, tmp_path, fm_test_shar
     assert all(np.isfinite(losses_a)) and len(losses_a) == 5
 
 
-def test_latent_diffusion_export_sampling_and_guidance(tmp_path, fm_test_shards, ae_folder, env_with_repo):
-    cfg = ldm_config(tmp_path, fm_test_shards, ae_folder, train={"total_kimg": 0.08})
-    run(launch(1) + ["train", str(cfg)], env_with_repo)
-    base = ["sample", str(tmp_path / "run"), "--num", "6", "--steps", "3"]
-    run(launch(1) + base + ["--out", str(tmp_path / "g1.npz")], env_with_repo)
-    run(launch(1) + base + ["--guidance", "3", "--out", str(tmp_path / "g3.npz")], env_with_repo)
-    g1, g3 = np.load(tmp_path / "g1.npz"), np.load(tmp_path / "g3.npz")
-    assert g1["x"].shape == (6, AE_RES, AE_RES, 1) and list(g1["y"]) == [i % 10 for i in range(6)]
-    assert not np.array_equal(g1["x"], g3["x"])  # guidance changes the images
+def test_latent_diffusion_one_process_resume_export_sampling_and_guidance(tmp_path, fm_test_shards, ae_folder,
+                                                                          env_with_repo):
+    _straight_and_resumed(1, tmp_path, fm_test_shards, ae_folder, env_with_repo)
+    tmp_path = tmp_path / "b"  # the resumed run from here on
+    # the run folder's images (sampled here; `distgen sample` on the export must give the same)
+    rfam, rnets, _ = load_ema(tmp_path / "run")
+    g1, g3 = (generate(rfam, rnets, 6, options={"steps": 3, "guidance": g}) for g in (1.0, 3.0))
+    assert g1[0][0].shape == (AE_RES, AE_RES, 1) and [g1[i][1] for i in range(6)] == [i % 10 for i in range(6)]
+    g1x, g3x = (np.stack([g[i][0] for i in range(6)]) for g in (g1, g3))
+    assert not np.array_equal(g1x, g3x)  # guidance changes the images
 
     out = export(tmp_path / "run", tmp_path / "export")
     fam, nets, _ = load_ema(out)
@@ -140,7 +148,7 @@ def test_latent_diffusion_export_sampling_and_guidance(tmp_path, fm_test_shards,
     run(launch(1) + ["sample", str(out), "--num", "6", "--steps", "3", "--guidance", "3",
                      "--out", str(tmp_path / "e3.npz")], env_with_repo)
     e3 = np.load(tmp_path / "e3.npz")["x"]
-    assert np.array_equal(e3, g3["x"])
+    assert np.array_equal(e3, g3x)
     piped = np.round(np.load(tmp_path / "pipe.npy") * 255).astype(np.uint8)
     assert np.abs(piped.astype(int) - e3.astype(int)).max() <= 1
 

@@ -72,7 +72,7 @@ def env(env_with_repo):
 
 def test_submitit_two_machines_preempted_and_requeued_end_as_an_uninterrupted_run(
         fm_test_shards, tmp_path, env):
-    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.8, "checkpoint_every": 10})
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.48, "checkpoint_every": 10})
     r = run([sys.executable, "launch/submit.py", str(cfg), "--partition", "debug", "--time", "00:15:00",
              "--tasks-per-node", "2", "--logs", str(tmp_path / "logs")], env)
     job = r.stdout.split("submitted job ")[1].split(":")[0]
@@ -83,7 +83,7 @@ def test_submitit_two_machines_preempted_and_requeued_end_as_an_uninterrupted_ru
     assert int(st["Restarts"]) >= 1  # submitit requeued it
     assert "2 process(es)" in log and "resumed from" in log  # 2 machine ranks met over loopback
     steps = _steps(tmp_path / "run")
-    assert steps == sorted(set(steps)) and steps[-1] == 50  # the step count went on from the checkpoint
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # the step count went on from the checkpoint
 
     # The same config straight through, 2 processes on one machine: identical final weights.
     ref = tmp_path / "ref"
@@ -91,14 +91,14 @@ def test_submitit_two_machines_preempted_and_requeued_end_as_an_uninterrupted_ru
     data["run"]["dir"] = str(ref)
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(data))
     run([*launch(2), "train", str(tmp_path / "ref.yaml")], env)
-    a, b = weights(tmp_path / "run/checkpoints/step-00000050"), weights(ref / "checkpoints/step-00000050")
+    a, b = weights(tmp_path / "run/checkpoints/step-00000030"), weights(ref / "checkpoints/step-00000030")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ea, eb = (weights(p / "checkpoints/step-00000050", "ema0-unet.safetensors") for p in (tmp_path / "run", ref))
+    ea, eb = (weights(p / "checkpoints/step-00000030", "ema0-unet.safetensors") for p in (tmp_path / "run", ref))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_sbatch_template_trains_and_requeues_itself_after_a_signal(fm_test_shards, tmp_path, env):
-    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.4, "checkpoint_every": 10})
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.24, "checkpoint_every": 10})
     r = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), "slurm/train.sbatch"],
                        env={**env, "CONFIG": str(cfg)}, cwd=REPO, capture_output=True, text=True, check=True)
     job = r.stdout.strip().split(";")[0]
@@ -109,8 +109,8 @@ def test_sbatch_template_trains_and_requeues_itself_after_a_signal(fm_test_shard
     assert st["JobState"] == "COMPLETED", log[-3000:]
     assert "time-limit signal: checkpointing" in log
     assert int(st["Restarts"]) >= 1 and "requeueing job" in log and "resumed from" in log
-    assert _steps(tmp_path / "run")[-1] == 50
-    final = tmp_path / "run" / "checkpoints" / "step-00000050"
+    assert _steps(tmp_path / "run")[-1] == 30
+    final = tmp_path / "run" / "checkpoints" / "step-00000030"
     assert json.loads((final / "meta.json").read_text())["reason"] == "end"
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 

@@ -102,8 +102,11 @@ def test_one_process_run_folder_export_and_sampling(tmp_path, fm_test_shards, en
     assert "DDPMPipeline (2, 28, 28, 1)" in r.stdout
 
     # sampling: grid, folder, npz; the run folder and the export give the same images
-    run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--out", str(tmp_path / "g.png")], env_with_repo)
-    run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--out", str(tmp_path / "pngs")], env_with_repo)
+    # (the grid and the folder in this process: the command's own function, without a launch's start-up)
+    from distgen.sample import sample_command
+
+    for where in ("g.png", "pngs"):
+        assert sample_command(str(out), 5, str(tmp_path / where), options={"steps": 3}) == 0
     run(launch(1) + ["sample", str(run_dir), "--num", "5", "--steps", "3", "--sampler", "dpmsolver",
                      "--out", str(tmp_path / "a.npz")], env_with_repo)
     run(launch(1) + ["sample", str(out), "--num", "5", "--steps", "3", "--sampler", "dpmsolver",
@@ -146,10 +149,8 @@ def test_sampling_with_two_processes_writes_the_same_files(tmp_path, fm_test_sha
     args = ["sample", str(tmp_path / "run"), "--num", "37", "--steps", "3", "--sampler", "ddpm", "--seed", "5"]
     run(launch(1) + args + ["--out", str(tmp_path / "one.npz")], env_with_repo)
     run(launch(2) + args + ["--out", str(tmp_path / "two.npz")], env_with_repo)
-    run(launch(1) + args + ["--out", str(tmp_path / "two")], env_with_repo)  # a folder of PNGs (rank 0 writes)
     one, two = np.load(tmp_path / "one.npz")["x"], np.load(tmp_path / "two.npz")["x"]
     assert one.shape == (37, 28, 28, 1) and np.array_equal(one, two)
-    assert len(list((tmp_path / "two").iterdir())) == 37
     assert len({one[i].tobytes() for i in range(37)}) == 37  # every image its own seed
 
 
@@ -269,13 +270,14 @@ def test_class_conditional_training_guidance_and_export(tmp_path, fm_test_shards
                       data={"labels": True}, train={"total_kimg": 0.08})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
     base = ["sample", str(tmp_path / "run"), "--num", "12", "--steps", "3"]
-    run(launch(1) + base + ["--out", str(tmp_path / "g1.npz")], env_with_repo)
     run(launch(1) + base + ["--guidance", "3", "--out", str(tmp_path / "g3.npz")], env_with_repo)
-    g1, g3 = np.load(tmp_path / "g1.npz"), np.load(tmp_path / "g3.npz")
-    assert list(g1["y"]) == [i % 10 for i in range(12)]  # labels cycle over the classes
-    assert not np.array_equal(g1["x"], g3["x"])  # guidance changes the images
-    out = tmp_path / "export"
-    run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
+    g3 = np.load(tmp_path / "g3.npz")
+    assert list(g3["y"]) == [i % 10 for i in range(12)]  # labels cycle over the classes
+    from distgen.sample import export, generate, load_ema
+
+    g1 = generate(*load_ema(tmp_path / "run")[:2], 12, options={"steps": 3})  # guidance 1, in this process
+    assert not np.array_equal(np.stack([g1[i][0] for i in range(12)]), g3["x"])  # guidance changes the images
+    out = export(tmp_path / "run", tmp_path / "export")
     script = (
         "import sys; sys.modules['distgen'] = None\n"
         "import torch, diffusers\n"
