@@ -145,12 +145,10 @@ def sampling_options(family, options: dict) -> dict:
 
 def likelihood_options(family, options: dict) -> dict:
     """The set bits/dim options (``--iw-samples``), checked against those ``family`` takes."""
-    given = {k: v for k, v in options.items() if v is not None}
-    bad = sorted(set(given) - set(getattr(family, "likelihood_options", ())))
-    if bad:
-        raise SampleError(f"the {family.name} family's likelihood takes no option "
-                          f"{', '.join('--' + b.replace('_', '-') for b in bad)}")
-    return given
+    try:
+        return family.check_likelihood_options(options)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
 
 def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict] = None,

@@ -441,12 +441,16 @@ def train(cfg: Config) -> int:
         data_start, consumed = step, 0
         return final
 
+    def ema_view() -> dict:
+        """The networks as sampling sees them: primary EMAs, and the frozen ones (an autoencoder) as they are."""
+        return {**raw, **{n: e.materialize(0) for n, e in emas.items()}}
+
     def grid(tag: str) -> Optional[Path]:
         if not main:
             return None
         from distgen.sample import save_grid
 
-        ema_nets = {**raw, **{n: e.materialize(0) for n, e in emas.items()}}  # frozen nets too (an autoencoder)
+        ema_nets = ema_view()
         gens = [torch.Generator(device=acc.device).manual_seed(i) for i in range(tc.sample_num)]
         with torch.no_grad():
             images = family.sample(ema_nets, gens)
@@ -458,7 +462,7 @@ def train(cfg: Config) -> int:
         """Metrics of the primary EMA weights; the best ones so far are kept in run_dir/best."""
         nonlocal best, t_last
         t0 = time.time()
-        ema_nets = {**raw, **{n: e.materialize(0) for n, e in emas.items()}}  # frozen nets too (an autoencoder)
+        ema_nets = ema_view()
         res = evaluator.run(family, ema_nets, cfg.data)
         rec = {"step": step, "kimg": nimg / 1000, **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}}
         log.record_eval(rec)

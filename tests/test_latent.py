@@ -12,7 +12,7 @@ import torch
 
 from distgen.sample import _first_images, export, generate, load_ema
 from test_gan import records
-from test_likelihood import lik_config
+from test_likelihood import lik_config, resume_matches_straight
 from test_train import launch, run, weights
 
 AE_RES = 16
@@ -77,33 +77,22 @@ def ldm_config(tmp_path, manifest, ae, **over):
 
 
 def _straight_and_resumed(nproc, tmp_path, manifest, ae_folder, env):
-    """10 steps straight, and 7 steps then a resume to 10 (images encoded on the fly, class-conditional)."""
+    """10 steps straight == 7 steps then a resume to 10 (images encoded on the fly, class-conditional); the
+    autoencoder stays as it was loaded."""
     over = {"train": {"checkpoint_every": 5, "total_kimg": 0.08 * nproc}}
-    straight = ldm_config(tmp_path / "a", manifest, ae_folder, **over)
-    resumed = ldm_config(tmp_path / "b", manifest, ae_folder, **over)
-    run(launch(nproc) + ["train", str(straight)], env)
-    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env)
-    second = run(launch(nproc) + ["train", str(resumed)], env)
-    assert "resumed from" in second.stdout and "(step 7" in second.stdout
-    _same_at_step_10(tmp_path, ae_folder)
-
-
-def test_latent_diffusion_two_process_training_resumes_exactly(tmp_path, fm_test_shards, ae_folder, env_with_repo):
-    _straight_and_resumed(2, tmp_path, fm_test_shards, ae_folder, env_with_repo)
-
-
-def _same_at_step_10(tmp_path, ae_folder):
-    a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
-    for name in ("unet.safetensors", "ema0-unet.safetensors", "ae.safetensors"):
-        wa, wb = weights(a, name), weights(b, name)
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
-    # the autoencoder stays as it was loaded
+    config = lambda d: ldm_config(d, manifest, ae_folder, **over)  # noqa: E731
+    a, _ = resume_matches_straight(nproc, tmp_path, config, env,
+                                   ["unet.safetensors", "ema0-unet.safetensors", "ae.safetensors"], ["unet"])
     from safetensors.torch import load_file
 
     orig = load_file(str(ae_folder / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(orig[k], weights(a, "ae.safetensors")[k]) for k in orig)
     losses_a = [r["loss"] for r in records(tmp_path / "a" / "run")]
     assert all(np.isfinite(losses_a)) and len(losses_a) == 5
+
+
+def test_latent_diffusion_two_process_training_resumes_exactly(tmp_path, fm_test_shards, ae_folder, env_with_repo):
+    _straight_and_resumed(2, tmp_path, fm_test_shards, ae_folder, env_with_repo)
 
 
 def test_latent_diffusion_one_process_resume_export_sampling_and_guidance(tmp_path, fm_test_shards, ae_folder,

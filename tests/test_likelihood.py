@@ -192,24 +192,33 @@ def lik_config(tmp_path, manifest, model: dict, **over):
 NETS = {"pixelcnn": {"family": "pixelcnn", "dropout": 0.5}, "glow": {"family": "glow"}}
 
 
-@pytest.mark.parametrize("family", list(NETS))
-def test_two_process_training_resumes_exactly(family, tmp_path, fm_test_shards, env_with_repo):
-    """10 steps straight == stop at 7, resume to 10: weights, EMA, optimizer; the losses are bits/dim."""
-    over = {"train": {"checkpoint_every": 5}}
-    straight = lik_config(tmp_path / "a", fm_test_shards, NETS[family], **over)
-    resumed = lik_config(tmp_path / "b", fm_test_shards, NETS[family], **over)
-    run(launch(2) + ["train", str(straight)], env_with_repo)
-    run(launch(2) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
-    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
+def resume_matches_straight(nproc, tmp_path, config, env, files, optims):
+    """10 steps straight (``config(tmp_path / "a")``) == 7 steps, stop, resume to 10 (``tmp_path / "b"``): the
+    step-10 checkpoints' weight ``files`` agree within 1e-6, and so do the ``optims`` networks' optimizer states.
+    Returns the two step-10 checkpoint folders."""
+    straight, resumed = config(tmp_path / "a"), config(tmp_path / "b")
+    run(launch(nproc) + ["train", str(straight)], env)
+    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env)
+    second = run(launch(nproc) + ["train", str(resumed)], env)
     assert "resumed from" in second.stdout and "(step 7" in second.stdout
     a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
-    for name in (f"{family}.safetensors", f"ema0-{family}.safetensors"):
+    for name in files:
         wa, wb = weights(a, name), weights(b, name)
         assert wa.keys() == wb.keys()
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
-    oa, ob = _flat(ckpt.load_state(a / f"optim-{family}.pt")), _flat(ckpt.load_state(b / f"optim-{family}.pt"))
-    assert oa.keys() == ob.keys()
-    assert all(torch.allclose(oa[k], ob[k], atol=1e-6) if torch.is_tensor(oa[k]) else oa[k] == ob[k] for k in oa)
+    for net in optims:
+        oa, ob = _flat(ckpt.load_state(a / f"optim-{net}.pt")), _flat(ckpt.load_state(b / f"optim-{net}.pt"))
+        assert oa.keys() == ob.keys()
+        assert all(torch.allclose(oa[k], ob[k], atol=1e-6) if torch.is_tensor(oa[k]) else oa[k] == ob[k] for k in oa)
+    return a, b
+
+
+@pytest.mark.parametrize("family", list(NETS))
+def test_two_process_training_resumes_exactly(family, tmp_path, fm_test_shards, env_with_repo):
+    """10 steps straight == stop at 7, resume to 10: weights, EMA, optimizer; the losses are bits/dim."""
+    config = lambda d: lik_config(d, fm_test_shards, NETS[family], train={"checkpoint_every": 5})  # noqa: E731
+    resume_matches_straight(2, tmp_path, config, env_with_repo,
+                            [f"{family}.safetensors", f"ema0-{family}.safetensors"], [family])
     recs = records(tmp_path / "a" / "run")
     assert all(0 < r["loss"] < 16 for r in recs)  # bits per dimension of 8-bit data, from the start
     assert recs[-1]["loss"] < recs[0]["loss"]

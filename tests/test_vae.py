@@ -14,9 +14,9 @@ from distgen.data import write_shards
 from distgen.evaluate.core import psnr, ssim
 from distgen.families.vae import gaussian_kl, gaussian_log_density
 from distgen.sample import export, generate, load_ema, to_uint8
-from test_gan import _flat, records
-from test_likelihood import RES, lik_config
-from test_train import launch, run, weights
+from test_gan import records
+from test_likelihood import RES, lik_config, resume_matches_straight
+from test_train import launch, run
 
 
 def test_analytic_kl_equals_a_monte_carlo_estimate():
@@ -61,18 +61,9 @@ def test_training_resumes_exactly(model, nproc, tmp_path, fm_test_shards, env_wi
     """10 steps straight == stop at 7, resume to 10 (KL warm-up state and skipped updates included)."""
     over = {"train": {"checkpoint_every": 5, "total_kimg": 0.08 * nproc,  # 10 steps of 8 images a process
                       "skip_grad_norm": 4.0 if model == "hvae" else None}}
-    straight = lik_config(tmp_path / "a", fm_test_shards, MODELS[model], **over)
-    resumed = lik_config(tmp_path / "b", fm_test_shards, MODELS[model], **over)
-    run(launch(nproc) + ["train", str(straight)], env_with_repo)
-    run(launch(nproc) + ["train", str(resumed), "train.max_steps=7"], env_with_repo)
-    second = run(launch(nproc) + ["train", str(resumed)], env_with_repo)
-    assert "resumed from" in second.stdout and "(step 7" in second.stdout
-    a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in ("a", "b"))
-    for name in ("vae.safetensors", "ema0-vae.safetensors"):
-        wa, wb = weights(a, name), weights(b, name)
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
-    oa, ob = _flat(ckpt.load_state(a / "optim-vae.pt")), _flat(ckpt.load_state(b / "optim-vae.pt"))
-    assert all(torch.allclose(oa[k], ob[k], atol=1e-6) if torch.is_tensor(oa[k]) else oa[k] == ob[k] for k in oa)
+    config = lambda d: lik_config(d, fm_test_shards, MODELS[model], **over)  # noqa: E731
+    a, b = resume_matches_straight(nproc, tmp_path, config, env_with_repo,
+                                   ["vae.safetensors", "ema0-vae.safetensors"], ["vae"])
     ma, mb = ckpt.read_meta(a), ckpt.read_meta(b)
     assert ma["family_state"] == mb["family_state"] == {"nimg": 80 * nproc}
     ra, rb = records(tmp_path / "a" / "run"), records(tmp_path / "b" / "run")

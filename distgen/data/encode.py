@@ -26,7 +26,8 @@ def encode_shards(ae_dir: str | Path, inputs: list[str], out_dir: str | Path, *,
                   log: Optional[Callable[[str], None]] = print) -> dict:
     from distgen.config import DataConfig
     from distgen.config.core import ConfigError
-    from distgen.families.latent import latent_moments, load_autoencoder
+    from distgen.families.autoencoder import downsampling, load_autoencoder
+    from distgen.families.latent import latent_moments
 
     try:
         ae = load_autoencoder(ae_dir, where="AE_DIR")
@@ -59,7 +60,7 @@ def encode_shards(ae_dir: str | Path, inputs: list[str], out_dir: str | Path, *,
                     yield sample
 
     weights = sorted(Path(ae_dir).glob("*.safetensors"))
-    f = 2 ** (len(ae.config.block_out_channels) - 1)
+    f = downsampling(ae)
     return write_samples(samples(), out_dir, split, samples_per_shard, log, name=str(inputs), manifest={
         "source": f"encode:{','.join(inputs)}",
         "kind": "latents",

@@ -439,11 +439,11 @@ def batched(samples: Iterable[dict], batch_size: int, policy: ErrorPolicy, parti
 
 
 def _collate(buf: list[dict], skipped: int) -> dict:
+    data = "latent" if "latent" in buf[0] else "image"
     out = {
         # uint8 numpy crosses the process boundary as plain pickled bytes: 4x
         # smaller than float, and cheaper than a shared-memory segment per batch.
-        **({"latent": np.stack([s["latent"] for s in buf])} if "latent" in buf[0]
-           else {"image": np.stack([s["image"] for s in buf])}),
+        data: np.stack([s[data] for s in buf]),
         "key": [s["key"] for s in buf],
         # (shard << 32) | sample: sorting by it restores the input order of an evaluation pass
         "index": np.array([s["index"] for s in buf], dtype=np.int64),

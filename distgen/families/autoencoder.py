@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.config.core import check
+from distgen import dist
+from distgen.config.core import ConfigError, check
 from distgen.config.schema import ModelConfig
 from distgen.families.base import Family, Phase
 
@@ -59,6 +60,26 @@ def autoencoder_kwargs(preset: str, channels: int, resolution: int) -> dict:
     kw.update(in_channels=channels, out_channels=channels, sample_size=resolution,
               down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
     return kw
+
+
+def load_autoencoder(folder: str | Path, where: str = "model.autoencoder"):
+    """A diffusers AutoencoderKL from a local folder, safetensors only (no pickled code runs)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}: {folder} is not an AutoencoderKL folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{where}: {folder} holds no .safetensors weights (pickled weights are not loaded)")
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ConfigError(f"{where}: {folder}: {e}") from None
+
+
+def downsampling(ae) -> int:
+    """How many times smaller than the image an ``AutoencoderKL``'s latent side is."""
+    return 2 ** (len(ae.config.block_out_channels) - 1)
 
 
 class KLAutoencoder(nn.Module):
@@ -100,6 +121,7 @@ class Autoencoder(Family):
     def __init__(self, cfg: AutoencoderConfig, data):
         super().__init__(cfg, data)
         self.nimg = 0  # images trained on: when the adversarial term starts (family state)
+        self.scaling_factor = None  # set from the data by calibrate() before an export
 
     def build_networks(self):
         from diffusers import AutoencoderKL
@@ -152,8 +174,6 @@ class Autoencoder(Family):
             g = -nets["disc"](rec).mean(dim=(1, 2, 3))
             loss = loss + self.cfg.disc_weight * g * x[0].numel()  # the same per-pixel scale as the sums
             extras["g_adv"] = float(g.mean())
-        from distgen import dist
-
         self.nimg += x.shape[0] * dist.world_size()
         return loss, extras
 
@@ -164,8 +184,7 @@ class Autoencoder(Family):
         from diffusers.utils.torch_utils import randn_tensor
 
         ae = nets["ae"].ae
-        f = 2 ** (len(ae.config.block_out_channels) - 1)
-        size = self.data.resolution // f
+        size = self.data.resolution // downsampling(ae)
         dev = next(ae.parameters()).device
         z = randn_tensor((len(generators), ae.config.latent_channels, size, size), generator=generators, device=dev)
         return ae.decode(z).sample.clamp(-1, 1)
@@ -185,15 +204,12 @@ class Autoencoder(Family):
     def export(self, nets, out_dir):
         """A diffusers ``AutoencoderKL`` folder, its ``scaling_factor`` set from the data (:meth:`calibrate`)."""
         ae = nets["ae"].ae
-        sf = getattr(self, "scaling_factor", None)
-        if sf is not None:
-            ae.register_to_config(scaling_factor=float(sf))
+        if self.scaling_factor is not None:
+            ae.register_to_config(scaling_factor=float(self.scaling_factor))
         ae.save_pretrained(Path(out_dir), safe_serialization=True)
 
     def load_export(self, out_dir):
-        from diffusers import AutoencoderKL
-
-        return {"ae": KLAutoencoder(AutoencoderKL.from_pretrained(Path(out_dir), use_safetensors=True))}
+        return {"ae": KLAutoencoder(load_autoencoder(out_dir, where=str(out_dir)))}
 
 
 @torch.no_grad()

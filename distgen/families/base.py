@@ -130,8 +130,7 @@ class Family:
 
     def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options that are set, or a ValueError naming any this family does not take."""
-        given = {k: v for k, v in options.items() if v is not None}
-        bad = sorted(set(given) - set(self.sample_options))
+        given, bad = _set_options(options, self.sample_options)
         if bad:
             raise ValueError(f"the {self.name} family takes no sampling option {', '.join('--' + b for b in bad)} "
                              f"(it takes: {', '.join('--' + o for o in self.sample_options) or 'none'})")
@@ -139,6 +138,14 @@ class Family:
 
     # Keyword options of log_likelihood() (``distgen eval`` flags, e.g. a VAE's --iw-samples); others are refused.
     likelihood_options: ClassVar[tuple[str, ...]] = ()
+
+    def check_likelihood_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The log-likelihood options that are set, or a ValueError naming any this family does not take."""
+        given, bad = _set_options(options, self.likelihood_options)
+        if bad:
+            raise ValueError(f"the {self.name} family's likelihood takes no option "
+                             f"{', '.join('--' + b.replace('_', '-') for b in bad)}")
+        return given
 
     def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
                        generators: list[torch.Generator], **options) -> torch.Tensor:
@@ -157,6 +164,12 @@ class Family:
     def load_export(self, out_dir: Path) -> dict[str, nn.Module]:
         """Networks back from :meth:`export`, loaded without running pickled code."""
         raise NotImplementedError
+
+
+def _set_options(options: dict[str, Any], allowed) -> tuple[dict[str, Any], list[str]]:
+    """(the options that are set, the names of those set but not ``allowed``)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return given, sorted(set(given) - set(allowed))
 
 
 def save_module(out_dir: str | Path, stem: str, module: nn.Module, spec: dict) -> None:

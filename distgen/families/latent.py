@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from distgen.config.core import ConfigError, check
+from distgen.families.autoencoder import downsampling, load_autoencoder
 from distgen.families.diffusion import Diffusion, DiffusionConfig, _scheduler_config
 
 
@@ -35,21 +36,6 @@ class LatentDiffusionConfig(DiffusionConfig):
               "is required: an AutoencoderKL folder (distgen export of an autoencoder run, or a local one)")
         check(self.scaling_factor is None or self.scaling_factor > 0, f"{path}.scaling_factor",
               f"must be > 0 or null, got {self.scaling_factor}")
-
-
-def load_autoencoder(folder: str | Path, where: str = "model.autoencoder"):
-    """A diffusers AutoencoderKL from a local folder, safetensors only (no pickled code runs)."""
-    from diffusers import AutoencoderKL
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{where}: {folder} is not an AutoencoderKL folder (no config.json)")
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"{where}: {folder} holds no .safetensors weights (pickled weights are not loaded)")
-    try:
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ConfigError(f"{where}: {folder}: {e}") from None
 
 
 def latent_moments(ae, images: torch.Tensor) -> torch.Tensor:
@@ -81,7 +67,7 @@ class LatentDiffusion(Diffusion):
         if ae.config.in_channels != self.data.channels:
             raise ConfigError(f"model.autoencoder: {self.cfg.autoencoder} takes {ae.config.in_channels}-channel "
                               f"images, data.channels is {self.data.channels}")
-        f = 2 ** (len(ae.config.block_out_channels) - 1)
+        f = downsampling(ae)
         if self.data.resolution % f:
             raise ConfigError(f"data.resolution: the autoencoder downsamples by {f}; {self.data.resolution} "
                               "is not a multiple of it")
@@ -92,7 +78,7 @@ class LatentDiffusion(Diffusion):
                               f"time(s), so the latent side ({self.data.resolution} / {f} = {side}) must be a "
                               f"multiple of {down}; change data.resolution, the autoencoder or the preset")
         c = ae.config.latent_channels
-        kw.update(sample_size=self.data.resolution // f, in_channels=c, out_channels=c)
+        kw.update(sample_size=side, in_channels=c, out_channels=c)
         return {"unet": UNet2DModel(**kw), "ae": ae}
 
     def ema_networks(self):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen import dist
 from distgen.config.core import ConfigError, check
 from distgen.config.schema import ModelConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
@@ -371,7 +372,7 @@ class VAEFamily(Family):
         else:
             kl_term = kls.sum(1)
         w = self.kl_weight()
-        self.nimg += x.shape[0] * _world()
+        self.nimg += x.shape[0] * dist.world_size()
         dims = x[0].numel() * math.log(2)
         return (rec + w * kl_term) / dims, {"recon_bpd": float(rec.detach().mean() / dims),
                                             "kl_bpd": float(kls.detach().sum(1).mean() / dims), "kl_weight": w}
@@ -400,8 +401,7 @@ class VAEFamily(Family):
     sample_options = ("temperature",)
 
     def _eps(self, net, generators, device):
-        return [torch.stack([torch.randn(s, generator=g, device=device) for g in generators])
-                for s in net.latent_shapes()]
+        return [_randn((len(generators), *s), list(generators), device) for s in net.latent_shapes()]
 
     @torch.no_grad()
     def sample(self, nets, generators, *, labels=None, temperature=None):
@@ -428,8 +428,7 @@ class VAEFamily(Family):
         net = nets["vae"]
         x = self.lik.target(torch.stack([a, b]).float() / 127.5 - 1)
         w = torch.linspace(0, 1, steps, device=x.device)
-        zs = [(1 - w.view(-1, *[1] * (z.dim() - 1))) * z[:1] + w.view(-1, *[1] * (z.dim() - 1)) * z[1:]
-              for z in net.posterior_means(x)]
+        zs = [torch.lerp(z[:1], z[1:], w.view(-1, *[1] * (z.dim() - 1))) for z in net.posterior_means(x)]
         return self.lik.mean(net.decode_latents(zs))
 
     def export(self, nets, out_dir):
@@ -437,12 +436,6 @@ class VAEFamily(Family):
 
     def load_export(self, out_dir):
         return {"vae": load_module(out_dir, self.EXPORT, lambda spec: ARCHS[spec["arch"]](**spec["kwargs"]))}
-
-
-def _world() -> int:
-    from distgen import dist
-
-    return dist.world_size()
 
 
 def _per_image(net, x, generators):
