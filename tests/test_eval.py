@@ -30,6 +30,19 @@ def _fm_images(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([i[0] for i in items]), np.array([i[1] for i in items])
 
 
+class Images(torch.utils.data.Dataset):
+    """uint8 N x H x W x 1 images as torch-fidelity takes them: N x 3 x H x W."""
+
+    def __init__(self, x):
+        self.x = torch.from_numpy(x).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
 @pytest.fixture(scope="module")
 def env():
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -77,16 +90,6 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
          "--out", str(setup["root"] / "gen.npz")], env_with_repo)
     gen = np.load(setup["root"] / "gen.npz")["x"]
     ref = np.load(setup["root"] / "ref.npz")["x"][..., None]
-
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = torch.from_numpy(x).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     tf = torch_fidelity.calculate_metrics(
         input1=Images(gen), input2=Images(ref), cuda=False, feature_extractor="inception-v3-compat",

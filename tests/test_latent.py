@@ -141,6 +141,38 @@ def test_latent_diffusion_one_process_resume_export_sampling_and_guidance(tmp_pa
     piped = np.round(np.load(tmp_path / "pipe.npy") * 255).astype(np.uint8)
     assert np.abs(piped.astype(int) - e3.astype(int)).max() <= 1
 
+    # `distgen eval` on the export: FD / KID of its guided samples equal torch-fidelity's on `distgen sample`'s
+    _eval_matches_torch_fidelity(out, e3, tmp_path, env_with_repo)
+
+
+def _eval_matches_torch_fidelity(export_dir, samples, tmp_path, env):
+    """FD / KID from `distgen eval` (6 images, the sampling options above) == torch-fidelity on the same images
+    against 20 real ones, with a randomly initialised InceptionV3 saved to a file."""
+    import torch_fidelity
+    from PIL import Image
+
+    from distgen.data import write_shards
+    from distgen.evaluate.extractors import write_random_inception
+    from test_eval import Images, _fm_images
+
+    x, _ = _fm_images(20, offset=300)
+    real = np.stack([np.asarray(Image.fromarray(i).resize((AE_RES, AE_RES))) for i in x])
+    np.savez(tmp_path / "ref.npz", x=real)
+    write_shards(f"npz:{tmp_path / 'ref.npz'}", tmp_path / "ref", "test", samples_per_shard=20)
+    weights = write_random_inception(tmp_path / "inception.pth")
+    run(launch(1) + ["eval", str(export_dir), "--metrics", "fid,kid", "--num-samples", "6", "--seed", "0",
+                     "--steps", "3", "--guidance", "3", "--ref", str(tmp_path / "ref" / "test.manifest.json"),
+                     "--inception-weights", str(weights), "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(tmp_path / "eval.json")], env)
+    res = json.loads((tmp_path / "eval.json").read_text())
+
+    tf = torch_fidelity.calculate_metrics(
+        input1=Images(samples), input2=Images(real[..., None]), cuda=False, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights), fid=True, kid=True, kid_subset_size=6, verbose=False)
+    assert res["ref_images"] == 20 and tf["frechet_inception_distance"] > 0
+    assert res["fid"] == pytest.approx(tf["frechet_inception_distance"], rel=1e-4)
+    assert res["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-4)
+
 
 def test_latent_shards_round_trip_and_train(tmp_path, ae_folder, env_with_repo):
     """`distgen data encode` keeps keys, labels and each image's posterior; stage 2 trains on the shards, drawing

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -264,6 +264,8 @@ class Evaluator:
     def _compute_reference(self, ref: list[str], data_cfg) -> Reference:
         from distgen.data import make_loader
 
+        # Reference images need no labels, even for a class-conditional run (a folder of unlabelled images will do).
+        data_cfg = replace(data_cfg, labels=False)
         loader = make_loader(ref, data_cfg, batch_size=self.spec.batch_size, mode="eval", rank=dist.rank(),
                              world=dist.world_size(), as_float=False)
         fid_layer = self.extractor.layers.get("fid")
