@@ -13,6 +13,7 @@ import yaml
 
 from distgen.data import write_shards
 from distgen.evaluate.extractors import write_random_inception
+from distgen.sample import generate, load_ema, sample_command
 from conftest import REPO
 from test_train import launch, run, tiny_config
 
@@ -59,8 +60,7 @@ def setup(tmp_path_factory, fm_test_shards, env):
     x, _ = _fm_images(24)
     weights = write_random_inception(root / "inception-random.pth",
                                      images=torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())
-    run([*launch(1), "sample", str(root / "run"), "--num", "20", "--seed", "7", "--out", str(root / "own.npz")],
-        env)
+    assert sample_command(str(root / "run"), 20, str(root / "own.npz"), seed=7) == 0  # `distgen sample`'s function
     real, labels = _fm_images(20, offset=100)
     own = np.load(root / "own.npz")["x"][..., 0]
     np.savez(root / "ref.npz", x=np.concatenate([real, own]))
@@ -86,9 +86,10 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
     assert two["ref_images"] == one["ref_images"] == 40
 
     # torch-fidelity alone, one process, on the same images: the 24 generated ones and the reference shards.
-    run([*launch(1), "sample", str(setup["run"]), "--num", "24", "--seed", "3", "--steps", "2",
-         "--out", str(setup["root"] / "gen.npz")], env_with_repo)
-    gen = np.load(setup["root"] / "gen.npz")["x"]
+    # (in-process: `distgen sample` gives these images, test_train checks that)
+    family, nets, _ = load_ema(setup["run"])
+    got = generate(family, nets, 24, seed=3, options={"steps": 2})
+    gen = np.stack([got[i][0] for i in range(24)])
     ref = np.load(setup["root"] / "ref.npz")["x"][..., None]
 
     tf = torch_fidelity.calculate_metrics(
