@@ -168,7 +168,8 @@ def _eval_matches_torch_fidelity(export_dir, samples, tmp_path, env):
 
     tf = torch_fidelity.calculate_metrics(
         input1=Images(samples), input2=Images(real[..., None]), cuda=False, feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(weights), fid=True, kid=True, kid_subset_size=6, save_cpu_ram=True, verbose=False)
+        feature_extractor_weights_path=str(weights), fid=True, kid=True, kid_subset_size=6, save_cpu_ram=True,
+        verbose=False)
     assert res["ref_images"] == 20 and tf["frechet_inception_distance"] > 0
     assert res["fid"] == pytest.approx(tf["frechet_inception_distance"], rel=1e-4)
     assert res["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-4)

@@ -17,7 +17,7 @@ from distgen.data import write_shards
 from distgen.dist import free_port
 from distgen.families import pixelcnn as P
 from distgen.families.glow import Glow, squeeze
-from distgen.sample import SampleError, export, generate, load_ema, sampling_options
+from distgen.sample import SampleError, export, generate, likelihood_options, load_ema, sampling_options
 from glow_ranks import init_on_rank
 from test_gan import _flat, records
 from test_train import launch, run, tiny_config, weights
@@ -259,6 +259,8 @@ def test_one_process_run_exports_samples_and_reports_bits_per_dim(family, tmp_pa
     if family == "pixelcnn":
         with pytest.raises(SampleError, match="takes no sampling option --temperature"):
             sampling_options(fam, {"temperature": 0.5})
+    with pytest.raises(SampleError, match=r"'s likelihood takes no option --iw-samples \(it takes: none\)"):
+        likelihood_options(fam, {"iw_samples": 4})
 
     # bits/dim of a small labelled test split: the command's figure is the direct sum over its images
     from PIL import Image

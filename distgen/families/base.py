@@ -130,22 +130,15 @@ class Family:
 
     def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options that are set, or a ValueError naming any this family does not take."""
-        given, bad = _set_options(options, self.sample_options)
-        if bad:
-            raise ValueError(f"the {self.name} family takes no sampling option {', '.join('--' + b for b in bad)} "
-                             f"(it takes: {', '.join('--' + o for o in self.sample_options) or 'none'})")
-        return given
+        return _checked_options(options, self.sample_options, f"the {self.name} family takes no sampling option")
 
     # Keyword options of log_likelihood() (``distgen eval`` flags, e.g. a VAE's --iw-samples); others are refused.
     likelihood_options: ClassVar[tuple[str, ...]] = ()
 
     def check_likelihood_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The log-likelihood options that are set, or a ValueError naming any this family does not take."""
-        given, bad = _set_options(options, self.likelihood_options)
-        if bad:
-            raise ValueError(f"the {self.name} family's likelihood takes no option "
-                             f"{', '.join('--' + b.replace('_', '-') for b in bad)}")
-        return given
+        return _checked_options(options, self.likelihood_options,
+                                f"the {self.name} family's likelihood takes no option")
 
     def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
                        generators: list[torch.Generator], **options) -> torch.Tensor:
@@ -166,10 +159,15 @@ class Family:
         raise NotImplementedError
 
 
-def _set_options(options: dict[str, Any], allowed) -> tuple[dict[str, Any], list[str]]:
-    """(the options that are set, the names of those set but not ``allowed``)."""
+def _checked_options(options: dict[str, Any], allowed, refusal: str) -> dict[str, Any]:
+    """The options that are set, or a ValueError ``<refusal> --a, --b (it takes: ...)`` naming those set but not
+    ``allowed``, as command-line flags."""
     given = {k: v for k, v in options.items() if v is not None}
-    return given, sorted(set(given) - set(allowed))
+    bad = sorted(set(given) - set(allowed))
+    if bad:
+        flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
+        raise ValueError(f"{refusal} {flags(bad)} (it takes: {flags(allowed) or 'none'})")
+    return given
 
 
 def save_module(out_dir: str | Path, stem: str, module: nn.Module, spec: dict) -> None:
