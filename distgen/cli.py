@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", default="1,2", help="DataLoader workers, or a comma list to compare (default 1,2)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--seconds", type=float, default=3.0, help="length of each timed run")
-    b.add_argument("--repeats", type=int, default=5, help="interleaved runs of each; the best is reported")
+    b.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
 
     sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
     return p
@@ -140,6 +140,12 @@ def cmd_bench(args) -> int:
         workers = [int(w) for w in str(args.workers).split(",")]
     except ValueError:
         raise ConfigError(f"--workers: expected N or a comma list of N, got {args.workers!r}") from None
+    for flag, value, ok, want in (("--workers", args.workers, min(workers) >= 0, ">= 0"),
+                                  ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                  ("--seconds", args.seconds, args.seconds > 0, "> 0"),
+                                  ("--repeats", args.repeats, args.repeats >= 1, ">= 1")):
+        if not ok:
+            raise ConfigError(f"{flag}: must be {want}, got {value}")
     run_bench(args.shards, workers, args.batch_size, args.seconds, args.repeats)
     return 0
 

@@ -26,7 +26,7 @@ def test_shard_command_and_bench(tmp_path, env_with_repo, fm_test_shards):
     assert [s["count"] for s in m["shards"]] == [4000, 4000, 2000]
 
     r = subprocess.run([sys.executable, "-m", "distgen", "data", "bench", str(out / "test.manifest.json"),
-                        "--workers", "1,2", "--seconds", "0.5", "--repeats", "1", "--batch-size", "64"],
+                        "--workers", "1,2", "--seconds", "0.3", "--repeats", "1", "--batch-size", "64"],
                        capture_output=True, text=True, env=env_with_repo, timeout=120)
     assert r.returncode == 0, r.stderr
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(r"(raw baseline|1 worker|2 worker).*?(\d+) images/s", r.stdout)}
@@ -34,8 +34,31 @@ def test_shard_command_and_bench(tmp_path, env_with_repo, fm_test_shards):
     assert re.search(r"1 worker\(s\):.*\d\.\d\dx raw", r.stdout)
 
 
-def test_shard_command_error_is_clear(tmp_path, env_with_repo):
-    r = subprocess.run([sys.executable, "-m", "distgen", "data", "shard", f"npz:{tmp_path}/none.npz", str(tmp_path)],
-                       capture_output=True, text=True, env=env_with_repo)
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"distgen: error: {tmp_path}/none.npz: not found"
+def test_shard_command_error_is_clear(tmp_path, capsys):
+    # In-process: the launch path (console script, python -m) and its exit code are tested above.
+    from distgen.cli import main as cli_main
+
+    assert cli_main(["data", "shard", f"npz:{tmp_path}/none.npz", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"distgen: error: {tmp_path}/none.npz: not found"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_rounds_and_flag_errors(capsys, fm_test_shards):
+    from distgen.cli import main as cli_main
+
+    manifest = str(fm_test_shards)
+    for flags, msg in ((["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+                       (["--seconds", "-1"], "--seconds: must be > 0, got -1.0"),
+                       (["--workers", "1,-2"], "--workers: must be >= 0, got 1,-2"),
+                       (["--workers", "one"], "--workers: expected N or a comma list of N, got 'one'")):
+        assert cli_main(["data", "bench", manifest, *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"distgen: error: {msg}"
+
+    # Several rounds: the median ratio of the paired rounds, inside the printed range of rounds.
+    assert cli_main(["data", "bench", manifest, "--workers", "0", "--repeats", "3", "--seconds", "0.2",
+                     "--batch-size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("median of 3 interleaved round(s) of 0.2s, batch 32, 28x28x1 images:")
+    m = re.search(r"0 worker\(s\):\s+(\d+) images/s\s+(\d\.\d\d)x raw \(rounds (\d\.\d\d)-(\d\.\d\d)x\)", text)
+    assert m, text
+    assert float(m.group(1)) > 0 and float(m.group(3)) <= float(m.group(2)) <= float(m.group(4))

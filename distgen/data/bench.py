@@ -7,8 +7,9 @@ decode, collate, float conversion in the main process).
 
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -17,22 +18,27 @@ from distgen.data.pipeline import IMAGE_EXTS, make_loader, open_image, resolve_s
 from distgen.data.tario import iter_members
 
 
-def raw_baseline(urls: Sequence[str], seconds: float) -> tuple[int, float]:
-    """Decoded images per second reading the tars in this process (cycling over them)."""
-    n = 0
-    t0 = time.perf_counter()
+def raw_images(urls: Sequence[str]) -> Iterator[np.ndarray]:
+    """Decoded images of the tars, read in this process and cycled over without end."""
     while True:
         for url in urls:
             # The same tar reader and decoder as the loader: the ratio measures the pipeline's cost.
             with open(url, "rb") as f:
                 for name, data in iter_members(f):
                     ext = name.rsplit(".", 1)[-1].lower()
-                    if ext not in IMAGE_EXTS:
-                        continue
-                    np.asarray(open_image(data, ext))
-                    n += 1
-                    if n % 256 == 0 and time.perf_counter() - t0 >= seconds:
-                        return n, time.perf_counter() - t0
+                    if ext in IMAGE_EXTS:
+                        yield np.asarray(open_image(data, ext))
+
+
+def raw_baseline(urls: Sequence[str], seconds: float) -> tuple[int, float]:
+    """Decoded images and seconds of :func:`raw_images` run for ``seconds``."""
+    n = 0
+    t0 = time.perf_counter()
+    for _ in raw_images(urls):
+        n += 1
+        if n % 256 == 0 and time.perf_counter() - t0 >= seconds:
+            return n, time.perf_counter() - t0
+    raise AssertionError("unreachable: raw_images is endless")
 
 
 def loader_rate(inputs: Sequence[str], workers: int, batch_size: int, seconds: float, resolution: int,
@@ -53,11 +59,15 @@ def loader_rate(inputs: Sequence[str], workers: int, batch_size: int, seconds: f
     return n, dt
 
 
-def run_bench(inputs: Sequence[str], workers: Sequence[int] = (1, 2), batch_size: int = 256, seconds: float = 5.0,
-              repeats: int = 3, out=print) -> dict:
-    """Print images/s of the raw baseline and the loader; each figure is the best of ``repeats`` runs.
+def run_bench(inputs: Sequence[str], workers: Sequence[int] = (1, 2), batch_size: int = 256, seconds: float = 3.0,
+              repeats: int = 5, out=print) -> dict:
+    """Print images/s of the raw baseline and the loader over ``repeats`` interleaved rounds.
 
-    Best-of-N because a shared 2-core machine only ever slows a run down.
+    A shared machine's speed drifts by tens of percent within seconds, so
+    each round's loader figures are divided by the mean of the raw runs
+    just before and after them, and the median over rounds is reported,
+    with the range, rather than the best run of each (which compares lucky
+    moments).
     """
     shards = resolve_shards(list(inputs))
     local = [u for u in shards.urls if not u.startswith("pipe:")]
@@ -66,17 +76,29 @@ def run_bench(inputs: Sequence[str], workers: Sequence[int] = (1, 2), batch_size
     meta = shards.meta
     size = meta.get("image_size") or [32, 32]
     res, chans = int(size[0]), int(meta.get("channels") or 1)
-    rates: dict[str, float] = {}
-    for _ in range(repeats):  # interleaved, so a slow spell hits every figure alike
+
+    def raw_rate() -> float:
         n, dt = raw_baseline(local, seconds)
-        rates["raw"] = max(rates.get("raw", 0.0), n / dt)
+        return n / dt
+
+    raw = [raw_rate()]
+    loader: dict[int, list[float]] = {w: [] for w in workers}
+    for _ in range(repeats):
         for w in workers:
             n, dt = loader_rate(inputs, w, batch_size, seconds, res, chans)
-            rates[f"loader_{w}"] = max(rates.get(f"loader_{w}", 0.0), n / dt)
-    raw = rates["raw"]
-    out(f"best of {repeats} runs of {seconds:g}s, batch {batch_size}, {res}x{res}x{chans} images:")
-    out(f"  raw baseline (1 process: read tar members + decode): {raw:9.0f} images/s")
+            loader[w].append(n / dt)
+        raw.append(raw_rate())
+    # Round i's loader runs sit between raw runs i and i + 1.
+    around = [(a + b) / 2 for a, b in zip(raw, raw[1:])]
+    ratios = {w: [r / a for r, a in zip(loader[w], around)] for w in workers}
+    rates = {"raw": statistics.median(raw)}
+    rates.update({f"loader_{w}": statistics.median(loader[w]) for w in workers})
+    rates.update({f"ratio_{w}": statistics.median(ratios[w]) for w in workers})
+    out(f"median of {repeats} interleaved round(s) of {seconds:g}s, batch {batch_size}, {res}x{res}x{chans} images:")
+    out(f"  raw baseline (1 process: read tar members + decode): {rates['raw']:9.0f} images/s")
     for w in workers:
-        r = rates[f"loader_{w}"]
-        out(f"  distgen loader, {w} worker(s):                       {r:9.0f} images/s   {r / raw:.2f}x raw")
+        lo, hi = min(ratios[w]), max(ratios[w])
+        spread = f" (rounds {lo:.2f}-{hi:.2f}x)" if repeats > 1 else ""
+        out(f"  distgen loader, {w} worker(s):                       {rates[f'loader_{w}']:9.0f} images/s   "
+            f"{rates[f'ratio_{w}']:.2f}x raw{spread}")
     return rates
