@@ -483,6 +483,7 @@ def train(cfg: Config) -> int:
         while step < stop_at:
             lr_mult = lr_factor(tc, nimg)
             step_ok = True
+            held = set()  # networks whose update the stabiliser skipped this step: their EMA holds too (VDVAE)
             for pi, p in enumerate(phases):
                 if step % p.every:
                     continue
@@ -523,6 +524,7 @@ def train(cfg: Config) -> int:
                                     # VDVAE's stabiliser: an extreme gradient (the same on every rank after
                                     # DDP's all-reduce) skips this update; the step still counts.
                                     extreme = True
+                                    held.add(p.network)
                                     counters["skipped_updates_total"] += 1
                             if step_ok and not extreme:
                                 t.opt.step()
@@ -538,7 +540,8 @@ def train(cfg: Config) -> int:
                 counters["nonfinite_run"] = 0
                 nimg += global_batch
                 for n, e in emas.items():
-                    e.update(list(trained[n].model.parameters()), nimg, global_batch, network=raw[n])
+                    if n not in held:
+                        e.update(list(trained[n].model.parameters()), nimg, global_batch, network=raw[n])
             else:
                 counters["nonfinite_total"] += 1
                 counters["nonfinite_run"] += 1
