@@ -1,8 +1,8 @@
 """Instructions per image of the raw baseline and of the loader's worker, counted by valgrind.
 
 ``distgen data bench`` measures wall-clock rates, which on a shared VM drift
-by tens of percent from one second to the next. Instruction counts do not
-drift: this script counts them with valgrind (cachegrind) for the raw baseline
+by tens of percent from one second to the next. Instruction counts move by
+about 1% between runs: this script counts them with valgrind (cachegrind) for the raw baseline
 of ``distgen data bench`` (same tar reader and decoder) and for the training
 loader with one DataLoader worker, whose process does all the data work.
 Each figure is the difference of two runs that differ only in the number of
@@ -24,8 +24,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 
-class FirstBatches:
+
+class FirstBatches(torch.utils.data.IterableDataset):
     """The first ``n`` batches of a dataset, so the worker's work is exactly known."""
 
     def __init__(self, dataset, n):
@@ -36,23 +38,16 @@ class FirstBatches:
 
 
 def child(kind: str, n: int, shards: list, batch_size: int) -> None:
-    import torch
+    from distgen.data.bench import bench_inputs, bench_loader, raw_images
+    from distgen.data.pipeline import Loader
 
-    from distgen.config import DataConfig
-    from distgen.data.bench import raw_images
-    from distgen.data.pipeline import Loader, make_loader, resolve_shards
-
+    urls, res, chans = bench_inputs(shards)
     if kind == "raw":
-        urls = [u for u in resolve_shards(shards).urls if not u.startswith("pipe:")]
         for _ in itertools.islice(raw_images(urls), n * batch_size):
             pass
         return
-    meta = resolve_shards(shards).meta
-    size = meta.get("image_size") or [32, 32]
-    cfg = DataConfig(resolution=int(size[0]), channels=int(meta.get("channels") or 1), workers=1)
-    stream = make_loader(shards, cfg, batch_size=batch_size, mode="train").dataset
-    dataset = type("Limited", (FirstBatches, torch.utils.data.IterableDataset), {})(stream, n)
-    got = sum(b["image"].shape[0] for b in Loader(dataset, workers=1))
+    stream = bench_loader(shards, 1, batch_size, res, chans).dataset
+    got = sum(b["image"].shape[0] for b in Loader(FirstBatches(stream, n), workers=1))
     assert got == n * batch_size, got
 
 

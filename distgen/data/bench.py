@@ -41,12 +41,27 @@ def raw_baseline(urls: Sequence[str], seconds: float) -> tuple[int, float]:
     raise AssertionError("unreachable: raw_images is endless")
 
 
+def bench_inputs(inputs: Sequence[str]) -> tuple[list[str], int, int]:
+    """The local tar files of ``inputs`` (the raw baseline reads files), and their images' resolution and channels."""
+    shards = resolve_shards(list(inputs))
+    local = [u for u in shards.urls if not u.startswith("pipe:")]
+    if not local:
+        raise SystemExit("data bench: the raw baseline needs local tar files")
+    meta = shards.meta
+    size = meta.get("image_size") or [32, 32]
+    return local, int(size[0]), int(meta.get("channels") or 1)
+
+
+def bench_loader(inputs: Sequence[str], workers: int, batch_size: int, resolution: int, channels: int):
+    """The training loader that is benchmarked: default data settings, ``workers`` DataLoader workers."""
+    cfg = DataConfig(resolution=resolution, channels=channels, workers=workers)
+    return make_loader(list(inputs), cfg, batch_size=batch_size, mode="train")
+
+
 def loader_rate(inputs: Sequence[str], workers: int, batch_size: int, seconds: float, resolution: int,
                 channels: int) -> tuple[int, float]:
-    """Decoded images per second through :func:`make_loader`, after the first batch (start-up) arrives."""
-    cfg = DataConfig(resolution=resolution, channels=channels, workers=workers)
-    loader = make_loader(list(inputs), cfg, batch_size=batch_size, mode="train")
-    it = iter(loader)
+    """Decoded images per second through :func:`bench_loader`, after the first batch (start-up) arrives."""
+    it = iter(bench_loader(inputs, workers, batch_size, resolution, channels))
     next(it)
     n = 0
     t0 = time.perf_counter()
@@ -69,13 +84,7 @@ def run_bench(inputs: Sequence[str], workers: Sequence[int] = (1, 2), batch_size
     with the range, rather than the best run of each (which compares lucky
     moments).
     """
-    shards = resolve_shards(list(inputs))
-    local = [u for u in shards.urls if not u.startswith("pipe:")]
-    if not local:
-        raise SystemExit("data bench: the raw baseline needs local tar files")
-    meta = shards.meta
-    size = meta.get("image_size") or [32, 32]
-    res, chans = int(size[0]), int(meta.get("channels") or 1)
+    local, res, chans = bench_inputs(inputs)
 
     def raw_rate() -> float:
         n, dt = raw_baseline(local, seconds)
