@@ -1,32 +1,41 @@
 # One-command set-up: `make demo` and `make test` create or refresh .venv,
-# install everything, then act. Every target is idempotent.
+# install everything at the locked versions, then act. Every target is idempotent.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet
-# PyPI's default torch build: PyPI's torchvision (needed by torch-fidelity) only
-# loads next to it, and it runs on CPU. Pinned as a matching pair.
-TORCH ?= torch==2.14.1
-TORCHVISION ?= torchvision==0.29.1
-DEEPSPEED ?= deepspeed==0.19.8
+# Every package at the version the suite last passed with: requirements.lock pins them all (pip
+# constraints), pyproject.toml only states what distgen needs. Refresh it with `make lock` after
+# upgrading .venv and seeing `make test` pass.
+LOCK := requirements.lock
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?= --durations=30
 
-.PHONY: setup sysdeps demo test clean
+.PHONY: setup sysdeps demo test lock clean
 
 setup: $(VENV)/.installed
 
-# Re-run the install whenever the dependency list or this file changes.
-$(VENV)/.installed: pyproject.toml Makefile
+# Re-run the install whenever the dependency list, the lock or this file changes.
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install $(TORCH) $(TORCHVISION)
+	$(PIP) install --upgrade pip
+	$(PIP) install -c $(LOCK) setuptools wheel
+	# PyPI's default torch build: PyPI's torchvision (needed by torch-fidelity) only loads next to it,
+	# and it runs on CPU.
+	$(PIP) install -c $(LOCK) torch torchvision
 	# DeepSpeed's sdist imports torch while it builds: no build isolation.
-	$(PIP) install --no-build-isolation $(DEEPSPEED)
-	$(PIP) install -e '.[test]'
+	$(PIP) install -c $(LOCK) --no-build-isolation deepspeed
+	$(PIP) install -c $(LOCK) -e '.[test]'
 	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers"
 	touch $@
+
+# Pin what .venv holds now (run after `make test` passed on an upgraded .venv).
+lock:
+	test -x $(PY) || { echo "error: no $(VENV); run make setup (or make test) first" >&2; exit 1; }
+	{ echo "# pip constraints: the versions distgen's suite last passed with (make lock writes this file)."; \
+	  $(PY) -m pip freeze --all --exclude-editable --exclude pip; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 # Debian's Fashion-MNIST: the bundled default data set of the demo and tests.
 sysdeps:

@@ -12,9 +12,11 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/``:
 - ``deepspeed/<net>/``: DeepSpeed's partitioned model and optimizer states, when
   DeepSpeed runs.
 
-Everything is written into ``.tmp-step-NNNNNNNN`` and renamed when complete;
-``latest`` then names it. A folder cut off mid-write keeps its ``.tmp-``
-name and is never loaded; the newest complete one is.
+Everything is written into ``.tmp-step-NNNNNNNN``, flushed to disk (every file,
+then the folders), and renamed when complete; ``latest`` then names it. A
+folder cut off mid-write keeps its ``.tmp-`` name and is never loaded. A
+``step-`` folder is a checkpoint whatever it holds: one that does not load is
+damaged (reported by file name), never taken for an absent one.
 """
 
 from __future__ import annotations
@@ -24,15 +26,81 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from distgen.errors import CheckpointError
+
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FORMAT = "distgen-checkpoint/1"
+# What a training checkpoint's meta.json must hold to resume from it.
+RESUME_KEYS = ("step", "nimg", "world_size", "reason", "data_start_step", "counters", "interval", "ema_steps",
+               "family", "data_info", "config")
+# What sampling, export and evaluation need of it.
+EMA_KEYS = ("step", "nimg", "family", "data_info", "config")
+
+
+# --------------------------------------------------------------------------- durability
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under ``folder``, then every folder, deepest first, so a rename that publishes
+    ``folder`` can never outlive its contents in a crash or power loss."""
+    for here, dirs, files in os.walk(folder, topdown=False):
+        for f in files:
+            fsync_path(Path(here) / f)
+        fsync_path(Path(here))
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file that is flushed, renamed over it, and the rename flushed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and publish it as ``final`` only when complete.
+
+    Yields the temporary folder. On an exception inside the block the temporary folder is removed
+    and ``final`` is left as it was; on success its contents are flushed to disk, an existing
+    ``final`` is moved aside, the new one renamed into place, and only then the old one removed.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    old = final.with_name(f".{final.name}.old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sync_tree(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -43,29 +111,78 @@ def tmp_dir(root: Path, step: int) -> Path:
     return root / f".tmp-step-{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder is complete once renamed and holding meta.json)."""
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every checkpoint folder (``step-NNNNNNNN``), oldest first, whatever it holds: the rename from
+    ``.tmp-`` is what makes a checkpoint complete, so one that does not load is damaged, not absent."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
-def newest_checkpoint(root: Path) -> Optional[Path]:
-    cps = complete_checkpoints(root)
-    return cps[-1] if cps else None
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders that hold a meta.json, oldest first."""
+    return [p for p in checkpoint_folders(root) if (p / "meta.json").is_file()]
+
+
+def newest_loadable(root: Path, read: Callable[[Path], Any], log: Optional[Callable[[str], None]] = None
+                    ) -> tuple[Optional[Path], Any]:
+    """The newest checkpoint folder under ``root`` that ``read`` reads without an error, and what it read.
+
+    A newer folder that fails is reported through ``log`` (file and reason). ``(None, None)`` when
+    there is no checkpoint folder at all; a CheckpointError listing every folder when none reads.
+    """
+    failures = []
+    for folder in reversed(checkpoint_folders(root)):
+        try:
+            value = read(folder)
+        except Exception as e:  # any failure to read is damage to report, never a reason to crash
+            failures.append((folder, describe_failure(folder, e)))
+            continue
+        if failures and log is not None:
+            for f, why in failures:
+                log(f"distgen: checkpoint {f} does not load ({why}); using {folder}")
+        return folder, value
+    if failures:
+        raise CheckpointError(no_checkpoint_loads(root, failures))
+    return None, None
+
+
+def describe_failure(folder: Path, e: BaseException) -> str:
+    """A checkpoint read error in one line, naming the file when the message does not already."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg if str(folder) in msg else f"{type(e).__name__}: {msg}"
+
+
+def no_checkpoint_loads(root: Path, failures: list[tuple[Path, str]]) -> str:
+    lines = "\n".join(f"  {f.name}: {why}" for f, why in failures)
+    return (f"{root}: none of its {len(failures)} checkpoint folder(s) loads, and distgen does not start afresh "
+            f"over them (move them away to start a new run):\n{lines}")
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint folder out of the way (``step-NNNNNNNN.damaged``), keeping its files."""
+    target = folder.with_name(folder.name + ".damaged")
+    i = 1
+    while target.exists():
+        i += 1
+        target = folder.with_name(f"{folder.name}.damaged-{i}")
+    os.replace(folder, target)
+    return target
 
 
 def finalize(root: Path, step: int, keep: int) -> Path:
-    """Rank 0, after every rank has written into the temporary folder: rename, point ``latest``, prune."""
+    """Rank 0, after every rank has written and flushed its files into the temporary folder: flush the
+    folders, rename, point ``latest``, prune."""
     tmp, final = tmp_dir(root, step), step_dir(root, step)
+    for here, _dirs, _files in os.walk(tmp, topdown=False):
+        fsync_path(Path(here))
     if final.exists():  # the same step saved again (e.g. end of run right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in complete_checkpoints(root)[:-keep]:
+    fsync_path(root)
+    write_text_durably(root / "latest", final.name + "\n")
+    for old in checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         if stale != tmp:
@@ -76,23 +193,32 @@ def finalize(root: Path, step: int, keep: int) -> Path:
 # --------------------------------------------------------------------------- tensors and states
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    fsync_path(path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the checkpoint")
-    return load_file(str(path))
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # truncated or not safetensors at all
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def save_state(path: Path, state: Any) -> None:
     torch.save(state, path)
+    fsync_path(path)
 
 
 def load_state(path: Path) -> Any:
-    """Optimizer / scheduler / scaler state: tensors and plain data only."""
+    """Optimizer / scheduler / scaler state: tensors and plain data only (pickled code is refused)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or unreadable ({why})") from None
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -120,30 +246,60 @@ def set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
     random.setstate((v, tuple(internal), g))
 
 
+def _write_json(path: Path, data: Any, indent: Optional[int] = None) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=indent) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_rng(folder: Path, rank: int) -> None:
     tensors, extra = rng_state()
     save_tensors(folder / f"rng-{rank}.safetensors", tensors)
-    (folder / f"rng-{rank}.json").write_text(json.dumps(extra))
+    _write_json(folder / f"rng-{rank}.json", extra)
+
+
+def read_rng(folder: Path, rank: int) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+    """This rank's RNG states as stored (None when the checkpoint has none for this rank)."""
+    p = folder / f"rng-{rank}.safetensors"
+    if not p.is_file():
+        return None
+    j = folder / f"rng-{rank}.json"
+    try:
+        extra = json.loads(j.read_text())
+        if not isinstance(extra, dict) or not {"numpy", "python"} <= set(extra):
+            raise ValueError("lacks the numpy and python states")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{j}: unreadable ({e})") from None
+    return load_tensors(p), extra
 
 
 def load_rng(folder: Path, rank: int) -> bool:
     """Restore this rank's RNG states; False when the checkpoint has none for this rank (other world size)."""
-    p = folder / f"rng-{rank}.safetensors"
-    if not p.is_file():
+    got = read_rng(folder, rank)
+    if got is None:
         return False
-    set_rng_state(load_tensors(p), json.loads((folder / f"rng-{rank}.json").read_text()))
+    set_rng_state(*got)
     return True
 
 
 def write_meta(folder: Path, meta: dict) -> None:
-    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+    _write_json(folder / "meta.json", {"format": FORMAT, **meta}, indent=2)
 
 
-def read_meta(folder: Path) -> dict:
+def read_meta(folder: Path, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's meta.json, or a CheckpointError naming the file (not JSON, another format, or
+    lacking one of ``required``)."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint folder without its meta.json)")
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}/meta.json: unreadable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder}/meta.json: not a {FORMAT} checkpoint")
+        raise CheckpointError(f"{path}: unreadable, not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
     return meta

@@ -1,13 +1,14 @@
 """Command line: turns arguments into a typed config and hands it on. Nothing else.
 
-    distgen train CONFIG [key=value ...] [--dry-run]
+    distgen train CONFIG [key=value ...] [--dry-run] [--allow-config-change]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
                    [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
-    distgen export RUN_DIR OUT_DIR
+    distgen export RUN_DIR OUT_DIR [--force]
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
     distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
+    distgen data verify MANIFEST
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
     distgen demo
 """
@@ -19,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from distgen.config import ConfigError
+from distgen.errors import ERRORS, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume a checkpoint although its model config differs from this one (refused otherwise)")
 
     sm = sub.add_parser("sample", help="sample from a run's EMA weights or an export")
     sm.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
@@ -47,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
     ex.add_argument("run_dir")
-    ex.add_argument("out_dir")
+    ex.add_argument("out_dir", help="a new or empty folder, or (with --force) an earlier export to replace")
+    ex.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier distgen export")
 
     ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
                                      "(or: eval fit-features SHARDS OUT)")
@@ -87,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--split", default=None, help="output split name (default: the input manifest's)")
     en.add_argument("--batch-size", type=int, default=64)
     en.add_argument("--samples-per-shard", type=int, default=10000)
+    v = dsub.add_parser("verify", help="check every shard of a manifest against its recorded size and sha256")
+    v.add_argument("manifest", metavar="MANIFEST")
     b = dsub.add_parser("bench", help="loader images/s against a raw single-process baseline")
     b.add_argument("shards", nargs="+", help="manifest, brace pattern or tar files")
     b.add_argument("--workers", default="1,2", help="DataLoader workers, or a comma list to compare (default 1,2)")
@@ -107,7 +113,7 @@ def cmd_train(args) -> int:
         return 0
     from distgen.train import train
 
-    return train(cfg)
+    return train(cfg, allow_config_change=args.allow_config_change)
 
 
 def cmd_shard(args) -> int:
@@ -130,6 +136,14 @@ def cmd_encode(args) -> int:
     print(f"{m['total']} latents {'x'.join(map(str, m['latent_shape']))} (scaling factor "
           f"{m['autoencoder']['scaling_factor']:.5g}) in {len(m['shards'])} shard(s) -> "
           f"{Path(args.out_dir) / (m['split'] + '.manifest.json')}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from distgen.data.shard import verify_manifest
+
+    n, size = verify_manifest(args.manifest)
+    print(f"{args.manifest}: {n} shard(s), {size / 2**20:.1f} MiB: sizes and sha256 as recorded")
     return 0
 
 
@@ -160,7 +174,12 @@ def cmd_sample(args) -> int:
 
 
 def _sampling(args) -> dict:
-    """Sampling options as given on the command line (the family checks which it takes)."""
+    """Sampling options as given on the command line (the family checks which it takes, and their values
+    against the model: --steps within its schedule, --guidance only if it is class-conditional)."""
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, got {args.seed}")
     return dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, truncation=args.truncation,
                 temperature=args.temperature)
 
@@ -188,8 +207,13 @@ def cmd_fit(argv: list[str]) -> int:
 def cmd_eval(args) -> int:
     from distgen.evaluate.command import eval_command
 
+    from distgen.config.schema import sample_count_problem
+
     if args.num_samples < 2:
         raise ConfigError(f"--num-samples: must be >= 2, got {args.num_samples}")
+    few = sample_count_problem([m.strip() for m in args.metrics.split(",")], args.num_samples)
+    if few:
+        raise ConfigError(f"--num-samples: {few}")
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
                         inception_weights=args.inception_weights, cache_dir=args.cache_dir,
@@ -199,7 +223,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from distgen.sample import export
 
-    out = export(args.run_dir, args.out_dir)
+    out = export(args.run_dir, args.out_dir, force=args.force)
     print(f"distgen: exported the EMA weights of {args.run_dir} -> {out}")
     return 0
 
@@ -213,11 +237,12 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    from distgen.data import DataError
-    from distgen.errors import EvalError
-    from distgen.sample import SampleError
-    from distgen.train import TrainingError
+    if argv[:1] == ["train"]:
+        # First, before torch is imported: a scheduler's signal during start-up becomes a requeue (exit 75),
+        # not Python's default death (exit 143).
+        from distgen import preemption
 
+        preemption.install()
     try:
         if argv[:2] == ["eval", "fit-features"]:
             return cmd_fit(argv[2:])
@@ -231,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export":
             return cmd_export(args)
         if args.cmd == "data":
-            return {"shard": cmd_shard, "encode": cmd_encode, "bench": cmd_bench}[args.data_cmd](args)
+            return {"shard": cmd_shard, "encode": cmd_encode, "verify": cmd_verify, "bench": cmd_bench}[args.data_cmd](args)
         if args.cmd == "demo":
             return cmd_demo(args)
-    except (ConfigError, DataError, EvalError, SampleError, TrainingError) as e:
+    except ERRORS as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -7,11 +7,13 @@ ranks, so the files are the same whatever the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import shutil
+import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -19,14 +21,11 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen import dist
 from distgen.config import Config, build_dataclass, to_dict
+from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
 
 EXPORT_META = "distgen.json"
 BLOCK = 16  # images per forward pass; part of what makes results independent of world size
-
-
-class SampleError(RuntimeError):
-    pass
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -54,34 +53,99 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: Optional[int]
     return path
 
 
-def _load_config(d: dict, where: Path) -> Config:
+def _load_config(d: Any, where: Path) -> Config:
+    if not isinstance(d, dict):
+        raise SampleError(f"{where}: 'config' must be a mapping of config sections, got {type(d).__name__}")
     try:
         return build_dataclass(Config, d)
     except Exception as e:
         raise SampleError(f"{where}: the stored config does not load ({e})") from None
 
 
+EXPORT_KEYS = {"family", "data_info", "config", "source"}
+
+
+def read_export_meta(folder: Path) -> tuple[Config, DataInfo]:
+    """An export's ``distgen.json``: its config and data geometry, or a SampleError naming the file and key."""
+    path = folder / EXPORT_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SampleError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(f"{path}: must hold a JSON object with {', '.join(sorted(EXPORT_KEYS))}")
+    unknown = sorted(set(meta) - EXPORT_KEYS)
+    if unknown:
+        raise SampleError(f"{path}: unknown key(s) {', '.join(unknown)}; an export holds {', '.join(sorted(EXPORT_KEYS))}")
+    for k in ("config", "data_info"):
+        if k not in meta:
+            raise SampleError(f"{path}: lacks '{k}'")
+    cfg = _load_config(meta["config"], path)
+    return cfg, _data_info(meta["data_info"], path)
+
+
+def _data_info(d: Any, where: Path) -> DataInfo:
+    names = [f.name for f in dataclasses.fields(DataInfo)]
+    if not isinstance(d, dict) or set(d) - set(names) or not all(isinstance(d.get(k, 0), int) for k in names):
+        raise SampleError(f"{where}: 'data_info' must map {', '.join(names)} to integers, got {d!r}")
+    try:
+        return DataInfo(**d)
+    except TypeError as e:
+        raise SampleError(f"{where}: 'data_info' {d!r}: {e}") from None
+
+
+def _build(cfg: Config, info: DataInfo, where: Path):
+    try:
+        return build_family(cfg.model, info)
+    except (ConfigError, ValueError) as e:
+        raise SampleError(f"{where}: {e}") from None
+
+
+def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict]:
+    """(config, family, networks with their EMA weights) of one checkpoint folder, or an error naming its file."""
+    meta = ckpt.read_meta(folder, ckpt.EMA_KEYS)
+    cfg = _load_config(meta["config"], folder / "meta.json")
+    family = _build(cfg, _data_info(meta["data_info"], folder / "meta.json"), folder / "meta.json")
+    nets = family.build_networks()
+    for n in family.ema_networks():
+        nets[n].load_state_dict(ckpt.load_tensors(folder / f"ema0-{n}.safetensors"))
+    for n in set(nets) - set(family.ema_networks()):
+        if (folder / f"{n}.safetensors").is_file():  # e.g. a frozen autoencoder, as the run used it
+            nets[n].load_state_dict(ckpt.load_tensors(folder / f"{n}.safetensors"))
+    return cfg, family, nets
+
+
+def newest_ema_checkpoint(run_dir: Path) -> tuple[Path, tuple]:
+    """The newest checkpoint of a run folder whose EMA weights load (a newer damaged one is reported on stderr)."""
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        cp, got = ckpt.newest_loadable(run_dir / "checkpoints", _read_ema_checkpoint, log=log)
+    except CheckpointError as e:
+        raise SampleError(str(e)) from None
+    if cp is None:
+        raise SampleError(f"{run_dir}/checkpoints: no checkpoint")
+    return cp, got
+
+
 def load_ema(path: str | Path, device: str | torch.device = "cpu"):
-    """(family, EMA networks, config) from a run folder (newest checkpoint) or an export folder."""
+    """(family, EMA networks, config) from a run folder (newest checkpoint that loads) or an export folder."""
     path = Path(path)
     if (path / EXPORT_META).is_file():
-        meta = json.loads((path / EXPORT_META).read_text())
-        cfg = _load_config(meta["config"], path / EXPORT_META)
-        family = build_family(cfg.model, DataInfo(**meta["data_info"]))
-        nets = family.load_export(path)
-    elif (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
-        cp = path if (path / "meta.json").is_file() else ckpt.newest_checkpoint(path / "checkpoints")
-        if cp is None:
-            raise SampleError(f"{path}/checkpoints: no complete checkpoint")
-        meta = ckpt.read_meta(cp)
-        cfg = _load_config(meta["config"], cp / "meta.json")
-        family = build_family(cfg.model, DataInfo(**meta["data_info"]))
-        nets = family.build_networks()
-        for n in family.ema_networks():
-            nets[n].load_state_dict(ckpt.load_tensors(cp / f"ema0-{n}.safetensors"))
-        for n in set(nets) - set(family.ema_networks()):
-            if (cp / f"{n}.safetensors").is_file():  # e.g. a frozen autoencoder, as the run used it
-                nets[n].load_state_dict(ckpt.load_tensors(cp / f"{n}.safetensors"))
+        cfg, info = read_export_meta(path)
+        family = _build(cfg, info, path / EXPORT_META)
+        try:
+            nets = family.load_export(path)
+        except (SampleError, ConfigError):
+            raise
+        except Exception as e:  # missing or damaged weight files, a bad sub-config
+            raise SampleError(f"{path}: the export's networks do not load ({ckpt.describe_failure(path, e)})") from None
+    elif (path / "meta.json").is_file():  # one checkpoint folder (or run_dir/best)
+        try:
+            cfg, family, nets = _read_ema_checkpoint(path)
+        except CheckpointError as e:
+            raise SampleError(str(e)) from None
+    elif (path / "checkpoints").is_dir():
+        _, (cfg, family, nets) = newest_ema_checkpoint(path)
     else:
         raise SampleError(f"{path}: neither a run folder (checkpoints/) nor an export folder ({EXPORT_META})")
     for n in nets.values():
@@ -89,30 +153,52 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
     return family, nets, cfg
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cp = ckpt.newest_checkpoint(run_dir / "checkpoints")
-    if cp is None:
-        raise SampleError(f"{run_dir}/checkpoints: no complete checkpoint to export")
-    meta = ckpt.read_meta(cp)
-    family, nets, cfg = load_ema(run_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def _is_export(folder: Path) -> bool:
+    return (folder / EXPORT_META).is_file()
+
+
+def check_export_target(run_dir: Path, out_dir: Path, force: bool) -> Path:
+    """The resolved export folder, or a SampleError: distgen never writes over the run itself, a folder that
+    holds it, or a folder of other files; an earlier export is replaced only with ``force``."""
+    out = out_dir.resolve()
+    run = run_dir.resolve()
+    if out == run or run.is_relative_to(out):
+        raise SampleError(f"{out_dir}: OUT_DIR is the run folder {run_dir} or holds it; export into a new folder")
+    if out.exists() and not out.is_dir():
+        raise SampleError(f"{out_dir}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not _is_export(out):
+            raise SampleError(f"{out_dir}: a folder that holds other files, not a distgen export; "
+                              f"export into a new or empty folder")
+        if not force:
+            raise SampleError(f"{out_dir}: holds an earlier export; pass --force to replace it")
+    return out
+
+
+def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format.
+
+    The export is built in a temporary folder beside ``out_dir`` and swapped in only when complete.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
+    out = check_export_target(run_dir, Path(out_dir), force)
+    cp, (cfg, family, nets) = newest_ema_checkpoint(run_dir)
+    meta = ckpt.read_meta(cp, ckpt.EMA_KEYS)
+    for n in nets.values():
+        n.eval().requires_grad_(False)
     n_cal = getattr(family, "calibration_images", 0)
     if n_cal:
         # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
         family.calibrate(nets, _first_images(cfg, n_cal))
-    family.export(nets, tmp)
-    (tmp / EXPORT_META).write_text(json.dumps({
-        "family": family.name, "data_info": meta["data_info"], "config": to_dict(cfg),
-        "source": {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0},
-    }, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    with ckpt.atomic_dir(out) as tmp:
+        family.export(nets, tmp)
+        (tmp / EXPORT_META).write_text(json.dumps({
+            "family": family.name, "data_info": meta["data_info"], "config": to_dict(cfg),
+            "source": {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0},
+        }, indent=2) + "\n")
+    return out
 
 
 def _first_images(cfg: Config, n: int) -> torch.Tensor:
@@ -210,12 +296,44 @@ def _write_images(x: np.ndarray, y: np.ndarray, outp: Path) -> None:
             Image.fromarray(img).save(outp / f"{i:06d}.png")
 
 
+OUTPUT_KINDS = "FILE.png (a grid), FILE.npz, or a folder (a name without a suffix) for one PNG per image"
+
+
+def check_output(out: str | Path) -> Path:
+    """``--out`` checked before any compute: a .png or .npz file, or a folder (no suffix), that can be
+    written (its folder is made, and a probe file written and removed). A SampleError names ``--out``."""
+    outp = Path(out)
+    kind = outp.suffix.lower()
+    if kind and kind not in (".png", ".npz"):
+        raise SampleError(f"--out {out}: {kind!r} is not an output kind distgen writes; write {OUTPUT_KINDS}")
+    if kind and outp.is_dir():
+        raise SampleError(f"--out {out}: is a folder; a {kind} file needs another name")
+    if not kind and outp.exists() and not outp.is_dir():
+        raise SampleError(f"--out {out}: exists and is not a folder (write {OUTPUT_KINDS})")
+    folder = outp if not kind else outp.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".distgen-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SampleError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    return outp
+
+
 def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None,
                    interpolate: Optional[tuple[str, str]] = None) -> int:
     from accelerate import PartialState
 
+    if seed < 0:
+        raise SampleError(f"--seed: must be >= 0, got {seed}")
+    steps = (options or {}).get("steps")
+    if steps is not None and steps < 1:
+        raise SampleError(f"--steps: must be >= 1, got {steps}")
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
+    if dist.is_main():
+        check_output(out)
     family, nets, cfg = load_ema(path, device)
     if interpolate is not None:
         return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)

@@ -101,23 +101,47 @@ def train_command(config: str, overrides: list[str], procs_per_machine: int, rdv
             "-m", "distgen", "train", config, *overrides]
 
 
-def was_preempted(config: str, overrides: list[str]) -> bool:
-    """Did the run of ``config`` stop on a signal (its newest checkpoint says ``reason: preempted``)?"""
+def run_state(config: str, overrides: list[str]) -> str:
+    """Where the run of ``config`` stands, from its newest checkpoint whose meta.json reads:
+
+    ``finished`` (its final checkpoint, ``"reason": "end"``, at the configured length), ``preempted``
+    (it stopped on a signal), ``started`` (checkpoints, but neither of those) or ``new`` (none).
+    """
     from distgen import checkpoint as ckpt
     from distgen.config import load_config
+    from distgen.errors import CheckpointError
 
     cfg = load_config(config, overrides)
-    latest = ckpt.newest_checkpoint(Path(cfg.run.folder) / "checkpoints")
-    return latest is not None and ckpt.read_meta(latest).get("reason") == "preempted"
+    for folder in reversed(ckpt.checkpoint_folders(Path(cfg.run.folder) / "checkpoints")):
+        try:
+            meta = ckpt.read_meta(folder, ("step", "nimg", "reason"))
+        except CheckpointError:
+            continue
+        tc = cfg.train
+        at_end = meta["nimg"] >= tc.total_kimg * 1000 or (tc.max_steps is not None and meta["step"] >= tc.max_steps)
+        if meta["reason"] == "end" and at_end:
+            return "finished"
+        return "preempted" if meta["reason"] == "preempted" else "started"
+    return "new"
+
+
+def was_preempted(config: str, overrides: list[str]) -> bool:
+    """Did the run of ``config`` stop on a signal (its newest checkpoint says ``reason: preempted``)?"""
+    return run_state(config, overrides) == "preempted"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m distgen.slurm was-preempted CONFIG [key=value ...]``: exit 0 if so (for sbatch scripts)."""
+    """For sbatch scripts: ``python -m distgen.slurm run-state CONFIG [key=value ...]`` prints finished,
+    preempted, started or new; ``was-preempted`` exits 0 if the run stopped on a signal."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] != "was-preempted":
-        print("usage: python -m distgen.slurm was-preempted CONFIG [key=value ...]", file=sys.stderr)
+    if len(argv) < 2 or argv[0] not in ("run-state", "was-preempted"):
+        print("usage: python -m distgen.slurm run-state|was-preempted CONFIG [key=value ...]", file=sys.stderr)
         return 2
-    return 0 if was_preempted(argv[1], argv[2:]) else 1
+    state = run_state(argv[1], argv[2:])
+    if argv[0] == "run-state":
+        print(state)
+        return 0
+    return 0 if state == "preempted" else 1
 
 
 if __name__ == "__main__":

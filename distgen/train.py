@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,19 +21,13 @@ from typing import Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import dist
+from distgen import dist, preemption
 from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, resolve_shards
 from distgen.ema import EMASet
+from distgen.errors import CheckpointError, TrainingError
 from distgen.families import DataInfo, Family, PhaseNets, build_family
-
-# Exit status after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "try again later".
-# The sbatch templates requeue the job on it.
-EXIT_PREEMPTED = 75
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (divergence, impossible engine combination)."""
+from distgen.preemption import EXIT_PREEMPTED
 
 
 def lr_factor(cfg, nimg: int) -> float:
@@ -70,10 +63,8 @@ class RunLog:
         self.tb = self.bar = None
         if not enabled:
             return
-        # A resumed run drops records written after its checkpoint by the run it replaces.
         if self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            self._truncate(start_step)
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -81,6 +72,28 @@ class RunLog:
         # A bar on a terminal; one line per record in batch logs (SLURM, CI).
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.tty)
+
+    def _truncate(self, start_step: int) -> None:
+        """A resumed run drops the records written after its checkpoint by the run it replaces. A line that
+        is not a JSON record (the torn last line a full disk or a crash leaves) is dropped too, saying so."""
+        keep, torn = [], []
+        for i, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                step = rec["step"]
+            except (ValueError, TypeError, KeyError):
+                torn.append(i)
+                continue
+            if step <= start_step:
+                keep.append(line)
+        if torn:
+            print(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
+                  f"(line {', '.join(map(str, torn))}; a torn write)", flush=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)
 
     def _write(self, rec: dict) -> None:
         """One metrics.jsonl line; its numbers (not the step) as TensorBoard scalars."""
@@ -130,18 +143,6 @@ class RunLog:
             self.tb.close()
 
 
-class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-
 def _safe_deepspeed_checkpoints(engine) -> None:
     """Make DeepSpeed read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -184,20 +185,120 @@ def _write_best(folder: Path, emas: dict, best: dict, nimg: int, family, info, c
 
     Written beside the folder and renamed over it, so a crash leaves the previous best intact.
     """
-    tmp = folder.with_name(".best.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with ckpt.atomic_dir(folder) as tmp:
+        for n, e in emas.items():
+            tensors, _ = e.state()
+            ckpt.save_tensors(tmp / f"ema0-{n}.safetensors", tensors[0])
+        ckpt.write_meta(tmp, {"step": best["step"], "nimg": nimg, "best": best, "family": family.name,
+                              "data_info": to_dict(info), "config": to_dict(cfg)})
+
+
+# --------------------------------------------------------------------------- resuming
+# The data's geometry shapes the networks as much as the model section does.
+_DATA_SHAPE_FIELDS = ("resolution", "channels")
+
+
+def config_changes(stored: dict, cfg: Config) -> list[str]:
+    """``field: old -> new`` for each model field (and data geometry) that differs between a checkpoint's
+    stored config and ``cfg``. Sampling-only fields (a family's ``sampling_fields``) may change freely,
+    and a field the stored config lacks (added by a later distgen) keeps its default."""
+    now = to_dict(cfg)
+    old_model, new_model = stored.get("model", {}), now["model"]
+    free = set(getattr(type(cfg.model), "sampling_fields", ()))
+    out = [f"model.{k}: {old_model[k]!r} -> {new_model[k]!r}" for k in new_model
+           if k in old_model and k not in free and old_model[k] != new_model[k]]
+    old_data = stored.get("data", {})
+    out += [f"data.{k}: {old_data[k]!r} -> {now['data'][k]!r}" for k in _DATA_SHAPE_FIELDS
+            if k in old_data and old_data[k] != now["data"][k]]
+    return out
+
+
+def _read_checkpoint(folder: Path, meta: dict, nets: dict, trained: dict, emas: dict, rank: int,
+                     has_scaler: bool) -> dict:
+    """Every file of ``folder`` this rank resumes from, read into memory (nothing applied yet), or a
+    CheckpointError naming the file that is missing, truncated or refused."""
+    use_ds = (folder / "deepspeed").is_dir()
+    out = {"tensors": {}, "optim": {}, "ema": {}, "scaler": None, "rng": None}
+    for n in nets:
+        if use_ds and n in trained:
+            state = folder / "deepspeed" / n / "state"
+            if not state.is_dir() or not any(state.iterdir()):
+                raise CheckpointError(f"{state}: missing or empty (DeepSpeed's states of {n})")
+        else:
+            out["tensors"][n] = ckpt.load_tensors(folder / f"{n}.safetensors")
+    if not use_ds:
+        for n in trained:
+            out["optim"][n] = ckpt.load_state(folder / f"optim-{n}.pt")
     for n, e in emas.items():
-        tensors, _ = e.state()
-        ckpt.save_tensors(tmp / f"ema0-{n}.safetensors", tensors[0])
-    ckpt.write_meta(tmp, {"step": best["step"], "nimg": nimg, "best": best, "family": family.name,
-                          "data_info": to_dict(info), "config": to_dict(cfg)})
-    old = folder.with_name(".best.old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+        if n not in meta["ema_steps"]:
+            raise CheckpointError(f"{folder / 'meta.json'}: ema_steps lacks {n}")
+        out["ema"][n] = [ckpt.load_tensors(folder / f"ema{i}-{n}.safetensors") for i in range(len(e.emas))]
+    if has_scaler and (folder / "scaler.pt").is_file():
+        out["scaler"] = ckpt.load_state(folder / "scaler.pt")
+    out["rng"] = ckpt.read_rng(folder, rank)
+    if out["rng"] is None and rank < meta["world_size"]:  # a rank the writing run had must find its states
+        raise CheckpointError(f"{folder / f'rng-{rank}.safetensors'}: missing from the checkpoint")
+    return out
+
+
+def _load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
+    """load_state_dict with an error that names the file (a size mismatch means another model config)."""
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:400]
+        raise TrainingError(f"{path}: does not fit the configured network ({first})") from None
+
+
+def _load_newest(root: Path, load, main: bool) -> tuple[Optional[Path], Optional[dict]]:
+    """Load the newest checkpoint folder that loads on every rank (``load(folder)`` returns its meta).
+
+    A newer folder that fails (on any rank) is reported by file and reason, then renamed
+    ``step-NNNNNNNN.damaged`` so that neither this run nor a later one tries it again (its files stay).
+    With checkpoint folders of which none loads, the run stops listing them: it never starts afresh
+    over them. A TrainingError from ``load`` (a changed config) is not damage and stops the run.
+    """
+    failures: list[tuple[Path, str]] = []
+    for folder in reversed(ckpt.checkpoint_folders(root)):
+        why = None
+        try:
+            meta = load(folder)
+        except TrainingError as e:
+            if not isinstance(e, CheckpointError):
+                raise
+            why = ckpt.describe_failure(folder, e)
+        except Exception as e:  # anything that goes wrong reading a checkpoint means it is damaged
+            why = ckpt.describe_failure(folder, e)
+        if why is not None and not main:  # rank 0 reports its own in the summary below
+            print(f"distgen: rank {dist.rank()}: checkpoint {folder} does not load: {why}", file=sys.stderr, flush=True)
+        if dist.all_reduce_sum(int(why is not None)) == 0:
+            if failures and main:
+                for bad, reason in failures:
+                    aside = ckpt.set_aside(bad)
+                    print(f"distgen: {bad.name} does not load ({reason}); kept as {aside.name}, "
+                          f"resuming from the newest checkpoint that loads, {folder.name}", flush=True)
+            return folder, meta
+        failures.append((folder, why or "does not load on another rank"))
+    if failures:
+        raise TrainingError(ckpt.no_checkpoint_loads(root, failures))
+    return None, None
+
+
+def _count_skips(counters: dict, local_total: int, reported: int) -> int:
+    """Add every rank's bad samples skipped since the last call to ``skipped_samples_total``; returns the
+    new ``reported`` (this process's total already counted)."""
+    counters["skipped_samples_total"] += int(dist.all_reduce_sum(int(local_total - reported)))
+    return local_total
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """Did any rank raise ``flag``? (The same answer on every rank.)"""
+    return dist.all_reduce_sum(int(flag)) > 0 if world > 1 else flag
+
+
+def run_finished(meta: Optional[dict], stop_at: int) -> bool:
+    """Has the run whose newest checkpoint says ``meta`` reached ``stop_at`` with its final checkpoint?"""
+    return meta is not None and meta.get("reason") == "end" and int(meta.get("step", -1)) >= stop_at
 
 
 def _is_deepspeed(acc) -> bool:
@@ -234,11 +335,17 @@ def _deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, allow_config_change: bool = False) -> int:
+    """Train ``cfg``'s run to its end (0), or until a scheduler's signal (:data:`EXIT_PREEMPTED`).
+
+    ``allow_config_change``: resume a checkpoint whose model config differs from ``cfg`` (refused otherwise).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     tc = cfg.train
+    # Installed by the CLI before torch was imported; installed here for callers of train() itself.
+    preempt = preemption.install()
     # distgen's config is the source of truth: Accelerate would let the launcher's
     # environment (from an accelerate config file) override these arguments.
     os.environ["ACCELERATE_MIXED_PRECISION"] = tc.mixed_precision
@@ -287,8 +394,6 @@ def train(cfg: Config) -> int:
     total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
         print(to_yaml(cfg), end="")
         engine = f", ZeRO-{zero_stage}" if use_ds else ""
         if use_ds and len(trained_names) > 1:
@@ -308,8 +413,8 @@ def train(cfg: Config) -> int:
     def on_device(batch: dict) -> dict:
         return {k: (v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    latest = ckpt.newest_checkpoint(root)
-    if latest is None and type(family).data_init is not Family.data_init:
+    has_checkpoints = bool(ckpt.checkpoint_folders(root))
+    if not has_checkpoints and type(family).data_init is not Family.data_init:
         # Data-dependent initialisation (Glow's actnorm) on a fresh run, before engines copy the
         # weights and EMAs start from them; a resumed run has the result in its checkpoint.
         first = make_loader(list(cfg.data.train), dataclasses.replace(cfg.data, workers=0), batch_size=tc.batch_size,
@@ -331,34 +436,65 @@ def train(cfg: Config) -> int:
         if use_ds:
             _safe_deepspeed_checkpoints(model)
     raw = {n: trained[n].raw if n in trained else m for n, m in nets.items()}
-    # ---- resume from the newest complete checkpoint
+    # ---- resume from the newest checkpoint that loads (a damaged newer one is reported and set aside)
     step, nimg, data_start, data_skip = 0, 0, 0, 0
-    counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0, "skipped_updates_total": 0}
+    counters = {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0, "skipped_updates_total": 0,
+                "skipped_samples_total": 0}
     interval: dict[str, list] = {}  # "<phase>/<name>" -> [sum, count] since the last record
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
-        if meta["world_size"] != world and main:
-            print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {world}")
+
+    def load(folder: Path) -> dict:
+        meta = ckpt.read_meta(folder, ckpt.RESUME_KEYS)
+        changed = config_changes(meta["config"], cfg)
+        if changed and not allow_config_change:
+            raise TrainingError(f"{folder / 'meta.json'}: the run was trained with another model config; "
+                                f"changed: {'; '.join(changed)}. Train in a new run folder, or pass "
+                                f"--allow-config-change to resume with the new values on purpose")
+        if (folder / "deepspeed").is_dir() != use_ds:
+            how = "under DeepSpeed" if not use_ds else "without DeepSpeed"
+            raise TrainingError(f"{folder}: written {how}; resume it with the engine it was written with")
+        read = _read_checkpoint(folder, meta, nets, trained, emas, rank, acc.scaler is not None)
         for n, t in trained.items():
             if use_ds:
-                t.model.load_checkpoint(str(latest / "deepspeed" / n), tag="state", load_lr_scheduler_states=False)
+                try:
+                    t.model.load_checkpoint(str(folder / "deepspeed" / n), tag="state", load_lr_scheduler_states=False)
+                except Exception as e:  # a truncated or tampered DeepSpeed file (pickled code is refused)
+                    raise CheckpointError(f"{folder / 'deepspeed' / n}: {ckpt.describe_failure(folder, e)}") from None
             else:
-                t.raw.load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
-                t.opt.load_state_dict(ckpt.load_state(latest / f"optim-{n}.pt"))
+                _load_weights(t.raw, read["tensors"][n], folder / f"{n}.safetensors")
+                t.opt.load_state_dict(read["optim"][n])
         for n in set(nets) - set(trained):
-            nets[n].load_state_dict(ckpt.load_tensors(latest / f"{n}.safetensors"))
-        if acc.scaler is not None and (latest / "scaler.pt").is_file():
-            acc.scaler.load_state_dict(ckpt.load_state(latest / "scaler.pt"))
+            _load_weights(nets[n], read["tensors"][n], folder / f"{n}.safetensors")
+        if read["scaler"] is not None:
+            acc.scaler.load_state_dict(read["scaler"])
         family.load_state_dict(meta.get("family_state", {}))
         for n, e in emas.items():
-            e.load([ckpt.load_tensors(latest / f"ema{i}-{n}.safetensors") for i in range(len(e.emas))],
-                   meta["ema_steps"][n])
+            e.load(read["ema"][n], meta["ema_steps"][n])
+        if read["rng"] is not None:
+            ckpt.set_rng_state(*read["rng"])
+        return meta
+
+    latest, meta = _load_newest(root, load, main)
+    if latest is not None:
+        if meta["world_size"] != world and main:
+            print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {world}")
+        changed = config_changes(meta["config"], cfg)
+        if changed and main:
+            print(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
         step, nimg, data_start = meta["step"], meta["nimg"], meta["data_start_step"]
         data_skip = meta.get("data_skip", 0)
         counters.update(meta["counters"])
         interval.update(meta["interval"])
-        ckpt.load_rng(latest, rank)
+    if run_finished(meta, stop_at):
+        # A run that already ended (a job requeued after its final checkpoint, say) ends again at once.
         if main:
+            print(f"distgen: {run_dir} already finished at step {step} ({nimg / 1000:.1f} kimg); nothing to do")
+        acc.end_training()
+        return 0
+    if main:
+        # Written once the checkpoint to resume from is known to load and to fit this config.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_durably(run_dir / "config.yaml", to_yaml(cfg))
+        if latest is not None:
             print(f"distgen: resumed from {latest} (step {step}, {nimg / 1000:.1f} kimg)")
 
     pin = acc.device.type == "cuda"
@@ -387,7 +523,6 @@ def train(cfg: Config) -> int:
                 print(f"distgen: eval: {m} will be skipped: {why}")
         if all(m in evaluator.skipped for m in ec.metrics):
             evaluator = None  # nothing left to compute; training goes on
-    preempt = _Preemption()
     noise = torch.Generator(device=acc.device)
     skipped_data = 0
 
@@ -398,11 +533,12 @@ def train(cfg: Config) -> int:
         if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # distgen's own temporary folder (.tmp-step-*), never a user's
         acc.wait_for_everyone()
         if use_ds:
             for n, t in trained.items():
                 t.model.save_checkpoint(str(tmp / "deepspeed" / n), tag="state")
+            ckpt.sync_tree(tmp / "deepspeed")  # DeepSpeed's own files, flushed by every rank that wrote some
         if main:
             for n in nets:
                 if n not in trained or not use_ds:
@@ -479,6 +615,14 @@ def train(cfg: Config) -> int:
     t_last, n_last = time.time(), nimg
     t_start, n_start = t_last, nimg
     last_good = latest
+    skips_reported = 0  # bad samples this process's loaders skipped that are already in the counters
+    if _agreed(preempt.flag, world):
+        # The signal came during start-up: nothing new to save; the newest checkpoint stays as it is.
+        if main:
+            print(f"distgen: signal received during start-up, before step {step + 1}; no checkpoint written; "
+                  f"exiting with {EXIT_PREEMPTED} (requeue)", flush=True)
+        log.close()
+        return EXIT_PREEMPTED
     try:
         while step < stop_at:
             lr_mult = lr_factor(tc, nimg)
@@ -549,6 +693,8 @@ def train(cfg: Config) -> int:
             diverged = counters["nonfinite_run"] >= tc.max_nonfinite
 
             if step % tc.log_every == 0 or step == stop_at or diverged:
+                if cfg.data.on_error == "skip":
+                    skips_reported = _count_skips(counters, skipped_data + loader.skipped, skips_reported)
                 means = _interval_means(interval, [p.name for p in phases])
                 now = time.time()
                 sps = (nimg - n_last) / max(now - t_last, 1e-9)
@@ -559,6 +705,8 @@ def train(cfg: Config) -> int:
                        "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None,
                        "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
                        "skipped_updates_total": counters["skipped_updates_total"],
+                       **({"skipped_samples_total": counters["skipped_samples_total"]}
+                          if cfg.data.on_error == "skip" else {}),
                        **means}
                 log.record(rec)
                 interval.clear()
@@ -568,8 +716,8 @@ def train(cfg: Config) -> int:
                 raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {step}); "
                                     f"stopping without saving: {where}")
 
-            stop_now = dist.all_reduce_sum(int(preempt.flag)) > 0 if world > 1 else preempt.flag
-            if stop_now:
+            # A signal at the last step needs no requeue: the run ends normally below.
+            if _agreed(preempt.flag, world) and step < stop_at:
                 path = save("preempted", restart_data=False)
                 if main:
                     print(f"\ndistgen: signal received: checkpoint {path} written at step {step}; "
@@ -579,6 +727,7 @@ def train(cfg: Config) -> int:
             # No periodic checkpoint in a non-finite streak: the last one stays the last good one.
             if step % tc.checkpoint_every == 0 and step < stop_at and counters["nonfinite_run"] == 0:
                 last_good = save("periodic")
+                preemption.hold_for_test(preempt, "periodic")
             if tc.sample_every and step % tc.sample_every == 0 and step < stop_at:
                 grid(f"step-{step:08d}")
                 acc.wait_for_everyone()
@@ -588,12 +737,16 @@ def train(cfg: Config) -> int:
         log.close()
 
     final = save("end", restart_data=False)
+    preemption.hold_for_test(preempt, "final")
     path = grid(f"step-{step:08d}")
-    skipped = dist.all_reduce_sum(int(skipped_data + loader.skipped))
+    if cfg.data.on_error == "skip":
+        skips_reported = _count_skips(counters, skipped_data + loader.skipped, skips_reported)
+    skipped = counters["skipped_samples_total"]
     if main:
         print(f"distgen: done at step {step} ({nimg / 1000:.1f} kimg)")
         if skipped:
-            print(f"distgen: {skipped} bad input sample(s) were skipped (data.on_error=skip)")
+            print(f"distgen: {skipped} bad input sample(s) skipped in this run (data.on_error=skip; "
+                  f"skipped_samples_total in metrics.jsonl)")
         print(f"distgen: run folder  {run_dir}")
         print(f"distgen: checkpoint  {final}")
         print(f"distgen: metrics     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")

@@ -17,7 +17,9 @@ processes per machine).
 Time limit and preemption: SLURM sends SIGTERM to every process of the job
 (90 s before the limit, or when preempting). distgen's processes finish their
 step, write a checkpoint and exit; submitit then requeues the job, which
-resumes from the run folder's newest checkpoint.
+resumes from the run folder's newest checkpoint. A signal after the final
+checkpoint requeues nothing (the job completes), and a job whose run has
+finished returns at once.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(REPO))
 # (its default, SIGUSR2, would kill torchrun). Read when submitit is imported, here and in the job.
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "TERM")
 
-from distgen.slurm import SlurmError, check_partition, parse_time, rendezvous, train_command, was_preempted  # noqa: E402
+from distgen.slurm import SlurmError, check_partition, parse_time, rendezvous, run_state, train_command  # noqa: E402
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
@@ -63,6 +65,11 @@ class Train:
         return {**self.__dict__, "proc": None}
 
     def __call__(self) -> str:
+        from submitit.core.utils import UncompletedJobError
+
+        if run_state(self.config, self.overrides) == "finished":
+            print(f"distgen submit: the run of {self.config} has already finished; nothing to do", flush=True)
+            return "done"
         cmd = train_command(self.config, self.overrides, self.procs, rendezvous())
         print("distgen submit: " + " ".join(cmd), flush=True)
         env = dict(os.environ)
@@ -72,23 +79,33 @@ class Train:
             local = int(env.get("SLURM_LOCALID", 0))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(local * self.gpus + i) for i in range(self.gpus))
         self.proc = subprocess.Popen(cmd, env=env)
-        code = self.proc.wait()
-        if code == 0:
+        try:
+            code = self.proc.wait()
+            state = run_state(self.config, self.overrides)
+        except UncompletedJobError:
+            # submitit raises this from its signal handler when checkpoint() declined to requeue: the
+            # signal came after the run's final checkpoint. The run is done; let the job complete.
+            code = self.proc.wait()
+            state = run_state(self.config, self.overrides)
+        if code == 0 or state == "finished":  # a signal after the end checkpoint can fail the launcher
             return "done"
-        if was_preempted(self.config, self.overrides):
+        if state == "preempted":
             time.sleep(3600)  # the checkpoint is written; task 0 is requeueing the job, which ends this one
         raise RuntimeError(f"training exited with status {code}")
 
     def checkpoint(self):
         """Called by submitit on task 0 when the job is preempted or out of time.
 
-        Every process got the signal and is writing its part of the checkpoint; wait
-        for that, then ask for the same job again (it resumes from the checkpoint).
+        Every process got the signal and is writing its part of the checkpoint; wait for that, then ask
+        for the same job again (it resumes from the checkpoint) unless the run has finished meanwhile.
         """
         import submitit
 
         if self.proc is not None:
             _wait_exit(self.proc.pid, timeout=600)
+        if run_state(self.config, self.overrides) == "finished":
+            print("distgen submit: the signal came after the final checkpoint; no requeue", flush=True)
+            return None
         return submitit.helpers.DelayedSubmission(Train(self.config, self.overrides, self.procs, self.gpus))
 
 

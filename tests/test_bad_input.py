@@ -116,8 +116,12 @@ def test_empty_shard_list():
 
 
 def test_failing_pipe_command(tmp_path):
-    with pytest.raises(DataError, match=r"shard pipe:cat /nonexistent.tar"):
+    with pytest.raises(DataError) as e:
         run(["pipe:cat /nonexistent.tar"])
+    assert str(e.value) == ("shard pipe:cat /nonexistent.tar: the command `cat /nonexistent.tar` exited with "
+                            "status 1 (cat: /nonexistent.tar: No such file or directory)")
+    with pytest.raises(DataError, match=r"the command `kill -9 \$\$` was killed by SIGKILL"):
+        run(["pipe:kill -9 $$"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])

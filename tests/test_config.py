@@ -29,6 +29,10 @@ def test_yaml_and_overrides(cfg_file):
     assert cfg.data.train == ("a.json", "b.json") and cfg.data.resolution == 28
     assert cfg.run.seed == 3 and cfg.run.folder == "runs/007"
     assert load_config(cfg_file, ["data.train=one.json"]).data.train == ("one.json",)
+    # YAML list syntax around brace patterns (braces are YAML's mapping syntax): the brackets are not kept
+    assert load_config(cfg_file, ["data.train=[a-{000000..000001}.tar]"]).data.train == ("a-{000000..000001}.tar",)
+    assert load_config(cfg_file, ["data.train=[a-{0..1}.tar, 'b-{x,y}.tar']"]).data.train == ("a-{0..1}.tar",
+                                                                                              "b-{x,y}.tar")
 
 
 @pytest.mark.parametrize("override,match", [
@@ -47,10 +51,18 @@ def test_yaml_and_overrides(cfg_file):
     ("eval.metrics=[fid,fdd]", r"eval.metrics: unknown metric\(s\) \['fdd'\]"),
     ("eval.best_metric=loss", r"eval.best_metric: must be one of fid"),
     ("eval.every=-1", r"eval.every: must be >= 0"),
+    ("train.total_kimg=.inf", r"train.total_kimg: must be a finite number, got inf"),
+    ("train.lr=.nan", r"train.lr: must be a finite number, got nan"),
+    ("train.lr=nan", r"train.lr: expected a number, got 'nan'"),
 ])
 def test_errors_name_the_field(cfg_file, override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(cfg_file, [override])
+
+
+def test_too_few_evaluation_samples_for_a_metric(cfg_file):
+    with pytest.raises(ConfigError, match=r"eval.num_samples: prc needs at least 4 images, got 3"):
+        load_config(cfg_file, ["eval.metrics=[fid,prc]", "eval.num_samples=3"])
 
 
 def test_file_errors(tmp_path):

@@ -81,8 +81,11 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
 
     args = ("--metrics", "fid,kid,isc,prc", "--ref", str(setup["ref"]), "--inception-weights", str(setup["weights"]))
     two, _ = _eval(2, setup, env_with_repo, *args)
-    one, _ = _eval(1, setup, env_with_repo, *args)
+    one, r = _eval(1, setup, env_with_repo, *args)
     assert two["ref_cache"] == "miss" and one["ref_cache"] == "hit"  # the second run reuses the first's statistics
+    # 24 images: a number is given, with a warning that it means little (Inception's pool layer has 2048 features)
+    assert "warning: FID from 24 images, no more than the feature dimension 2048" in r.stdout
+    assert "warning: KID from subsets of 24 images, not 1000" in r.stdout
     assert two["ref_images"] == one["ref_images"] == 40
 
     # torch-fidelity alone, one process, on the same images: the 24 generated ones and the reference shards.

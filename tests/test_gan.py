@@ -220,9 +220,9 @@ def test_each_network_and_loss_trains(name, nproc, tmp_path, fm_test_shards, env
         assert recs[-1]["D/ada_p"] > 0  # the heuristic saw an overfitting discriminator
     if model.get("info_categorical"):
         assert all(np.isfinite(rec["D/info"]) for rec in recs)
-    meta = ckpt.read_meta(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"))
+    meta = ckpt.read_meta(ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")[-1])
     assert set(meta["ema_steps"]) == {"G"}
-    cp = ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints")
+    cp = ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")[-1]
     assert (cp / "optim-G.pt").is_file() and (cp / "optim-D.pt").is_file() and (cp / "ema0-G.safetensors").is_file()
 
 
@@ -304,7 +304,7 @@ def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_pa
     spec = json.loads((out / "generator_config.json").read_text())
     g = ARCHS[spec["arch"]][0](**spec["kwargs"])
     g.load_state_dict(load_file(str(out / "generator.safetensors")))
-    ema = weights(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"), "ema0-G.safetensors")
+    ema = weights(ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")[-1], "ema0-G.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in g.state_dict().items()) and "w_avg" in "".join(ema)
 
     family, nets, _ = load_ema(out)

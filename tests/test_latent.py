@@ -46,11 +46,14 @@ def test_autoencoder_trains_exports_and_round_trips(tmp_path, fm_test_shards, en
         # encode -> decode: latents at 1/2 the side, 4 channels; reconstructions of the data's shape and range
         assert z.shape == (2048, 4, AE_RES // 2, AE_RES // 2)
         rec = ae.decode(z[:64]).sample
-    assert rec.shape == (64, 1, AE_RES, AE_RES) and rec.abs().max() < 1.5
+    # The decoder's last layer is a plain convolution: nothing bounds its output, so only its error is
+    # checked (below the first logged L1); the family clamps what it hands out to the data's [-1, 1].
+    assert rec.shape == (64, 1, AE_RES, AE_RES)
     assert (rec - imgs[:64]).abs().mean() < first
     # the export's networks are the run's EMA
     again = fam.reconstruct(nets, ((imgs[:8] + 1) * 127.5).round().to(torch.uint8), None)
     assert again.shape == (8, 1, AE_RES, AE_RES) and np.isfinite(again.numpy()).all()
+    assert again.abs().max() <= 1
 
 
 # ---------------------------------------------------------------- stage 2: the latent U-Net

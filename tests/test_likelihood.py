@@ -241,7 +241,7 @@ def test_one_process_run_exports_samples_and_reports_bits_per_dim(family, tmp_pa
     run(launch(1) + ["train", str(cfg)], env_with_repo)
     out = export(tmp_path / "run", tmp_path / "export")
     fam, nets, _ = load_ema(out)
-    ema = weights(ckpt.newest_checkpoint(tmp_path / "run" / "checkpoints"), f"ema0-{family}.safetensors")
+    ema = weights(ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")[-1], f"ema0-{family}.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in nets[family].state_dict().items())
 
     options = {"temperature": 0.7} if family == "glow" else {}

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO
+from distgen import checkpoint as ckpt
 from test_train import launch, run, tiny_config, weights
 
 
@@ -97,22 +98,69 @@ def test_submitit_two_machines_preempted_and_requeued_end_as_an_uninterrupted_ru
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def _sbatch(cfg: Path, tmp_path: Path, env: dict, hold: Path) -> str:
+    r = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), "slurm/train.sbatch"],
+                       env={**env, "CONFIG": str(cfg), "DISTGEN_TEST_HOLD": str(hold)}, cwd=REPO,
+                       capture_output=True, text=True, check=True)
+    return r.stdout.strip().split(";")[0]
+
+
+def _wait_for_checkpoint(job: str, run_dir: Path, reason: str, timeout: float = 300) -> dict:
+    """The meta.json of the first checkpoint seen whose reason is ``reason``."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for cp in ckpt.checkpoint_folders(run_dir / "checkpoints"):
+            try:
+                meta = ckpt.read_meta(cp)
+            except ckpt.CheckpointError:
+                continue
+            if meta["reason"] == reason:
+                return meta
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} wrote no {reason} checkpoint: {_job_state(job).get('JobState')}")
+
+
 def test_sbatch_template_trains_and_requeues_itself_after_a_signal(fm_test_shards, tmp_path, env):
     cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.24, "checkpoint_every": 10})
-    r = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), "slurm/train.sbatch"],
-                       env={**env, "CONFIG": str(cfg)}, cwd=REPO, capture_output=True, text=True, check=True)
-    job = r.stdout.strip().split(";")[0]
+    hold = tmp_path / "hold"
+    hold.touch()  # test setting: the run waits after each checkpoint until a signal comes
+    job = _sbatch(cfg, tmp_path, env, hold)
+    # The run is held after its first checkpoint (step 10 of 30), so the signal provably lands mid-training.
+    _wait_for_checkpoint(job, tmp_path / "run", "periodic")
     # What SLURM does before the time limit (--signal=B:USR1@120): USR1 to the batch script only.
-    _preempt_after_first_checkpoint(job, tmp_path / "run", ["--batch", "--signal=USR1"])
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    meta = _wait_for_checkpoint(job, tmp_path / "run", "preempted")
+    hold.unlink()  # the requeued job trains through
     st = _wait(job)
     log = (tmp_path / f"job-{job}.out").read_text()
     assert st["JobState"] == "COMPLETED", log[-3000:]
-    assert "time-limit signal: checkpointing" in log
-    assert int(st["Restarts"]) >= 1 and "requeueing job" in log and "resumed from" in log
+    assert meta["step"] == 11 and "time-limit signal: checkpointing" in log
+    assert int(st["Restarts"]) == 1 and "requeueing job" in log and "resumed from" in log
     assert _steps(tmp_path / "run")[-1] == 30
     final = tmp_path / "run" / "checkpoints" / "step-00000030"
     assert json.loads((final / "meta.json").read_text())["reason"] == "end"
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_sbatch_signal_after_the_final_checkpoint_completes_without_requeue(fm_test_shards, tmp_path, env):
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 100})
+    hold = tmp_path / "hold"
+    hold.touch()
+    job = _sbatch(cfg, tmp_path, env, hold)
+    # Held after its final checkpoint (step 10): the signal lands while distgen is finishing.
+    _wait_for_checkpoint(job, tmp_path / "run", "end")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    st = _wait(job)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert st["JobState"] == "COMPLETED" and int(st["Restarts"]) == 0, log[-3000:]
+    assert "time-limit signal" in log and "the signal came after the final checkpoint; no requeue" in log
+    assert "requeueing" not in log
+    # The same job submitted again (as a requeue would start it): done at once, saying so.
+    again = _sbatch(cfg, tmp_path, env, hold)
+    st = _wait(again)
+    log = (tmp_path / f"job-{again}.out").read_text()
+    assert st["JobState"] == "COMPLETED" and "has already finished; nothing to do" in log, log[-3000:]
+    assert "global batch" not in log and [p.name for p in ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")] \
+        == ["step-00000010"]
 
 
 @pytest.mark.parametrize("args,message", [

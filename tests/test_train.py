@@ -262,7 +262,8 @@ def test_impossible_combination_fails_at_start(tmp_path, fm_test_shards, env_wit
     bad = tmp_path / "nolabels.json"
     m = json.loads(fm_test_shards.read_text())
     m.update(num_classes=0, class_names=[])
-    m["shards"] = [dict(s, name=str(fm_test_shards.parent / s["name"])) for s in m["shards"]]
+    for s in m["shards"]:  # a manifest names its shards relative to itself: links to the real ones beside it
+        (tmp_path / s["name"]).symlink_to(fm_test_shards.parent / s["name"])
     bad.write_text(json.dumps(m))
     r = run(launch(1) + ["train", str(cfg), f"data.train=[{bad}]"], env_with_repo, check=False)
     assert r.returncode == 2 and "model.class_conditional needs labelled data" in r.stderr

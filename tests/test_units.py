@@ -69,9 +69,13 @@ def test_checkpoint_finalize_prunes_and_ignores_partial(tmp_path):
         ckpt.finalize(tmp_path, step, keep=2)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
     assert (tmp_path / "latest").read_text().strip() == "step-00000030"
-    ckpt.tmp_dir(tmp_path, 40).mkdir()  # cut off before the rename
-    (tmp_path / "step-00000050").mkdir()  # renamed by hand, no meta.json
-    assert ckpt.newest_checkpoint(tmp_path).name == "step-00000030"
+    ckpt.tmp_dir(tmp_path, 40).mkdir()  # cut off before the rename: not a checkpoint at all
+    (tmp_path / "step-00000050").mkdir()  # renamed by hand, no meta.json: a damaged checkpoint, reported
+    said = []
+    folder, meta = ckpt.newest_loadable(tmp_path, ckpt.read_meta, log=said.append)
+    assert folder.name == "step-00000030" and meta["step"] == 30
+    assert len(said) == 1 and "step-00000050/meta.json: missing" in said[0]
+    assert [p.name for p in ckpt.checkpoint_folders(tmp_path)] == ["step-00000020", "step-00000030", "step-00000050"]
 
 
 def test_state_files_refuse_pickled_code(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -60,6 +61,51 @@ def _parse_raw(raw: _Raw) -> Any:
         return str(raw)
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside braces and quotes: ``a-{0..1}.tar, b-{x,y}.tar`` is two items."""
+    items, depth, quote, cur = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    items.append(cur)
+    return items
+
+
+def _parse_raw_list(raw: _Raw, path: str) -> list:
+    """A list typed on the command line: YAML flow syntax (``[a, b]``), one bare value (``a``), or a
+    bracketed list whose items YAML cannot read plainly (``[a-{000000..000001}.tar]``: braces are
+    YAML's mapping syntax), split at commas outside braces."""
+    text = str(raw).strip()
+    parsed = _parse_raw(raw)
+    if isinstance(parsed, list):
+        return parsed
+    if not (text.startswith("[") and text.endswith("]")):
+        return [str(raw)]
+    inner = text[1:-1].strip()
+    if not inner:
+        return []
+    out = []
+    for item in _split_top_level(inner):
+        item = item.strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1]
+        if not item:
+            raise ConfigError(f"{path}: empty item in the list {text}")
+        out.append(item)
+    return out
+
+
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Convert a YAML/override value into ``tp``, or raise ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
@@ -95,8 +141,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1]
         if isinstance(value, _Raw):
-            parsed = _parse_raw(value)
-            value = parsed if isinstance(parsed, list) else [str(value)]
+            value = _parse_raw_list(value, path)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         out = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -119,9 +164,11 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting means anything infinite
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp is Any or tp is dict:
         return _parse_raw(value) if isinstance(value, _Raw) else value

@@ -105,6 +105,9 @@ class ModelConfig:
     """A model family's section; ``family`` picks the dataclass (see distgen.families)."""
 
     family: str = "diffusion"
+    # Fields that only steer sampling (not annotated, so not config keys of their own): a resumed run may
+    # change them; any other model field differing from the checkpoint's is refused (--allow-config-change).
+    sampling_fields = ()
 
     @classmethod
     def resolve_type(cls, data: dict, path: str) -> type:
@@ -121,6 +124,20 @@ class ModelConfig:
 # Metric names (the evaluator in distgen.evaluate.core computes them; named here so that checking a
 # config does not import torch-fidelity).
 METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon")
+# The fewest images each feature metric can be computed from at all (generated, and reference for fid/kid/prc):
+# FID's covariance and KID's unbiased MMD need two; the Inception Score splits the images into 10 groups
+# (torch-fidelity's isc_splits), each needing one; precision/recall take every image's 3rd nearest
+# neighbour other than itself (prc_neighborhood 3 + 1). Far more are needed for a number that means much.
+METRIC_MIN_SAMPLES = {"fid": 2, "kid": 2, "isc": 10, "prc": 4}
+
+
+def sample_count_problem(metrics, n: int) -> Optional[str]:
+    """Why ``n`` images are too few for one of ``metrics`` (None if enough for all)."""
+    for m in metrics:
+        need = METRIC_MIN_SAMPLES.get(m, 0)
+        if n < need:
+            return f"{m} needs at least {need} images, got {n}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,8 @@ class EvalConfig:
         check(bool(self.metrics) and not bad, f"{path}.metrics",
               f"unknown metric(s) {bad or '(none)'}; choose from {', '.join(METRICS)}")
         check(self.num_samples >= 2, f"{path}.num_samples", "must be >= 2")
+        few = sample_count_problem(self.metrics, self.num_samples)
+        check(few is None, f"{path}.num_samples", str(few))
         check(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
         check(self.kid_subset_size >= 2, f"{path}.kid_subset_size", "must be >= 2")
         names = self.LOWER_IS_BETTER + self.HIGHER_IS_BETTER

@@ -1,5 +1,5 @@
-"""Errors of the data layer."""
+"""Errors of the data layer (defined with the others in :mod:`distgen.errors`)."""
 
+from distgen.errors import DataError
 
-class DataError(RuntimeError):
-    """Bad input data. The message names the file, shard and key at fault."""
+__all__ = ["DataError"]

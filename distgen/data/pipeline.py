@@ -19,12 +19,14 @@ torch.distributed.
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import json
 import logging
 import os
 import random
+import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +36,12 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from webdataset.gopen import gopen
 
 from distgen.data.errors import DataError
-from distgen.dist import derive_seed
 from distgen.data.shard import MANIFEST_FORMAT
+from distgen.data.streams import PIPE, SCHEME, PipeStream, open_shard
 from distgen.data.tario import iter_entries, seek_sample
+from distgen.dist import derive_seed
 
 log = logging.getLogger("distgen.data")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -61,6 +63,22 @@ class ShardSet:
         return None if any(c is None for c in self.counts) else sum(self.counts)
 
 
+def manifest_shard_path(manifest: Path, i: int, name) -> Path:
+    """Where shard ``i`` named ``name`` in ``manifest`` lies, or a DataError.
+
+    A manifest is data, often downloaded with the shards: it names files relative to its own folder and
+    nothing else. No absolute path, no ``..``, no ``pipe:`` (a shell command) and no URL scheme: what
+    runs or reaches out is only ever what the user typed.
+    """
+    bad = (not isinstance(name, str) or not name or name.startswith(PIPE) or SCHEME.match(name)
+           or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name) or Path(name).is_absolute() or ".." in Path(name).parts
+           or "\\" in name)
+    if bad:
+        raise DataError(f"{manifest}: shards[{i}].name {name!r}: a manifest names its shards as files relative to "
+                        f"its own folder (no absolute path, '..', pipe: command or URL)")
+    return manifest.parent / name
+
+
 def _load_manifest(path: Path) -> ShardSet:
     try:
         m = json.loads(path.read_text())
@@ -72,11 +90,19 @@ def _load_manifest(path: Path) -> ShardSet:
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):
             raise DataError(f"{path}: shards[{i}] needs a name and an integer count")
-        name = s["name"]
-        url = name if name.startswith("pipe:") or Path(name).is_absolute() else str(path.parent / name)
-        if not url.startswith("pipe:") and not Path(url).is_file():
-            raise DataError(f"{path}: shard {url} is missing")
-        urls.append(url)
+        shard = manifest_shard_path(path, i, s["name"])
+        try:
+            size = shard.stat().st_size if shard.is_file() else None
+        except OSError:
+            size = None
+        if size is None:
+            raise DataError(f"{path}: shard {shard} is missing")
+        # Sizes on every start (one stat per shard); hashes on demand: reading every byte of a cluster-sized
+        # data set at each start would cost minutes (distgen data verify MANIFEST does it).
+        if "size" in s and s["size"] != size:
+            raise DataError(f"{path}: shard {shard} is {size} bytes, the manifest records {s['size']} (changed or "
+                            f"truncated since it was written; `distgen data verify {path}` checks every shard)")
+        urls.append(str(shard))
         counts.append(s["count"])
     return ShardSet(tuple(urls), tuple(counts), {k: v for k, v in m.items() if k != "shards"})
 
@@ -106,7 +132,7 @@ def resolve_shards(inputs: str | Sequence[str]) -> ShardSet:
 
 # --------------------------------------------------------------------------- errors
 class ErrorPolicy:
-    """``raise`` stops at the first bad sample; ``skip`` counts it, logs it and goes on."""
+    """``raise`` stops at the first bad input; ``skip`` counts the samples it costs, logs it and goes on."""
 
     def __init__(self, mode: str = "raise"):
         if mode not in ("raise", "skip"):
@@ -114,11 +140,15 @@ class ErrorPolicy:
         self.mode = mode
         self.skipped = 0
 
-    def __call__(self, err: DataError) -> None:
+    def __call__(self, err: DataError, lost: Optional[int] = 1) -> None:
+        """``lost``: the samples this error costs (a broken shard tail: all the rest of it); None when
+        unknown (a shard without a manifest count), counted as one."""
         if self.mode == "raise":
             raise err
-        self.skipped += 1
-        log.warning("skipped bad input (%d so far in this worker): %s", self.skipped, err)
+        self.skipped += 1 if lost is None else lost
+        what = "the rest of the shard (how many samples is unknown without a manifest count)" if lost is None \
+            else f"{lost} sample(s)"
+        log.warning("skipped bad input, %s lost (%d so far in this worker): %s", what, self.skipped, err)
 
     def take(self) -> int:
         n, self.skipped = self.skipped, 0
@@ -225,8 +255,9 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
 
     Members are grouped by key; a shard that ends early, is corrupt or whose
     ``pipe:`` command fails raises a DataError naming the shard and the last
-    good key (or, with ``skip``, counts once and moves to the next shard).
-    A slice that starts inside a local shard seeks to its first sample.
+    good key (or, with ``skip``, counts the samples of the slice it loses and
+    moves to the next shard). A slice that starts inside a local shard seeks
+    to its first sample.
     """
     for sl in slices:
         url = sl.url
@@ -235,7 +266,7 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
         done = False
         stream = None
         try:
-            stream = gopen(url, "rb")
+            stream = open_shard(url)
             positions = _position_index(stream)
             if sl.start and positions is not None:
                 seek_sample(stream, sl.start, _sample_key, positions)
@@ -275,15 +306,20 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
         except GeneratorExit:  # the consumer stopped early: not an error
             done = True
             raise
-        except Exception as e:  # tarfile, pipe and OS errors all mean a bad shard
+        except Exception as e:  # tar, pipe and OS errors all mean a bad shard
+            # A failing pipe: command explains its own truncated output best.
+            failed = stream.failure() if isinstance(stream, PipeStream) else None
             where = f"after key {last_key}" if last_key else (f"at sample {index}" if index else "before its first sample")
-            policy(DataError(f"shard {url}: corrupt, truncated or unreadable tar {where}: {e}"))
+            lost = sl.stop - max(index, sl.start) if sl.stop is not None else None
+            reason = failed or f"corrupt, truncated or unreadable tar {where}: {e}"
+            stream, done = (None if failed else stream), True
+            policy(DataError(f"shard {url}: {reason}" + (f"; the rest of the shard from after key {last_key} is "
+                                                        f"lost" if last_key and failed else "")), lost)
         finally:
             if stream is not None:
                 try:
-                    stream.close()
+                    stream.close()  # a pipe: whose data was whole may die of SIGPIPE here; harmless then
                 except Exception as e:
-                    # Closing a pipe we stopped reading early can report SIGPIPE; harmless then.
                     if not done:
                         policy(DataError(f"shard {url}: {e}"))
 
@@ -507,7 +543,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         samples = decode(samples, self.spec, policy)
         if self.flip and self.mode == "train":
             samples = random_flip(samples, rng)
-        yield from batched(samples, self.batch_size, policy)
+        try:
+            yield from batched(samples, self.batch_size, policy)
+        except DataError as e:
+            if info is None:
+                raise
+            # In a DataLoader worker: hand the message to the main process as data. Raised here, torch would
+            # re-raise it there wrapped in "Caught DataError in DataLoader worker process 0" and a traceback.
+            yield {"error": str(e)}
 
 
 class Loader:
@@ -525,7 +568,7 @@ class Loader:
         self.loader = torch.utils.data.DataLoader(
             # Batches are already made; identity collate keeps numpy as numpy.
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
-            worker_init_fn=_worker_init if workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, parent=os.getpid()) if workers > 0 else None,
             # Workers stay alive across passes in training; eval makes one pass.
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
@@ -554,6 +597,8 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self._start():
+            if "error" in batch:  # a worker's DataError, raised here with its own message
+                raise DataError(batch["error"])
             self.skipped += batch.pop("skipped", 0)
             if "key" not in batch:  # only a skip count
                 continue
@@ -571,21 +616,45 @@ def _identity(x):
     return x
 
 
-def _worker_init(_worker_id: int) -> None:
-    """Let a worker outlive a scheduler's SIGTERM/SIGUSR1 but not its parent's.
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent dies, however the parent dies.
+
+    A parent killed with SIGKILL runs no clean-up, and a worker blocked writing batches into a full
+    queue (the loader ahead of training) would otherwise live on, holding its memory, for good. Linux
+    only; elsewhere torch's own watchdog (a check every few seconds while idle) is what remains. The
+    signal follows the parent *thread* that started the worker: loaders are iterated on the main thread.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above: nobody is left to read our batches
+        os._exit(0)
+
+
+def _worker_init(_worker_id: int, parent: int) -> None:
+    """Let a worker outlive a scheduler's SIGTERM/SIGUSR1 but not its parent.
 
     SLURM signals every process of a job; the main process turns the signal
     into a checkpoint, and a worker that died first would crash it (the
     DataLoader raises on a worker killed by a signal). The parent's own
     terminate() at shutdown is also a SIGTERM, so a thread reads each signal
-    with its sender and exits only when the sender is the parent.
+    with its sender and exits only when the sender is the parent. A parent
+    that dies takes its workers with it (:func:`_die_with_parent`).
     """
     import signal
     import threading
 
+    _die_with_parent(parent)
     sigs = {signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    parent = os.getppid()
 
     def watch():
         while True:

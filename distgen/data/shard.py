@@ -105,7 +105,8 @@ def write_samples(
             return
         writer.close()
         final = out / f"{split}-{len(shards):06d}.tar"
-        shards.append({"name": final.name, "count": count_in_shard, "sha256": file_sha256(tmp)})
+        shards.append({"name": final.name, "count": count_in_shard, "size": tmp.stat().st_size,
+                       "sha256": file_sha256(tmp)})
         done.append((tmp, final))
         if log:
             log(f"wrote {final} ({count_in_shard} samples)")
@@ -152,3 +153,41 @@ def write_samples(
     tmpm.write_text(json.dumps(full, indent=2) + "\n")
     os.replace(tmpm, mp)
     return full
+
+
+def verify_manifest(manifest: str | Path) -> tuple[int, int]:
+    """Check every shard of ``manifest`` against its recorded size and sha256 (``distgen data verify``).
+
+    Returns (shards, bytes) when all match; else a DataError whose first line names the manifest and
+    whose next lines name every shard that is missing, of another size or of another hash.
+    """
+    from distgen.data.pipeline import manifest_shard_path
+
+    path = Path(manifest)
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        raise DataError(f"{path}: not a distgen manifest (format {MANIFEST_FORMAT})")
+    problems, total = [], 0
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict):
+            problems.append(f"shards[{i}]: not an object")
+            continue
+        shard = manifest_shard_path(path, i, s.get("name"))
+        if not shard.is_file():
+            problems.append(f"{shard}: missing")
+            continue
+        size = shard.stat().st_size
+        total += size
+        if "sha256" not in s:
+            problems.append(f"{shard}: the manifest records no sha256 to check it against")
+        elif "size" in s and s["size"] != size:
+            problems.append(f"{shard}: {size} bytes, the manifest records {s['size']}")
+        elif file_sha256(shard) != s["sha256"]:
+            problems.append(f"{shard}: sha256 differs from the manifest's (the shard changed or is corrupt)")
+    if problems:
+        raise DataError(f"{path}: {len(problems)} of {len(m['shards'])} shard(s) do not match the manifest:\n  "
+                        + "\n  ".join(problems))
+    return len(m["shards"]), total

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from distgen import dist
+from distgen.errors import EvalError
 from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_config
 
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
@@ -34,7 +35,7 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                  likelihood: Optional[dict] = None, out: Optional[str] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import likelihood_options, load_ema, sampling_options
+    from distgen.sample import EXPORT_META, likelihood_options, load_ema, sampling_options
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     family, nets, cfg = load_ema(path, state.device)
@@ -42,6 +43,16 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                                       test=test, batch_size=batch_size, seed=seed,
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
                                       cache_dir=cache_dir)
+    if (Path(path) / EXPORT_META).is_file():
+        # An export may come from anywhere: the shards its stored config names are data to read, never
+        # shell commands to run. pipe: runs only when the user types it (--ref / --test, or their config).
+        for flag, given, stored, key in (("--ref", ref, spec.ref, "eval.ref or data.train"),
+                                         ("--test", test, spec.test, "data.eval")):
+            piped = [u for u in (stored or []) if str(u).startswith("pipe:")] if given is None else []
+            if piped:
+                raise EvalError(f"{Path(path) / EXPORT_META}: its stored config's {key} is a pipe: command "
+                                f"({piped[0]!r}), which distgen does not run from a stored config; "
+                                f"pass {flag} SHARDS|MANIFEST")
     spec.sampling = sampling_options(family, options or {})
     spec.likelihood = likelihood_options(family, likelihood or {})
     res = Evaluator(spec, state.device).run(family, nets, cfg.data)

@@ -39,7 +39,7 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_featuresdict_to_metric)
 
 from distgen import dist
-from distgen.config.schema import METRICS
+from distgen.config.schema import METRICS, sample_count_problem
 from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable
 
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
@@ -335,6 +335,9 @@ class Evaluator:
         ref = self.reference(data_cfg) if any(m in REFERENCE_METRICS for m in todo) else None
         if ref is not None:
             todo = self._active(todo)  # a stats file can rule out KID / PR
+            few = sample_count_problem([m for m in todo if m in REFERENCE_METRICS], ref.num)
+            if few:  # before any image is generated
+                raise EvalError(f"reference {ref.source or ', '.join(spec.ref)}: {few}")
         if todo:
             gen = features if features is not None else self.generated_features(family, nets)
             if dist.is_main():
@@ -360,7 +363,13 @@ class Evaluator:
         if "isc" in todo:
             r = isc_featuresdict_to_metric(gen, lay["isc"], **kw)
             out.update(isc_mean=r[KEY_METRIC_ISC_MEAN], isc_std=r[KEY_METRIC_ISC_STD])
+        n = len(next(iter(gen.values())))
         if "fid" in todo:
+            dim = gen[lay["fid"]].shape[1]
+            if n <= dim:
+                self.log(f"distgen eval: warning: FID from {n} images, no more than the feature dimension {dim}: "
+                         f"their covariance is rank-deficient and FID is biased high (compare only figures from the "
+                         f"same count; published ones use 50,000)")
             stats = fid_features_to_statistics(gen[lay["fid"]])
             if ref.stats["mu"].shape != stats["mu"].shape:
                 raise EvalError(f"reference {ref.source}: statistics of dimension {ref.stats['mu'].shape[0]}, "
@@ -368,6 +377,9 @@ class Evaluator:
             out["fid"] = fid_statistics_to_metric(stats, ref.stats, False)[KEY_METRIC_FID]
         if "kid" in todo:
             size = min(self.spec.kid_subset_size, len(gen[lay["kid"]]), len(ref.features[lay["kid"]]))
+            if size < self.spec.kid_subset_size:
+                self.log(f"distgen eval: warning: KID from subsets of {size} images, not {self.spec.kid_subset_size} "
+                         f"(too few images): an unbiased estimate, but a noisy one")
             r = kid_featuresdict_to_metric(gen, ref.features, lay["kid"], **{**kw, "kid_subset_size": size})
             out.update(kid_mean=r[KEY_METRIC_KID_MEAN], kid_std=r[KEY_METRIC_KID_STD], kid_subset_size=size)
         if "prc" in todo:

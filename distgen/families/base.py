@@ -129,8 +129,17 @@ class Family:
         raise NotImplementedError
 
     def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The options that are set, or a ValueError naming any this family does not take."""
-        return _checked_options(options, self.sample_options, f"the {self.name} family takes no sampling option")
+        """The options that are set, or a ValueError naming any this family does not take or whose value
+        it cannot sample with (checked before any image is drawn)."""
+        given = _checked_options(options, self.sample_options, f"the {self.name} family takes no sampling option")
+        self.validate_sample_options(given)
+        return given
+
+    def validate_sample_options(self, options: dict[str, Any]) -> None:
+        """Raise a ValueError starting with the flag (``--steps: ...``) for a value this model cannot use."""
+        t = options.get("temperature")
+        if t is not None and t < 0:
+            raise ValueError(f"--temperature: must be >= 0, got {t}")
 
     # Keyword options of log_likelihood() (``distgen eval`` flags, e.g. a VAE's --iw-samples); others are refused.
     likelihood_options: ClassVar[tuple[str, ...]] = ()

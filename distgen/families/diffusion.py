@@ -49,6 +49,7 @@ class DiffusionConfig(ModelConfig):
     sampler: Literal["ddpm", "ddim", "dpmsolver"] = "ddim"  # default for grids and `distgen sample`
     sample_steps: int = 50
     guidance_scale: float = 1.0  # 1: plain conditional sampling
+    sampling_fields = ("sampler", "sample_steps", "guidance_scale")
 
     def validate(self, path: str) -> None:
         check(self.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
@@ -152,6 +153,17 @@ class Diffusion(Family):
         return per_sample, {}
 
     sample_options = ("steps", "sampler", "guidance")
+
+    def validate_sample_options(self, options):
+        steps, g = options.get("steps"), options.get("guidance")
+        if steps is not None and not 1 <= steps <= self.cfg.num_train_timesteps:
+            raise ValueError(f"--steps: must be in [1, {self.cfg.num_train_timesteps}] (the model's training "
+                             f"timesteps), got {steps}")
+        if g is not None and not self.num_classes:
+            raise ValueError("--guidance: this model is unconditional (model.class_conditional is false); "
+                             "classifier-free guidance needs a class-conditional model")
+        if g is not None and g < 0:
+            raise ValueError(f"--guidance: must be >= 0, got {g}")
 
     @torch.no_grad()
     def sample(self, nets, generators, *, labels=None, steps=None, sampler=None, guidance=None):

@@ -307,6 +307,7 @@ class GlowConfig(ModelConfig):
     coupling: Literal["affine", "additive"] = "affine"
     conditional: bool = False  # a class-conditional prior (needs labelled data)
     temperature: float = 1.0  # default sampling temperature (`distgen sample --temperature`)
+    sampling_fields = ("temperature",)
 
     def validate(self, path: str) -> None:
         for k in ("levels", "steps", "hidden"):

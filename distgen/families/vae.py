@@ -313,6 +313,7 @@ class VAEConfig(ModelConfig):
     free_bits: float = 0.0  # nats per latent group (batch mean) below which its KL is not pushed down
     iw_samples: int = 1  # bits/dim: 1 gives the ELBO, k > 1 the importance-weighted bound (--iw-samples)
     temperature: float = 1.0  # default sampling temperature (--temperature)
+    sampling_fields = ("temperature", "iw_samples")
 
     def validate(self, path: str) -> None:
         check(self.nr_mix >= 1, f"{path}.nr_mix", f"must be >= 1, got {self.nr_mix}")

@@ -74,6 +74,7 @@ class GANConfig(ModelConfig):
     ada_interval: int = 4  # discriminator steps between p updates
     ada_kimg: float = 500.0  # p can move 0 -> 1 in this many thousand real images
     truncation: Optional[float] = None  # default at sampling: psi in W (stylegan2) or the z threshold (others)
+    sampling_fields = ("truncation",)
 
     def validate(self, path: str) -> None:
         for name in ("d_steps", "r1_every", "pl_every", "ada_interval"):
@@ -119,6 +120,11 @@ class GAN(Family):
     name = "gan"
     config_cls = GANConfig
     sample_options = ("truncation",)
+
+    def validate_sample_options(self, options):
+        t = options.get("truncation")
+        if t is not None and self.cfg.arch != "stylegan2" and t <= 0:
+            raise ValueError(f"--truncation: the z threshold must be > 0, got {t}")
 
     def __init__(self, cfg: GANConfig, data: DataInfo):
         super().__init__(cfg, data)
