@@ -21,6 +21,7 @@ damaged (reported by file name), never taken for an absent one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -51,6 +52,10 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        # Some network and FUSE file systems cannot fsync a folder (they commit renames themselves).
+        if not (e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and os.path.isdir(path)):
+            raise
     finally:
         os.close(fd)
 

@@ -538,7 +538,6 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         if use_ds:
             for n, t in trained.items():
                 t.model.save_checkpoint(str(tmp / "deepspeed" / n), tag="state")
-            ckpt.sync_tree(tmp / "deepspeed")  # DeepSpeed's own files, flushed by every rank that wrote some
         if main:
             for n in nets:
                 if n not in trained or not use_ds:
@@ -564,6 +563,9 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
             })
         ckpt.save_rng(tmp, rank)
         acc.wait_for_everyone()
+        if use_ds:  # DeepSpeed's own files: flushed once all are written (distgen's own flush as they are written)
+            ckpt.sync_tree(tmp / "deepspeed")
+            acc.wait_for_everyone()
         final = ckpt.step_dir(root, step)
         if main:
             final = ckpt.finalize(root, step, tc.keep_checkpoints)
