@@ -147,10 +147,10 @@ def _safe_deepspeed_checkpoints(engine) -> None:
     """Make DeepSpeed read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from distgen.engines import SafeTorchCheckpointEngine
+    from distgen.engines import safe_checkpoint_engine
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
-        engine.checkpoint_engine = SafeTorchCheckpointEngine(engine.checkpoint_engine)
+        engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
 
 
 def _accumulate(interval: dict, phase: str, loss: float, extras: dict) -> None:
@@ -358,6 +358,12 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
     acc_kw = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                   cpu=dist.cpu_only(), kwargs_handlers=dist.accelerate_handlers())
     plugins = None
+    if _deepspeed_requested():
+        from distgen.engines import deepspeed_file_precision_problem
+
+        problem = deepspeed_file_precision_problem(tc.mixed_precision)
+        if problem:
+            raise TrainingError(problem)
     if _deepspeed_requested() and len(trained_names) > 1:
         # Accelerate's route for several trained models under DeepSpeed: one named plugin
         # (all from the launcher's DeepSpeed config) and one Accelerator, hence one engine, per network.
@@ -376,12 +382,15 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     zero_stage = None
     if use_ds:
+        from distgen.engines import loss_scale, set_deepspeed_precision
+
         ds_plugins = plugins or {trained_names[0]: acc.state.deepspeed_plugin}
         for plugin in ds_plugins.values():
             ds_cfg = plugin.deepspeed_config
             # DeepSpeed clips inside its step and needs the per-device batch (no DataLoader is prepared).
             ds_cfg["gradient_clipping"] = tc.grad_clip
             ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
+            set_deepspeed_precision(ds_cfg, tc.mixed_precision)
             zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
         if tc.skip_grad_norm:
             raise TrainingError("train.skip_grad_norm: DeepSpeed steps inside its own backward, so an update "
@@ -389,6 +398,14 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         problem = family.engine_problem(zero_stage)
         if problem:
             raise TrainingError(f"DeepSpeed ZeRO-{zero_stage}: {problem}")
+
+    def autocast(t: _Trained):
+        """The precision context of a phase's loss: Accelerate's autocast (DDP), or under DeepSpeed, whose
+        engine autocasts only its own forward, one torch.autocast around the whole phase, so that the
+        networks a phase calls outside their engine see the same precision (see distgen.engines)."""
+        if use_ds and tc.mixed_precision != "no":
+            return torch.autocast(acc.device.type, dtype=torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16)
+        return t.acc.autocast()
 
     global_batch = tc.batch_size * world * tc.grad_accum
     total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
@@ -648,15 +665,18 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
                     # so only a per-step seed makes the resumed run's dropout masks those of the straight run.
                     torch.manual_seed(dist.derive_seed(cfg.run.seed, rank, step, pi, micro, 1))
                     with t.acc.accumulate(t.model):
-                        with t.acc.autocast():
+                        with autocast(t):
                             per_sample, extras = family.loss(p.name, view, batch, noise)
-                        loss = per_sample.mean()
+                        loss = per_sample.float().mean()  # the reduction in float32 whatever the precision
                         finite = bool(torch.isfinite(loss.detach()))
                         if use_ds:  # DeepSpeed steps inside backward: agree on skipping before it
                             finite = dist.all_reduce_sum(int(not finite)) == 0
                         if finite:
                             _accumulate(interval, p.name, float(loss.detach()), extras)
-                            t.acc.backward(loss)
+                            scale = loss_scale(t.model) if use_ds and tc.mixed_precision == "fp16" else None
+                            t.acc.backward(loss)  # under DeepSpeed also its optimizer step
+                            if scale is not None and loss_scale(t.model) < scale:
+                                counters["overflow_total"] += 1  # the scaler found inf/nan and skipped the step
                         else:
                             step_ok = False
                         if t.acc.sync_gradients and not use_ds:

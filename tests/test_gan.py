@@ -271,12 +271,14 @@ def test_two_process_gan_resume_is_exact(tmp_path, fm_test_shards, env_with_repo
         assert ra[st]["loss/D"] == rb[st]["loss/D"] and ra[st]["D/ada_p"] == rb[st]["D/ada_p"]
 
 
-def test_deepspeed_zero2_runs_one_engine_per_network_and_refuses_zero3(tmp_path, fm_test_shards, env_with_repo):
-    model = {"arch": "dcgan", "loss": "hinge", "r1_gamma": 1.0, "r1_every": 2}
-    cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.16})
+def test_deepspeed_zero2_bf16_runs_one_engine_per_network(tmp_path, fm_test_shards, env_with_repo):
+    """StyleGAN2 (learned scalars, lazy R1) in bf16 under ZeRO-2, 2 processes; ZeRO-3's refusal of a GAN is in
+    test_deepspeed's matrix."""
+    model = {"arch": "stylegan2", "loss": "nonsaturating", "r1_gamma": 1.0, "r1_every": 2}
+    cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.16, "mixed_precision": "bf16"})
     ds = launch(2, "configs/accelerate/zero2.yaml")
     first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
-    assert "ZeRO-2, one engine per network (D, G)" in first.stdout
+    assert "ZeRO-2, one engine per network (D, G)), mixed precision bf16" in first.stdout
     cp = tmp_path / "run" / "checkpoints" / "step-00000005"
     assert (cp / "deepspeed" / "G").is_dir() and (cp / "deepspeed" / "D").is_dir()
     second = run(ds + ["train", str(cfg)], env_with_repo)
@@ -286,11 +288,6 @@ def test_deepspeed_zero2_runs_one_engine_per_network_and_refuses_zero3(tmp_path,
     assert any("D_r1/r1" in r for r in recs)
     export(tmp_path / "run", tmp_path / "export")  # from DeepSpeed's checkpoint files
     assert (tmp_path / "export" / "generator.safetensors").is_file()
-
-    bad = run(launch(1, "configs/accelerate/zero3.yaml") + ["train", str(cfg), f"run.dir={tmp_path / 'z3'}"],
-              env_with_repo, check=False)
-    assert bad.returncode != 0 and "DeepSpeed ZeRO-3: a GAN runs each network outside its own engine" in bad.stderr
-    assert not (tmp_path / "z3" / "checkpoints").exists()
 
 
 def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_path, fm_test_shards, env_with_repo,

@@ -158,10 +158,10 @@ def test_sampling_with_two_processes_writes_the_same_files(tmp_path, fm_test_sha
 
 
 def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env_with_repo):
-    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.16})
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.16, "mixed_precision": "bf16"})
     ds = launch(2, "configs/accelerate/zero2.yaml")
     first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
-    assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout
+    assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout and "mixed precision bf16" in first.stdout
     root = tmp_path / "run" / "checkpoints"
     assert (root / "step-00000005" / "deepspeed" / "unet").is_dir()
 

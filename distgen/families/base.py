@@ -199,3 +199,18 @@ def load_module(out_dir: str | Path, stem: str, build: Callable[[dict], nn.Modul
     module = build(spec)
     module.load_state_dict(load_file(str(out / f"{stem}.safetensors")))
     return module
+
+
+def learned_scalar(value: float = 0.0) -> nn.Parameter:
+    """A learned scalar stored with shape [1], not []: DeepSpeed's engine broadcasts every parameter
+    through a uint8 view, which a 0-dim tensor cannot take ("self.dim() cannot be 0 to view ... as
+    Byte"; DeepSpeed issues 7650, 8279). Broadcasting keeps the maths of a 0-dim scalar. Modules holding
+    one load older 0-dim checkpoints through :func:`accept_0dim`."""
+    return nn.Parameter(torch.full([1], float(value)))
+
+
+def accept_0dim(state_dict: dict, key: str) -> None:
+    """In a ``_load_from_state_dict`` hook: a 0-dim tensor stored for ``key`` (written before
+    :func:`learned_scalar`) becomes the [1] the module holds."""
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)

@@ -201,6 +201,10 @@ class GAN(Family):
             return ("a GAN runs each network outside its own engine in the other's phase (the frozen discriminator "
                     "in the generator step, the generator in the discriminator step), and ZeRO-3 keeps parameters "
                     "partitioned except inside their own engine's forward; use ZeRO-1 or ZeRO-2")
+        if self.cfg.pl_weight > 0:
+            return ("the path-length regulariser differentiates the generator's output inside its engine's forward, "
+                    "which sets off ZeRO's end-of-backward gradient reduction early (an IndexError in "
+                    "reduce_ipg_grads, in fp32 as in bf16); use pl_weight 0 under DeepSpeed, or DDP")
         if self.cfg.loss == "wgan":
             return ("WGAN's weight clipping edits the discriminator's weights after its optimizer step, and ZeRO's "
                     "optimizer keeps its own fp32 copy of them that would undo the clipping; use loss wgan-gp or hinge")

@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from distgen.families.base import accept_0dim, learned_scalar
+
 # Size presets, each accepted as **kwargs by both Generator and Discriminator (D ignores z_dim / shared_dim).
 # attn_res must be a block resolution of both nets: 8 exists at every resolution, 16 from 32 up, 64 from 64 up
 # (see attention_resolutions).
@@ -211,7 +213,11 @@ class SelfAttention(nn.Module):
         self.phi = _conv(ch, self.ch_qk, 1, bias=False)
         self.g = _conv(ch, self.ch_v, 1, bias=False)
         self.o = _conv(self.ch_v, ch, 1, bias=False)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = learned_scalar(0.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        accept_0dim(state_dict, prefix + "gamma")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

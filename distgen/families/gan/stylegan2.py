@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.families.base import accept_0dim, learned_scalar
+
 __all__ = ["PRESETS", "Generator", "Discriminator"]
 
 # Size presets; every key is accepted by both constructors (Generator(**PRESETS[n]) and
@@ -269,11 +271,15 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.weight_gain = 1.0 / math.sqrt(in_channels * 9)  # equalised LR; a no-op after demodulation
         # Per-layer noise strength, a learned scalar initialised to 0 (StyleGAN Sec. 3.2).
-        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.noise_strength = learned_scalar(0.0)
         # Fixed noise image used when no generator is given, so sampling is deterministic.
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         if up:
             self.register_buffer("resample_filter", _binomial_filter(), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        accept_0dim(state_dict, prefix + "noise_strength")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_gen: torch.Generator | None) -> torch.Tensor:
         styles = self.affine(w)
