@@ -85,8 +85,9 @@ def test_every_family_trains_in_bf16_under_every_zero_stage_it_does_not_refuse(m
     assert [c.get("rc") for c in rec["calls"]] == [0, 0], rec["calls"]
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]  # the second call resumed from the first's checkpoint
-    losses = [v for r in recs for k, v in r.items() if k == "loss" or k.startswith("loss/")]
-    assert losses and all(v is not None and math.isfinite(v) for v in losses), recs
+    # every step finite (a lazy phase that did not run in a record's interval logs null)
+    assert recs[-1]["nonfinite_total"] == 0 and all(math.isfinite(r["loss"]) for r in recs), recs
+    assert all(math.isfinite(v) for r in recs for k, v in r.items() if k.startswith("loss/") and v is not None)
     cps = ckpt.checkpoint_folders(run_dir / "checkpoints")
     assert [p.name for p in cps] == ["step-00000001", "step-00000002"] and (cps[-1] / "deepspeed").is_dir()
     # the EMA (float32, as under DDP: DeepSpeed's autocast leaves the weights in float32) samples and exports
@@ -152,10 +153,10 @@ def test_learned_scalars_load_from_checkpoints_that_stored_them_0_dim():
     layer = SynthesisLayer(4, 4, 8, 8, up=False)
     old = {k: (v.reshape(()) + 0.25 if k == "noise_strength" else v) for k, v in layer.state_dict().items()}
     layer.load_state_dict(old)
-    assert layer.noise_strength.shape == (1,) and float(layer.noise_strength) == 0.25
+    assert layer.noise_strength.shape == (1,) and float(layer.noise_strength.detach()) == 0.25
     attn = SelfAttention(16)
     attn.load_state_dict({k: (torch.tensor(0.5) if k == "gamma" else v) for k, v in attn.state_dict().items()})
-    assert attn.gamma.shape == (1,) and float(attn.gamma) == 0.5
+    assert attn.gamma.shape == (1,) and float(attn.gamma.detach()) == 0.5
 
 
 def test_the_path_length_regulariser_is_refused_under_deepspeed_with_the_reason():
