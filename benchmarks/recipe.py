@@ -80,7 +80,7 @@ def main() -> int:
         subprocess.run(launch + ["train", a.stage1, f"run.dir={ae_run}"], check=True)
         ae_s = time.time() - t0
         ae_out = ae_run.with_name(ae_run.name + "-export")
-        subprocess.run(exe + ["export", str(ae_run), str(ae_out)], check=True)
+        subprocess.run(exe + ["export", str(ae_run), str(ae_out), "--force"], check=True)
         rec_out = ae_run / "recipe-eval.json"
         subprocess.run(launch + ["eval", str(ae_run), "--metrics", "recon", "--test", str(paths["test"]),
                                  "--out", str(rec_out)], check=True)

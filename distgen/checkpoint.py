@@ -2,6 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNNN/``:
 
+Every file name is written and read here (the layout section at the end).
+
 - ``meta.json``: step, samples seen, data-stream position, counters, EMA
   steps, world size and the resolved config;
 - ``<net>.safetensors`` and ``ema<i>-<net>.safetensors``: weights;
@@ -27,7 +29,9 @@ import os
 import random
 import re
 import shutil
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -308,3 +312,134 @@ def read_meta(folder: Path, required: tuple[str, ...] = ()) -> dict:
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
     return meta
+
+
+# --------------------------------------------------------------------------- the layout: every file name here
+def weights_file(folder: Path, net: str) -> Path:
+    """A network's weights (buffers included): every network under DDP, the frozen ones under DeepSpeed."""
+    return folder / f"{net}.safetensors"
+
+
+def optimizer_file(folder: Path, net: str) -> Path:
+    return folder / f"optim-{net}.pt"
+
+
+def ema_file(folder: Path, index: int, net: str) -> Path:
+    """EMA number ``index`` of a network (0: the primary one, which sampling and export use)."""
+    return folder / f"ema{index}-{net}.safetensors"
+
+
+def scaler_file(folder: Path) -> Path:
+    return folder / "scaler.pt"
+
+
+def deepspeed_dir(folder: Path, net: str) -> Path:
+    """DeepSpeed's own partitioned model and optimizer states of a network."""
+    return folder / "deepspeed" / net
+
+
+@dataclass
+class CheckpointData:
+    """What a checkpoint holds for one rank, read into memory before anything is applied."""
+
+    meta: dict
+    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    emas: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    scaler: Optional[Any] = None
+    rng: Optional[tuple[dict[str, torch.Tensor], dict]] = None
+
+
+def write(tmp: Path, *, main: bool, rank: int, weights: dict, optimizers: dict, scaler: Optional[Any],
+          emas: dict[str, list[dict[str, torch.Tensor]]], meta: dict) -> None:
+    """Write distgen's files into the temporary folder ``tmp``: rank 0 the shared ones (weights, optimizers,
+    scaler, EMAs, meta.json), every rank its RNG states. Each file is flushed to disk as it is written."""
+    if main:
+        for n, state in weights.items():
+            save_tensors(weights_file(tmp, n), state)
+        for n, state in optimizers.items():
+            save_state(optimizer_file(tmp, n), state)
+        if scaler is not None:
+            save_state(scaler_file(tmp), scaler)
+        for n, tensors in emas.items():
+            for i, t in enumerate(tensors):
+                save_tensors(ema_file(tmp, i, n), t)
+        write_meta(tmp, meta)
+    save_rng(tmp, rank)
+
+
+def read(folder: Path, meta: dict, *, rank: int, weights: list[str], optimizers: list[str],
+         deepspeed: list[str], emas: dict[str, int], scaler: bool) -> CheckpointData:
+    """Every file of ``folder`` that this rank resumes from, read into memory (nothing applied yet), or a
+    CheckpointError naming the file that is missing, truncated or refused.
+
+    ``emas`` maps a network to its number of EMAs; ``deepspeed`` lists the networks whose states are
+    DeepSpeed's own files (only checked to be there: DeepSpeed reads them itself).
+    """
+    data = CheckpointData(meta)
+    for n in deepspeed:
+        state = deepspeed_dir(folder, n) / "state"
+        if not state.is_dir() or not any(state.iterdir()):
+            raise CheckpointError(f"{state}: missing or empty (DeepSpeed's states of {n})")
+    for n in weights:
+        data.weights[n] = load_tensors(weights_file(folder, n))
+    for n in optimizers:
+        data.optimizers[n] = load_state(optimizer_file(folder, n))
+    for n, count in emas.items():
+        if n not in meta.get("ema_steps", {}):
+            raise CheckpointError(f"{folder / 'meta.json'}: ema_steps lacks {n}")
+        data.emas[n] = [load_tensors(ema_file(folder, i, n)) for i in range(count)]
+    if scaler and scaler_file(folder).is_file():
+        data.scaler = load_state(scaler_file(folder))
+    data.rng = read_rng(folder, rank)
+    if data.rng is None and rank < meta["world_size"]:  # a rank the writing run had must find its states
+        raise CheckpointError(f"{folder / f'rng-{rank}.safetensors'}: missing from the checkpoint")
+    return data
+
+
+def write_best(folder: Path, emas: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """The primary EMA weights that scored best, as a self-describing folder (``distgen sample/eval/export``
+    read it), built beside ``folder`` and renamed over it: a crash leaves the previous best intact."""
+    with atomic_dir(folder) as tmp:
+        for n, tensors in emas.items():
+            save_tensors(ema_file(tmp, 0, n), tensors)
+        write_meta(tmp, meta)
+
+
+def load_newest(root: Path, load: Callable[[Path], dict], main: bool,
+                failed_anywhere: Callable[[bool], bool]) -> tuple[Optional[Path], Optional[dict]]:
+    """Apply the newest checkpoint folder under ``root`` that loads on every rank; ``load(folder)`` applies
+    it and returns its meta. ``failed_anywhere(failed)`` tells every rank whether any rank failed.
+
+    A newer folder that fails (on any rank) is reported by file and reason, then renamed
+    ``step-NNNNNNNN.damaged`` so that neither this run nor a later one tries it again (its files stay).
+    With checkpoint folders of which none loads the run stops, listing them: it never starts afresh over
+    them. A TrainingError from ``load`` that is not a CheckpointError (a changed config) is not damage and
+    stops the run.
+    """
+    from distgen.errors import TrainingError
+
+    failures: list[tuple[Path, str]] = []
+    for folder in reversed(checkpoint_folders(root)):
+        why = None
+        try:
+            meta = load(folder)
+        except TrainingError as e:
+            if not isinstance(e, CheckpointError):
+                raise
+            why = describe_failure(folder, e)
+        except Exception as e:  # anything that goes wrong reading a checkpoint means it is damaged
+            why = describe_failure(folder, e)
+        if why is not None and not main:  # rank 0 reports its own in the summary below
+            print(f"distgen: checkpoint {folder} does not load on this rank: {why}", file=sys.stderr, flush=True)
+        if not failed_anywhere(why is not None):
+            if failures and main:
+                for bad, reason in failures:
+                    aside = set_aside(bad)
+                    print(f"distgen: {bad.name} does not load ({reason}); kept as {aside.name}, "
+                          f"resuming from the newest checkpoint that loads, {folder.name}", flush=True)
+            return folder, meta
+        failures.append((folder, why or "does not load on another rank"))
+    if failures:
+        raise TrainingError(no_checkpoint_loads(root, failures))
+    return None, None

@@ -57,9 +57,10 @@ def demo() -> int:
     exe = [sys.executable, "-m", "distgen"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
               "--num_processes", "2", "-m", "distgen"]
-    # A finished run folder resumes at its last step and stops at once: re-running is cheap.
+    # A finished run folder says so and stops at once: re-running is cheap. The export replaces its own earlier one.
     _step("train (2 CPU processes, DDP over gloo)", launch + ["train", CONFIG, f"run.dir={RUN_DIR}"])
-    _step("export the EMA weights (diffusers pipeline + distgen config)", exe + ["export", str(RUN_DIR), str(EXPORT_DIR)])
+    _step("export the EMA weights (diffusers pipeline + distgen config)",
+          exe + ["export", str(RUN_DIR), str(EXPORT_DIR), "--force"])
     _step("sample 64 images (DDIM, 50 steps) with 2 processes",
           launch + ["sample", str(EXPORT_DIR), "--num", "64", "--steps", "50", "--sampler", "ddim", "--out", str(GRID)])
     # InceptionV3's weights cannot be downloaded offline: the demo scores samples in the

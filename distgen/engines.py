@@ -1,5 +1,8 @@
-"""Engine-specific glue kept out of the loop: DeepSpeed's precision settings, its loss scale, and
-checkpoint loading that runs no pickled code.
+"""The engines that train networks, behind one small interface: DDP through one Accelerator, or
+DeepSpeed ZeRO with one Accelerator (hence one engine) per trained network. Everything that differs
+between them lives here (:class:`Engine`): making the Accelerators, checking before any compute what an
+engine cannot do, preparing networks and optimizers, the precision context, backward and the optimizer
+step, and what a checkpoint holds of the engine's state. The training loop has no DeepSpeed branch.
 
 Precision under DeepSpeed: distgen's ``train.mixed_precision`` decides, and DeepSpeed runs it as
 ``torch_autocast`` (DeepSpeed >= 0.16), not as its ``bf16``/``fp16`` modes. Those modes cast the
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from distgen import checkpoint as ckpt
+from distgen import dist
+from distgen.errors import CheckpointError, TrainingError
 
 AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 _PRECISION_KEYS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16"}
@@ -88,6 +95,246 @@ def loss_scale(engine) -> Optional[float]:
     if ls is not None and getattr(ls, "dynamic", False):
         return float(ls.cur_scale)
     return None
+
+
+class Trained:
+    """One trained network: its Accelerator (one per network under DeepSpeed), engine-wrapped model,
+    plain module and optimizer, and which of its parameters are meant to train."""
+
+    def __init__(self, name: str, acc, model, opt, lr_scale: float, raw: torch.nn.Module):
+        self.name, self.acc, self.model, self.opt, self.lr_scale, self.raw = name, acc, model, opt, lr_scale, raw
+        self.trainable = [p.requires_grad for p in raw.parameters()]
+
+    def train_only_this(self, all_trained: list["Trained"]) -> None:
+        """Gradients on for this network, off for the others: a GAN's generator step runs a frozen
+        discriminator, its discriminator step a generator whose fakes then need no graph."""
+        for t in all_trained:
+            for p, keep in zip(t.raw.parameters(), t.trainable):
+                p.requires_grad_(keep if t is self else False)
+
+    def restore(self) -> None:
+        """Gradients back on where they were meant to be (the EMA updates only those parameters)."""
+        for p, keep in zip(self.raw.parameters(), self.trainable):
+            p.requires_grad_(keep)
+
+
+def deepspeed_requested() -> bool:
+    """Did the launcher (accelerate launch with a DeepSpeed config) ask for DeepSpeed?"""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+class Engine:
+    """The Accelerator(s) that train a family's networks under ``cfg.train``, DDP or DeepSpeed.
+
+    Made before any network exists: what the engine cannot run (fp16 without a GPU, a DeepSpeed file
+    whose precision contradicts distgen's, a family's ZeRO limits) fails here, before any compute.
+    """
+
+    def __init__(self, tc, family, trained_names: list[str]):
+        from accelerate import Accelerator
+
+        self.tc, self.names = tc, trained_names
+        # distgen's config is the source of truth: Accelerate would let the launcher's environment (from an
+        # accelerate config file) override these arguments.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = tc.mixed_precision
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(tc.grad_accum)
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.grad_clip)
+        self._acc_kw = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                            cpu=dist.cpu_only(), kwargs_handlers=dist.accelerate_handlers())
+        plugins = None
+        if deepspeed_requested():
+            problem = deepspeed_file_precision_problem(tc.mixed_precision)
+            if problem:
+                raise TrainingError(problem)
+            if len(trained_names) > 1:
+                # Accelerate's route for several trained models under DeepSpeed: one named plugin (all from the
+                # launcher's DeepSpeed config) and one Accelerator, hence one engine, per network.
+                from accelerate.utils import DeepSpeedPlugin
+
+                plugins = {n: DeepSpeedPlugin() for n in trained_names}
+        self._plugins = plugins
+        self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins)
+        self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
+        self.zero_stage: Optional[int] = None
+        if tc.mixed_precision == "fp16" and self.acc.device.type == "cpu":
+            raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+        if self.deepspeed:
+            self._configure_deepspeed(family)
+
+    def _configure_deepspeed(self, family) -> None:
+        tc = self.tc
+        for plugin in (self._plugins or {self.names[0]: self.acc.state.deepspeed_plugin}).values():
+            ds_cfg = plugin.deepspeed_config
+            # DeepSpeed clips inside its step and needs the per-device batch (no DataLoader is prepared).
+            ds_cfg["gradient_clipping"] = tc.grad_clip
+            ds_cfg["train_micro_batch_size_per_gpu"] = tc.batch_size
+            set_deepspeed_precision(ds_cfg, tc.mixed_precision)
+            self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        if tc.skip_grad_norm:
+            raise TrainingError("train.skip_grad_norm: DeepSpeed steps inside its own backward, so an update "
+                                "cannot be skipped by its gradient norm; unset it or train with DDP")
+        problem = family.engine_problem(self.zero_stage)
+        if problem:
+            raise TrainingError(f"DeepSpeed ZeRO-{self.zero_stage}: {problem}")
+
+    # ---- where this process stands
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def describe(self) -> str:
+        """``DEEPSPEED, ZeRO-2, one engine per network (D, G)`` or ``MULTI_CPU``, for the start-up line."""
+        out = self.acc.distributed_type.value
+        if self.deepspeed:
+            out += f", ZeRO-{self.zero_stage}"
+            if len(self.names) > 1:
+                out += f", one engine per network ({', '.join(self.names)})"
+        return out
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+    def end(self) -> None:
+        self.acc.end_training()
+
+    # ---- networks
+    def prepare(self, nets: dict[str, torch.nn.Module], family) -> dict[str, Trained]:
+        """AdamW for each trained network (the family's lr scale and betas power), wrapped by its engine."""
+        from accelerate import Accelerator
+
+        tc, trained = self.tc, {}
+        for i, name in enumerate(self.names):
+            o = family.optim_settings(name)
+            opt = torch.optim.AdamW(nets[name].parameters(), lr=tc.lr * o.lr_scale,
+                                    betas=tuple(b ** o.beta_power for b in tc.betas), weight_decay=tc.weight_decay)
+            acc = self.acc
+            if self._plugins is not None:
+                self.acc.state.select_deepspeed_plugin(name)
+                acc = self.acc if i == 0 else Accelerator(**self._acc_kw)
+            model, opt = acc.prepare(nets[name], opt)
+            if self.deepspeed:
+                _use_safe_checkpoint_engine(model)
+                raw = acc.unwrap_model(model)
+            else:
+                # DDP's module directly: accelerate's unwrap_model imports DeepSpeed (a second) to test for it
+                raw = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            trained[name] = Trained(name, acc, model, opt, o.lr_scale, raw)
+        return trained
+
+    # ---- a micro-step
+    def autocast(self, t: Trained):
+        """The precision context of a phase's loss: Accelerate's autocast (DDP), or under DeepSpeed, whose
+        engine autocasts only its own forward, one torch.autocast around the whole phase, so that the
+        networks a phase calls outside their engine see the same precision."""
+        if self.deepspeed and self.tc.mixed_precision != "no":
+            dtype = torch.bfloat16 if self.tc.mixed_precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return t.acc.autocast()
+
+    def agree_finite(self, finite: bool) -> bool:
+        """Is the loss finite (under DeepSpeed, on every rank: it steps inside backward, so all must skip)?"""
+        return dist.all_reduce_sum(int(not finite)) == 0 if self.deepspeed else finite
+
+    def backward(self, t: Trained, loss: torch.Tensor, counters: dict) -> None:
+        """Backward (under DeepSpeed also its optimizer step, with fp16 overflow skips counted)."""
+        scale = loss_scale(t.model) if self.deepspeed and self.tc.mixed_precision == "fp16" else None
+        t.acc.backward(loss)
+        if scale is not None and loss_scale(t.model) < scale:
+            counters["overflow_total"] += 1  # the scaler found inf/nan and skipped the step
+
+    def step(self, t: Trained, ok: bool, counters: dict) -> tuple[bool, bool]:
+        """At a gradient-accumulation boundary (DDP): clip, skip a non-finite or extreme update, step.
+
+        Returns (the step is good, the update was held by ``train.skip_grad_norm``). DeepSpeed stepped in
+        :meth:`backward` already.
+        """
+        if not t.acc.sync_gradients or self.deepspeed:
+            return ok, False
+        tc, held = self.tc, False
+        if ok:
+            norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                ok = False
+            elif tc.skip_grad_norm and norm is not None and float(norm) > tc.skip_grad_norm:
+                # VDVAE's stabiliser: an extreme gradient (the same on every rank after DDP's all-reduce)
+                # skips this update; the step still counts.
+                held = True
+                counters["skipped_updates_total"] += 1
+        if ok and not held:
+            t.opt.step()
+            if t.acc.optimizer_step_was_skipped:
+                counters["overflow_total"] += 1  # fp16 loss scaling found inf, lowered the scale
+        t.opt.zero_grad(set_to_none=True)
+        return ok, held
+
+    # ---- checkpoints: what of the engine's state goes where
+    def state_for_checkpoint(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
+        """What distgen's own files hold: the weights of every network the engine does not save itself
+        (all under DDP; the frozen ones under DeepSpeed), the optimizers (DDP) and the loss scaler."""
+        weights = {n: m.state_dict() for n, m in nets.items() if not (self.deepspeed and n in trained)}
+        optimizers = {} if self.deepspeed else {n: t.opt.state_dict() for n, t in trained.items()}
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
+
+    def save(self, trained: dict[str, Trained], tmp: Path) -> None:
+        """Every rank: DeepSpeed's own partitioned states (nothing under DDP)."""
+        if self.deepspeed:
+            for n, t in trained.items():
+                t.model.save_checkpoint(str(ckpt.deepspeed_dir(tmp, n)), tag="state")
+
+    def flush(self, tmp: Path) -> None:
+        """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
+        if self.deepspeed:
+            ckpt.sync_tree(tmp / "deepspeed")
+            self.barrier()
+
+    def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
+        """The distgen files a resume reads under this engine (see :func:`distgen.checkpoint.read`)."""
+        return {"weights": [n for n in nets if not (self.deepspeed and n in trained)],
+                "optimizers": [] if self.deepspeed else list(trained),
+                "deepspeed": list(trained) if self.deepspeed else [], "scaler": self.acc.scaler is not None}
+
+    def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
+        """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler."""
+        for n, t in trained.items():
+            if self.deepspeed:
+                try:
+                    t.model.load_checkpoint(str(ckpt.deepspeed_dir(folder, n)), tag="state",
+                                            load_lr_scheduler_states=False)
+                except Exception as e:  # a truncated or tampered DeepSpeed file (pickled code is refused)
+                    raise CheckpointError(f"{ckpt.deepspeed_dir(folder, n)}: {ckpt.describe_failure(folder, e)}") \
+                        from None
+            else:
+                t.opt.load_state_dict(data.optimizers[n])
+        if data.scaler is not None:
+            self.acc.scaler.load_state_dict(data.scaler)
+
+    def engine_of(self, folder: Path) -> Optional[str]:
+        """Why ``folder`` cannot be resumed by this engine (written under the other one), or None."""
+        if (folder / "deepspeed").is_dir() != self.deepspeed:
+            how = "under DeepSpeed" if not self.deepspeed else "without DeepSpeed"
+            return f"{folder}: written {how}; resume it with the engine it was written with"
+        return None
+
+
+def _use_safe_checkpoint_engine(engine) -> None:
+    """Make DeepSpeed read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
 
 
 def _deepspeed_safe_globals() -> list:

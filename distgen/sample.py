@@ -20,7 +20,7 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
-from distgen.config import Config, build_dataclass, to_dict
+from distgen.config import Config, build_config, to_dict
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
 
@@ -57,7 +57,7 @@ def _load_config(d: Any, where: Path) -> Config:
     if not isinstance(d, dict):
         raise SampleError(f"{where}: 'config' must be a mapping of config sections, got {type(d).__name__}")
     try:
-        return build_dataclass(Config, d)
+        return build_config(d)
     except Exception as e:
         raise SampleError(f"{where}: the stored config does not load ({e})") from None
 
@@ -108,10 +108,10 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict]:
     family = _build(cfg, _data_info(meta["data_info"], folder / "meta.json"), folder / "meta.json")
     nets = family.build_networks()
     for n in family.ema_networks():
-        nets[n].load_state_dict(ckpt.load_tensors(folder / f"ema0-{n}.safetensors"))
+        nets[n].load_state_dict(ckpt.load_tensors(ckpt.ema_file(folder, 0, n)))
     for n in set(nets) - set(family.ema_networks()):
-        if (folder / f"{n}.safetensors").is_file():  # e.g. a frozen autoencoder, as the run used it
-            nets[n].load_state_dict(ckpt.load_tensors(folder / f"{n}.safetensors"))
+        if ckpt.weights_file(folder, n).is_file():  # e.g. a frozen autoencoder, as the run used it
+            nets[n].load_state_dict(ckpt.load_tensors(ckpt.weights_file(folder, n)))
     return cfg, family, nets
 
 

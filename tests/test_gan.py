@@ -139,15 +139,14 @@ def test_ada_moves_p_by_the_heuristic():
 
 
 def test_config_errors_name_the_field(fm_test_shards):
-    from distgen.config import ConfigError, build_dataclass
-    from distgen.config.schema import Config
+    from distgen.config import ConfigError, build_config
 
     for bad, field in [({"arch": "dcgan", "pl_weight": 1.0}, "model.pl_weight"),
                        ({"arch": "mlp", "ortho_weight": 1e-4}, "model.ortho_weight"),
                        ({"d_steps": 0}, "model.d_steps"), ({"augment_ops": ["rotate"]}, "model.augment_ops"),
                        ({"arch": "dcgan", "attn_res": 8}, "model.attn_res")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            build_dataclass(Config, {"model": {"family": "gan", **bad}})
+            build_config({"model": {"family": "gan", **bad}})
     with pytest.raises(ConfigError, match="data.resolution"):
         GAN(GANConfig(arch="dcgan"), DataInfo(28, 1, 10))
     with pytest.raises(ConfigError, match="model.conditional"):

@@ -15,7 +15,8 @@ import yaml
 from distgen import checkpoint as ckpt
 from distgen.data import write_shards
 from distgen.dist import free_port
-from distgen.families import pixelcnn as P
+from distgen.families import likelihoods as L
+from distgen.families.pixelcnn import PixelCNN, PixelCNNConfig, PixelCNNpp
 from distgen.families.glow import Glow, squeeze
 from distgen.sample import SampleError, export, generate, likelihood_options, load_ema, sampling_options
 from glow_ranks import init_on_rank
@@ -31,40 +32,40 @@ GRID = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # the 256 pixel value
 def test_the_logistic_mixture_sums_to_one_over_the_256_values_of_a_pixel():
     torch.manual_seed(0)
     # grey: 40 pixels of random mixtures, from sharp to flat, means inside and outside [-1, 1]
-    params = torch.randn(40, P.num_params(1, 4), 1, 1) * torch.linspace(0.1, 3, 40).view(40, 1, 1, 1)
+    params = torch.randn(40, L.logistic_mixture_params(1, 4), 1, 1) * torch.linspace(0.1, 3, 40).view(40, 1, 1, 1)
     x = GRID.view(1, 1, 1, 256).expand(40, 1, 1, 256)
-    lp = P.log_prob(x, params.expand(-1, -1, 1, 256), 4)
+    lp = L.logistic_mixture_log_prob(x, params.expand(-1, -1, 1, 256), 4)
     assert torch.allclose(lp.double().exp().sum(-1).flatten(), torch.ones(40, dtype=torch.float64), atol=1e-5)
     # colour: the joint over all 256^3 values of a pixel, the channels' means depending on the values before
-    params = torch.randn(1, P.num_params(3, 2), 1, 1)
+    params = torch.randn(1, L.logistic_mixture_params(3, 2), 1, 1)
     rg = torch.cartesian_prod(GRID, GRID)
     total = 0.0
     for b in GRID:
         x = torch.cat([rg, b.expand(len(rg), 1)], 1)[:, [2, 0, 1], None, None]  # the first channel varies slowest
-        total += P.log_prob(x, params.expand(len(rg), -1, -1, -1), 2).double().exp().sum().item()
+        total += L.logistic_mixture_log_prob(x, params.expand(len(rg), -1, -1, -1), 2).double().exp().sum().item()
     assert total == pytest.approx(1.0, abs=1e-5)
 
 
 def test_pixel_sampling_draws_the_modelled_distribution():
     torch.manual_seed(1)
-    params = torch.randn(1, P.num_params(1, 3))
+    params = torch.randn(1, L.logistic_mixture_params(1, 3))
     n = 20000
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    x = P.sample_pixel(params.expand(n, -1), 3, 1, gens)
+    x = L.logistic_mixture_sample(params.expand(n, -1), 3, 1, gens)
     assert torch.equal(x, x.mul(127.5).add(127.5).round().div(127.5).sub(1))  # on the grid
     counts = torch.bincount(((x[:, 0] + 1) * 127.5).round().long(), minlength=256).double()
-    want = n * P.log_prob(GRID.view(1, 1, 1, 256), params.view(1, -1, 1, 1).expand(-1, -1, 1, 256), 3).exp()[0, 0]
+    want = n * L.logistic_mixture_log_prob(GRID.view(1, 1, 1, 256), params.view(1, -1, 1, 1).expand(-1, -1, 1, 256), 3).exp()[0, 0]
     assert want.min() > 5  # every bin expected often enough for Pearson's test
     chi2 = ((counts - want.double()) ** 2 / want.double()).sum().item()
     assert chi2 < 360, chi2  # 255 degrees of freedom: mean 255, sd 22.6; 360 is p ~ 1e-4
     # colour, near-deterministic channels (scale e^-7, a quarter bin): green and blue follow the drawn
     # red through the coefficients
     r, g, b = GRID[191], GRID[140], GRID[60]
-    p = torch.zeros(1, P.num_params(3, 1))
+    p = torch.zeros(1, L.logistic_mixture_params(3, 1))
     p[0, 1:4] = torch.stack([r, g - 0.5 * r, b + 0.5 * r - 0.5 * g])  # means that land on those values
     p[0, 4:7] = -7.0
     p[0, 7:10] = torch.atanh(torch.tensor([0.5, -0.5, 0.5]))  # coefficients (g|r), (b|r), (b|g)
-    x = P.sample_pixel(p.expand(40, -1), 1, 3, [torch.Generator().manual_seed(i) for i in range(40)])
+    x = L.logistic_mixture_sample(p.expand(40, -1), 1, 3, [torch.Generator().manual_seed(i) for i in range(40)])
     hits = (x == torch.stack([r, g, b])).all(1).float().mean()
     assert hits >= 0.85, hits  # each channel leaves its bin with probability 2 / (1 + e^4.3) = 2.7%
 
@@ -72,7 +73,7 @@ def test_pixel_sampling_draws_the_modelled_distribution():
 def test_pixelcnn_is_causal_and_sees_every_earlier_pixel():
     torch.manual_seed(0)
     for channels, classes in ((1, 0), (3, 4)):
-        net = P.PixelCNNpp(channels, nr_resnet=2, nr_filters=8, nr_mix=2, dropout=0.0, num_classes=classes).eval()
+        net = PixelCNNpp(channels, nr_resnet=2, nr_filters=8, nr_mix=2, dropout=0.0, num_classes=classes).eval()
         x = torch.randint(0, 256, (1, channels, 8, 8)).float() / 127.5 - 1
         labels = torch.tensor([1]) if classes else None
         for pos in range(64):
@@ -154,8 +155,7 @@ def test_actnorm_initialisation_is_the_same_on_two_processes_and_uses_the_global
 
 
 def test_config_errors_name_the_field():
-    from distgen.config import ConfigError, build_dataclass
-    from distgen.config.schema import Config
+    from distgen.config import ConfigError, build_config
     from distgen.families.base import DataInfo
     from distgen.families.glow import GlowConfig, GlowFamily
 
@@ -164,9 +164,9 @@ def test_config_errors_name_the_field():
                          ({"family": "glow", "temperature": -1}, "model.temperature"),
                          ({"family": "glow", "coupling": "spline"}, "model.coupling")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            build_dataclass(Config, {"model": model})
+            build_config({"model": model})
     with pytest.raises(ConfigError, match=r"data.resolution: .* multiple of 4, got 30"):
-        P.PixelCNN(P.PixelCNNConfig(), DataInfo(30, 1, 0))
+        PixelCNN(PixelCNNConfig(), DataInfo(30, 1, 0))
     with pytest.raises(ConfigError, match=r"model.levels: 3 level.* multiple of 8, got 28"):
         GlowFamily(GlowConfig(levels=3), DataInfo(28, 1, 0))
     with pytest.raises(ConfigError, match="model.conditional"):

@@ -3,7 +3,6 @@ user did not ask for, resume that fails safe, and errors that name what is wrong
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re

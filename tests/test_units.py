@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen.config import TrainConfig
 from distgen.ema import EMASet, HalfLifeEMA
-from distgen.train import lr_factor
+from distgen.train import DataCursor, TrainState, lr_factor
 
 
 def test_lr_schedule():
@@ -86,3 +87,55 @@ def test_state_files_refuse_pickled_code(tmp_path):
     torch.save({"state": Evil()}, tmp_path / "optim-x.pt")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         ckpt.load_state(tmp_path / "optim-x.pt")
+
+
+def test_train_state_round_trips_through_meta_json(tmp_path):
+    state = TrainState(step=30, nimg=240, data_start_step=20, data_skip=7, interval={"denoise/loss": [1.5, 3]},
+                       best={"metric": "fid", "value": 12.5, "step": 20})
+    state.counters["overflow_total"] = 2
+    ckpt.write_meta(tmp_path, {**state.to_meta(), "reason": "preempted"})
+    back = TrainState.from_meta(ckpt.read_meta(tmp_path))
+    assert back == dataclasses.replace(state, reason="preempted")
+    assert not back.finished_at(30) and TrainState.from_meta({**state.to_meta(), "reason": "end"}).finished_at(30)
+    back.advance(ok=False, global_batch=8)
+    assert (back.step, back.nimg, back.counters["nonfinite_run"]) == (31, 240, 1)
+    back.advance(ok=True, global_batch=8)
+    assert (back.step, back.nimg, back.counters["nonfinite_run"]) == (32, 248, 0)
+
+
+def test_data_cursor_restarted_or_resumed_gives_the_uninterrupted_batches(fm_test_shards):
+    """The stream a periodic checkpoint restarts at step s is the one a run resumed from that checkpoint
+    builds; one resumed from a mid-stream checkpoint skips the batches drawn and goes on as the first."""
+    from distgen.config import DataConfig
+    from distgen.data import make_loader
+
+    cfg = DataConfig(resolution=28, workers=0, shuffle_buffer=50)
+    make = lambda start: make_loader(str(fm_test_shards), cfg, batch_size=4, mode="train", seed=3,  # noqa: E731
+                                     start_step=start)
+    keys = lambda cursor, n: [k for _ in range(n) for k in cursor.next()["key"]]  # noqa: E731
+    straight = DataCursor(make)
+    first = keys(straight, 3)
+    straight.restart(10)  # a periodic checkpoint at step 10
+    assert straight.position() == (10, 0)
+    after = keys(straight, 5)
+    assert straight.position() == (10, 5)
+    assert keys(DataCursor(make, start=10), 5) == after  # as a run resumed from that checkpoint draws them
+    assert keys(DataCursor(make), 5)[:12] == first and first != after[:12]  # another start, another stream
+    resumed = DataCursor(make, start=10, skip=2)  # a checkpoint taken 2 batches after the restart
+    assert resumed.position() == (10, 2) and keys(resumed, 3) == after[8:]
+
+
+def test_the_checkpoint_reader_names_the_file_a_folder_lacks(tmp_path):
+    meta = {"world_size": 1, "ema_steps": {"net": [3]}}
+    ckpt.write(tmp_path, main=True, rank=0, weights={"net": {"w": torch.ones(2)}}, optimizers={"net": {"step": 1}},
+               scaler=None, emas={"net": [{"w": torch.zeros(2)}]}, meta=meta)
+    read = lambda: ckpt.read(tmp_path, meta, rank=0, weights=["net"], optimizers=["net"], deepspeed=[],  # noqa: E731
+                             emas={"net": 1}, scaler=False)
+    got = read()
+    assert torch.equal(got.weights["net"]["w"], torch.ones(2)) and got.optimizers["net"] == {"step": 1}
+    for name in ("ema0-net.safetensors", "optim-net.pt", "rng-0.safetensors"):
+        moved = tmp_path / name
+        moved.rename(tmp_path / "aside")
+        with pytest.raises(ckpt.CheckpointError, match=f"^{moved}: missing from the checkpoint"):
+            read()
+        (tmp_path / "aside").rename(moved)

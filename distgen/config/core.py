@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -106,7 +106,12 @@ def _parse_raw_list(raw: _Raw, path: str) -> list:
     return out
 
 
-def _build(tp: Any, value: Any, path: str) -> Any:
+# A caller's way for a section to pick a subclass from its own contents: (class, mapping, path) -> class.
+# ``model`` picks its family's dataclass this way (distgen.config.model_chooser).
+Chooser = Callable[[type, dict, str], type]
+
+
+def _build(tp: Any, value: Any, path: str, choose: Optional[Chooser] = None) -> Any:
     """Convert a YAML/override value into ``tp``, or raise ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -116,7 +121,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{path or '<root>'}: expected a mapping, got {value!r}")
-        return build_dataclass(tp, value, path)
+        return build_dataclass(tp, value, path, choose)
     if origin is Literal:
         choices = typing.get_args(tp)
         v = str(value) if isinstance(value, _Raw) else value
@@ -134,7 +139,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _build(a, value, path)
+                return _build(a, value, path, choose)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} is not a {_type_name(tp)}")
@@ -144,7 +149,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             value = _parse_raw_list(value, path)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        out = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        out = [_build(item, v, f"{path}[{i}]", choose) for i, v in enumerate(value)]
         return tuple(out)
     if tp is str:
         if isinstance(value, _Raw):
@@ -175,16 +180,15 @@ def _build(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
-def build_dataclass(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys, types and values."""
+def build_dataclass(cls: type, data: dict, path: str = "", choose: Optional[Chooser] = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys, types and values. ``choose`` lets a section
+    pick a subclass from its contents (a model family's section)."""
+    if choose is not None:
+        sub = choose(cls, data, path)
+        if sub is not cls:
+            return build_dataclass(sub, data, path, choose)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    # A section may pick a subclass from its own contents (a model family, say).
-    resolve = cls.__dict__.get("resolve_type")
-    if resolve is not None:
-        sub = resolve.__get__(None, cls)(data, path)
-        if sub is not cls:
-            return build_dataclass(sub, data, path)
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
@@ -193,11 +197,11 @@ def build_dataclass(cls: type, data: dict, path: str = "") -> Any:
             extra = f" (did you mean '{path + '.' if path else ''}{hint[0]}'?)" if hint else ""
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{full}: unknown key{extra}; known keys here: {known}")
-        kwargs[key] = _build(hints[key], value, full)
+        kwargs[key] = _build(hints[key], value, full, choose)
     # Sections left out of the file still get checked (and resolved) with their defaults.
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name)
+            kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name, choose)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:

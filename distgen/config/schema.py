@@ -102,23 +102,13 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model family's section; ``family`` picks the dataclass (see distgen.families)."""
+    """A model family's section; ``family`` picks the dataclass from the lookup the caller passes to
+    :func:`distgen.config.load_config` (:data:`distgen.config.models.MODEL_CONFIGS`)."""
 
     family: str = "diffusion"
     # Fields that only steer sampling (not annotated, so not config keys of their own): a resumed run may
     # change them; any other model field differing from the checkpoint's is refused (--allow-config-change).
     sampling_fields = ()
-
-    @classmethod
-    def resolve_type(cls, data: dict, path: str) -> type:
-        from distgen.families import FAMILIES
-
-        family = str(data.get("family", "diffusion"))
-        if family not in FAMILIES:
-            from distgen.config.core import ConfigError
-
-            raise ConfigError(f"{path}.family: unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-        return FAMILIES[family].config_cls
 
 
 # Metric names (the evaluator in distgen.evaluate.core computes them; named here so that checking a

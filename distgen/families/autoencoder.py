@@ -13,17 +13,15 @@ data, computed when the export is written (:func:`latent_scaling_factor`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgen import dist
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import AutoencoderConfig
 from distgen.families.base import Family, Phase
 
 # Encoder / decoder sizes. Each level after the first halves the image: f = 2 ** (levels - 1).
@@ -33,25 +31,6 @@ PRESETS: dict[str, dict] = {
     # Stable Diffusion's KL-f8 autoencoder (83.7M parameters)
     "kl-f8": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4),
 }
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig(ModelConfig):
-    family: str = "autoencoder"
-    preset: Literal["tiny", "small", "kl-f8"] = "small"
-    recon: Literal["l1", "l2"] = "l1"
-    kl_weight: float = 1e-6  # LDM's weight of the KL to N(0, I) against the summed reconstruction error
-    disc_weight: float = 0.0  # > 0: add the patch discriminator's adversarial term with this weight
-    disc_start_kimg: float = 0.0  # the adversarial term starts after this many thousand images
-    disc_layers: int = 2  # stride-2 layers of the patch discriminator
-    disc_width: int = 64
-
-    def validate(self, path: str) -> None:
-        check(self.kl_weight >= 0, f"{path}.kl_weight", f"must be >= 0, got {self.kl_weight}")
-        check(self.disc_weight >= 0, f"{path}.disc_weight", f"must be >= 0, got {self.disc_weight}")
-        check(self.disc_start_kimg >= 0, f"{path}.disc_start_kimg", "must be >= 0")
-        check(self.disc_layers >= 1, f"{path}.disc_layers", f"must be >= 1, got {self.disc_layers}")
-        check(self.disc_width >= 1, f"{path}.disc_width", f"must be >= 1, got {self.disc_width}")
 
 
 def autoencoder_kwargs(preset: str, channels: int, resolution: int) -> dict:

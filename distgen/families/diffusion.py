@@ -10,18 +10,16 @@ classifier-free guidance (Ho & Salimans 2022) works at sampling time.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import DiffusionConfig
 from distgen.families.base import DataInfo, Family, Phase
+from distgen.families.likelihoods import discretized_gaussian_log_prob
 
 # Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
 PRESETS: dict[str, dict] = {
@@ -37,43 +35,10 @@ PRESETS: dict[str, dict] = {
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
-@dataclass(frozen=True)
-class DiffusionConfig(ModelConfig):
-    family: str = "diffusion"
-    preset: Literal["tiny", "small", "ddpm-cifar10"] = "small"
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
-    beta_schedule: Literal["linear", "cosine"] = "linear"  # cosine: Nichol & Dhariwal 2021
-    num_train_timesteps: int = 1000
-    class_conditional: bool = False  # needs labelled data
-    label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
-    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "ddim"  # default for grids and `distgen sample`
-    sample_steps: int = 50
-    guidance_scale: float = 1.0  # 1: plain conditional sampling
-    sampling_fields = ("sampler", "sample_steps", "guidance_scale")
-
-    def validate(self, path: str) -> None:
-        check(self.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
-        check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
-        check(1 <= self.sample_steps <= self.num_train_timesteps, f"{path}.sample_steps",
-              f"must be in [1, num_train_timesteps], got {self.sample_steps}")
-        check(self.guidance_scale >= 0, f"{path}.guidance_scale", "must be >= 0")
-
-
-def _scheduler_config(cfg: DiffusionConfig) -> dict:
+def scheduler_kwargs(cfg: DiffusionConfig) -> dict:
     return dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction,
                 beta_schedule="squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else "linear",
                 beta_start=1e-4, beta_end=0.02, clip_sample=True)
-
-
-def _discretized_gaussian_loglik(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(x) of 8-bit data scaled to [-1, 1] under a Gaussian discretised to 256 bins (edges open)."""
-    inv = torch.exp(-log_scale)
-    cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
-    upper, lower = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
-    tiny = 1e-12
-    return torch.where(x < -0.999, torch.log(upper.clamp(min=tiny)),
-                       torch.where(x > 0.999, torch.log((1 - lower).clamp(min=tiny)),
-                                   torch.log((upper - lower).clamp(min=tiny))))
 
 
 def make_sampler(name: str, train_scheduler):
@@ -104,7 +69,7 @@ class Diffusion(Family):
         self.scheduler = DDPMScheduler(**self.scheduler_config())
 
     def scheduler_config(self) -> dict:
-        return _scheduler_config(self.cfg)
+        return scheduler_kwargs(self.cfg)
 
     @property
     def null_class(self) -> int:
@@ -238,7 +203,7 @@ class Diffusion(Family):
             x0_pred = x0_pred.clamp(-1, 1)
             mean_model = coef1[t] * x0_pred + coef2[t] * xtd
             if t == 0:
-                total -= _discretized_gaussian_loglik(x0d, mean_model, 0.5 * post_logvar[0]).sum(dim=(1, 2, 3))
+                total -= discretized_gaussian_log_prob(x0d, mean_model, 0.5 * post_logvar[0]).sum(dim=(1, 2, 3))
             else:
                 mean_true = coef1[t] * x0d + coef2[t] * xtd
                 # KL of two Gaussians with the same variance: the squared mean gap over twice the variance

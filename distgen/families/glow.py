@@ -19,16 +19,15 @@ Glow paper's bits/dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgen import dist
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import GlowConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
 
 LOG2PI = math.log(2 * math.pi)
@@ -296,25 +295,6 @@ def dequantize(x255: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the family
-
-@dataclass(frozen=True)
-class GlowConfig(ModelConfig):
-    family: str = "glow"
-    preset: Literal["tiny", "small", "paper"] = "small"
-    levels: Optional[int] = None  # null: the preset's
-    steps: Optional[int] = None  # flow steps per level
-    hidden: Optional[int] = None  # coupling network width
-    coupling: Literal["affine", "additive"] = "affine"
-    conditional: bool = False  # a class-conditional prior (needs labelled data)
-    temperature: float = 1.0  # default sampling temperature (`distgen sample --temperature`)
-    sampling_fields = ("temperature",)
-
-    def validate(self, path: str) -> None:
-        for k in ("levels", "steps", "hidden"):
-            v = getattr(self, k)
-            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
-        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
-
 
 class GlowFamily(Family):
     name = "glow"

@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from distgen.config.core import ConfigError, check
+from distgen.config.core import ConfigError
+from distgen.config.models import LatentDiffusionConfig
 from distgen.families.autoencoder import downsampling, load_autoencoder
-from distgen.families.diffusion import Diffusion, DiffusionConfig, _scheduler_config
-
-
-@dataclass(frozen=True)
-class LatentDiffusionConfig(DiffusionConfig):
-    family: str = "latent_diffusion"
-    autoencoder: str = ""  # an AutoencoderKL folder (distgen export of stage 1, or a local pretrained one)
-    scaling_factor: Optional[float] = None  # null: the autoencoder folder's own
-
-    def validate(self, path: str) -> None:
-        super().validate(path)
-        check(bool(self.autoencoder), f"{path}.autoencoder",
-              "is required: an AutoencoderKL folder (distgen export of an autoencoder run, or a local one)")
-        check(self.scaling_factor is None or self.scaling_factor > 0, f"{path}.scaling_factor",
-              f"must be > 0 or null, got {self.scaling_factor}")
+from distgen.families.diffusion import Diffusion, scheduler_kwargs
 
 
 def latent_moments(ae, images: torch.Tensor) -> torch.Tensor:
@@ -56,7 +41,7 @@ class LatentDiffusion(Diffusion):
     likelihood = None  # the bound of pixel diffusion does not carry over through a decoder
 
     def scheduler_config(self) -> dict:
-        return {**_scheduler_config(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]
+        return {**scheduler_kwargs(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]
 
     def build_networks(self):
         from diffusers import UNet2DModel
@@ -91,7 +76,7 @@ class LatentDiffusion(Diffusion):
             unet = nets.raw["unet"] if hasattr(nets, "raw") else nets["unet"]  # the module behind any engine
             want = (2 * ae.config.latent_channels, unet.config.sample_size, unet.config.sample_size)
             if tuple(batch["latent"].shape[1:]) != want:
-                from distgen.data import DataError
+                from distgen.errors import DataError
 
                 raise DataError(f"latent shards hold moments of shape {list(batch['latent'].shape[1:])}, the "
                                 f"autoencoder model.autoencoder gives {list(want)}: encode with the same autoencoder")

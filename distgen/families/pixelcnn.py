@@ -9,7 +9,7 @@ and a discretised logistic mixture over the 256 values of each pixel in which
 a colour channel's mean depends linearly on the channels before it. Labels
 (optional) enter every gated block as a learned bias.
 
-The training loss is -log2 p(x) / dims (bits/dim); :func:`log_prob` is the
+The training loss is -log2 p(x) / dims (bits/dim); :func:`~distgen.families.likelihoods.logistic_mixture_log_prob` is the
 exact log-likelihood that ``distgen eval --metrics bpd`` reports. Sampling
 runs the network once per pixel, a batch at a time.
 """
@@ -19,16 +19,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import PixelCNNConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
+                                         logistic_mixture_sample)
 
 # nr_resnet gated blocks per resolution, nr_filters channels, nr_mix logistics; paper: the CIFAR-10 model (2.92 bits/dim)
 PRESETS: dict[str, dict] = {
@@ -36,98 +37,6 @@ PRESETS: dict[str, dict] = {
     "small": dict(nr_resnet=1, nr_filters=32, nr_mix=5),
     "paper": dict(nr_resnet=5, nr_filters=160, nr_mix=10),
 }
-
-
-# ---------------------------------------------------------------- the discretised logistic mixture
-
-def num_params(channels: int, nr_mix: int) -> int:
-    """Output channels: per component a logit, a mean and a log-scale per channel, and the
-    C(C-1)/2 coefficients that make a channel's mean depend on the channels before it."""
-    return nr_mix * (1 + 2 * channels + channels * (channels - 1) // 2)
-
-
-def _split(params: torch.Tensor, channels: int, nr_mix: int):
-    """[B, P, H, W] -> logits [B, M, H, W], means and log-scales [B, C, M, H, W], coefficients [B, K, M, H, W]."""
-    b, _, h, w = params.shape
-    m, c = nr_mix, channels
-    logits = params[:, :m]
-    rest = params[:, m:].reshape(b, -1, m, h, w)
-    means, log_scales, coeffs = rest[:, :c], rest[:, c:2 * c].clamp(min=-7.0), torch.tanh(rest[:, 2 * c:])
-    return logits, means, log_scales, coeffs
-
-
-def _channel_means(means: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean of channel c = mu_c + sum_{j<c} coeff_(c,j) * x_j (x: [B, C, H, W] on the [-1, 1] grid)."""
-    out, k = [means[:, 0]], 0
-    for c in range(1, means.shape[1]):
-        m = means[:, c]
-        for j in range(c):
-            m = m + coeffs[:, k] * x[:, j, None]
-            k += 1
-        out.append(m)
-    return torch.stack(out, 1)
-
-
-def _log_bin_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(bin of x) under a logistic(mean, scale) discretised to the 256 values of [-1, 1]; edge bins open."""
-    centered = x - mean
-    inv = torch.exp(-log_scale)
-    plus, minus = inv * (centered + 1 / 255), inv * (centered - 1 / 255)
-    # sigmoid(plus) - sigmoid(minus) loses everything to cancellation right of the mean:
-    # there the same difference is sigmoid(-minus) - sigmoid(-plus), computed in the small tail.
-    right = centered > 0
-    delta = torch.where(right, torch.sigmoid(-minus) - torch.sigmoid(-plus), torch.sigmoid(plus) - torch.sigmoid(minus))
-    mid = inv * centered
-    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid)  # the density times the bin width, where delta underflows
-    inner = torch.where(delta > 1e-5, torch.log(delta.clamp(min=1e-12)), log_pdf_mid - math.log(127.5))
-    return torch.where(x < -0.999, plus - F.softplus(plus),  # log sigmoid(plus): everything below the top edge
-                       torch.where(x > 0.999, -F.softplus(minus), inner))
-
-
-def log_prob(x: torch.Tensor, params: torch.Tensor, nr_mix: int) -> torch.Tensor:
-    """log p(x) per pixel [B, H, W] of x on the 256-value grid of [-1, 1] (all channels together)."""
-    params, x = params.float(), x.float()
-    logits, means, log_scales, coeffs = _split(params, x.shape[1], nr_mix)
-    means = _channel_means(means, coeffs, x)
-    per_channel = _log_bin_prob(x[:, :, None], means, log_scales)  # [B, C, M, H, W]
-    return torch.logsumexp(per_channel.sum(1) + F.log_softmax(logits, dim=1), dim=1)
-
-
-def _uniform(generators: list[torch.Generator], n: int, device) -> torch.Tensor:
-    """[B, n] uniforms in (0, 1), row i from generators[i] (an image depends on its own seed only).
-
-    float64, kept off 0 by 1e-12 only: the logistic tails and the Gumbel draw are cut where the
-    mass left out is ~1e-12 (the reference's float32 clamp at 1e-5 leaves out ~1e-5).
-    """
-    u = torch.stack([torch.rand(n, generator=g, device=device, dtype=torch.float64) for g in generators])
-    return u.clamp(min=1e-12)
-
-
-def sample_pixel(params: torch.Tensor, nr_mix: int, channels: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """One pixel per image from the mixture at that pixel: params [B, P] -> values [B, C] on the 256-value grid.
-
-    A component is drawn (Gumbel-max), then channel after channel a logistic
-    sample rounded to its bin: exactly the discretised distribution of
-    :func:`log_prob`, with later channels' means built from the drawn values.
-    """
-    b = params.shape[0]
-    logits, means, log_scales, coeffs = (t[..., 0, 0] for t in _split(params.float()[:, :, None, None], channels,
-                                                                       nr_mix))
-    u = _uniform(generators, nr_mix + channels, params.device)
-    k = (logits.double() - torch.log(-torch.log(u[:, :nr_mix]))).argmax(1)
-    pick = lambda t: t.gather(-1, k.view(b, 1, 1).expand(b, t.shape[1], 1))[..., 0]  # noqa: E731
-    means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)
-    x = torch.zeros(b, channels, device=params.device)
-    j = 0
-    for c in range(channels):
-        mean = means[:, c]
-        for i in range(c):
-            mean = mean + coeffs[:, j] * x[:, i]
-            j += 1
-        uc = u[:, nr_mix + c]
-        v = mean + torch.exp(log_scales[:, c]) * (torch.log(uc) - torch.log1p(-uc)).float()
-        x[:, c] = torch.clamp(torch.round((v + 1) * 127.5), 0, 255) / 127.5 - 1
-    return x
 
 
 # ---------------------------------------------------------------- causal convolutions
@@ -237,7 +146,7 @@ class PixelCNNpp(nn.Module):
         self.dn_ul = nn.ModuleList(nn.ModuleList(blk(DownRightShiftedConv, 2 * nf) for _ in range(n)) for n in sizes)
         self.up_sample_u = nn.ModuleList(DownShiftedDeconv(nf, nf) for _ in range(2))
         self.up_sample_ul = nn.ModuleList(DownRightShiftedDeconv(nf, nf) for _ in range(2))
-        self.out = nn.Conv2d(nf, num_params(channels, nr_mix), 1)
+        self.out = nn.Conv2d(nf, logistic_mixture_params(channels, nr_mix), 1)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.num_classes and labels is None:
@@ -295,23 +204,6 @@ class _Progress:
 
 
 
-@dataclass(frozen=True)
-class PixelCNNConfig(ModelConfig):
-    family: str = "pixelcnn"
-    preset: Literal["tiny", "small", "paper"] = "small"
-    nr_resnet: Optional[int] = None  # null: the preset's
-    nr_filters: Optional[int] = None
-    nr_mix: Optional[int] = None  # logistic components
-    dropout: float = 0.5  # in every gated block (0.5 in the paper)
-    conditional: bool = False  # class labels into every block (needs labelled data)
-
-    def validate(self, path: str) -> None:
-        for k in ("nr_resnet", "nr_filters", "nr_mix"):
-            v = getattr(self, k)
-            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
-        check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
-
-
 class PixelCNN(Family):
     name = "pixelcnn"
     config_cls = PixelCNNConfig
@@ -350,14 +242,14 @@ class PixelCNN(Family):
         x = ((batch["image"] + 1) * 127.5).round() / 127.5 - 1
         labels = self._labels(batch.get("label"))
         params = nets["pixelcnn"](x, labels.to(x.device) if labels is not None else None)
-        logp = log_prob(x, params, nets.raw["pixelcnn"].nr_mix).sum(dim=(1, 2))
+        logp = logistic_mixture_log_prob(x, params, nets.raw["pixelcnn"].nr_mix).sum(dim=(1, 2))
         return -logp / (x[0].numel() * math.log(2)), {}  # bits per dimension
 
     def log_likelihood(self, nets, images, labels, generators):
         net = nets["pixelcnn"]
         x = images.float() / 127.5 - 1
         params = net(x, self._labels(labels))
-        return log_prob(x, params, net.nr_mix).double().sum(dim=(1, 2))
+        return logistic_mixture_log_prob(x, params, net.nr_mix).double().sum(dim=(1, 2))
 
     @torch.no_grad()
     def sample(self, nets, generators, *, labels=None):
@@ -377,7 +269,7 @@ class PixelCNN(Family):
         for i in range(r):
             for j in range(r):
                 params = net(x[:, :, :rows[i]], labels)[:, :, i, j]
-                x[:, :, i, j] = sample_pixel(params, net.nr_mix, c, generators)
+                x[:, :, i, j] = logistic_mixture_sample(params, net.nr_mix, c, generators)
                 progress.update()
         progress.close()
         return x

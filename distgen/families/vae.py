@@ -22,20 +22,18 @@ binarised pixels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgen import dist
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import VAEConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
-from distgen.families.diffusion import _discretized_gaussian_loglik
-from distgen.families.pixelcnn import log_prob as logistic_mixture_log_prob
-from distgen.families.pixelcnn import num_params as logistic_mixture_params
+from distgen.families.likelihoods import (discretized_gaussian_log_prob, logistic_mixture_log_prob,
+                                         logistic_mixture_mode, logistic_mixture_params)
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -92,7 +90,7 @@ class Likelihood:
             return logistic_mixture_log_prob(x, out, self.nr_mix).flatten(1).sum(1)
         if self.kind == "gaussian":
             mean, log_scale = out.chunk(2, 1)
-            return _discretized_gaussian_loglik(x, torch.tanh(mean), log_scale.clamp(min=-7)).flatten(1).sum(1)
+            return discretized_gaussian_log_prob(x, torch.tanh(mean), log_scale.clamp(min=-7)).flatten(1).sum(1)
         return -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -103,22 +101,7 @@ class Likelihood:
             return torch.tanh(out[:, :self.channels])
         if self.kind == "bernoulli":
             return torch.sigmoid(out) * 2 - 1
-        m, c = self.nr_mix, self.channels
-        b, _, h, w = out.shape
-        logits = out[:, :m]
-        rest = out[:, m:].reshape(b, -1, m, h, w)
-        means, coeffs = rest[:, :c], torch.tanh(rest[:, 2 * c:])
-        k = logits.argmax(1, keepdim=True)  # [B, 1, H, W]
-        pick = lambda t: t.gather(2, k[:, None].expand(-1, t.shape[1], 1, -1, -1))[:, :, 0]  # noqa: E731
-        means, coeffs = pick(means), pick(coeffs) if c > 1 else None
-        x, j = [], 0
-        for ch in range(c):
-            v = means[:, ch]
-            for i in range(ch):
-                v = v + coeffs[:, j] * x[i]
-                j += 1
-            x.append(v.clamp(-1, 1))
-        return torch.stack(x, 1)
+        return logistic_mixture_mode(out, self.nr_mix, self.channels)
 
 
 # ---------------------------------------------------------------- the convolutional VAE
@@ -300,29 +283,6 @@ class HierarchicalVAE(nn.Module):
 
 
 # ---------------------------------------------------------------- the family
-
-@dataclass(frozen=True)
-class VAEConfig(ModelConfig):
-    family: str = "vae"
-    arch: Literal["vae", "hvae"] = "vae"
-    preset: Literal["tiny", "small", "paper"] = "small"
-    likelihood: Literal["logistic", "gaussian", "bernoulli"] = "logistic"  # bernoulli: pixels binarised at 128
-    nr_mix: int = 5  # logistic components
-    beta: float = 1.0  # the KL's weight in training (beta-VAE; evaluation always uses 1)
-    kl_warmup_kimg: float = 0.0  # the KL weight ramps linearly from 0 over this many thousand images
-    free_bits: float = 0.0  # nats per latent group (batch mean) below which its KL is not pushed down
-    iw_samples: int = 1  # bits/dim: 1 gives the ELBO, k > 1 the importance-weighted bound (--iw-samples)
-    temperature: float = 1.0  # default sampling temperature (--temperature)
-    sampling_fields = ("temperature", "iw_samples")
-
-    def validate(self, path: str) -> None:
-        check(self.nr_mix >= 1, f"{path}.nr_mix", f"must be >= 1, got {self.nr_mix}")
-        check(self.beta >= 0, f"{path}.beta", f"must be >= 0, got {self.beta}")
-        check(self.kl_warmup_kimg >= 0, f"{path}.kl_warmup_kimg", "must be >= 0")
-        check(self.free_bits >= 0, f"{path}.free_bits", "must be >= 0")
-        check(self.iw_samples >= 1, f"{path}.iw_samples", f"must be >= 1, got {self.iw_samples}")
-        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
-
 
 ARCHS = {"vae": ConvVAE, "hvae": HierarchicalVAE}
 

@@ -18,20 +18,19 @@ stored in checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgen import dist
-from distgen.config.core import ConfigError, check
-from distgen.config.schema import ModelConfig
+from distgen.config.core import ConfigError
+from distgen.config.models import GANConfig
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
 from distgen.families.gan import basic, biggan, stylegan2
-from distgen.families.gan.augment import ADA, OPS, augment
+from distgen.families.gan.augment import ADA, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
 
 # arch -> (generator class, discriminator class, size presets)
@@ -42,64 +41,6 @@ ARCHS: dict[str, tuple[type[nn.Module], type[nn.Module], dict[str, dict]]] = {
     "stylegan2": (stylegan2.Generator, stylegan2.Discriminator, stylegan2.PRESETS),
 }
 GENERATOR_CONFIG = "generator_config.json"
-
-
-@dataclass(frozen=True)
-class GANConfig(ModelConfig):
-    family: str = "gan"
-    arch: Literal["mlp", "dcgan", "biggan", "stylegan2"] = "dcgan"
-    preset: Literal["tiny", "small", "paper"] = "small"
-    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp"] = "nonsaturating"
-    d_steps: int = 1  # discriminator steps per generator step
-    d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
-    g_lr_scale: float = 1.0
-    gp_weight: float = 10.0  # WGAN-GP's lambda
-    clip: float = 0.01  # WGAN's weight clipping bound
-    r1_gamma: float = 0.0  # R1 weight gamma (0: off); the penalty is gamma / 2 x ||grad D(x)||^2
-    r1_every: int = 16  # lazy R1: every this many steps, scaled by it (1: every step)
-    pl_weight: float = 0.0  # path-length regularisation weight (StyleGAN2; 2 in the paper; 0: off)
-    pl_every: int = 4
-    pl_decay: float = 0.01  # the running mean of path lengths moves by this fraction a step
-    style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
-    ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
-    spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
-    attn_res: Optional[int] = None  # BigGAN: self-attention at this resolution (0: none; null: the preset's)
-    conditional: bool = False  # class labels into G and D (needs labelled data)
-    info_categorical: int = 0  # InfoGAN: categories of one categorical code (0: none)
-    info_continuous: int = 0  # InfoGAN: continuous codes, uniform in [-1, 1]
-    info_weight: float = 1.0  # lambda of the mutual-information term
-    augment: Literal["none", "diffaugment", "ada"] = "none"
-    augment_ops: tuple[str, ...] = ("color", "translation", "cutout")
-    ada_target: float = 0.6  # ADA's r_t target
-    ada_interval: int = 4  # discriminator steps between p updates
-    ada_kimg: float = 500.0  # p can move 0 -> 1 in this many thousand real images
-    truncation: Optional[float] = None  # default at sampling: psi in W (stylegan2) or the z threshold (others)
-    sampling_fields = ("truncation",)
-
-    def validate(self, path: str) -> None:
-        for name in ("d_steps", "r1_every", "pl_every", "ada_interval"):
-            check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("d_lr_scale", "g_lr_scale", "clip", "ada_kimg"):
-            check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("gp_weight", "r1_gamma", "pl_weight", "ortho_weight", "info_weight",
-                     "info_categorical", "info_continuous"):
-            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
-        check(self.info_categorical != 1, f"{path}.info_categorical", "a categorical code needs >= 2 categories")
-        check(0 <= self.style_mixing <= 1, f"{path}.style_mixing", "must be in [0, 1]")
-        check(0 < self.pl_decay <= 1, f"{path}.pl_decay", "must be in (0, 1]")
-        check(0 <= self.ada_target <= 1, f"{path}.ada_target", "must be in [0, 1]")
-        check(self.pl_weight == 0 or self.arch == "stylegan2", f"{path}.pl_weight",
-              f"path-length regularisation needs arch stylegan2, not {self.arch}")
-        check(self.ortho_weight == 0 or self.arch == "biggan", f"{path}.ortho_weight",
-              f"orthogonal regularisation is BigGAN's (arch biggan), not {self.arch}'s")
-        check(not self.spectral_norm or self.arch in ("mlp", "dcgan"), f"{path}.spectral_norm",
-              "applies to mlp / dcgan (biggan always has it; stylegan2 does not use it)")
-        bad = [o for o in self.augment_ops if o not in OPS]
-        check(not bad, f"{path}.augment_ops", f"unknown op(s) {bad}; choose from {', '.join(OPS)}")
-        check(self.attn_res is None or self.arch == "biggan", f"{path}.attn_res",
-              f"sets BigGAN's self-attention (arch biggan), not {self.arch}'s")
-        check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
-              "the z threshold must be > 0")
 
 
 class Critic(nn.Module):
@@ -277,74 +218,79 @@ class GAN(Family):
             return x
         return augment(x, self.ops, 1.0 if self.ada is None else self.ada.p, g)
 
-    # ---- the phases' losses
+    # ---- the phases' losses: one method per phase, looked up by name
     def loss(self, phase, nets, batch, generator):
-        g, c = generator, self.cfg
-        real = batch["image"]
-        b, dev = real.shape[0], real.device
-        labels = self._labels(batch)
-        G, D = nets["G"], nets["D"]
-        if phase == "D":
-            with torch.no_grad():
-                fake, codes = self._fake(G, b, labels, g, dev, update_stats=False)
-            real_in, fake_in = self._aug(real, g), self._aug(fake, g)
-            r, _ = D(real_in, labels)
-            f, q = D(fake_in, labels)
-            r, f = r.float(), f.float()
-            loss = d_loss(c.loss, r, f)
-            r, f = r.detach(), f.detach()  # for the logged numbers below
-            # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's
-            t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.0
-            extras = {"real": float(r.mean()), "fake": float(f.mean()),
-                      "acc": 0.5 * float((r > t).float().mean() + (f < t).float().mean())}
-            if c.loss == "wgan-gp":
-                gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
-                loss = loss + c.gp_weight * gp
-                extras["gp"] = float(gp.detach().mean())
-            info = self._info(q, codes)
-            if info is not None:
-                loss = loss + c.info_weight * info
-                extras["info"] = float(info.detach().mean())
-            if self.ada is not None:
-                self.ada.observe(r, dist.all_reduce_floats)
-                extras["ada_p"] = self.ada.p
-            return loss, extras
-        if phase == "D_r1":
-            x = real.detach().requires_grad_(True)
-            r, q = D(self._aug(x, g), labels)
-            pen = r1_penalty(r, x)
-            # "+ 0 x outputs" keeps every parameter in the graph, as DDP without unused-parameter search needs
-            loss = pen * (c.r1_gamma / 2 * c.r1_every) + r.float() * 0
-            if q is not None:
-                loss = loss + q.float().sum(1) * 0
-            return loss, {"r1": float(pen.detach().mean())}
-        if phase == "G":
-            fake, codes = self._fake(G, b, labels, g, dev, update_stats=True)
-            f, q = D(self._aug(fake, g), labels)
-            loss = g_loss(c.loss, f.float())
-            extras = {}
-            if c.ortho_weight > 0:
-                ortho = nets.raw["G"].orthogonal_penalty()
-                loss = loss + c.ortho_weight * ortho
-                extras["ortho"] = float(ortho.detach())
-            info = self._info(q, codes)
-            if info is not None:
-                loss = loss + c.info_weight * info
-                extras["info"] = float(info.detach().mean())
-            return loss, extras
-        if phase == "G_pl":
-            n = max(b // 2, 1)  # StyleGAN2 runs the regulariser on half batches
-            z, _ = self._latents(n, g, dev)
-            lab = labels[:n] if labels is not None else None
-            img, ws = G(z, lab, noise_gen=g, return_ws=True)
-            lengths = path_lengths(img, ws, g)
-            total, count = dist.all_reduce_floats([float(lengths.detach().sum()), float(n)])
-            # one running mean for all ranks (so a checkpoint holds the state of every rank)
-            self.pl_mean += c.pl_decay * (total / count - self.pl_mean)
-            pen = (lengths - self.pl_mean).square()
-            loss = pen * (c.pl_weight * c.pl_every) + img[:, 0, 0, 0].float() * 0
-            return loss, {"pl_length": total / count, "pl_penalty": float(pen.detach().mean())}
-        raise ValueError(f"unknown GAN phase {phase!r}")
+        losses = {"D": self._d_loss, "D_r1": self._r1_loss, "G": self._g_loss, "G_pl": self._pl_loss}
+        if phase not in losses:
+            raise ValueError(f"unknown GAN phase {phase!r}")
+        return losses[phase](nets, batch["image"], self._labels(batch), generator)
+
+    def _with_info(self, loss, extras: dict, q, codes: dict):
+        """InfoGAN's term, when the model has codes."""
+        info = self._info(q, codes)
+        if info is not None:
+            loss = loss + self.cfg.info_weight * info
+            extras["info"] = float(info.detach().mean())
+        return loss, extras
+
+    def _d_loss(self, nets, real, labels, g):
+        c, D = self.cfg, nets["D"]
+        with torch.no_grad():
+            fake, codes = self._fake(nets["G"], real.shape[0], labels, g, real.device, update_stats=False)
+        real_in, fake_in = self._aug(real, g), self._aug(fake, g)
+        r, _ = D(real_in, labels)
+        f, q = D(fake_in, labels)
+        r, f = r.float(), f.float()
+        loss = d_loss(c.loss, r, f)
+        r, f = r.detach(), f.detach()  # for the logged numbers below
+        # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's
+        t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.0
+        extras = {"real": float(r.mean()), "fake": float(f.mean()),
+                  "acc": 0.5 * float((r > t).float().mean() + (f < t).float().mean())}
+        if c.loss == "wgan-gp":
+            gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
+            loss = loss + c.gp_weight * gp
+            extras["gp"] = float(gp.detach().mean())
+        loss, extras = self._with_info(loss, extras, q, codes)
+        if self.ada is not None:
+            self.ada.observe(r, dist.all_reduce_floats)
+            extras["ada_p"] = self.ada.p
+        return loss, extras
+
+    def _r1_loss(self, nets, real, labels, g):
+        c = self.cfg
+        x = real.detach().requires_grad_(True)
+        r, q = nets["D"](self._aug(x, g), labels)
+        pen = r1_penalty(r, x)
+        # "+ 0 x outputs" keeps every parameter in the graph, as DDP without unused-parameter search needs
+        loss = pen * (c.r1_gamma / 2 * c.r1_every) + r.float() * 0
+        if q is not None:
+            loss = loss + q.float().sum(1) * 0
+        return loss, {"r1": float(pen.detach().mean())}
+
+    def _g_loss(self, nets, real, labels, g):
+        c = self.cfg
+        fake, codes = self._fake(nets["G"], real.shape[0], labels, g, real.device, update_stats=True)
+        f, q = nets["D"](self._aug(fake, g), labels)
+        loss, extras = g_loss(c.loss, f.float()), {}
+        if c.ortho_weight > 0:
+            ortho = nets.raw["G"].orthogonal_penalty()
+            loss = loss + c.ortho_weight * ortho
+            extras["ortho"] = float(ortho.detach())
+        return self._with_info(loss, extras, q, codes)
+
+    def _pl_loss(self, nets, real, labels, g):
+        c = self.cfg
+        n = max(real.shape[0] // 2, 1)  # StyleGAN2 runs the regulariser on half batches
+        z, _ = self._latents(n, g, real.device)
+        img, ws = nets["G"](z, labels[:n] if labels is not None else None, noise_gen=g, return_ws=True)
+        lengths = path_lengths(img, ws, g)
+        total, count = dist.all_reduce_floats([float(lengths.detach().sum()), float(n)])
+        # one running mean for all ranks (so a checkpoint holds the state of every rank)
+        self.pl_mean += c.pl_decay * (total / count - self.pl_mean)
+        pen = (lengths - self.pl_mean).square()
+        loss = pen * (c.pl_weight * c.pl_every) + img[:, 0, 0, 0].float() * 0
+        return loss, {"pl_length": total / count, "pl_penalty": float(pen.detach().mean())}
 
     # ---- sampling and export
     def _z_one(self, gen: torch.Generator, threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:

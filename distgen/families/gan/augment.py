@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OPS = ("flip", "color", "translation", "cutout")
+from distgen.config.models import AUGMENT_OPS as OPS  # the op names, known to the config without torch
 
 
 def _chance(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:

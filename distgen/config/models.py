@@ -1,0 +1,202 @@
+"""The ``model`` section of each family: one frozen dataclass per family, chosen by ``model.family``.
+
+They live here, apart from the families' modules (which import torch and diffusers), so that checking a
+config (``distgen train --dry-run``, ``launch/submit.py`` on a login node, reading a checkpoint's stored
+config) imports neither torch nor any family. :data:`MODEL_CONFIGS` is the lookup a caller hands to
+:func:`distgen.config.load_config`; ``distgen.families.FAMILIES`` pairs each name with its family class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from distgen.config.core import check
+from distgen.config.schema import ModelConfig
+
+# The differentiable augmentations a GAN may use (implemented in distgen.families.gan.augment).
+AUGMENT_OPS = ("flip", "color", "translation", "cutout")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(ModelConfig):
+    family: str = "diffusion"
+    preset: Literal["tiny", "small", "ddpm-cifar10"] = "small"
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "cosine"] = "linear"  # cosine: Nichol & Dhariwal 2021
+    num_train_timesteps: int = 1000
+    class_conditional: bool = False  # needs labelled data
+    label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
+    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "ddim"  # default for grids and `distgen sample`
+    sample_steps: int = 50
+    guidance_scale: float = 1.0  # 1: plain conditional sampling
+    sampling_fields = ("sampler", "sample_steps", "guidance_scale")
+
+    def validate(self, path: str) -> None:
+        check(self.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
+        check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
+        check(1 <= self.sample_steps <= self.num_train_timesteps, f"{path}.sample_steps",
+              f"must be in [1, num_train_timesteps], got {self.sample_steps}")
+        check(self.guidance_scale >= 0, f"{path}.guidance_scale", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LatentDiffusionConfig(DiffusionConfig):
+    family: str = "latent_diffusion"
+    autoencoder: str = ""  # an AutoencoderKL folder (distgen export of stage 1, or a local pretrained one)
+    scaling_factor: Optional[float] = None  # null: the autoencoder folder's own
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        check(bool(self.autoencoder), f"{path}.autoencoder",
+              "is required: an AutoencoderKL folder (distgen export of an autoencoder run, or a local one)")
+        check(self.scaling_factor is None or self.scaling_factor > 0, f"{path}.scaling_factor",
+              f"must be > 0 or null, got {self.scaling_factor}")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(ModelConfig):
+    family: str = "autoencoder"
+    preset: Literal["tiny", "small", "kl-f8"] = "small"
+    recon: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6  # LDM's weight of the KL to N(0, I) against the summed reconstruction error
+    disc_weight: float = 0.0  # > 0: add the patch discriminator's adversarial term with this weight
+    disc_start_kimg: float = 0.0  # the adversarial term starts after this many thousand images
+    disc_layers: int = 2  # stride-2 layers of the patch discriminator
+    disc_width: int = 64
+
+    def validate(self, path: str) -> None:
+        check(self.kl_weight >= 0, f"{path}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        check(self.disc_weight >= 0, f"{path}.disc_weight", f"must be >= 0, got {self.disc_weight}")
+        check(self.disc_start_kimg >= 0, f"{path}.disc_start_kimg", "must be >= 0")
+        check(self.disc_layers >= 1, f"{path}.disc_layers", f"must be >= 1, got {self.disc_layers}")
+        check(self.disc_width >= 1, f"{path}.disc_width", f"must be >= 1, got {self.disc_width}")
+
+
+@dataclass(frozen=True)
+class GANConfig(ModelConfig):
+    family: str = "gan"
+    arch: Literal["mlp", "dcgan", "biggan", "stylegan2"] = "dcgan"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp"] = "nonsaturating"
+    d_steps: int = 1  # discriminator steps per generator step
+    d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
+    g_lr_scale: float = 1.0
+    gp_weight: float = 10.0  # WGAN-GP's lambda
+    clip: float = 0.01  # WGAN's weight clipping bound
+    r1_gamma: float = 0.0  # R1 weight gamma (0: off); the penalty is gamma / 2 x ||grad D(x)||^2
+    r1_every: int = 16  # lazy R1: every this many steps, scaled by it (1: every step)
+    pl_weight: float = 0.0  # path-length regularisation weight (StyleGAN2; 2 in the paper; 0: off)
+    pl_every: int = 4
+    pl_decay: float = 0.01  # the running mean of path lengths moves by this fraction a step
+    style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
+    ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
+    spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
+    attn_res: Optional[int] = None  # BigGAN: self-attention at this resolution (0: none; null: the preset's)
+    conditional: bool = False  # class labels into G and D (needs labelled data)
+    info_categorical: int = 0  # InfoGAN: categories of one categorical code (0: none)
+    info_continuous: int = 0  # InfoGAN: continuous codes, uniform in [-1, 1]
+    info_weight: float = 1.0  # lambda of the mutual-information term
+    augment: Literal["none", "diffaugment", "ada"] = "none"
+    augment_ops: tuple[str, ...] = ("color", "translation", "cutout")
+    ada_target: float = 0.6  # ADA's r_t target
+    ada_interval: int = 4  # discriminator steps between p updates
+    ada_kimg: float = 500.0  # p can move 0 -> 1 in this many thousand real images
+    truncation: Optional[float] = None  # default at sampling: psi in W (stylegan2) or the z threshold (others)
+    sampling_fields = ("truncation",)
+
+    def validate(self, path: str) -> None:
+        for name in ("d_steps", "r1_every", "pl_every", "ada_interval"):
+            check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("d_lr_scale", "g_lr_scale", "clip", "ada_kimg"):
+            check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("gp_weight", "r1_gamma", "pl_weight", "ortho_weight", "info_weight",
+                     "info_categorical", "info_continuous"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.info_categorical != 1, f"{path}.info_categorical", "a categorical code needs >= 2 categories")
+        check(0 <= self.style_mixing <= 1, f"{path}.style_mixing", "must be in [0, 1]")
+        check(0 < self.pl_decay <= 1, f"{path}.pl_decay", "must be in (0, 1]")
+        check(0 <= self.ada_target <= 1, f"{path}.ada_target", "must be in [0, 1]")
+        check(self.pl_weight == 0 or self.arch == "stylegan2", f"{path}.pl_weight",
+              f"path-length regularisation needs arch stylegan2, not {self.arch}")
+        check(self.ortho_weight == 0 or self.arch == "biggan", f"{path}.ortho_weight",
+              f"orthogonal regularisation is BigGAN's (arch biggan), not {self.arch}'s")
+        check(not self.spectral_norm or self.arch in ("mlp", "dcgan"), f"{path}.spectral_norm",
+              "applies to mlp / dcgan (biggan always has it; stylegan2 does not use it)")
+        bad = [o for o in self.augment_ops if o not in AUGMENT_OPS]
+        check(not bad, f"{path}.augment_ops", f"unknown op(s) {bad}; choose from {', '.join(AUGMENT_OPS)}")
+        check(self.attn_res is None or self.arch == "biggan", f"{path}.attn_res",
+              f"sets BigGAN's self-attention (arch biggan), not {self.arch}'s")
+        check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
+              "the z threshold must be > 0")
+
+
+@dataclass(frozen=True)
+class PixelCNNConfig(ModelConfig):
+    family: str = "pixelcnn"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    nr_resnet: Optional[int] = None  # null: the preset's
+    nr_filters: Optional[int] = None
+    nr_mix: Optional[int] = None  # logistic components
+    dropout: float = 0.5  # in every gated block (0.5 in the paper)
+    conditional: bool = False  # class labels into every block (needs labelled data)
+
+    def validate(self, path: str) -> None:
+        for k in ("nr_resnet", "nr_filters", "nr_mix"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class GlowConfig(ModelConfig):
+    family: str = "glow"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    levels: Optional[int] = None  # null: the preset's
+    steps: Optional[int] = None  # flow steps per level
+    hidden: Optional[int] = None  # coupling network width
+    coupling: Literal["affine", "additive"] = "affine"
+    conditional: bool = False  # a class-conditional prior (needs labelled data)
+    temperature: float = 1.0  # default sampling temperature (`distgen sample --temperature`)
+    sampling_fields = ("temperature",)
+
+    def validate(self, path: str) -> None:
+        for k in ("levels", "steps", "hidden"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    family: str = "vae"
+    arch: Literal["vae", "hvae"] = "vae"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    likelihood: Literal["logistic", "gaussian", "bernoulli"] = "logistic"  # bernoulli: pixels binarised at 128
+    nr_mix: int = 5  # logistic components
+    beta: float = 1.0  # the KL's weight in training (beta-VAE; evaluation always uses 1)
+    kl_warmup_kimg: float = 0.0  # the KL weight ramps linearly from 0 over this many thousand images
+    free_bits: float = 0.0  # nats per latent group (batch mean) below which its KL is not pushed down
+    iw_samples: int = 1  # bits/dim: 1 gives the ELBO, k > 1 the importance-weighted bound (--iw-samples)
+    temperature: float = 1.0  # default sampling temperature (--temperature)
+    sampling_fields = ("temperature", "iw_samples")
+
+    def validate(self, path: str) -> None:
+        check(self.nr_mix >= 1, f"{path}.nr_mix", f"must be >= 1, got {self.nr_mix}")
+        check(self.beta >= 0, f"{path}.beta", f"must be >= 0, got {self.beta}")
+        check(self.kl_warmup_kimg >= 0, f"{path}.kl_warmup_kimg", "must be >= 0")
+        check(self.free_bits >= 0, f"{path}.free_bits", "must be >= 0")
+        check(self.iw_samples >= 1, f"{path}.iw_samples", f"must be >= 1, got {self.iw_samples}")
+        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
+
+
+# ``model.family`` -> its section's dataclass.
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    "diffusion": DiffusionConfig,
+    "latent_diffusion": LatentDiffusionConfig,
+    "autoencoder": AutoencoderConfig,
+    "gan": GANConfig,
+    "pixelcnn": PixelCNNConfig,
+    "glow": GlowConfig,
+    "vae": VAEConfig,
+}

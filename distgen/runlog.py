@@ -1,0 +1,149 @@
+"""What a run reports as it goes: ``metrics.jsonl``, TensorBoard scalars, a progress bar (rank 0), and the
+interval sums behind every record (each rank's losses and extra scalars since the last one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+from distgen import dist
+
+
+def accumulate(interval: dict, phase: str, loss: float, extras: dict) -> None:
+    """Add one micro-step's loss and extra scalars to the interval sums (``"<phase>/<name>" -> [sum, count]``)."""
+    for k, v in {"loss": loss, **extras}.items():
+        acc = interval.setdefault(f"{phase}/{k}", [0.0, 0])
+        acc[0] += float(v)
+        acc[1] += 1
+
+
+def interval_means(interval: dict, phases: list[str]) -> dict:
+    """Means over the interval and all ranks (every rank calls it). ``loss`` is the first phase's (the only one
+    for most families); with several phases each also appears as ``loss/<phase>``. None where nothing was
+    finite, or the phase did not run (a lazy regulariser)."""
+    total: dict[str, list] = {}
+    for part in dist.all_gather_object(interval):
+        for k, (sm, n) in part.items():
+            t = total.setdefault(k, [0.0, 0])
+            t[0] += sm
+            t[1] += n
+    out = {k: t[0] / t[1] for k, t in sorted(total.items()) if t[1]}
+    res = {"loss": out.pop(f"{phases[0]}/loss", None)}
+    if len(phases) > 1:
+        res[f"loss/{phases[0]}"] = res["loss"]
+        for ph in phases[1:]:
+            res[f"loss/{ph}"] = out.pop(f"{ph}/loss", None)
+    res.update(out)
+    return res
+
+
+
+class RunLog:
+    """Rank-0 outputs of a run: metrics.jsonl, TensorBoard scalars, a progress bar; and the run's pace
+    (samples/s since the last record, ETA from the whole run's pace, evaluation time left out)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, start_nimg: int, enabled: bool):
+        self.enabled = enabled
+        self.t_last = self.t_start = time.time()
+        self.n_last = self.n_start = start_nimg
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = self.bar = None
+        if not enabled:
+            return
+        if self.path.exists():
+            self._truncate(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        # A bar on a terminal; one line per record in batch logs (SLURM, CI).
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.tty)
+
+    def _truncate(self, start_step: int) -> None:
+        """A resumed run drops the records written after its checkpoint by the run it replaces. A line that
+        is not a JSON record (the torn last line a full disk or a crash leaves) is dropped too, saying so."""
+        keep, torn = [], []
+        for i, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                step = rec["step"]
+            except (ValueError, TypeError, KeyError):
+                torn.append(i)
+                continue
+            if step <= start_step:
+                keep.append(line)
+        if torn:
+            print(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
+                  f"(line {', '.join(map(str, torn))}; a torn write)", flush=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)
+
+    def _write(self, rec: dict) -> None:
+        """One metrics.jsonl line; its numbers (not the step) as TensorBoard scalars."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(k, v, rec["step"])
+        self.tb.flush()
+
+    def pace(self, step: int, nimg: int, stop_at: int, global_batch: int) -> dict:
+        """samples/s since the last call and the ETA (the whole run's pace), for a step record."""
+        now = time.time()
+        sps = (nimg - self.n_last) / max(now - self.t_last, 1e-9)
+        avg = (nimg - self.n_start) / max(now - self.t_start, 1e-9)
+        self.t_last, self.n_last = now, nimg
+        return {"samples_per_s": sps, "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None}
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation) out of the training pace."""
+        self.t_last += seconds
+
+    def record(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(rec)
+        eta = rec.get("eta_s")
+        eta = f"{eta / 60:.1f}m" if eta is not None else "-"
+        fmt = lambda v: f"{v:.4f}" if v is not None else "non-finite"  # noqa: E731
+        per_phase = {k[5:]: v for k, v in rec.items() if k.startswith("loss/")}
+        # one number per phase where there are several (a GAN's D and G)
+        loss = " ".join(f"{k} {fmt(v)}" for k, v in per_phase.items()) if per_phase else fmt(rec["loss"])
+        if self.tty:
+            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
+        else:
+            print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
+                  f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}", flush=True)
+
+    def record_eval(self, rec: dict) -> None:
+        """An evaluation's metrics: metrics.jsonl and TensorBoard (eval/<name>), and a line on stdout."""
+        if not self.enabled:
+            return
+        self._write(rec)
+        shown = "  ".join(f"{k[5:]} {v:.5g}" for k, v in rec.items()
+                          if k.startswith("eval/") and isinstance(v, float))
+        msg = f"eval at step {rec['step']}: {shown or 'nothing computed'}"
+        if self.tty:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.tb.close()
+
+
