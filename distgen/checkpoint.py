@@ -33,13 +33,15 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
-
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from distgen.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, numpy and safetensors are imported in the functions that use them: the launchers read a run's
+# meta.json (is it finished? preempted?) on nodes and in jobs where importing torch would cost seconds.
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FORMAT = "distgen-checkpoint/1"
@@ -201,6 +203,8 @@ def finalize(root: Path, step: int, keep: int) -> Path:
 
 # --------------------------------------------------------------------------- tensors and states
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     fsync_path(path)
 
@@ -208,6 +212,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except Exception as e:  # truncated or not safetensors at all
@@ -215,6 +221,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_state(path: Path, state: Any) -> None:
+    import torch
+
     torch.save(state, path)
     fsync_path(path)
 
@@ -223,6 +231,8 @@ def load_state(path: Path) -> Any:
     """Optimizer / scheduler / scaler state: tensors and plain data only (pickled code is refused)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -232,6 +242,9 @@ def load_state(path: Path) -> Any:
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's RNG states: torch (CPU, CUDA), numpy and Python's random."""
+    import numpy as np
+    import torch
+
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -244,6 +257,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]

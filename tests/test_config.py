@@ -94,3 +94,31 @@ def test_cli_dry_run_and_error(cfg_file, env_with_repo):
     r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg_file), "data.workers=-1", "--dry-run"],
                        capture_output=True, text=True, env=env_with_repo)
     assert r.returncode == 2 and "data.workers: must be >= 0, got -1" in r.stderr
+
+
+DRY_RUN = """
+import sys
+from distgen.cli import main
+assert main(["train", sys.argv[1], "model.family=gan", "model.arch=stylegan2", "--dry-run"]) == 0
+from distgen.slurm import run_state
+assert run_state(sys.argv[1], []) == "new"
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "deepspeed", "accelerate")
+               or m.startswith("distgen.families"))
+print("HEAVY", heavy)
+"""
+
+
+def test_checking_a_config_imports_neither_torch_nor_any_family(cfg_file, env_with_repo):
+    """--dry-run and the launchers' checks on a login node: the config, family sections included, is checked
+    without torch or the families' modules (their config dataclasses live in distgen.config.models)."""
+    r = subprocess.run([sys.executable, "-c", DRY_RUN, str(cfg_file)], capture_output=True, text=True,
+                       env=env_with_repo)
+    assert r.returncode == 0, r.stderr
+    assert "arch: stylegan2" in r.stdout and "HEAVY []" in r.stdout
+
+
+def test_every_family_has_its_config_section():
+    from distgen.config import MODEL_CONFIGS
+    from distgen.families import FAMILIES
+
+    assert {n: f.config_cls for n, f in FAMILIES.items()} == MODEL_CONFIGS

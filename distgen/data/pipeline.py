@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import gc
 import io
-import json
 import logging
 import os
 import random
@@ -38,7 +37,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from distgen.data.errors import DataError
-from distgen.data.shard import MANIFEST_FORMAT
+from distgen.data.shard import read_manifest
 from distgen.data.streams import PIPE, SCHEME, PipeStream, open_shard
 from distgen.data.tario import iter_entries, seek_sample
 from distgen.dist import derive_seed
@@ -80,12 +79,7 @@ def manifest_shard_path(manifest: Path, i: int, name) -> Path:
 
 
 def _load_manifest(path: Path) -> ShardSet:
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
-        raise DataError(f"{path}: not a distgen manifest (format {MANIFEST_FORMAT})")
+    m = read_manifest(path)
     urls, counts = [], []
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):

@@ -155,6 +155,17 @@ def write_samples(
     return full
 
 
+def read_manifest(path: Path) -> dict:
+    """A manifest's JSON, or a DataError naming the file (unreadable, or not a distgen manifest)."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        raise DataError(f"{path}: not a distgen manifest (format {MANIFEST_FORMAT})")
+    return m
+
+
 def verify_manifest(manifest: str | Path) -> tuple[int, int]:
     """Check every shard of ``manifest`` against its recorded size and sha256 (``distgen data verify``).
 
@@ -164,12 +175,7 @@ def verify_manifest(manifest: str | Path) -> tuple[int, int]:
     from distgen.data.pipeline import manifest_shard_path
 
     path = Path(manifest)
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
-        raise DataError(f"{path}: not a distgen manifest (format {MANIFEST_FORMAT})")
+    m = read_manifest(path)
     problems, total = [], 0
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict):
