@@ -136,32 +136,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for p in checkpoint_folders(root) if (p / "meta.json").is_file()]
 
 
-def newest_loadable(root: Path, read: Callable[[Path], Any], log: Optional[Callable[[str], None]] = None
-                    ) -> tuple[Optional[Path], Any]:
-    """The newest checkpoint folder under ``root`` that ``read`` reads without an error, and what it read.
-
-    A newer folder that fails is reported through ``log`` (file and reason). ``(None, None)`` when
-    there is no checkpoint folder at all; a CheckpointError listing every folder when none reads.
-    """
-    failures = []
-    for folder in reversed(checkpoint_folders(root)):
-        try:
-            value = read(folder)
-        except Exception as e:  # any failure to read is damage to report, never a reason to crash
-            failures.append((folder, describe_failure(folder, e)))
-            continue
-        if failures and log is not None:
-            for f, why in failures:
-                log(f"distgen: checkpoint {f} does not load ({why}); using {folder}")
-        return folder, value
-    if failures:
-        raise CheckpointError(no_checkpoint_loads(root, failures))
-    return None, None
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def describe_failure(folder: Path, e: BaseException) -> str:
     """A checkpoint read error in one line, naming the file when the message does not already."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = first_line(e)
     return msg if str(folder) in msg else f"{type(e).__name__}: {msg}"
 
 
@@ -236,8 +218,7 @@ def load_state(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused or unreadable ({why})") from None
+        raise CheckpointError(f"{path}: refused or unreadable ({first_line(e)})") from None
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -366,22 +347,20 @@ class CheckpointData:
     rng: Optional[tuple[dict[str, torch.Tensor], dict]] = None
 
 
-def write(tmp: Path, *, main: bool, rank: int, weights: dict, optimizers: dict, scaler: Optional[Any],
+def write(tmp: Path, *, weights: dict, optimizers: dict, scaler: Optional[Any],
           emas: dict[str, list[dict[str, torch.Tensor]]], meta: dict) -> None:
-    """Write distgen's files into the temporary folder ``tmp``: rank 0 the shared ones (weights, optimizers,
-    scaler, EMAs, meta.json), every rank its RNG states. Each file is flushed to disk as it is written."""
-    if main:
-        for n, state in weights.items():
-            save_tensors(weights_file(tmp, n), state)
-        for n, state in optimizers.items():
-            save_state(optimizer_file(tmp, n), state)
-        if scaler is not None:
-            save_state(scaler_file(tmp), scaler)
-        for n, tensors in emas.items():
-            for i, t in enumerate(tensors):
-                save_tensors(ema_file(tmp, i, n), t)
-        write_meta(tmp, meta)
-    save_rng(tmp, rank)
+    """Rank 0: distgen's shared files (weights, optimizers, scaler, EMAs, meta.json) into the temporary folder
+    ``tmp``, each flushed to disk as it is written. Every rank adds its own RNG states (:func:`save_rng`)."""
+    for n, state in weights.items():
+        save_tensors(weights_file(tmp, n), state)
+    for n, state in optimizers.items():
+        save_state(optimizer_file(tmp, n), state)
+    if scaler is not None:
+        save_state(scaler_file(tmp), scaler)
+    for n, tensors in emas.items():
+        for i, t in enumerate(tensors):
+            save_tensors(ema_file(tmp, i, n), t)
+    write_meta(tmp, meta)
 
 
 def read(folder: Path, meta: dict, *, rank: int, weights: list[str], optimizers: list[str],
@@ -422,16 +401,19 @@ def write_best(folder: Path, emas: dict[str, dict[str, torch.Tensor]], meta: dic
         write_meta(tmp, meta)
 
 
-def load_newest(root: Path, load: Callable[[Path], dict], main: bool,
-                failed_anywhere: Callable[[bool], bool]) -> tuple[Optional[Path], Optional[dict]]:
-    """Apply the newest checkpoint folder under ``root`` that loads on every rank; ``load(folder)`` applies
-    it and returns its meta. ``failed_anywhere(failed)`` tells every rank whether any rank failed.
+def load_newest(root: Path, load: Callable[[Path], Any], *, main: bool = True,
+                failed_anywhere: Callable[[bool], bool] = lambda failed: failed, set_aside_damaged: bool = False,
+                log: Callable[[str], None] = print) -> tuple[Optional[Path], Any]:
+    """The newest checkpoint folder under ``root`` that ``load(folder)`` reads (or applies) without an error
+    on every rank, and what ``load`` returned. ``failed_anywhere(failed)`` tells every rank whether any
+    rank failed (a single process: whether it did).
 
-    A newer folder that fails (on any rank) is reported by file and reason, then renamed
-    ``step-NNNNNNNN.damaged`` so that neither this run nor a later one tries it again (its files stay).
-    With checkpoint folders of which none loads the run stops, listing them: it never starts afresh over
-    them. A TrainingError from ``load`` that is not a CheckpointError (a changed config) is not damage and
-    stops the run.
+    A newer folder that fails is reported through ``log`` by file and reason; with ``set_aside_damaged``
+    (training) it is renamed ``step-NNNNNNNN.damaged`` so that neither this run nor a later one tries it
+    again (its files stay); sampling and export only read, and rename nothing. ``(None, None)`` when there
+    is no checkpoint folder; with folders of which none loads, a CheckpointError listing them: distgen never
+    starts afresh over them. A TrainingError from ``load`` that is not a CheckpointError (a changed
+    config) is not damage and stops at once.
     """
     from distgen.errors import TrainingError
 
@@ -439,7 +421,7 @@ def load_newest(root: Path, load: Callable[[Path], dict], main: bool,
     for folder in reversed(checkpoint_folders(root)):
         why = None
         try:
-            meta = load(folder)
+            value = load(folder)
         except TrainingError as e:
             if not isinstance(e, CheckpointError):
                 raise
@@ -449,13 +431,14 @@ def load_newest(root: Path, load: Callable[[Path], dict], main: bool,
         if why is not None and not main:  # rank 0 reports its own in the summary below
             print(f"distgen: checkpoint {folder} does not load on this rank: {why}", file=sys.stderr, flush=True)
         if not failed_anywhere(why is not None):
-            if failures and main:
-                for bad, reason in failures:
-                    aside = set_aside(bad)
-                    print(f"distgen: {bad.name} does not load ({reason}); kept as {aside.name}, "
-                          f"resuming from the newest checkpoint that loads, {folder.name}", flush=True)
-            return folder, meta
+            for bad, reason in failures if main else ():
+                if set_aside_damaged:
+                    log(f"distgen: {bad.name} does not load ({reason}); kept as {set_aside(bad).name}, "
+                        f"resuming from the newest checkpoint that loads, {folder.name}")
+                else:
+                    log(f"distgen: checkpoint {bad} does not load ({reason}); using {folder}")
+            return folder, value
         failures.append((folder, why or "does not load on another rank"))
     if failures:
-        raise TrainingError(no_checkpoint_loads(root, failures))
+        raise CheckpointError(no_checkpoint_loads(root, failures))
     return None, None

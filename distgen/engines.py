@@ -280,11 +280,18 @@ class Engine:
         return ok, held
 
     # ---- checkpoints: what of the engine's state goes where
+    def _in_distgen_files(self, trained: dict[str, Trained], nets: dict) -> tuple[list[str], list[str]]:
+        """(networks whose weights, networks whose optimizer states) distgen's own files hold: all under DDP;
+        under DeepSpeed only the frozen networks' weights, the rest being in DeepSpeed's files."""
+        if self.deepspeed:
+            return [n for n in nets if n not in trained], []
+        return list(nets), list(trained)
+
     def state_for_checkpoint(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
-        """What distgen's own files hold: the weights of every network the engine does not save itself
-        (all under DDP; the frozen ones under DeepSpeed), the optimizers (DDP) and the loss scaler."""
-        weights = {n: m.state_dict() for n, m in nets.items() if not (self.deepspeed and n in trained)}
-        optimizers = {} if self.deepspeed else {n: t.opt.state_dict() for n, t in trained.items()}
+        """What distgen's own files hold (:meth:`_in_distgen_files`), and the loss scaler."""
+        weights, optimizers = self._in_distgen_files(trained, nets)
+        weights = {n: nets[n].state_dict() for n in weights}
+        optimizers = {n: trained[n].opt.state_dict() for n in optimizers}
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
         return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
 
@@ -302,9 +309,9 @@ class Engine:
 
     def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
         """The distgen files a resume reads under this engine (see :func:`distgen.checkpoint.read`)."""
-        return {"weights": [n for n in nets if not (self.deepspeed and n in trained)],
-                "optimizers": [] if self.deepspeed else list(trained),
-                "deepspeed": list(trained) if self.deepspeed else [], "scaler": self.acc.scaler is not None}
+        weights, optimizers = self._in_distgen_files(trained, nets)
+        return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
+                "scaler": self.acc.scaler is not None}
 
     def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler."""

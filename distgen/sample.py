@@ -101,8 +101,9 @@ def _build(cfg: Config, info: DataInfo, where: Path):
         raise SampleError(f"{where}: {e}") from None
 
 
-def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict]:
-    """(config, family, networks with their EMA weights) of one checkpoint folder, or an error naming its file."""
+def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
+    """(config, family, networks with their EMA weights, meta.json) of one checkpoint folder, or an error
+    naming its file."""
     meta = ckpt.read_meta(folder, ckpt.EMA_KEYS)
     cfg = _load_config(meta["config"], folder / "meta.json")
     family = _build(cfg, _data_info(meta["data_info"], folder / "meta.json"), folder / "meta.json")
@@ -112,14 +113,14 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict]:
     for n in set(nets) - set(family.ema_networks()):
         if ckpt.weights_file(folder, n).is_file():  # e.g. a frozen autoencoder, as the run used it
             nets[n].load_state_dict(ckpt.load_tensors(ckpt.weights_file(folder, n)))
-    return cfg, family, nets
+    return cfg, family, nets, meta
 
 
 def newest_ema_checkpoint(run_dir: Path) -> tuple[Path, tuple]:
     """The newest checkpoint of a run folder whose EMA weights load (a newer damaged one is reported on stderr)."""
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        cp, got = ckpt.newest_loadable(run_dir / "checkpoints", _read_ema_checkpoint, log=log)
+        cp, got = ckpt.load_newest(run_dir / "checkpoints", _read_ema_checkpoint, log=log)
     except CheckpointError as e:
         raise SampleError(str(e)) from None
     if cp is None:
@@ -141,11 +142,11 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
             raise SampleError(f"{path}: the export's networks do not load ({ckpt.describe_failure(path, e)})") from None
     elif (path / "meta.json").is_file():  # one checkpoint folder (or run_dir/best)
         try:
-            cfg, family, nets = _read_ema_checkpoint(path)
+            cfg, family, nets, _ = _read_ema_checkpoint(path)
         except CheckpointError as e:
             raise SampleError(str(e)) from None
     elif (path / "checkpoints").is_dir():
-        _, (cfg, family, nets) = newest_ema_checkpoint(path)
+        _, (cfg, family, nets, _) = newest_ema_checkpoint(path)
     else:
         raise SampleError(f"{path}: neither a run folder (checkpoints/) nor an export folder ({EXPORT_META})")
     for n in nets.values():
@@ -184,8 +185,7 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Pat
     if not (run_dir / "checkpoints").is_dir():
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
     out = check_export_target(run_dir, Path(out_dir), force)
-    cp, (cfg, family, nets) = newest_ema_checkpoint(run_dir)
-    meta = ckpt.read_meta(cp, ckpt.EMA_KEYS)
+    cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
     for n in nets.values():
         n.eval().requires_grad_(False)
     n_cal = getattr(family, "calibration_images", 0)
@@ -325,11 +325,6 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
                    interpolate: Optional[tuple[str, str]] = None) -> int:
     from accelerate import PartialState
 
-    if seed < 0:
-        raise SampleError(f"--seed: must be >= 0, got {seed}")
-    steps = (options or {}).get("steps")
-    if steps is not None and steps < 1:
-        raise SampleError(f"--steps: must be >= 1, got {steps}")
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
     if dist.is_main():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,20 +325,19 @@ def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str
     tmp = ckpt.tmp_dir(run.root, state.step)
     if eng.main:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)  # distgen's own temporary folder (.tmp-step-*), never a user's
         tmp.mkdir(parents=True)
     eng.barrier()
     eng.save(run.trained, tmp)
-    ema_tensors, ema_steps = {}, {}
-    for n, e in run.emas.items():
-        ema_tensors[n], ema_steps[n] = e.state()
-    meta = {**state.to_meta(), "world_size": eng.world, "reason": reason, "ema_steps": ema_steps,
-            "family_state": run.family.state_dict(), "family": run.family.name, "data_info": to_dict(run.info),
-            "config": to_dict(run.cfg)}
-    ckpt.write(tmp, main=eng.main, rank=eng.rank, emas=ema_tensors, meta=meta,
-               **eng.state_for_checkpoint(run.trained, run.raw))
+    if eng.main:  # the shared files: gathered and written by rank 0 alone
+        ema_tensors, ema_steps = {}, {}
+        for n, e in run.emas.items():
+            ema_tensors[n], ema_steps[n] = e.state()
+        meta = {**state.to_meta(), "world_size": eng.world, "reason": reason, "ema_steps": ema_steps,
+                "family_state": run.family.state_dict(), "family": run.family.name, "data_info": to_dict(run.info),
+                "config": to_dict(run.cfg)}
+        ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.raw))
+    ckpt.save_rng(tmp, eng.rank)
     eng.barrier()
     eng.flush(tmp)
     final = ckpt.finalize(run.root, state.step, tc.keep_checkpoints) if eng.main else ckpt.step_dir(run.root, state.step)
@@ -372,7 +372,8 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
             ckpt.set_rng_state(*data.rng)
         return meta
 
-    latest, meta = ckpt.load_newest(run.root, load, eng.main, agreed)
+    latest, meta = ckpt.load_newest(run.root, load, main=eng.main, failed_anywhere=agreed, set_aside_damaged=True,
+                                    log=lambda msg: print(msg, flush=True))
     if latest is None:
         return None, TrainState()
     if eng.main:
@@ -397,8 +398,7 @@ def load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
 def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_mult: float) -> None:
     """Every rank: the interval's means (all ranks') into one metrics.jsonl record; the interval starts anew."""
     tc, counters = run.cfg.train, state.counters
-    if run.cfg.data.on_error == "skip":
-        count_skips(run, state, cursor)
+    count_skips(run, state, cursor)
     means = interval_means(state.interval, [p.name for p in run.phases])
     rec = {"step": state.step, "kimg": state.nimg / 1000, "loss": means.pop("loss"), "lr": tc.lr * lr_mult,
            **log.pace(state.step, state.nimg, run.stop_at, run.global_batch),

@@ -73,7 +73,7 @@ def test_checkpoint_finalize_prunes_and_ignores_partial(tmp_path):
     ckpt.tmp_dir(tmp_path, 40).mkdir()  # cut off before the rename: not a checkpoint at all
     (tmp_path / "step-00000050").mkdir()  # renamed by hand, no meta.json: a damaged checkpoint, reported
     said = []
-    folder, meta = ckpt.newest_loadable(tmp_path, ckpt.read_meta, log=said.append)
+    folder, meta = ckpt.load_newest(tmp_path, ckpt.read_meta, log=said.append)
     assert folder.name == "step-00000030" and meta["step"] == 30
     assert len(said) == 1 and "step-00000050/meta.json: missing" in said[0]
     assert [p.name for p in ckpt.checkpoint_folders(tmp_path)] == ["step-00000020", "step-00000030", "step-00000050"]
@@ -127,8 +127,9 @@ def test_data_cursor_restarted_or_resumed_gives_the_uninterrupted_batches(fm_tes
 
 def test_the_checkpoint_reader_names_the_file_a_folder_lacks(tmp_path):
     meta = {"world_size": 1, "ema_steps": {"net": [3]}}
-    ckpt.write(tmp_path, main=True, rank=0, weights={"net": {"w": torch.ones(2)}}, optimizers={"net": {"step": 1}},
-               scaler=None, emas={"net": [{"w": torch.zeros(2)}]}, meta=meta)
+    ckpt.write(tmp_path, weights={"net": {"w": torch.ones(2)}}, optimizers={"net": {"step": 1}}, scaler=None,
+               emas={"net": [{"w": torch.zeros(2)}]}, meta=meta)
+    ckpt.save_rng(tmp_path, 0)
     read = lambda: ckpt.read(tmp_path, meta, rank=0, weights=["net"], optimizers=["net"], deepspeed=[],  # noqa: E731
                              emas={"net": 1}, scaler=False)
     got = read()

@@ -38,7 +38,7 @@ from PIL import Image
 
 from distgen.data.errors import DataError
 from distgen.data.shard import read_manifest
-from distgen.data.streams import PIPE, SCHEME, PipeStream, open_shard
+from distgen.data.streams import PipeStream, open_shard
 from distgen.data.tario import iter_entries, seek_sample
 from distgen.dist import derive_seed
 
@@ -69,9 +69,9 @@ def manifest_shard_path(manifest: Path, i: int, name) -> Path:
     nothing else. No absolute path, no ``..``, no ``pipe:`` (a shell command) and no URL scheme: what
     runs or reaches out is only ever what the user typed.
     """
-    bad = (not isinstance(name, str) or not name or name.startswith(PIPE) or SCHEME.match(name)
-           or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name) or Path(name).is_absolute() or ".." in Path(name).parts
-           or "\\" in name)
+    # "scheme:" at the start covers pipe: as well as every URL
+    bad = (not isinstance(name, str) or not name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)
+           or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name)
     if bad:
         raise DataError(f"{manifest}: shards[{i}].name {name!r}: a manifest names its shards as files relative to "
                         f"its own folder (no absolute path, '..', pipe: command or URL)")

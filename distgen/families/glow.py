@@ -359,8 +359,7 @@ class GlowFamily(Family):
         net = nets["glow"]
         device = next(net.parameters()).device
         t = self.cfg.temperature if temperature is None else temperature
-        if t < 0:
-            raise ValueError(f"--temperature must be >= 0, got {t}")
+        self.validate_sample_options({"temperature": t})  # for callers of sample() itself
         n = len(generators)
         # Each image's latents from its own generator, level by level.
         eps = [torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])

@@ -368,8 +368,7 @@ class VAEFamily(Family):
     def sample(self, nets, generators, *, labels=None, temperature=None):
         net = nets["vae"]
         t = self.cfg.temperature if temperature is None else temperature
-        if t < 0:
-            raise ValueError(f"--temperature must be >= 0, got {t}")
+        self.validate_sample_options({"temperature": t})  # for callers of sample() itself
         device = next(net.parameters()).device
         return self.lik.mean(net.sample(self._eps(net, generators, device), t))
 

@@ -312,8 +312,7 @@ class GAN(Family):
         device = next(G.parameters()).device
         t = self.cfg.truncation if truncation is None else truncation
         style = self.cfg.arch == "stylegan2"
-        if not style and t is not None and t <= 0:
-            raise ValueError(f"--truncation: the z threshold must be > 0, got {t}")
+        self.validate_sample_options({"truncation": t})  # for callers of sample() itself
         # One generator per image: an image depends on its own seed only.
         z = torch.cat([self._z_one(gen, None if style else t) for gen in generators]).to(device)
         if self.num_classes:
