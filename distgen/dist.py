@@ -81,14 +81,26 @@ def all_reduce_sum(value: int | float) -> int | float:
     return int(total) if isinstance(value, int) else total
 
 
+_host_group = None
+
+
+def _cpu_group():
+    """A gloo group for numbers the host holds (flags, counts): over NCCL they would be copied to the GPU
+    and read back, a wait for everything queued on it. Made on first use, which every rank reaches alike."""
+    global _host_group
+    if td.get_backend() != "nccl":
+        return None  # the default group works on CPU tensors
+    if _host_group is None:
+        _host_group = td.new_group(backend="gloo")
+    return _host_group
+
+
 def all_reduce_floats(values: list[float]) -> list[float]:
-    """Sum each of a few numbers over all ranks, in one collective."""
+    """Sum each of a few numbers over all ranks, in one collective (on the host)."""
     if not initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    if td.get_backend() == "nccl":
-        t = t.cuda()
-    td.all_reduce(t)
+    td.all_reduce(t, group=_cpu_group())
     return t.tolist()
 
 

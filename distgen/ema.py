@@ -51,9 +51,10 @@ class HalfLifeEMA:
         return 0.5 ** (self.batch / max(h, 1e-8))
 
     @torch.no_grad()
-    def step(self, parameters: Iterable[nn.Parameter]) -> None:
+    def step(self, parameters: Iterable[nn.Parameter], keep: Optional[torch.Tensor] = None) -> None:
+        """One update; ``keep`` (a device bool) False makes it none, decided on the device."""
         params = list(parameters)
-        self.optimization_step += 1
+        self.optimization_step += 1  # steps taken, held ones included (a count for the record only)
         one_minus_decay = 1 - self.get_decay(self.optimization_step)
         with _gathered(params):
             live = [(s, p) for s, p in zip(self.shadow_params, params) if p.requires_grad]
@@ -62,7 +63,12 @@ class HalfLifeEMA:
                 torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
             if live:
                 s_live = [s for s, _ in live]
-                torch._foreach_sub_(s_live, torch._foreach_sub(s_live, [p for _, p in live]), alpha=one_minus_decay)
+                diffs = torch._foreach_sub(s_live, [p for _, p in live])
+                if keep is None:
+                    torch._foreach_sub_(s_live, diffs, alpha=one_minus_decay)
+                else:
+                    torch._foreach_mul_(diffs, keep.to(s_live[0].dtype) * one_minus_decay)
+                    torch._foreach_sub_(s_live, diffs)
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
@@ -80,16 +86,17 @@ class EMASet:
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
 
     @torch.no_grad()
-    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None
-               ) -> None:
-        """Move every EMA towards ``params`` (ZeRO-3-sharded ones are gathered first).
+    def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None,
+               keep: Optional[torch.Tensor] = None) -> None:
+        """Move every EMA towards ``params`` (ZeRO-3-sharded ones are gathered first), unless ``keep`` (a
+        device bool: the step went through) is False.
 
         Buffers (batch-norm statistics, spectral-norm vectors, StyleGAN's average w)
         are not averaged: they are copied from ``network``, as StyleGAN2-ADA does.
         """
         for e in self.emas:
             e.cur_nimg, e.batch = cur_nimg, batch
-            e.step(params)
+            e.step(params, keep)
         if network is not None:
             live = dict(network.named_buffers())
             for name, b in self.module.named_buffers():

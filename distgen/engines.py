@@ -210,15 +210,18 @@ class Engine:
         self.acc.end_training()
 
     # ---- networks
-    def prepare(self, nets: dict[str, torch.nn.Module], family) -> dict[str, Trained]:
-        """AdamW for each trained network (the family's lr scale and betas power), wrapped by its engine."""
+    def prepare(self, nets: dict[str, torch.nn.Module], family, speed) -> dict[str, Trained]:
+        """AdamW for each trained network (the family's lr scale and betas power; ``speed``'s kernels),
+        wrapped by its engine."""
         from accelerate import Accelerator
 
         tc, trained = self.tc, {}
+        self.skips_on_device = speed.skips_on_device and not self.deepspeed
         for i, name in enumerate(self.names):
             o = family.optim_settings(name)
             opt = torch.optim.AdamW(nets[name].parameters(), lr=tc.lr * o.lr_scale,
-                                    betas=tuple(b ** o.beta_power for b in tc.betas), weight_decay=tc.weight_decay)
+                                    betas=tuple(b ** o.beta_power for b in tc.betas), weight_decay=tc.weight_decay,
+                                    **speed.optimizer_kwargs())
             acc = self.acc
             if self._plugins is not None:
                 self.acc.state.select_deepspeed_plugin(name)
@@ -243,41 +246,58 @@ class Engine:
             return torch.autocast(self.device.type, dtype=dtype)
         return t.acc.autocast()
 
-    def agree_finite(self, finite: bool) -> bool:
-        """Is the loss finite (under DeepSpeed, on every rank: it steps inside backward, so all must skip)?"""
-        return dist.all_reduce_sum(int(not finite)) == 0 if self.deepspeed else finite
+    def backward(self, t: Trained, loss: torch.Tensor, bad: torch.Tensor, tally) -> torch.Tensor:
+        """One micro-step's backward; returns ``bad`` (a device bool: this step's loss or gradients were not
+        finite somewhere), which the caller has set from this loss already.
 
-    def backward(self, t: Trained, loss: torch.Tensor, counters: dict) -> None:
-        """Backward (under DeepSpeed also its optimizer step, with fp16 overflow skips counted)."""
-        scale = loss_scale(t.model) if self.deepspeed and self.tc.mixed_precision == "fp16" else None
+        DDP always runs it: a non-finite loss gives non-finite gradients (on every rank, after the
+        all-reduce), whose update :meth:`step` then skips. DeepSpeed steps inside backward, so a non-finite
+        loss on any rank must skip the backward on all: the one place that reads the flag on the host.
+        """
+        if not self.deepspeed:
+            t.acc.backward(loss)
+            return bad
+        if dist.all_reduce_sum(int(bool(bad))) > 0:
+            return torch.ones_like(bad)
+        scale = loss_scale(t.model) if self.tc.mixed_precision == "fp16" else None
         t.acc.backward(loss)
         if scale is not None and loss_scale(t.model) < scale:
-            counters["overflow_total"] += 1  # the scaler found inf/nan and skipped the step
+            tally.count("overflow_total", 1)  # the scaler found inf/nan and skipped the step
+        return bad
 
-    def step(self, t: Trained, ok: bool, counters: dict) -> tuple[bool, bool]:
+    def step(self, t: Trained, bad: torch.Tensor, tally) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """At a gradient-accumulation boundary (DDP): clip, skip a non-finite or extreme update, step.
 
-        Returns (the step is good, the update was held by ``train.skip_grad_norm``). DeepSpeed stepped in
-        :meth:`backward` already.
+        Returns ``bad`` (now also set by a non-finite gradient) and whether ``train.skip_grad_norm`` held the
+        update (a device bool; None without it). With fused AdamW the skip happens on the device (the
+        kernel's ``found_inf``); other kernels need one host read of the flag per step. DeepSpeed stepped
+        in :meth:`backward` already.
         """
         if not t.acc.sync_gradients or self.deepspeed:
-            return ok, False
-        tc, held = self.tc, False
-        if ok:
-            norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            if self.acc.scaler is None and norm is not None and not torch.isfinite(norm):
-                ok = False
-            elif tc.skip_grad_norm and norm is not None and float(norm) > tc.skip_grad_norm:
-                # VDVAE's stabiliser: an extreme gradient (the same on every rank after DDP's all-reduce)
-                # skips this update; the step still counts.
-                held = True
-                counters["skipped_updates_total"] += 1
-        if ok and not held:
+            return bad, None
+        tc, held = self.tc, None
+        norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        if norm is not None and self.acc.scaler is None:  # under fp16 the scaler's own check skips (an overflow)
+            bad = bad | ~torch.isfinite(norm)
+        if tc.skip_grad_norm and norm is not None:
+            # VDVAE's stabiliser: an extreme gradient (the same on every rank after DDP's all-reduce) holds
+            # this update; the step still counts.
+            held = (norm > tc.skip_grad_norm) & ~bad
+            tally.count("skipped_updates_total", held)
+        skip = bad if held is None else bad | held
+        if self.acc.scaler is not None:  # fp16 (GPU only): GradScaler decides on its own found_inf
+            if not bool(skip):
+                t.opt.step()
+                if t.acc.optimizer_step_was_skipped:
+                    tally.count("overflow_total", 1)  # loss scaling found inf, lowered the scale
+        elif self.skips_on_device:
+            t.opt.optimizer.found_inf = skip.float()  # read by the fused kernel: no update where set
             t.opt.step()
-            if t.acc.optimizer_step_was_skipped:
-                counters["overflow_total"] += 1  # fp16 loss scaling found inf, lowered the scale
+            t.opt.optimizer.found_inf = None
+        elif not bool(skip):
+            t.opt.step()
         t.opt.zero_grad(set_to_none=True)
-        return ok, held
+        return bad, held
 
     # ---- checkpoints: what of the engine's state goes where
     def _in_distgen_files(self, trained: dict[str, Trained], nets: dict) -> tuple[list[str], list[str]]:

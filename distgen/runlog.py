@@ -10,16 +10,69 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from distgen import dist
 
+COUNTED = ("nonfinite_total", "overflow_total", "skipped_updates_total")
 
-def accumulate(interval: dict, phase: str, loss: float, extras: dict) -> None:
-    """Add one micro-step's loss and extra scalars to the interval sums (``"<phase>/<name>" -> [sum, count]``)."""
-    for k, v in {"loss": loss, **extras}.items():
-        acc = interval.setdefault(f"{phase}/{k}", [0.0, 0])
-        acc[0] += float(v)
-        acc[1] += 1
+
+class Tally:
+    """What the steps add up between two reads, kept on the device: each micro-step's loss and extra scalars
+    (sum and count of the finite ones), the counters of :data:`COUNTED`, and the streak of non-finite steps.
+
+    Nothing here reads a value back to the host: a read (:meth:`read`, one transfer) happens only where the
+    loop needs the numbers (a record, a checkpoint, a signal), so the CPU never waits for the GPU mid-interval.
+    """
+
+    def __init__(self, device: torch.device, streak: int = 0):
+        self.device = device
+        self._f = torch.float64 if device.type != "mps" else torch.float32
+        self.sums: dict[str, torch.Tensor] = {}  # "<phase>/<name>" -> [sum, count]
+        self.counts = torch.zeros(len(COUNTED), dtype=self._f, device=device)
+        self.streak = torch.tensor(float(streak), dtype=self._f, device=device)  # non-finite steps in a row, now
+        self.longest = self.streak.clone()  # the longest streak since the last read
+
+    def _value(self, v) -> torch.Tensor:
+        return (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))).to(self.device, self._f)
+
+    def add(self, phase: str, loss: torch.Tensor, extras: dict, finite: torch.Tensor) -> None:
+        """One micro-step's loss and extras, counted only when its loss is finite."""
+        f = finite.to(self._f)
+        for k, v in {"loss": loss, **extras}.items():
+            v = self._value(v).reshape(())
+            acc = self.sums.setdefault(f"{phase}/{k}", torch.zeros(2, dtype=self._f, device=self.device))
+            acc += torch.stack([torch.where(finite, v, torch.zeros_like(v)), f])
+
+    def count(self, name: str, flag) -> None:
+        """Add ``flag`` (a 0-dim tensor, bool or number) to counter ``name``."""
+        self.counts[COUNTED.index(name)] += self._value(flag).reshape(())
+
+    def end_step(self, bad: torch.Tensor) -> None:
+        """A step ended; ``bad``: it had a non-finite loss or gradient (and updated nothing)."""
+        b = bad.to(self._f)
+        self.counts[0] += b
+        self.streak = (self.streak + 1) * b
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self, counters: dict, interval: dict) -> int:
+        """Fold everything into the host's ``counters`` and ``interval`` sums (one transfer) and start again.
+        Returns the longest non-finite streak since the last read."""
+        keys = list(self.sums)
+        flat = torch.cat([self.counts, self.streak[None], self.longest[None], *self.sums.values()]).tolist()
+        for name, v in zip(COUNTED, flat):
+            counters[name] += int(v)
+        streak, longest = int(flat[len(COUNTED)]), int(flat[len(COUNTED) + 1])
+        counters["nonfinite_run"] = streak
+        rest = flat[len(COUNTED) + 2:]
+        for i, k in enumerate(keys):
+            acc = interval.setdefault(k, [0.0, 0])
+            acc[0] += rest[2 * i]
+            acc[1] += int(rest[2 * i + 1])
+        self.sums.clear()
+        self.counts.zero_()
+        self.longest = self.streak.clone()
+        return longest
 
 
 def interval_means(interval: dict, phases: list[str]) -> dict:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import dist, preemption
+from distgen import dist, preemption, speed
 from distgen.config import Config, model_changes, to_dict, to_yaml
 from distgen.data import make_loader, resolve_shards
 from distgen.ema import EMASet
@@ -27,7 +27,7 @@ from distgen.engines import Engine, Trained
 from distgen.errors import TrainingError
 from distgen.families import DataInfo, Family, Phase, PhaseNets, build_family
 from distgen.preemption import EXIT_PREEMPTED
-from distgen.runlog import RunLog, accumulate, interval_means
+from distgen.runlog import RunLog, Tally, interval_means
 
 
 def train(cfg: Config, allow_config_change: bool = False) -> int:
@@ -40,7 +40,10 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
     info = data_info(cfg)
     family = build_family(cfg.model, info)
     phases = family.phases()
-    eng = Engine(tc, family, list(dict.fromkeys(p.network for p in phases)))  # what cannot run fails here
+    trained_names = list(dict.fromkeys(p.network for p in phases))
+    eng = Engine(tc, family, trained_names)  # what cannot run fails here
+    fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed)
+    fast.apply_backends(eng.device)
 
     # ---- the run's length, said once
     global_batch = tc.batch_size * eng.world * tc.grad_accum
@@ -50,11 +53,12 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         print(to_yaml(cfg), end="")
         print(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
               f"{tc.mixed_precision}")
+        print(f"distgen: speed: {fast.describe()}")
         print(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
               f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg", flush=True)
 
     # ---- networks (the same initial weights on every rank), EMAs, engines
-    run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), stop_at, global_batch)
+    run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), stop_at, global_batch, fast)
     torch.manual_seed(cfg.run.seed)
     run.nets = {n: m.to(eng.device) for n, m in family.build_networks().items()}
     if not ckpt.checkpoint_folders(run.root) and type(family).data_init is not Family.data_init:
@@ -63,9 +67,14 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         first = make_loader(list(cfg.data.train), dataclasses.replace(cfg.data, workers=0), batch_size=tc.batch_size,
                             mode="train", rank=eng.rank, world=eng.world, seed=cfg.run.seed)
         family.data_init(run.nets, on_device(next(iter(first)), eng.device))
+    if fast.channels_last:  # before the EMA copies, so that sampling from them runs in the same layout
+        for m in run.nets.values():
+            m.to(memory_format=torch.channels_last)
     run.emas = {n: EMASet(run.nets[n], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
                 for n in family.ema_networks()}
-    run.trained = eng.prepare(run.nets, family)
+    for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
+        fast.compile_network(run.nets[n])
+    run.trained = eng.prepare(run.nets, family, fast)
     run.raw = {n: run.trained[n].raw if n in run.trained else m for n, m in run.nets.items()}
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
@@ -91,6 +100,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         seed=cfg.run.seed, start_step=start, pin_memory=eng.device.type == "cuda"),
         start=state.data_start_step, skip=state.data_skip)
     log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main)
+    run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
     last_good = latest
     if agreed(preempt.flag):
@@ -107,16 +117,22 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
             lr_mult = lr_factor(tc, state.nimg)
             train_step(run, state, cursor, lr_mult)
             log.advance()
-            diverged = state.counters["nonfinite_run"] >= tc.max_nonfinite
 
-            # ---- records, and what ends or interrupts the run
-            if state.step % tc.log_every == 0 or state.step == stop_at or diverged:
+            # ---- records, and what ends or interrupts the run. The step's counters and losses stay on the
+            # device (run.tally) and are read only here, at a record, a checkpoint or a signal.
+            record = state.step % tc.log_every == 0 or state.step == stop_at
+            periodic = state.step % tc.checkpoint_every == 0 and state.step < stop_at
+            signalled = agreed(preempt.flag) and state.step < stop_at  # at the last step the run just ends below
+            diverged = False
+            if record or periodic or signalled:
+                diverged = run.tally.read(state.counters, state.interval) >= tc.max_nonfinite
+            if record or diverged:
                 log_record(run, state, cursor, log, lr_mult)
             if diverged:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {state.step}); "
                                     f"stopping without saving: {where}")
-            if agreed(preempt.flag) and state.step < stop_at:  # at the last step the run just ends below
+            if signalled:
                 path = save_checkpoint(run, state, cursor, "preempted")
                 if eng.main:
                     print(f"\ndistgen: signal received: checkpoint {path} written at step {state.step}; "
@@ -125,7 +141,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
 
             # ---- periodic checkpoint (none in a non-finite streak: the last one stays the last good one),
             # after which the data stream restarts, in a straight run as in a resumed one
-            if state.step % tc.checkpoint_every == 0 and state.step < stop_at and state.counters["nonfinite_run"] == 0:
+            if periodic and state.counters["nonfinite_run"] == 0:
                 last_good = save_checkpoint(run, state, cursor, "periodic")
                 cursor.restart(state.step)
                 preemption.hold_for_test(preempt, "periodic")
@@ -161,7 +177,7 @@ class TrainState:
     :meth:`to_meta` and resuming :meth:`from_meta`."""
 
     step: int = 0
-    nimg: int = 0  # samples seen
+    nimg: int = 0  # samples drawn (a non-finite step's included)
     data_start_step: int = 0  # the data stream was last (re)started at this step...
     data_skip: int = 0  # ...and this many of its batches were drawn (0 at a periodic checkpoint)
     counters: dict = field(default_factory=new_counters)
@@ -180,15 +196,11 @@ class TrainState:
                    data_skip=meta.get("data_skip", 0), counters={**new_counters(), **meta["counters"]},
                    interval=dict(meta["interval"]), best=meta.get("best"), reason=meta.get("reason"))
 
-    def advance(self, ok: bool, global_batch: int) -> None:
-        """One step done: samples counted if it was good, the non-finite streak otherwise."""
+    def advance(self, global_batch: int) -> None:
+        """One step done. ``nimg`` counts the samples drawn, a skipped step's too: the learning-rate and EMA
+        schedules follow the step count without reading back whether each step was finite."""
         self.step += 1
-        if ok:
-            self.counters["nonfinite_run"] = 0
-            self.nimg += global_batch
-        else:
-            self.counters["nonfinite_total"] += 1
-            self.counters["nonfinite_run"] += 1
+        self.nimg += global_batch
 
     def finished_at(self, stop_at: int) -> bool:
         """Did this state come from the final checkpoint of a run that ends at ``stop_at``?"""
@@ -246,11 +258,13 @@ class Run:
     dir: Path
     stop_at: int
     global_batch: int
+    speed: speed.Speed
     nets: dict = field(default_factory=dict)  # plain modules by name
     raw: dict = field(default_factory=dict)  # the same, unwrapped from their engine
     trained: dict[str, Trained] = field(default_factory=dict)
     emas: dict[str, EMASet] = field(default_factory=dict)
     skips_reported: int = 0  # this process's skipped samples already in the counters
+    tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
 
     @property
     def root(self) -> Path:
@@ -259,30 +273,35 @@ class Run:
 
 # --------------------------------------------------------------------------- one step, one phase
 def train_step(run: Run, state: TrainState, cursor: DataCursor, lr_mult: float) -> None:
-    """One step: every phase that is due, then the EMAs of the networks whose update went through."""
-    ok, held = True, set()  # networks whose update the stabiliser skipped: their EMA holds too (VDVAE)
+    """One step: every phase that is due, then the EMAs of the networks whose update went through.
+
+    Whether the step went through is a device tensor (``bad``: a loss or gradient was not finite), never read
+    here: the optimizer and the EMAs skip on the device, and the counters wait in ``run.tally``.
+    """
+    bad = torch.zeros((), dtype=torch.bool, device=run.eng.device)
+    held = {}  # network -> its update was held by train.skip_grad_norm (VDVAE): its EMA holds too
     for index, phase in enumerate(run.phases):
         if state.step % phase.every == 0:
-            ok, was_held = run_phase(run, phase, index, state, cursor, lr_mult, ok)
-            if was_held:
-                held.add(phase.network)
+            bad, was_held = run_phase(run, phase, index, state, cursor, lr_mult, bad)
+            if was_held is not None:
+                held[phase.network] = held[phase.network] | was_held if phase.network in held else was_held
     for t in run.trained.values():
         t.restore()
-    state.advance(ok, run.global_batch)
-    if not ok:
-        return
+    state.advance(run.global_batch)
+    run.tally.end_step(bad)
     for n, e in run.emas.items():
-        if n not in held:
-            e.update(list(run.trained[n].model.parameters()), state.nimg, run.global_batch, network=run.raw[n])
+        keep = ~(bad | held[n]) if n in held else ~bad
+        e.update(list(run.trained[n].model.parameters()), state.nimg, run.global_batch, network=run.raw[n],
+                 keep=keep)
 
 
 def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: DataCursor, lr_mult: float,
-              ok: bool) -> tuple[bool, bool]:
+              bad: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One phase's forward, backward and optimizer step over ``train.grad_accum`` micro-batches.
 
-    ``ok`` is False once a phase of this step had a non-finite loss or gradient: later phases then hold
-    their update too. Returns (the step is still good, this network's update was held by
-    ``train.skip_grad_norm``).
+    ``bad`` (a device bool) is set once a phase of this step had a non-finite loss or gradient: later phases
+    then hold their update too. Returns ``bad`` and whether ``train.skip_grad_norm`` held this network's
+    update (a device bool, None without it).
     """
     cfg, eng, tc = run.cfg, run.eng, run.cfg.train
     t = run.trained[phase.network]
@@ -290,9 +309,9 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
     view = PhaseNets({n: t.model if n == phase.network else run.raw[n] for n in run.nets}, run.raw)
     for g in t.opt.param_groups:
         g["lr"] = tc.lr * t.lr_scale * lr_mult
-    noise, held = torch.Generator(device=eng.device), False
+    noise, held = torch.Generator(device=eng.device), None
     for micro in range(tc.grad_accum):
-        batch = on_device(cursor.next(), eng.device)
+        batch = run.speed.batch_layout(on_device(cursor.next(), eng.device))
         # Noise of (seed, rank, step, phase, micro-step): no RNG state to carry across resumes. The global
         # RNG too (dropout draws from it, and so do loaders built at a resume): only a per-step seed makes a
         # resumed run's dropout masks those of the straight run.
@@ -302,16 +321,17 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
             with eng.autocast(t):
                 per_sample, extras = run.family.loss(phase.name, view, batch, noise)
             loss = per_sample.float().mean()  # the reduction in float32 whatever the precision
-            if eng.agree_finite(bool(torch.isfinite(loss.detach()))):
-                accumulate(state.interval, phase.name, float(loss.detach()), extras)
-                eng.backward(t, loss, state.counters)
-            else:
-                ok = False
-            ok, was_held = eng.step(t, ok, state.counters)
-            held = held or was_held
-            if t.acc.sync_gradients and ok:
+            finite = torch.isfinite(loss.detach())
+            run.tally.add(phase.name, loss, extras, finite)
+            bad = eng.backward(t, loss, bad | ~finite, run.tally)
+            bad, was_held = eng.step(t, bad, run.tally)
+            if was_held is not None:
+                held = was_held if held is None else held | was_held
+            if t.acc.sync_gradients:
+                # After the optimizer step, skipped or not: WGAN's clipping of weights that did not move
+                # changes nothing.
                 run.family.after_step(phase.name, run.raw)
-    return ok, held
+    return bad, held
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from distgen.config.core import check
 
@@ -66,6 +66,13 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between full checkpoints
     keep_checkpoints: int = 3  # newest checkpoints kept
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this step even if kimg is not reached
+    # Speed (docs/training.md#speed); what each resolves to is printed at start. "auto": on with CUDA, off on CPU.
+    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the trained networks' forward
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # NHWC weights and images (tensor cores' layout)
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW's kernels; auto: fused on CUDA
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (float32 work; bf16/fp16 autocast regions unaffected)
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms for the run's shapes (CUDA)
 
     def validate(self, path: str) -> None:
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -136,7 +143,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon
     num_samples: int = 10000  # generated images per evaluation
     ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
-    batch_size: int = 64  # images per feature-extractor pass, per process
+    batch_size: Optional[int] = None  # images per feature-extractor pass, per process; null: 256 on CUDA, 64 on CPU
     seed: int = 0  # image i of an evaluation is drawn with the seed (seed, i)
     feature_extractor: str = "inception"  # or a file from `distgen eval fit-features`
     inception_weights: Optional[str] = None  # local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)
@@ -155,7 +162,7 @@ class EvalConfig:
         check(self.num_samples >= 2, f"{path}.num_samples", "must be >= 2")
         few = sample_count_problem(self.metrics, self.num_samples)
         check(few is None, f"{path}.num_samples", str(few))
-        check(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        check(self.batch_size is None or self.batch_size >= 1, f"{path}.batch_size", "must be >= 1 or null")
         check(self.kid_subset_size >= 2, f"{path}.kid_subset_size", "must be >= 2")
         names = self.LOWER_IS_BETTER + self.HIGHER_IS_BETTER
         check(self.best_metric is None or self.best_metric in names, f"{path}.best_metric",

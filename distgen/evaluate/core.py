@@ -66,7 +66,7 @@ class EvalSpec:
     num_samples: int = 10000
     ref: Optional[list[str]] = None  # shards/manifest, or a .npz statistics file
     test: Optional[list[str]] = None  # shards for bpd
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # None: 256 on CUDA, 64 on CPU
     seed: int = 0
     feature_extractor: str = "inception"  # or the path of a `fit-features` file
     inception_weights: Optional[str] = None
@@ -120,6 +120,10 @@ class Evaluator:
 
     def __init__(self, spec: EvalSpec, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
         self.spec, self.device, self.log = spec, torch.device(device), log
+        if spec.batch_size is None:
+            # InceptionV3 at 299x299 runs ~1.9x faster per image at 256 than at 64 on an H100 (issue 21);
+            # on CPU the per-image cost is flat and 64 keeps the activations small.
+            spec.batch_size = 256 if self.device.type == "cuda" else 64
         self.skipped: dict[str, str] = {}  # metric -> why
         self.extractor: Optional[Extractor] = None
         self._reference: Optional[Reference] = None
@@ -150,7 +154,7 @@ class Evaluator:
             out = self.extractor(images)
             idx.append(np.asarray(index, dtype=np.int64))
             for k in feats:
-                feats[k].append(out[k])
+                feats[k].append(out[k].cpu())
         return idx, feats
 
     # ---- reference
@@ -267,7 +271,7 @@ class Evaluator:
         # Reference images need no labels, even for a class-conditional run (a folder of unlabelled images will do).
         data_cfg = replace(data_cfg, labels=False)
         loader = make_loader(ref, data_cfg, batch_size=self.spec.batch_size, mode="eval", rank=dist.rank(),
-                             world=dist.world_size(), as_float=False)
+                             world=dist.world_size(), as_float=False, pin_memory=self.device.type == "cuda")
         fid_layer = self.extractor.layers.get("fid")
         feat_layers = {self.extractor.layers[m] for m in self._active(("kid", "prc"))}
         s1 = s2 = None
@@ -275,7 +279,7 @@ class Evaluator:
         idx, kept = [], {k: [] for k in feat_layers}
         for batch in loader:
             out = self.extractor(batch["image"])
-            if fid_layer is not None:
+            if fid_layer is not None:  # the sums in float64 on the extractor's device, read once at the end
                 f = out[fid_layer].double()
                 s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
                 s2 = f.T @ f if s2 is None else s2 + f.T @ f
@@ -283,7 +287,7 @@ class Evaluator:
             if feat_layers:
                 idx.append(np.asarray(batch["index"]))
                 for k in feat_layers:
-                    kept[k].append(out[k])
+                    kept[k].append(out[k].cpu())
         total = int(dist.all_reduce_sum(n))
         if total < 2:
             raise EvalError(f"reference {ref}: {total} image(s); statistics need at least 2")
@@ -291,7 +295,8 @@ class Evaluator:
         if fid_layer is not None:
             if s1 is None:  # this rank's share was empty: zeros of the right size for the sums
                 d = self.extractor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))[fid_layer].shape[1]
-                s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+                s1 = torch.zeros(d, dtype=torch.float64, device=self.device)
+                s2 = torch.zeros(d, d, dtype=torch.float64, device=self.device)
             dev = "cuda" if dist.initialized() and torch.distributed.get_backend() == "nccl" else "cpu"
             s1 = dist.all_reduce_tensor_(s1.to(dev)).cpu()
             s2 = dist.all_reduce_tensor_(s2.to(dev)).cpu()

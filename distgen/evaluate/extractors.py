@@ -205,13 +205,14 @@ class Extractor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 BxCxHxW (C = 1 or 3) -> {layer: float32 B x D on CPU}."""
+        """uint8 BxCxHxW (C = 1 or 3) -> {layer: float32 B x D on the extractor's device}: callers move to the
+        host only what they keep (KID/PR features), so the GPU never waits for a batch's copy-out."""
         if images.dtype != torch.uint8:
             raise TypeError(f"feature extraction takes uint8 images, got {images.dtype}")
         if images.shape[1] == 1:  # grey -> 3 equal channels, as torch-fidelity expects
             images = images.expand(-1, 3, -1, -1)
-        out = self.module(images.to(self.device).contiguous())
-        return {name: t.float().cpu() for name, t in zip(self.features, out)}
+        out = self.module(images.to(self.device, non_blocking=True).contiguous())
+        return {name: t.float() for name, t in zip(self.features, out)}
 
 
 def write_random_inception(path: str | Path, seed: int = 0, images: Optional[torch.Tensor] = None) -> Path:

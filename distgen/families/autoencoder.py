@@ -144,15 +144,15 @@ class Autoencoder(Family):
             real_logits, fake_logits = nets["disc"](x), nets["disc"](fake)
             on = 1.0 if self._adversarial() else 0.0  # before the start the discriminator is not trained
             hinge = F.relu(1 - real_logits).mean(dim=(1, 2, 3)) + F.relu(1 + fake_logits).mean(dim=(1, 2, 3))
-            return on * hinge, {"real_logit": float(real_logits.mean()), "fake_logit": float(fake_logits.mean())}
+            return on * hinge, {"real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
         rec, kl = nets["ae"](x, generator)
         err = (rec - x).abs() if self.cfg.recon == "l1" else (rec - x) ** 2
         loss = err.flatten(1).sum(1) + self.cfg.kl_weight * kl
-        extras = {"recon_l1": float((rec - x).abs().mean()), "kl": float(kl.mean())}
+        extras = {"recon_l1": (rec - x).detach().abs().mean(), "kl": kl.detach().mean()}
         if self._adversarial():
             g = -nets["disc"](rec).mean(dim=(1, 2, 3))
             loss = loss + self.cfg.disc_weight * g * x[0].numel()  # the same per-pixel scale as the sums
-            extras["g_adv"] = float(g.mean())
+            extras["g_adv"] = g.detach().mean()
         self.nimg += x.shape[0] * dist.world_size()
         return loss, extras
 

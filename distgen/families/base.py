@@ -97,6 +97,12 @@ class Family:
         """Why this family's configuration cannot run under DeepSpeed ZeRO ``zero_stage`` (None: it can)."""
         return None
 
+    def compile_problem(self, network: str) -> Optional[str]:
+        """Why ``network``'s forward cannot be compiled (``train.compile``) in this configuration, or None.
+        torch.compile has no double backward: a penalty on a gradient through the network (R1, a
+        gradient penalty, path length) needs the network run eagerly."""
+        return None
+
     def data_init(self, nets: dict[str, nn.Module], batch: dict) -> None:
         """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs
         exist. Every rank calls it with its own batch; the family makes the result the same on all."""

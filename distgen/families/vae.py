@@ -335,8 +335,8 @@ class VAEFamily(Family):
         w = self.kl_weight()
         self.nimg += x.shape[0] * dist.world_size()
         dims = x[0].numel() * math.log(2)
-        return (rec + w * kl_term) / dims, {"recon_bpd": float(rec.detach().mean() / dims),
-                                            "kl_bpd": float(kls.detach().sum(1).mean() / dims), "kl_weight": w}
+        return (rec + w * kl_term) / dims, {"recon_bpd": rec.detach().mean() / dims,
+                                            "kl_bpd": kls.detach().sum(1).mean() / dims, "kl_weight": w}
 
     likelihood_options = ("iw_samples",)
 

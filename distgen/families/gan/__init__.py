@@ -137,6 +137,15 @@ class GAN(Family):
         ratio = every / (every + 1)  # StyleGAN2: lazy regularisation steps the same optimizer
         return OptimSettings(scale * ratio, ratio)
 
+    def compile_problem(self, network):
+        c = self.cfg
+        if network == "D" and (c.r1_gamma > 0 or c.loss == "wgan-gp"):
+            what = "R1" if c.r1_gamma > 0 else "wgan-gp's gradient penalty"
+            return f"{what} differentiates through it twice, which torch.compile does not support"
+        if network == "G" and c.pl_weight > 0:
+            return "the path-length regulariser differentiates through it twice, which torch.compile does not support"
+        return None
+
     def engine_problem(self, zero_stage):
         if zero_stage == 3:
             return ("a GAN runs each network outside its own engine in the other's phase (the frozen discriminator "
@@ -158,7 +167,7 @@ class GAN(Family):
                     p.clamp_(-self.cfg.clip, self.cfg.clip)
 
     def state_dict(self):
-        return {"pl_mean": self.pl_mean, **({"ada": self.ada.state_dict()} if self.ada else {})}
+        return {"pl_mean": float(self.pl_mean), **({"ada": self.ada.state_dict()} if self.ada else {})}
 
     def load_state_dict(self, state):
         self.pl_mean = float(state.get("pl_mean", 0.0))
@@ -230,7 +239,7 @@ class GAN(Family):
         info = self._info(q, codes)
         if info is not None:
             loss = loss + self.cfg.info_weight * info
-            extras["info"] = float(info.detach().mean())
+            extras["info"] = info.detach().mean()
         return loss, extras
 
     def _d_loss(self, nets, real, labels, g):
@@ -245,12 +254,11 @@ class GAN(Family):
         r, f = r.detach(), f.detach()  # for the logged numbers below
         # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's
         t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.0
-        extras = {"real": float(r.mean()), "fake": float(f.mean()),
-                  "acc": 0.5 * float((r > t).float().mean() + (f < t).float().mean())}
+        extras = {"real": r.mean(), "fake": f.mean(), "acc": 0.5 * ((r > t).float().mean() + (f < t).float().mean())}
         if c.loss == "wgan-gp":
             gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
             loss = loss + c.gp_weight * gp
-            extras["gp"] = float(gp.detach().mean())
+            extras["gp"] = gp.detach().mean()
         loss, extras = self._with_info(loss, extras, q, codes)
         if self.ada is not None:
             self.ada.observe(r, dist.all_reduce_floats)
@@ -266,7 +274,7 @@ class GAN(Family):
         loss = pen * (c.r1_gamma / 2 * c.r1_every) + r.float() * 0
         if q is not None:
             loss = loss + q.float().sum(1) * 0
-        return loss, {"r1": float(pen.detach().mean())}
+        return loss, {"r1": pen.detach().mean()}
 
     def _g_loss(self, nets, real, labels, g):
         c = self.cfg
@@ -276,7 +284,7 @@ class GAN(Family):
         if c.ortho_weight > 0:
             ortho = nets.raw["G"].orthogonal_penalty()
             loss = loss + c.ortho_weight * ortho
-            extras["ortho"] = float(ortho.detach())
+            extras["ortho"] = ortho.detach()
         return self._with_info(loss, extras, q, codes)
 
     def _pl_loss(self, nets, real, labels, g):
@@ -285,12 +293,14 @@ class GAN(Family):
         z, _ = self._latents(n, g, real.device)
         img, ws = nets["G"](z, labels[:n] if labels is not None else None, noise_gen=g, return_ws=True)
         lengths = path_lengths(img, ws, g)
-        total, count = dist.all_reduce_floats([float(lengths.detach().sum()), float(n)])
-        # one running mean for all ranks (so a checkpoint holds the state of every rank)
-        self.pl_mean += c.pl_decay * (total / count - self.pl_mean)
-        pen = (lengths - self.pl_mean).square()
+        # One running mean for all ranks (so a checkpoint holds the state of every rank), in float64 and on the
+        # device: summed over the ranks there, never read back in the step.
+        sums = dist.all_reduce_tensor_(torch.stack([lengths.detach().double().sum(), lengths.new_tensor(n, dtype=torch.float64)]))
+        pl_mean = torch.as_tensor(self.pl_mean, dtype=torch.float64, device=lengths.device)
+        self.pl_mean = pl_mean + c.pl_decay * (sums[0] / sums[1] - pl_mean)
+        pen = (lengths - self.pl_mean.to(lengths.dtype)).square()
         loss = pen * (c.pl_weight * c.pl_every) + img[:, 0, 0, 0].float() * 0
-        return loss, {"pl_length": total / count, "pl_penalty": float(pen.detach().mean())}
+        return loss, {"pl_length": sums[0] / sums[1], "pl_penalty": pen.detach().mean()}
 
     # ---- sampling and export
     def _z_one(self, gen: torch.Generator, threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,17 +74,18 @@ class ADA:
 
     def observe(self, real_logits: torch.Tensor, reduce_sum) -> None:
         """Record a step's real logits; ``reduce_sum`` sums a list of numbers over the ranks."""
-        self.sign_sum += float(torch.sign(real_logits.detach().float()).sum())
+        # Summed on the device; read back (one host sync) only when p moves, every ``interval`` calls.
+        self.sign_sum = self.sign_sum + torch.sign(real_logits.detach().float()).sum().double()
         self.count += real_logits.shape[0]
         self.calls += 1
         if self.calls % self.interval == 0:
-            total, n = reduce_sum([self.sign_sum, float(self.count)])
+            total, n = reduce_sum([float(self.sign_sum), float(self.count)])
             rt = total / max(n, 1.0)
             self.p = min(max(self.p + (1 if rt > self.target else -1) * n / (self.speed_kimg * 1000), 0.0), 1.0)
             self.sign_sum, self.count = 0.0, 0
 
     def state_dict(self) -> dict:
-        return {"p": self.p, "sign_sum": self.sign_sum, "count": self.count, "calls": self.calls}
+        return {"p": self.p, "sign_sum": float(self.sign_sum), "count": self.count, "calls": self.calls}
 
     def load_state_dict(self, s: dict) -> None:
         self.p, self.sign_sum, self.count, self.calls = float(s["p"]), float(s["sign_sum"]), int(s["count"]), int(s["calls"])

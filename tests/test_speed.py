@@ -1,0 +1,139 @@
+"""The speed switches (train.compile, channels_last, optimizer_impl) and the step without host reads:
+the same training with them as without, exact resume with all of them on, and a non-finite step still
+skipped, counted and stopped on once the loop no longer reads the loss back every step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen.config import load_config
+from distgen.families import build_family
+from distgen.families.base import DataInfo
+from distgen.speed import resolve
+from test_gan import gan_config
+from test_train import REPO, run, tiny_config, weights
+
+PY = [sys.executable, "-m", "distgen"]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss", "D/", "G/"))} for r in recs}
+
+
+def close(a: dict, b: dict, rtol: float) -> bool:
+    return a.keys() == b.keys() and all(
+        abs(a[s][k] - b[s][k]) <= rtol * abs(b[s][k]) for s in a for k in a[s] if b[s][k] is not None)
+
+
+@pytest.mark.parametrize("family", ["diffusion", "gan"])
+def test_compile_trains_as_eager_does(family, tmp_path, fm_test_shards, env_with_repo):
+    """Ten logged steps with every network compiled against the same run eager: the first step's loss
+    is the same computation reassociated by the compiler (float32 rounding, ~1e-6 relative); Adam's
+    normalised steps keep later weights within a few rounding units of each other, so each loss stays
+    within 1e-4."""
+    runs = {}
+    for compiled in (False, True):
+        sub = tmp_path / str(compiled)
+        over = {"train": {"max_steps": 10, "log_every": 1, "checkpoint_every": 100}}
+        cfg = (gan_config(sub, fm_test_shards, {"arch": "dcgan", "loss": "hinge"}, **over) if family == "gan"
+               else tiny_config(sub, fm_test_shards, **over))
+        r = run(PY + ["train", str(cfg), f"train.compile={str(compiled).lower()}"], env_with_repo)
+        nets = "D, G" if family == "gan" else "unet"
+        assert (f"speed: compile {nets} (mode default)" if compiled else "speed: compile off") in r.stdout
+        runs[compiled] = losses_by_step(sub / "run")
+    assert sorted(runs[True]) == list(range(1, 11))
+    assert close(runs[True], runs[False], rtol=1e-4), (runs[True], runs[False])
+
+
+def test_networks_a_regulariser_differentiates_twice_are_not_compiled():
+    """R1 / a gradient penalty / path length need double backward, which torch.compile lacks: those
+    networks run eagerly and the start-up line says why; the rest compile."""
+    for model, eager in (({"arch": "stylegan2", "r1_gamma": 1.0}, "D"), ({"arch": "dcgan", "loss": "wgan-gp"}, "D"),
+                         ({"arch": "stylegan2", "pl_weight": 2.0}, "G")):
+        cfg = load_config(None, ["model.family=gan", "train.compile=true"] + [f"model.{k}={v}" for k, v in model.items()])
+        family = build_family(cfg.model, DataInfo(16, 1, 0))
+        s = resolve(cfg.train, torch.device("cpu"), family, ["D", "G"], deepspeed=False)
+        assert list(s.not_compiled) == [eager] and s.compiled == [n for n in ("D", "G") if n != eager]
+        assert "differentiates through it twice" in s.describe()
+    auto = resolve(load_config(None, []).train, torch.device("cpu"), family, ["D", "G"], deepspeed=False)
+    assert not auto.compiled and not auto.channels_last and auto.optimizer_impl == "foreach"  # "auto" on CPU
+
+
+def test_resume_with_every_switch_on_is_exact(tmp_path, fm_test_shards, env_with_repo):
+    """20 steps straight == 13 steps, stop, resume to 20, with compile, channels_last and fused AdamW:
+    weights, EMAs and optimizer states equal to the bit."""
+    switches = ["train.compile=true", "train.channels_last=true", "train.optimizer_impl=fused"]
+    over = {"train": {"total_kimg": 0.16, "checkpoint_every": 10, "log_every": 5}}
+    a, b = tiny_config(tmp_path / "a", fm_test_shards, **over), tiny_config(tmp_path / "b", fm_test_shards, **over)
+    run(PY + ["train", str(a)] + switches, env_with_repo)
+    run(PY + ["train", str(b), "train.max_steps=13"] + switches, env_with_repo)
+    second = run(PY + ["train", str(b)] + switches, env_with_repo)
+    assert "(step 13," in second.stdout and "channels_last on, AdamW fused" in second.stdout
+    ca, cb = (t / "run" / "checkpoints" / "step-00000020" for t in (tmp_path / "a", tmp_path / "b"))
+    for name in ("unet.safetensors", "ema0-unet.safetensors", "ema1-unet.safetensors"):
+        wa, wb = weights(ca, name), weights(cb, name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    oa, ob = ckpt.load_state(ca / "optim-unet.pt"), ckpt.load_state(cb / "optim-unet.pt")
+    for k, st in oa["state"].items():
+        assert all(torch.equal(st[n], ob["state"][k][n]) for n in st)
+
+
+def probe(tmp_path, cfg: Path, nan_steps: str, *overrides: str) -> dict:
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(REPO / "tests/scripts/step_probe.py"), str(cfg), str(out), nan_steps,
+                        *overrides], capture_output=True, text=True, cwd=REPO, timeout=600)
+    return {**json.loads(out.read_text()), "stderr": r.stderr, "returncode": r.returncode} if out.exists() else \
+        {"returncode": r.returncode, "stderr": r.stderr}
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_a_nonfinite_step_updates_nothing_without_host_reads(impl, tmp_path, fm_test_shards):
+    """NaN losses at steps 3 and 4 of a real run, read back only at the step-8 record: those two steps
+    change no weight, no EMA and no optimizer step count; the others do; the record counts 2 and averages
+    the finite losses. With fused AdamW the step reads nothing back to the host (the skip happens in the
+    kernel); other kernels need one read of the flag per step. (Step 1 starts the data loader, whose seed
+    is drawn with a CPU .item().)"""
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"max_steps": 8, "log_every": 8, "checkpoint_every": 100})
+    res = probe(tmp_path, cfg, "3,4", f"train.optimizer_impl={impl}")
+    assert res["returncode"] == 0, res["stderr"][-3000:]
+    for s in res["steps"]:
+        skipped = s["step"] in (3, 4)
+        assert (s["weights_same"], s["ema_same"], s["opt_steps_same"]) == (skipped,) * 3, s
+        assert s["finite_weights"]
+        if s["step"] > 1:
+            assert s["host_reads"] == (0 if impl == "fused" else 1), s
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 8 and rec["nonfinite_total"] == 2 and rec["loss"] > 0
+
+
+def test_a_nonfinite_streak_found_at_the_record_stops_the_run(tmp_path, fm_test_shards):
+    """max_nonfinite=3, NaN from step 7 on, records every 5 steps and a checkpoint at step 5: the streak is
+    read at step 10 (4 in a row), the run stops there naming the step-5 checkpoint, whose weights are finite."""
+    cfg = tiny_config(tmp_path, fm_test_shards, train={"max_steps": 20, "log_every": 5, "checkpoint_every": 5,
+                                                       "max_nonfinite": 3})
+    res = probe(tmp_path, cfg, ",".join(map(str, range(7, 21))), "train.optimizer_impl=fused")
+    assert res["returncode"] == 2, res["stderr"][-3000:]
+    good = tmp_path / "run" / "checkpoints" / "step-00000005"
+    assert (f"3 non-finite steps in a row (step 10); stopping without saving: the last good checkpoint is {good}"
+            in res["stderr"])
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000005"]
+    assert all(torch.isfinite(t).all() for t in weights(good).values())
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 10 and rec["nonfinite_total"] == 4
+
+
+def test_gpu_throughput_benchmark_runs_on_cpu_with_a_tiny_preset(tmp_path, fm_test_shards, env_with_repo):
+    r = run([sys.executable, str(REPO / "benchmarks/gpu_throughput.py"), "--preset", "tiny", "--batch", "8",
+             "--steps", "4", "--warmup", "2", "--manifest", str(fm_test_shards), "--resolution", "28",
+             "--channels", "1", "--workers", "1"], env_with_repo)
+    out = r.stdout
+    for line in ("plain loop", "tuned loop", "distgen train", "distgen / tuned", "distgen / plain", "FLOP"):
+        assert line in out, out
