@@ -4,6 +4,7 @@
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
                    [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
     distgen export RUN_DIR OUT_DIR [--force]
+    distgen ema RUN_DIR (--sigma-rel 0.05,0.08 | --sweep 0.02:0.20:10 --metric fid [eval flags]) --out OUT_DIR
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
@@ -76,6 +77,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--iw-samples", type=int, default=None,
                     help="bpd of a VAE: 1 gives the ELBO, K > 1 the importance-weighted bound")
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
+
+    em = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of chosen widths from a run's snapshots "
+                                    "(ema.kind=power, ema.snapshot_kimg), or sweep widths and keep the best")
+    em.add_argument("run_dir", metavar="RUN_DIR")
+    what = em.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sigma-rel", help="comma list of relative widths, e.g. 0.05,0.08,0.12: one export each")
+    what.add_argument("--sweep", metavar="LO:HI:N", help="evaluate N widths from LO to HI; keep the best as an export")
+    em.add_argument("--out", required=True, metavar="OUT_DIR")
+    em.add_argument("--force", action="store_true", help="replace an earlier distgen ema output in OUT_DIR")
+    em.add_argument("--max-residual", type=float, default=0.05,
+                    help="refuse widths the snapshots fit worse than this relative L2 residual (default 0.05)")
+    em.add_argument("--metric", default="fid", help="the sweep's metric: fid, kid, isc, prc, bpd or recon")
+    em.add_argument("--baseline", metavar="RUN_DIR|EXPORT_DIR", help="also evaluate this (e.g. a fixed-EMA run)")
+    em.add_argument("--num-samples", type=int, default=10000)
+    for flag in ("--ref", "--test"):
+        em.add_argument(flag, nargs="+", default=None)
+    em.add_argument("--batch-size", type=int, default=None)
+    em.add_argument("--seed", type=int, default=None)
+    for flag in ("--feature-extractor", "--inception-weights", "--cache-dir"):
+        em.add_argument(flag, default=None)
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -228,6 +249,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_ema(args) -> int:
+    from distgen.config.schema import sample_count_problem
+    from distgen.evaluate.posthoc import ema_command
+    from distgen.phema import parse_sigmas, parse_sweep
+
+    if args.max_residual <= 0:
+        raise ConfigError(f"--max-residual: must be > 0, got {args.max_residual}")
+    if args.sweep:
+        few = sample_count_problem([args.metric], args.num_samples)
+        if few:
+            raise ConfigError(f"--num-samples: {few}")
+    kw = {k: getattr(args, k) for k in ("ref", "test", "batch_size", "seed", "feature_extractor", "inception_weights",
+                                        "cache_dir")}
+    return ema_command(args.run_dir, args.out, sigmas=parse_sigmas(args.sigma_rel) if args.sigma_rel else None,
+                       sweep=parse_sweep(args.sweep) if args.sweep else None, metric=args.metric,
+                       max_residual=args.max_residual, force=args.force, num_samples=args.num_samples,
+                       baseline=args.baseline, eval_kw=kw)
+
+
 def cmd_demo(args) -> int:
     from distgen.demo import demo
 
@@ -255,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "ema":
+            return cmd_ema(args)
         if args.cmd == "data":
             return {"shard": cmd_shard, "encode": cmd_encode, "verify": cmd_verify, "bench": cmd_bench}[args.data_cmd](args)
         if args.cmd == "demo":

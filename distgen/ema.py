@@ -1,17 +1,23 @@
-"""EMA of network weights: diffusers' EMAModel update with EDM's half-life schedule.
+"""EMA of network weights: diffusers' EMAModel update with EDM's half-life schedule, or EDM2's power function.
 
 EDM (Karras et al. 2022) sets the EMA by a half-life in training samples,
 ``beta = 0.5 ** (batch / halflife_nimg)``, with a ramp-up that keeps the
 half-life at most ``rampup x samples seen`` early in training. A fixed
 per-step decay is available too. Several half-lives can run at once.
+
+EDM2 (Karras et al. 2024) averages with a profile proportional to t^gamma over the samples seen so far,
+``beta = (1 - batch / t) ** (gamma + 1)`` at t samples; its width relative to t (``sigma_rel``) fixes gamma.
+Snapshots of such EMAs let :mod:`distgen.phema` reconstruct any other width after training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,14 +82,47 @@ class HalfLifeEMA:
             p.copy_(s.to(p.device, p.dtype))
 
 
+def exp_to_std(gamma: float) -> float:
+    """sigma_rel of the power profile t^gamma (EDM2, eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def std_to_exp(sigma_rel: float) -> float:
+    """gamma of the power profile of relative width ``sigma_rel``: the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) (EDM2, eq. 126, algorithm 2)."""
+    t = sigma_rel ** -2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+class PowerEMA(HalfLifeEMA):
+    """EDM2's power-function EMA of relative width ``sigma_rel``: after t samples it averages the weights
+    seen so far with density proportional to t'^gamma, by ``beta = (1 - batch / t) ** (gamma + 1)``
+    (EDM2, eq. 127); the first update (t = batch) copies the weights."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter], sigma_rel: float):
+        super().__init__(parameters, halflife_nimg=1.0, rampup=None)
+        self.sigma_rel, self.gamma = sigma_rel, std_to_exp(sigma_rel)
+
+    def get_decay(self, optimization_step: int) -> float:
+        return max(1 - self.batch / max(self.cur_nimg, self.batch), 0.0) ** (self.gamma + 1)
+
+
 class EMASet:
     """One or more EMAs of one network, with a module copy to sample from."""
 
-    def __init__(self, network: nn.Module, halflives_kimg: Iterable[float], rampup: Optional[float],
-                 fixed_decay: Optional[float]):
+    def __init__(self, network: nn.Module, halflives_kimg: Iterable[float] = (), rampup: Optional[float] = None,
+                 fixed_decay: Optional[float] = None, power_stds: Iterable[float] = ()):
         # A full copy made before any sharding (ZeRO-3): every rank holds whole EMA weights.
         self.module = copy.deepcopy(network).eval().requires_grad_(False)
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
+        self.emas += [PowerEMA(network.parameters(), s) for s in power_stds]
+
+    @classmethod
+    def from_config(cls, network: nn.Module, ec) -> "EMASet":
+        """The EMAs the ``ema`` config section asks for: half-life ones, or power-function ones (ema.kind)."""
+        if ec.kind == "power":
+            return cls(network, power_stds=ec.power_stds)
+        return cls(network, ec.halflife_kimg, ec.rampup, ec.decay)
 
     @torch.no_grad()
     def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None,

@@ -186,19 +186,24 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Pat
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
     out = check_export_target(run_dir, Path(out_dir), force)
     cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
+    with ckpt.atomic_dir(out) as tmp:
+        write_export(tmp, family, nets, cfg, meta["data_info"],
+                     {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0})
+    return out
+
+
+def write_export(folder: Path, family, nets: dict, cfg: Config, data_info: dict, source: dict) -> None:
+    """The family's standard format and export.json into ``folder`` (the caller makes it appear atomically)."""
     for n in nets.values():
         n.eval().requires_grad_(False)
     n_cal = getattr(family, "calibration_images", 0)
     if n_cal:
         # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
         family.calibrate(nets, _first_images(cfg, n_cal))
-    with ckpt.atomic_dir(out) as tmp:
-        family.export(nets, tmp)
-        (tmp / EXPORT_META).write_text(json.dumps({
-            "family": family.name, "data_info": meta["data_info"], "config": to_dict(cfg),
-            "source": {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0},
-        }, indent=2) + "\n")
-    return out
+    folder.mkdir(parents=True, exist_ok=True)
+    family.export(nets, folder)
+    (folder / EXPORT_META).write_text(json.dumps({
+        "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
 
 
 def _first_images(cfg: Config, n: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import dist, preemption, speed
+from distgen import dist, phema, preemption, speed
 from distgen.config import Config, model_changes, to_dict, to_yaml
 from distgen.data import make_loader, resolve_shards
 from distgen.ema import EMASet
@@ -70,8 +70,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
     if fast.channels_last:  # before the EMA copies, so that sampling from them runs in the same layout
         for m in run.nets.values():
             m.to(memory_format=torch.channels_last)
-    run.emas = {n: EMASet(run.nets[n], cfg.ema.halflife_kimg, cfg.ema.rampup, cfg.ema.decay)
-                for n in family.ema_networks()}
+    run.emas = {n: EMASet.from_config(run.nets[n], cfg.ema) for n in family.ema_networks()}
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast)
@@ -93,6 +92,9 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         ckpt.write_text_durably(run.dir / "config.yaml", to_yaml(cfg))
         if latest is not None:
             print(f"distgen: resumed from {latest} (step {state.step}, {state.nimg / 1000:.1f} kimg)")
+        dropped = phema.drop_snapshots_after(run.dir, state.nimg)  # a stopped run's, taken again from here
+        if dropped:
+            print(f"distgen: {dropped} EMA snapshot(s) after {state.nimg / 1000:.1f} kimg set to be taken again")
 
     # ---- the data stream, where the checkpoint left it; logs; evaluation
     cursor = DataCursor(lambda start: make_loader(
@@ -117,6 +119,8 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
             lr_mult = lr_factor(tc, state.nimg)
             train_step(run, state, cursor, lr_mult)
             log.advance()
+            if eng.main and phema.snapshot_due(state.nimg, global_batch, cfg.ema.snapshot_kimg):
+                phema.write_snapshot(run.dir, run.emas, state.step, state.nimg, cfg.ema.snapshot_dtype)
 
             # ---- records, and what ends or interrupts the run. The step's counters and losses stay on the
             # device (run.tally) and are read only here, at a record, a checkpoint or a signal.
@@ -495,6 +499,9 @@ def print_summary(run: Run, state: TrainState, final: Path, grid: Optional[Path]
     print(f"distgen: metrics     {run.dir / 'metrics.jsonl'} (TensorBoard: {run.dir / 'tensorboard'})")
     if grid:
         print(f"distgen: samples     {grid}")
+    snapshots = phema.read_index(run.dir, must_exist=False)
+    if snapshots:
+        print(f"distgen: EMA snapshots {len(snapshots)} in {run.dir / phema.SNAPSHOT_DIR} (distgen ema {run.dir} ...)")
     if state.best:
         b = state.best
         print(f"distgen: best        {run.dir / 'best'} ({b['metric']} {b['value']:.5g} at step {b['step']})")

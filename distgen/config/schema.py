@@ -94,17 +94,29 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EMAConfig:
+    # halflife: EDM's EMAs (halflife_kimg, rampup, decay); power: EDM2's power-function EMAs (power_stds),
+    # whose snapshots (snapshot_kimg) let `distgen ema` choose the width after training (docs/training.md).
+    kind: Literal["halflife", "power"] = "halflife"
     # EMA half-lives in thousands of samples (EDM's definition); several give several EMAs.
     # The first is the one used for samples, evaluation and export.
     halflife_kimg: tuple[float, ...] = (500.0,)
     rampup: Optional[float] = 0.05  # EDM ramp-up: half-life <= rampup x samples seen; null: none
     decay: Optional[float] = None  # a fixed per-step decay instead of half-lives
+    power_stds: tuple[float, ...] = (0.05, 0.10)  # kind power: relative widths sigma_rel; the first is primary
+    snapshot_kimg: Optional[float] = None  # kind power: write the EMAs to run_dir/ema-snapshots this often
+    snapshot_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # the snapshots' floating-point type
 
     def validate(self, path: str) -> None:
         check(len(self.halflife_kimg) >= 1 and all(h > 0 for h in self.halflife_kimg), f"{path}.halflife_kimg",
               "must be a non-empty list of positive numbers")
         check(self.rampup is None or self.rampup > 0, f"{path}.rampup", "must be > 0 or null")
         check(self.decay is None or 0 < self.decay < 1, f"{path}.decay", "must be in (0, 1) or null")
+        # A power profile t^gamma with gamma >= 0 is at most as wide as the uniform average: 1/sqrt(12).
+        check(len(self.power_stds) >= 1 and all(0 < s < 12 ** -0.5 for s in self.power_stds), f"{path}.power_stds",
+              "must be a non-empty list of widths in (0, 0.2887)")
+        check(self.snapshot_kimg is None or self.snapshot_kimg > 0, f"{path}.snapshot_kimg", "must be > 0 or null")
+        check(self.snapshot_kimg is None or self.kind == "power", f"{path}.snapshot_kimg",
+              "snapshots are of power-function EMAs: set ema.kind=power")
 
 
 @dataclass(frozen=True)
