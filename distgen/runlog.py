@@ -34,7 +34,10 @@ class Tally:
         self.longest = self.streak.clone()  # the longest streak since the last read
 
     def _value(self, v) -> torch.Tensor:
-        return (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))).to(self.device, self._f)
+        if torch.is_tensor(v):
+            return v.detach().to(self.device, self._f)
+        # a fill, not a copy from host memory: a blocking copy to the GPU would wait for the queue
+        return torch.full((), float(v), dtype=self._f, device=self.device)
 
     def add(self, phase: str, loss: torch.Tensor, extras: dict, finite: torch.Tensor) -> None:
         """One micro-step's loss and extras, counted only when its loss is finite."""

@@ -295,8 +295,9 @@ class GAN(Family):
         lengths = path_lengths(img, ws, g)
         # One running mean for all ranks (so a checkpoint holds the state of every rank), in float64 and on the
         # device: summed over the ranks there, never read back in the step.
-        sums = dist.all_reduce_tensor_(torch.stack([lengths.detach().double().sum(), lengths.new_tensor(n, dtype=torch.float64)]))
-        pl_mean = torch.as_tensor(self.pl_mean, dtype=torch.float64, device=lengths.device)
+        full = lambda v: torch.full((), float(v), dtype=torch.float64, device=lengths.device)  # noqa: E731 (no copy)
+        sums = dist.all_reduce_tensor_(torch.stack([lengths.detach().double().sum(), full(n)]))
+        pl_mean = self.pl_mean if torch.is_tensor(self.pl_mean) else full(self.pl_mean)
         self.pl_mean = pl_mean + c.pl_decay * (sums[0] / sums[1] - pl_mean)
         pen = (lengths - self.pl_mean.to(lengths.dtype)).square()
         loss = pen * (c.pl_weight * c.pl_every) + img[:, 0, 0, 0].float() * 0
