@@ -60,7 +60,8 @@ class HalfLifeEMA:
     def step(self, parameters: Iterable[nn.Parameter], keep: Optional[torch.Tensor] = None) -> None:
         """One update; ``keep`` (a device bool) False makes it none, decided on the device."""
         params = list(parameters)
-        self.optimization_step += 1  # steps taken, held ones included (a count for the record only)
+        # updates applied (a skipped step's not): counted on the device when ``keep`` decides there
+        self.optimization_step = self.optimization_step + (keep.long() if keep is not None else 1)
         one_minus_decay = 1 - self.get_decay(self.optimization_step)
         with _gathered(params):
             live = [(s, p) for s, p in zip(self.shadow_params, params) if p.requires_grad]
@@ -158,7 +159,7 @@ class EMASet:
         buffers = {n: t.detach().clone().contiguous() for n, t in self._buffers().items()}
         tensors = [{**{n: t.detach().contiguous() for n, t in zip(names, e.shadow_params)}, **buffers}
                    for e in self.emas]
-        return tensors, [e.optimization_step for e in self.emas]
+        return tensors, [int(e.optimization_step) for e in self.emas]
 
     def load(self, tensors: list[dict[str, torch.Tensor]], steps: list[int]) -> None:
         names = [n for n, _ in self.module.named_parameters()]

@@ -288,8 +288,10 @@ class Engine:
         if self.acc.scaler is not None:  # fp16 (GPU only): GradScaler decides on its own found_inf
             if not bool(skip):
                 t.opt.step()
-                if t.acc.optimizer_step_was_skipped:
-                    tally.count("overflow_total", 1)  # loss scaling found inf, lowered the scale
+                # an overflow: the unscaled gradients' norm is not finite (Accelerate's own flag misses the
+                # skips of fused optimizers, which GradScaler lets step with found_inf)
+                overflow = ~torch.isfinite(norm) if norm is not None else t.acc.optimizer_step_was_skipped
+                tally.count("overflow_total", overflow)
         elif self.skips_on_device:
             t.opt.optimizer.found_inf = skip.float()  # read by the fused kernel: no update where set
             t.opt.step()

@@ -28,10 +28,14 @@ EXPORT_META = "distgen.json"
 BLOCK = 16  # images per forward pass; part of what makes results independent of world size
 
 
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """float NCHW in [-1, 1] -> uint8 NCHW, on the images' device."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """float NCHW in [-1, 1] -> uint8 NHWC (numpy)."""
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: Optional[int] = None) -> Path:
@@ -243,8 +247,10 @@ def likelihood_options(family, options: dict) -> dict:
 
 
 def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict] = None,
-                device="cpu", rank: int = 0, world: int = 1):
-    """This rank's images, a block at a time: (indices, uint8 NHWC, labels or None).
+                device="cpu", rank: int = 0, world: int = 1, on_device: bool = False):
+    """This rank's images, a block at a time: (indices, uint8 NHWC numpy, labels or None), or with
+    ``on_device`` uint8 NCHW tensors left on the device (evaluation feeds them to its extractor there:
+    no round trip through host memory, no wait between sampling and extraction).
 
     Blocks of BLOCK consecutive indices are dealt round-robin to the ranks, and
     image i is drawn from a generator seeded by (seed, i).
@@ -255,7 +261,8 @@ def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict
         gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
         labels = torch.tensor([i % ncls for i in idx]) if ncls else None
         with torch.no_grad():
-            x = to_uint8(family.sample(nets, gens, labels=labels, **(options or {})))
+            x = family.sample(nets, gens, labels=labels, **(options or {}))
+            x = to_uint8_nchw(x) if on_device else to_uint8(x)
         yield idx, x, (labels.numpy() if labels is not None else None)
 
 

@@ -93,7 +93,7 @@ def default_cache_dir() -> Path:
 def gather_in_order(index: list[np.ndarray], feats: dict[str, list[torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
     """This rank's (index, features) pieces -> every rank's features on rank 0, sorted by index."""
     idx = np.concatenate(index) if index else np.zeros(0, np.int64)
-    mine = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in feats.items()}
+    mine = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k, v in feats.items()}  # one copy to the host
     parts = dist.gather_object((idx, mine))
     if parts is None:
         return None
@@ -154,7 +154,7 @@ class Evaluator:
             out = self.extractor(images)
             idx.append(np.asarray(index, dtype=np.int64))
             for k in feats:
-                feats[k].append(out[k].cpu())
+                feats[k].append(out[k])  # left on the device until gathered
         return idx, feats
 
     # ---- reference
@@ -287,7 +287,7 @@ class Evaluator:
             if feat_layers:
                 idx.append(np.asarray(batch["index"]))
                 for k in feat_layers:
-                    kept[k].append(out[k].cpu())
+                    kept[k].append(out[k])  # left on the device until gathered
         total = int(dist.all_reduce_sum(n))
         if total < 2:
             raise EvalError(f"reference {ref}: {total} image(s); statistics need at least 2")
@@ -318,9 +318,10 @@ class Evaluator:
             pending_i, pending_x = [], []
             for index, images, _labels in iter_blocks(family, nets, self.spec.num_samples, seed=self.spec.seed,
                                                       device=self.device, rank=dist.rank(),
-                                                      world=dist.world_size(), options=self.spec.sampling):
+                                                      world=dist.world_size(), options=self.spec.sampling,
+                                                      on_device=True):
                 pending_i += index
-                pending_x.append(torch.from_numpy(images).permute(0, 3, 1, 2))
+                pending_x.append(images)
                 if len(pending_i) >= self.spec.batch_size:
                     yield np.array(pending_i), torch.cat(pending_x)
                     pending_i, pending_x = [], []
