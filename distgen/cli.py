@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--seed", type=int, default=None)
     for flag in ("--feature-extractor", "--inception-weights", "--cache-dir"):
         em.add_argument(flag, default=None)
+    em.add_argument("--steps", type=int, default=None, help="the sweep's sampling steps (default: the config's)")
+    em.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    em.add_argument("--guidance", type=float, default=None, help="the sweep's guidance scale (EDM2: it moves the best width)")
+    em.add_argument("--truncation", type=float, default=None)
+    em.add_argument("--temperature", type=float, default=None)
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -265,7 +270,7 @@ def cmd_ema(args) -> int:
     return ema_command(args.run_dir, args.out, sigmas=parse_sigmas(args.sigma_rel) if args.sigma_rel else None,
                        sweep=parse_sweep(args.sweep) if args.sweep else None, metric=args.metric,
                        max_residual=args.max_residual, force=args.force, num_samples=args.num_samples,
-                       baseline=args.baseline, eval_kw=kw)
+                       baseline=args.baseline, eval_kw=kw, options=_sampling(args))
 
 
 def cmd_demo(args) -> int:

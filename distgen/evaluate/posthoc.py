@@ -49,10 +49,10 @@ def _load(nets: dict, weights: dict, where: Path) -> None:
 def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = None,
                 sweep: Optional[list[float]] = None, metric: str = "fid", max_residual: float = 0.05,
                 force: bool = False, num_samples: int = 10000, baseline: Optional[str] = None,
-                eval_kw: Optional[dict] = None) -> int:
+                eval_kw: Optional[dict] = None, options: Optional[dict] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import newest_ema_checkpoint, write_export
+    from distgen.sample import newest_ema_checkpoint, sampling_options, write_export
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():
@@ -97,6 +97,7 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
 
     key, lower = METRIC_KEY[metric]
     spec = spec_from_config(cfg, metrics=(metric,), num_samples=num_samples, **(eval_kw or {}))
+    spec.sampling = sampling_options(family, options or {})
     evaluator = Evaluator(spec, state.device)
     if metric in evaluator.skipped:
         raise SampleError(f"--metric {metric}: {evaluator.skipped[metric]}")
@@ -124,7 +125,8 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
             print(f"  baseline {baseline}: {key} {base:.5g}")
     if dist.is_main():
         j, value, weights = best
-        summary.update(metric=metric, key=key, lower_is_better=lower, num_samples=num_samples, sweep=rows,
+        summary.update(metric=metric, key=key, lower_is_better=lower, num_samples=num_samples,
+                       sampling=spec.sampling, sweep=rows,
                        best={"sigma_rel": rec.sigmas[j], key: value},
                        baseline={"path": baseline, key: base} if baseline else None)
         with ckpt.atomic_dir(out) as tmp:
