@@ -126,38 +126,45 @@ def test_power_emas_and_snapshots_resume_exactly(nproc, tmp_path, fm_test_shards
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
-def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_shards, env_with_repo):
-    plain = tiny_config(tmp_path / "plain", fm_test_shards, train={"total_kimg": 0.08})
-    run(PY + ["train", str(plain)], env_with_repo)
-    out = tmp_path / "out"
-    r = run(PY + ["ema", str(tmp_path / "plain" / "run"), "--sigma-rel", "0.07", "--out", str(out)], env_with_repo,
-            check=False)
-    assert r.returncode == 2 and "ema-snapshots/index.json: no EMA snapshots" in r.stderr and not out.exists()
+def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_shards, env_with_repo, capsys):
+    from distgen.cli import main
+    from distgen.config import ConfigError, load_config
 
+    def ema(run_dir, *args):  # `distgen ema` in process: its checks come before any model is loaded
+        code = main(["ema", str(run_dir), *args])
+        return code, capsys.readouterr().err
+
+    plain = tiny_config(tmp_path / "plain", fm_test_shards, train={"total_kimg": 0.08})
     cfg = power_config(tmp_path / "p", fm_test_shards, train={"total_kimg": 0.08})
+    run(PY + ["train", str(plain)], env_with_repo)
     run(PY + ["train", str(cfg)], env_with_repo)
-    rd = tmp_path / "p" / "run"
-    r = run(PY + ["ema", str(rd), "--sigma-rel", "0.28", "--out", str(out)], env_with_repo, check=False)
-    assert r.returncode == 2 and "--sigma-rel 0.28: the 5 snapshots" in r.stderr and "they represent sigma_rel" in r.stderr
+    out, rd = tmp_path / "out", tmp_path / "p" / "run"
+    code, err = ema(tmp_path / "plain" / "run", "--sigma-rel", "0.07", "--out", str(out))
+    assert code == 2 and "ema-snapshots/index.json: no EMA snapshots" in err and not out.exists()
+    code, err = ema(rd, "--sigma-rel", "0.28", "--out", str(out))
+    assert code == 2 and "--sigma-rel 0.28: the 5 snapshots" in err and "they represent sigma_rel" in err
     assert not out.exists()
     snaps = sorted((rd / "ema-snapshots").glob("ema-*.safetensors"))
     data = snaps[2].read_bytes()
     snaps[2].write_bytes(data[: len(data) // 2])  # truncated
-    r = run(PY + ["ema", str(rd), "--sigma-rel", "0.07", "--out", str(out)], env_with_repo, check=False)
-    assert r.returncode == 2 and f"{snaps[2]}: {len(data) // 2} bytes, the index recorded {len(data)}" in r.stderr
+    code, err = ema(rd, "--sigma-rel", "0.07", "--out", str(out))
+    assert code == 2 and f"{snaps[2]}: {len(data) // 2} bytes, the index recorded {len(data)}" in err
+    snaps[2].write_bytes(data[:-8] + bytes(8))  # the same size, other bytes
+    code, err = ema(rd, "--sigma-rel", "0.07", "--out", str(out))
+    assert code == 2 and f"{snaps[2]}: its sha256 differs" in err
     snaps[2].unlink()  # missing
-    r = run(PY + ["ema", str(rd), "--sigma-rel", "0.07", "--out", str(out)], env_with_repo, check=False)
-    assert r.returncode == 2 and f"{snaps[2]}: listed in" in r.stderr and "but missing" in r.stderr
+    code, err = ema(rd, "--sigma-rel", "0.07", "--out", str(out))
+    assert code == 2 and f"{snaps[2]}: listed in" in err and "but missing" in err
     assert not out.exists()
     # nor over the run folder or a folder of other files
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     for target, why in ((rd, "is the run folder"), (tmp_path / "other", "not an output of distgen ema")):
-        r = run(PY + ["ema", str(rd), "--sigma-rel", "0.07", "--out", str(target)], env_with_repo, check=False)
-        assert r.returncode == 2 and why in r.stderr
+        code, err = ema(rd, "--sigma-rel", "0.07", "--out", str(target))
+        assert code == 2 and why in err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
-    r = run(PY + ["train", str(cfg), "ema.kind=halflife"], env_with_repo, check=False)
-    assert r.returncode == 2 and "ema.snapshot_kimg: snapshots are of power-function EMAs" in r.stderr
+    with pytest.raises(ConfigError, match="ema.snapshot_kimg: snapshots are of power-function EMAs"):
+        load_config(str(cfg), ["ema.kind=halflife"])
 
 
 def test_sweep_writes_a_table_a_plot_and_the_best_export(tmp_path, fm_test_shards, env_with_repo):
