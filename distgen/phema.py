@@ -181,6 +181,7 @@ class Reconstruction:
         self.entries = read_index(self.run_dir)
         check_snapshots(self.run_dir, self.entries)
         self.t = self.entries[-1]["nimg"]
+        self.networks = _read_networks(self.run_dir / SNAPSHOT_DIR / self.entries[-1]["file"])
         self.in_t = np.array([e["nimg"] for e in self.entries for _ in e["stds"]], dtype=np.float64)
         self.in_std = np.array([s for e in self.entries for s in e["stds"]], dtype=np.float64)
         self.range = representable(self.in_t, self.in_std, self.t, max_residual)
@@ -209,35 +210,37 @@ class Reconstruction:
         outs: list[dict[str, dict]] = [{} for _ in cols]
         row = 0
         folder = self.run_dir / SNAPSHOT_DIR
+        last = len(self.entries) - 1
         for i, e in enumerate(self.entries):
             path = folder / e["file"]
             try:
                 with safe_open(str(path), "pt") as f:
-                    keys = list(f.keys())
-                    for k_std in range(len(e["stds"])):
-                        coef = self.X[row + k_std]
-                        for key in keys:
-                            net, k, name = key.split("/", 2)
-                            if k == "buffers":
-                                continue
-                            if int(k) != k_std:
-                                continue
-                            t = f.get_tensor(key).to(torch.float32)
-                            for o, c in zip(outs, cols):
-                                acc = o.setdefault(net, {})
-                                acc[name] = acc[name] + float(coef[c]) * t if name in acc else float(coef[c]) * t
-                    if i == len(self.entries) - 1:
-                        for key in keys:
-                            net, k, name = key.split("/", 2)
-                            if k == "buffers":
+                    for key in f.keys():  # "<net>/<EMA index>/<name>" or "<net>/buffers/<name>"
+                        net, k, name = key.split("/", 2)
+                        if k == "buffers":
+                            if i == last:
                                 for o in outs:
                                     o.setdefault(net, {})[name] = f.get_tensor(key)
-            except SampleError:
-                raise
+                            continue
+                        t, coef = f.get_tensor(key).to(torch.float32), self.X[row + int(k)]
+                        for o, c in zip(outs, cols):
+                            acc = o.setdefault(net, {})
+                            acc[name] = acc[name] + float(coef[c]) * t if name in acc else float(coef[c]) * t
             except Exception as err:
                 raise SampleError(f"{path}: not a readable snapshot ({ckpt.first_line(err)})") from None
             row += len(e["stds"])
         return outs
+
+
+def _read_networks(path: Path) -> list[str]:
+    """The networks a snapshot holds (its header's metadata)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["networks"])
+    except Exception as err:
+        raise SampleError(f"{path}: not a readable snapshot ({ckpt.first_line(err)})") from None
 
 
 def parse_sigmas(text: str) -> list[float]:

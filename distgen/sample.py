@@ -158,25 +158,23 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
     return family, nets, cfg
 
 
-def _is_export(folder: Path) -> bool:
-    return (folder / EXPORT_META).is_file()
-
-
-def check_export_target(run_dir: Path, out_dir: Path, force: bool) -> Path:
-    """The resolved export folder, or a SampleError: distgen never writes over the run itself, a folder that
-    holds it, or a folder of other files; an earlier export is replaced only with ``force``."""
+def check_output_folder(run_dir: Path, out_dir: Path, force: bool, *, marker: str = EXPORT_META,
+                        what: str = "export", flag: str = "OUT_DIR") -> Path:
+    """The resolved output folder of a command that writes from a run (``export``; ``ema``, whose folders
+    hold another ``marker``), or a SampleError: distgen never writes over the run itself, a folder that
+    holds it, or a folder of other files; its own earlier output is replaced only with ``force``."""
     out = out_dir.resolve()
     run = run_dir.resolve()
     if out == run or run.is_relative_to(out):
-        raise SampleError(f"{out_dir}: OUT_DIR is the run folder {run_dir} or holds it; export into a new folder")
+        raise SampleError(f"{out_dir}: {flag} is the run folder {run_dir} or holds it; write into a new folder")
     if out.exists() and not out.is_dir():
         raise SampleError(f"{out_dir}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not _is_export(out):
-            raise SampleError(f"{out_dir}: a folder that holds other files, not a distgen export; "
-                              f"export into a new or empty folder")
+        if not (out / marker).is_file():
+            raise SampleError(f"{out_dir}: a folder that holds other files, not a distgen {what}; "
+                              f"write into a new or empty folder")
         if not force:
-            raise SampleError(f"{out_dir}: holds an earlier export; pass --force to replace it")
+            raise SampleError(f"{out_dir}: holds an earlier {what}; pass --force to replace it")
     return out
 
 
@@ -188,7 +186,7 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Pat
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
-    out = check_export_target(run_dir, Path(out_dir), force)
+    out = check_output_folder(run_dir, Path(out_dir), force)
     cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
     with ckpt.atomic_dir(out) as tmp:
         write_export(tmp, family, nets, cfg, meta["data_info"],

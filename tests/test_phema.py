@@ -159,7 +159,7 @@ def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_s
     # nor over the run folder or a folder of other files
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    for target, why in ((rd, "is the run folder"), (tmp_path / "other", "not an output of distgen ema")):
+    for target, why in ((rd, "is the run folder"), (tmp_path / "other", "not a distgen ema output")):
         code, err = ema(rd, "--sigma-rel", "0.07", "--out", str(target))
         assert code == 2 and why in err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -11,30 +11,11 @@ from typing import Optional
 
 from distgen import checkpoint as ckpt
 from distgen import dist, phema
+from distgen.config.schema import METRICS, EvalConfig
 from distgen.ema import std_to_exp
 from distgen.errors import SampleError
 
 MARKER = "posthoc.json"  # marks an output folder as distgen ema's (replaced only with --force)
-# the number each metric is judged by, and whether lower is better
-METRIC_KEY = {"fid": ("fid", True), "kid": ("kid_mean", True), "isc": ("isc_mean", False), "prc": ("f_score", False),
-              "bpd": ("bpd", True), "recon": ("psnr", False)}
-
-
-def check_target(run_dir: Path, out_dir: Path, force: bool) -> Path:
-    """The resolved output folder, or a SampleError: never the run folder or one holding it, never a folder
-    of other files; an earlier ``distgen ema`` output is replaced only with ``force``."""
-    out, run = out_dir.resolve(), run_dir.resolve()
-    if out == run or run.is_relative_to(out):
-        raise SampleError(f"{out_dir}: --out is the run folder {run_dir} or holds it; write to a new folder")
-    if out.exists() and not out.is_dir():
-        raise SampleError(f"{out_dir}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise SampleError(f"{out_dir}: a folder that holds other files, not an output of distgen ema; "
-                              "write to a new or empty folder")
-        if not force:
-            raise SampleError(f"{out_dir}: holds an earlier distgen ema output; pass --force to replace it")
-    return out
 
 
 def _load(nets: dict, weights: dict, where: Path) -> None:
@@ -52,19 +33,19 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
                 eval_kw: Optional[dict] = None, options: Optional[dict] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import newest_ema_checkpoint, sampling_options, write_export
+    from distgen.sample import check_output_folder, newest_ema_checkpoint, sampling_options, write_export
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():
         raise SampleError(f"{run}: not a run folder (no checkpoints/)")
-    out = check_target(run, Path(out_dir), force)
-    if sweep is not None and metric not in METRIC_KEY:
-        raise SampleError(f"--metric {metric!r}: one of {', '.join(METRIC_KEY)}")
+    out = check_output_folder(run, Path(out_dir), force, marker=MARKER, what="ema output", flag="--out")
+    if sweep is not None and metric not in METRICS:
+        raise SampleError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
     widths = sweep if sweep is not None else sigmas
     rec = phema.Reconstruction(run, widths, max_residual)  # every check before anything is written
     state = PartialState(cpu=dist.cpu_only())
     cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run)
-    missing = set(family.ema_networks()) - {k.split("/")[0] for k in _snapshot_networks(rec)}
+    missing = set(family.ema_networks()) - set(rec.networks)
     if missing:
         raise SampleError(f"{run / phema.SNAPSHOT_DIR}: the snapshots lack network(s) {sorted(missing)}")
     t_kimg = rec.t / 1000
@@ -95,25 +76,26 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
     # ---- the sweep: one width at a time (two copies of the weights in memory), each evaluated
     from distgen.evaluate import Evaluator, spec_from_config
 
-    key, lower = METRIC_KEY[metric]
+    judge = EvalConfig(metrics=(metric,))  # the number a metric is judged by, and which way is better
+    key, lower = judge.best_key, judge.best_key in EvalConfig.LOWER_IS_BETTER
     spec = spec_from_config(cfg, metrics=(metric,), num_samples=num_samples, **(eval_kw or {}))
     spec.sampling = sampling_options(family, options or {})
     evaluator = Evaluator(spec, state.device)
     if metric in evaluator.skipped:
         raise SampleError(f"--metric {metric}: {evaluator.skipped[metric]}")
     rows, best = [], None
+    for n in nets.values():
+        n.to(state.device).eval().requires_grad_(False)
     for j, (s, r) in enumerate(zip(rec.sigmas, rec.residual)):
         (w,) = rec.weights([j])
         _load(nets, w, run / phema.SNAPSHOT_DIR)
-        for n in nets.values():
-            n.to(state.device).eval().requires_grad_(False)
         t0 = time.time()
         value = evaluator.run(family, nets, cfg.data).get(key)
         rows.append({"sigma_rel": s, "gamma": std_to_exp(s), "residual": float(r), key: value})
         if dist.is_main():
             print(f"  sigma_rel {s:.3f} (gamma {std_to_exp(s):6.2f}, residual {r:.1e}): {key} {value:.5g} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-        if value is not None and (best is None or (value < best[1] if lower else value > best[1])):
+        if value is not None and judge.better(value, best[1] if best else None):
             best = (j, value, {n: {k: v.detach().cpu().clone() for k, v in sd.items()} for n, sd in w.items()})
     base = None
     if baseline:
@@ -140,13 +122,6 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
         print(f"distgen ema: table {out / 'sweep.md'}, plot {out / 'sweep.png'}, all numbers {out / MARKER}")
     dist.barrier()
     return 0
-
-
-def _snapshot_networks(rec: "phema.Reconstruction") -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(rec.run_dir / phema.SNAPSHOT_DIR / rec.entries[-1]["file"]), "pt") as f:
-        return set(f.keys())
 
 
 def _table(summary: dict) -> str:
