@@ -11,6 +11,7 @@ Every file name is written and read here (the layout section at the end).
   the loss-scaler state (tensors and numbers only, read back with
   ``torch.load(weights_only=True)``);
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: every rank's RNG states;
+- ``family-<rank>.safetensors``: a family's per-rank tensors (CycleGAN's image histories), when it keeps any;
 - ``deepspeed/<net>/``: DeepSpeed's partitioned model and optimizer states, when
   DeepSpeed runs.
 
@@ -330,6 +331,11 @@ def scaler_file(folder: Path) -> Path:
     return folder / "scaler.pt"
 
 
+def family_rank_file(folder: Path, rank: int) -> Path:
+    """A family's per-rank state (``Family.rank_state``), for families that keep one."""
+    return folder / f"family-{rank}.safetensors"
+
+
 def deepspeed_dir(folder: Path, net: str) -> Path:
     """DeepSpeed's own partitioned model and optimizer states of a network."""
     return folder / "deepspeed" / net
@@ -345,6 +351,7 @@ class CheckpointData:
     emas: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     scaler: Optional[Any] = None
     rng: Optional[tuple[dict[str, torch.Tensor], dict]] = None
+    family_rank: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def write(tmp: Path, *, weights: dict, optimizers: dict, scaler: Optional[Any],
@@ -364,12 +371,13 @@ def write(tmp: Path, *, weights: dict, optimizers: dict, scaler: Optional[Any],
 
 
 def read(folder: Path, meta: dict, *, rank: int, weights: list[str], optimizers: list[str],
-         deepspeed: list[str], emas: dict[str, int], scaler: bool) -> CheckpointData:
+         deepspeed: list[str], emas: dict[str, int], scaler: bool, family_rank: bool = False) -> CheckpointData:
     """Every file of ``folder`` that this rank resumes from, read into memory (nothing applied yet), or a
     CheckpointError naming the file that is missing, truncated or refused.
 
     ``emas`` maps a network to its number of EMAs; ``deepspeed`` lists the networks whose states are
-    DeepSpeed's own files (only checked to be there: DeepSpeed reads them itself).
+    DeepSpeed's own files (only checked to be there: DeepSpeed reads them itself); ``family_rank``: the
+    family keeps per-rank tensors (a rank the writing run did not have starts without them).
     """
     data = CheckpointData(meta)
     for n in deepspeed:
@@ -389,6 +397,8 @@ def read(folder: Path, meta: dict, *, rank: int, weights: list[str], optimizers:
     data.rng = read_rng(folder, rank)
     if data.rng is None and rank < meta["world_size"]:  # a rank the writing run had must find its states
         raise CheckpointError(f"{folder / f'rng-{rank}.safetensors'}: missing from the checkpoint")
+    if family_rank and rank < meta["world_size"]:
+        data.family_rank = load_tensors(family_rank_file(folder, rank))
     return data
 
 

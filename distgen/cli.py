@@ -3,11 +3,13 @@
     distgen train CONFIG [key=value ...] [--dry-run] [--allow-config-change]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
                    [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
+    distgen sample RUN_DIR|EXPORT_DIR --input IMAGE|FOLDER|SHARDS [--direction AtoB|BtoA] [--num N] --out OUT
     distgen export RUN_DIR OUT_DIR [--force]
     distgen ema RUN_DIR (--sigma-rel 0.05,0.08 | --sweep 0.02:0.20:10 --metric fid [eval flags]) --out OUT_DIR
-    distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon --num-samples N [--ref SHARDS|STATS] [...]
+    distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon,paired,target_class --num-samples N
+                 [--ref SHARDS|STATS] [--test SHARDS] [--direction AtoB|BtoA] [...]
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
-    distgen data shard SOURCE OUT_DIR [--split train|test] [--samples-per-shard N]
+    distgen data shard SOURCE OUT_DIR [--split train|val|test] [--samples-per-shard N] [--domain A|B]
     distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
     distgen data verify MANIFEST
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
@@ -37,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("sample", help="sample from a run's EMA weights or an export")
     sm.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
-    sm.add_argument("--num", type=int, required=True, help="number of images")
+    sm.add_argument("--num", type=int, default=None, help="number of images (with --input: at most this many)")
+    sm.add_argument("--input", default=None, metavar="IMAGE|FOLDER|SHARDS",
+                    help="translators (pix2pix, CycleGAN): the images to translate: a file, a folder of images, or "
+                         "shards (manifest, brace pattern, tar)")
+    sm.add_argument("--direction", choices=["AtoB", "BtoA"], default=None,
+                    help="translators: AtoB (default) or, for CycleGAN, BtoA")
     sm.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
     sm.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     sm.add_argument("--seed", type=int, default=0)
@@ -57,11 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
                                      "(or: eval fit-features SHARDS OUT)")
     ev.add_argument("path", metavar="RUN_DIR|EXPORT_DIR")
-    ev.add_argument("--metrics", default="fid", help="comma list of fid, kid, isc, prc, bpd, recon (default fid)")
+    ev.add_argument("--metrics", default="fid",
+                    help="comma list of fid, kid, isc, prc, bpd, recon, paired, target_class (default fid)")
     ev.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
     ev.add_argument("--ref", nargs="+", default=None,
                     help="reference shards, manifest or .npz statistics (default: eval.ref, else data.train)")
-    ev.add_argument("--test", nargs="+", default=None, help="test shards for bpd and recon (default data.eval)")
+    ev.add_argument("--test", nargs="+", default=None,
+                    help="test shards for bpd and recon, and a translator's inputs (default data.eval)")
+    ev.add_argument("--direction", choices=["AtoB", "BtoA"], default=None,
+                    help="translators: score AtoB (default) or, for CycleGAN, BtoA translations")
     ev.add_argument("--batch-size", type=int, default=None, help="images per extractor pass per process")
     ev.add_argument("--seed", type=int, default=None, help="image i is drawn with the seed (seed, i)")
     ev.add_argument("--feature-extractor", default=None, metavar="PATH",
@@ -106,10 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("shard", help="write webdataset tar shards and a manifest")
-    s.add_argument("source", help="fashion-mnist[:DIR] | cifar10:PATH | folder:DIR | npz:FILE")
+    s.add_argument("source", help="fashion-mnist[:DIR] | cifar10:PATH | folder:DIR | npz:FILE; image-to-image "
+                                  "translation: pix2pix:DIR (paired A|B images) | fashion-mnist[:DIR]:edges (paired) "
+                                  "| cyclegan:DIR (writes <split>A and <split>B) | "
+                                  "fashion-mnist[:DIR]:classes=NAME_A/NAME_B (likewise)")
     s.add_argument("out_dir")
-    s.add_argument("--split", default="train", choices=["train", "test"])
+    s.add_argument("--split", default="train", choices=["train", "val", "test"])
     s.add_argument("--samples-per-shard", type=int, default=10000)
+    s.add_argument("--domain", choices=["A", "B"], default=None,
+                   help="shard the source as one domain of an unpaired task: split <split>A or <split>B")
     en = dsub.add_parser("encode", help="latent shards of image shards under an autoencoder (latent diffusion)")
     en.add_argument("ae_dir", metavar="AE_DIR", help="an AutoencoderKL folder (distgen export of an autoencoder run)")
     en.add_argument("shards", metavar="SHARDS", help="image shards: a manifest or a brace pattern")
@@ -143,12 +159,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from distgen.data import write_shards
+    from distgen.data import shard_source
 
-    m = write_shards(args.source, args.out_dir, args.split, args.samples_per_shard, log=print)
-    size = "x".join(map(str, m["image_size"])) if m["image_size"] else "mixed"
-    print(f"{m['total']} samples in {len(m['shards'])} shard(s), {size}x{m['channels']}, "
-          f"{m['num_classes']} classes -> {Path(args.out_dir) / (args.split + '.manifest.json')}")
+    for m in shard_source(args.source, args.out_dir, args.split, args.samples_per_shard, args.domain, log=print):
+        size = "x".join(map(str, m["image_size"])) if m["image_size"] else "mixed"
+        layout = m.get("layout", "images")
+        if layout == "domain":
+            cls = m.get("source_class")
+            layout = f"domain {m['domain']}" + (f" ({cls['name']})" if cls else "")
+        print(f"{m['total']} samples in {len(m['shards'])} shard(s), {size}x{m['channels']}, "
+              f"{m['num_classes']} classes, {layout} -> {Path(args.out_dir) / (m['split'] + '.manifest.json')}")
     return 0
 
 
@@ -193,8 +213,19 @@ def cmd_bench(args) -> int:
 def cmd_sample(args) -> int:
     from distgen.sample import sample_command
 
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise ConfigError(f"--num: must be >= 1, got {args.num}")
+    if args.input is not None:
+        from distgen.translate import translate_command
+
+        if args.interpolate:
+            raise ConfigError("--interpolate: not with --input (a translator maps the input images)")
+        return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num)
+    if args.num is None:
+        raise ConfigError("--num: required (the number of images to sample), unless --input names images to "
+                          "translate")
+    if args.direction is not None:
+        raise ConfigError("--direction: only with --input (translators)")
     return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args),
                           interpolate=args.interpolate)
 
@@ -243,7 +274,8 @@ def cmd_eval(args) -> int:
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
                         inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples}, out=args.out)
+                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples}, out=args.out,
+                        direction=args.direction)
 
 
 def cmd_export(args) -> int:

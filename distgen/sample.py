@@ -342,6 +342,9 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
     family, nets, cfg = load_ema(path, device)
     if interpolate is not None:
         return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)
+    if family.translator:
+        raise SampleError(f"{path}: the {family.name} family translates images rather than sampling them: "
+                          f"pass --input IMAGE|FOLDER|SHARDS")
     options = sampling_options(family, options or {})
     mine = generate(family, nets, num, seed=seed, options=options, device=device, rank=dist.rank(),
                     world=dist.world_size())

@@ -21,11 +21,11 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen import dist, phema, preemption, speed
 from distgen.config import Config, model_changes, to_dict, to_yaml
-from distgen.data import make_loader, resolve_shards
+from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.ema import EMASet
 from distgen.engines import Engine, Trained
 from distgen.errors import TrainingError
-from distgen.families import DataInfo, Family, Phase, PhaseNets, build_family
+from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, build_family
 from distgen.preemption import EXIT_PREEMPTED
 from distgen.runlog import RunLog, Tally, interval_means
 
@@ -97,10 +97,11 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
             print(f"distgen: {dropped} EMA snapshot(s) after {state.nimg / 1000:.1f} kimg set to be taken again")
 
     # ---- the data stream, where the checkpoint left it; logs; evaluation
-    cursor = DataCursor(lambda start: make_loader(
-        list(cfg.data.train), cfg.data, batch_size=tc.batch_size, mode="train", rank=eng.rank, world=eng.world,
-        seed=cfg.run.seed, start_step=start, pin_memory=eng.device.type == "cuda"),
-        start=state.data_start_step, skip=state.data_skip)
+    cursor = DataCursor(lambda start: make_train_loader(
+        cfg.data, batch_size=tc.batch_size, rank=eng.rank, world=eng.world, seed=cfg.run.seed, start_step=start,
+        pin_memory=eng.device.type == "cuda"), start=state.data_start_step, skip=state.data_skip)
+    if family.translator and eng.main:  # the grids translate the same inputs every time
+        run.preview = preview_batch(cfg, tc.sample_num, eng.device)
     log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
@@ -268,6 +269,7 @@ class Run:
     trained: dict[str, Trained] = field(default_factory=dict)
     emas: dict[str, EMASet] = field(default_factory=dict)
     skips_reported: int = 0  # this process's skipped samples already in the counters
+    preview: Optional[dict] = None  # a translator's grid inputs (rank 0)
     tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
 
     @property
@@ -362,6 +364,8 @@ def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str
                 "config": to_dict(run.cfg)}
         ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.raw))
     ckpt.save_rng(tmp, eng.rank)
+    if keeps_rank_state(run.family):
+        ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
     eng.barrier()
     eng.flush(tmp)
     final = ckpt.finalize(run.root, state.step, tc.keep_checkpoints) if eng.main else ckpt.step_dir(run.root, state.step)
@@ -385,11 +389,12 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
         if other_engine:
             raise TrainingError(other_engine)
         data = ckpt.read(folder, meta, rank=eng.rank, emas={n: len(e.emas) for n, e in run.emas.items()},
-                         **eng.files_to_read(run.trained, run.nets))
+                         family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets))
         eng.load(run.trained, folder, data)
         for n, tensors in data.weights.items():
             load_weights(run.raw[n], tensors, ckpt.weights_file(folder, n))
         run.family.load_state_dict(meta.get("family_state", {}))
+        run.family.load_rank_state(data.family_rank)
         for n, e in run.emas.items():
             e.load(data.emas[n], meta["ema_steps"][n])
         if data.rng is not None:
@@ -407,6 +412,10 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
         if changed:
             print(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
     return latest, TrainState.from_meta(meta)
+
+
+def keeps_rank_state(family: Family) -> bool:
+    return type(family).rank_state is not Family.rank_state
 
 
 def load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
@@ -455,10 +464,32 @@ def sample_grid(run: Run, tag: str) -> Optional[Path]:
         return None
     from distgen.sample import save_grid
 
+    if run.preview is not None:  # a translator: rows of inputs, translations (and targets)
+        with torch.no_grad():
+            images, nrow = run.family.preview(ema_view(run), run.preview)
+        return save_grid(images, run.dir / "samples" / f"{tag}.png", nrow=nrow)
     gens = [torch.Generator(device=run.eng.device).manual_seed(i) for i in range(run.cfg.train.sample_num)]
     with torch.no_grad():
         images = run.family.sample(ema_view(run), gens)
     return save_grid(images, run.dir / "samples" / f"{tag}.png")
+
+
+def preview_batch(cfg: Config, num: int, device) -> dict:
+    """A translator's grid inputs: the first ``num`` (at most 16) samples of data.eval (else data.train) in
+    shard order, ``a`` and ``b`` (a pair's two sides, or the first images of each domain)."""
+    n = min(num, 16)
+    data = dataclasses.replace(cfg.data, workers=0, flip=False)
+
+    def first(inputs) -> dict:
+        return next(iter(make_loader(list(inputs), data, batch_size=n, mode="eval")))
+
+    if cfg.data.train_b:  # unpaired: each domain's own shards
+        a = first(cfg.data.eval or cfg.data.train)["image"]
+        b = first(cfg.data.eval_b or cfg.data.train_b)["image"]
+        k = min(len(a), len(b))
+        return {"a": a[:k].to(device), "b": b[:k].to(device)}
+    batch = first(cfg.data.eval or cfg.data.train)
+    return {"a": batch["a"].to(device), "b": batch["b"].to(device)}
 
 
 def make_evaluator(cfg: Config, eng: Engine):
@@ -514,7 +545,8 @@ def lr_factor(cfg, nimg: int) -> float:
     if warm > 0 and nimg < warm:
         return (nimg + 1) / warm
     total = cfg.total_kimg * 1000
-    frac = min(max((nimg - warm) / max(total - warm, 1), 0.0), 1.0)
+    start = warm if cfg.lr_decay_start_kimg is None else cfg.lr_decay_start_kimg * 1000
+    frac = min(max((nimg - start) / max(total - start, 1), 0.0), 1.0)
     if cfg.lr_decay == "cosine":
         return 0.5 * (1 + math.cos(math.pi * frac))
     if cfg.lr_decay == "linear":
@@ -529,7 +561,19 @@ def data_info(cfg: Config) -> DataInfo:
     if meta.get("kind") == "latents" and cfg.model.family != "latent_diffusion":
         raise TrainingError(f"data.train: {cfg.data.train[0]} holds latents (distgen data encode), which only "
                             f"model.family latent_diffusion trains on, not {cfg.model.family!r}")
-    return DataInfo(cfg.data.resolution, cfg.data.channels, int(meta.get("num_classes") or 0))
+    family = FAMILIES[cfg.model.family]
+    layout = "unpaired" if cfg.data.train_b else ("paired" if meta.get("layout") == "paired" else "images")
+    if layout != family.data_layout:
+        needs = {"images": "image shards (data.train), without data.train_b",
+                 "paired": "paired shards in data.train (a manifest with layout paired: distgen data shard "
+                           "pix2pix:DIR or fashion-mnist:edges)",
+                 "unpaired": "two domains: data.train (A) and data.train_b (B), e.g. distgen data shard "
+                             "cyclegan:DIR or fashion-mnist:classes=A/B"}
+        field = "data.train_b" if cfg.data.train_b or family.data_layout == "unpaired" else "data.train"
+        raise TrainingError(f"{field}: model.family {cfg.model.family!r} trains on {needs[family.data_layout]}; "
+                            f"the configured data is {layout} ({cfg.data.train[0]})")
+    return DataInfo(cfg.data.resolution, cfg.data.channels, int(meta.get("num_classes") or 0)
+                    if layout == "images" else 0)
 
 
 def on_device(batch: dict, device) -> dict:

@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO
 from distgen import checkpoint as ckpt
 from distgen.config import load_config
+from distgen.data import shard_source
 from distgen.families import DataInfo, build_family
 from distgen.sample import export
 from distgen.dist import free_port
@@ -37,10 +38,13 @@ MODELS = {
     "hvae": ({"family": "vae", "arch": "hvae", "preset": "tiny"}, 8),
     "pixelcnn": ({"family": "pixelcnn", "preset": "tiny"}, 8),
     "glow": ({"family": "glow", "preset": "tiny"}, 8),
+    "pix2pix": ({"family": "pix2pix", "preset": "tiny"}, 32),
+    "cyclegan": ({"family": "cyclegan", "preset": "tiny", "blocks": 1, "pool_size": 2}, 32),
 }
 # What DeepSpeed cannot do, refused at start with the reason (engine_problem): one network outside its own
 # engine in another's phase under ZeRO-3's partitioned parameters.
-REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 3), ("gan-stylegan2", 3)}
+REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 3), ("gan-stylegan2", 3),
+           ("pix2pix", 3), ("cyclegan", 3)}
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +58,18 @@ def matrix(tmp_path_factory, fm_test_shards):
     root = tmp_path_factory.mktemp("ds-matrix")
     torch.manual_seed(0)
     AutoencoderKL(**autoencoder_kwargs("tiny", 1, 16), scaling_factor=0.7).save_pretrained(root / "ae")
+    # the translators' data: the paired edges task, and two class domains
+    shard_source("fashion-mnist:edges", root / "edges", "test", 5000)
+    shard_source("fashion-mnist:classes=Sneaker/Ankle boot", root / "boots", "test", 1000)
+    data = {"pix2pix": {"train": [str(root / "edges" / "test.manifest.json")]},
+            "cyclegan": {"train": [str(root / "boots" / "testA.manifest.json")],
+                         "train_b": [str(root / "boots" / "testB.manifest.json")]}}
     spec = []
     for stage, (name, (model, res)) in itertools.product((1, 2, 3), MODELS.items()):
         model = {**model, **({"autoencoder": str(root / "ae")} if name == "latent_diffusion" else {})}
         cfg = {"run": {"dir": str(root / f"{name}-z{stage}"), "seed": 1}, "model": model,
                "data": {"train": [str(fm_test_shards)], "resolution": res, "resize": "stretch", "workers": 0,
-                        "shuffle_buffer": 50},
+                        "shuffle_buffer": 50, **data.get(name, {})},
                "train": {"batch_size": 4, "total_kimg": 1, "log_every": 1, "checkpoint_every": 100,
                          "sample_every": 0, "sample_num": 1, "mixed_precision": "bf16"},
                "ema": {"halflife_kimg": [0.05], "rampup": None}}

@@ -78,7 +78,8 @@ class GANConfig(ModelConfig):
     family: str = "gan"
     arch: Literal["mlp", "dcgan", "biggan", "stylegan2"] = "dcgan"
     preset: Literal["tiny", "small", "paper"] = "small"
-    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp"] = "nonsaturating"
+    # lsgan: least squares (Mao et al. 2017)
+    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan"] = "nonsaturating"
     d_steps: int = 1  # discriminator steps per generator step
     d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
     g_lr_scale: float = 1.0
@@ -190,6 +191,48 @@ class VAEConfig(ModelConfig):
         check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
 
 
+@dataclass(frozen=True)
+class Pix2PixConfig(ModelConfig):
+    """pix2pix (Isola et al. 2017): a U-Net translates domain A to B from paired examples, against a
+    PatchGAN that sees the input beside the output."""
+
+    family: str = "pix2pix"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    loss: Literal["nonsaturating", "lsgan"] = "nonsaturating"  # the paper's cGAN loss is the logistic one
+    l1_weight: float = 100.0  # the paper's lambda of the L1 term
+    norm: Literal["instance", "batch"] = "instance"  # the paper's batch norm at batch size 1 is instance norm
+    dropout: float = 0.5  # in the U-Net's three innermost decoder blocks (the paper's noise source)
+    d_layers: int = 3  # PatchGAN stride-2 layers: 3 gives the paper's 70x70 receptive field
+
+    def validate(self, path: str) -> None:
+        check(self.l1_weight >= 0, f"{path}.l1_weight", f"must be >= 0, got {self.l1_weight}")
+        check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.d_layers >= 1, f"{path}.d_layers", f"must be >= 1, got {self.d_layers}")
+
+
+@dataclass(frozen=True)
+class CycleGANConfig(ModelConfig):
+    """CycleGAN (Zhu et al. 2017): two ResNet generators A->B and B->A, two PatchGANs, least-squares
+    adversarial loss, cycle consistency and an identity term, from unpaired sets (data.train: A,
+    data.train_b: B)."""
+
+    family: str = "cyclegan"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    loss: Literal["lsgan", "nonsaturating"] = "lsgan"
+    blocks: Optional[int] = None  # residual blocks per generator (null: the paper's 6 below 256 px, 9 from 256)
+    norm: Literal["instance", "batch"] = "instance"
+    cycle_weight: float = 10.0  # the paper's lambda
+    identity_weight: float = 0.5  # x lambda: the identity term ||G_AB(b) - b|| (0: off)
+    pool_size: int = 50  # history of generated images the discriminators are shown (Shrivastava et al.)
+    d_layers: int = 3
+
+    def validate(self, path: str) -> None:
+        check(self.blocks is None or self.blocks >= 1, f"{path}.blocks", f"must be >= 1 or null, got {self.blocks}")
+        for name in ("cycle_weight", "identity_weight", "pool_size"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.d_layers >= 1, f"{path}.d_layers", f"must be >= 1, got {self.d_layers}")
+
+
 # ``model.family`` -> its section's dataclass.
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "diffusion": DiffusionConfig,
@@ -199,4 +242,6 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "pixelcnn": PixelCNNConfig,
     "glow": GlowConfig,
     "vae": VAEConfig,
+    "pix2pix": Pix2PixConfig,
+    "cyclegan": CycleGANConfig,
 }

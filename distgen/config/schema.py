@@ -30,6 +30,11 @@ class DataConfig:
     train: tuple[str, ...] = ()
     # Shards for evaluation (one exact pass).
     eval: tuple[str, ...] = ()
+    # Unpaired image-to-image translation (CycleGAN): domain B's shards for training / evaluation, read as
+    # a second independent stream; data.train / data.eval then hold domain A. Empty for every other model
+    # (pix2pix's paired shards hold both domains in data.train).
+    train_b: tuple[str, ...] = ()
+    eval_b: tuple[str, ...] = ()
     resolution: int = 32  # images are resized / centre-cropped to this square size
     channels: int = 1  # 1 (grey) or 3 (RGB); images with another count are bad input
     resize: Literal["center_crop", "stretch"] = "center_crop"
@@ -56,6 +61,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_kimg: float = 0.0  # linear learning-rate warm-up
     lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
+    # the decay starts here (null: right after warm-up); CycleGAN/pix2pix keep the lr for the first half
+    # of training and decay it linearly to zero over the second
+    lr_decay_start_kimg: Optional[float] = None
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     skip_grad_norm: Optional[float] = None  # skip an update whose gradient norm (before clipping) exceeds this (VDVAE)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -82,6 +90,8 @@ class TrainConfig:
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         check(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        check(self.lr_decay_start_kimg is None or self.warmup_kimg <= self.lr_decay_start_kimg <= self.total_kimg,
+              f"{path}.lr_decay_start_kimg", "must be in [warmup_kimg, total_kimg] or null")
         check(self.warmup_kimg >= 0, f"{path}.warmup_kimg", "must be >= 0")
         check(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 turns clipping off)")
         check(self.skip_grad_norm is None or self.skip_grad_norm > 0, f"{path}.skip_grad_norm", "must be > 0 or null")
@@ -132,7 +142,9 @@ class ModelConfig:
 
 # Metric names (the evaluator in distgen.evaluate.core computes them; named here so that checking a
 # config does not import torch-fidelity).
-METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon")
+# paired: L1 / PSNR / SSIM of translations against their ground truth (pix2pix); target_class: the share of
+# translations a domain classifier assigns to the target domain's class
+METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon", "paired", "target_class")
 # The fewest images each feature metric can be computed from at all (generated, and reference for fid/kid/prc):
 # FID's covariance and KID's unbiased MMD need two; the Inception Score splits the images into 10 groups
 # (torch-fidelity's isc_splits), each needing one; precision/recall take every image's 3rd nearest
@@ -152,7 +164,7 @@ def sample_count_problem(metrics, n: int) -> Optional[str]:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # training steps between evaluations of the EMA weights (0: none during training)
-    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon
+    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon, paired, target_class
     num_samples: int = 10000  # generated images per evaluation
     ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
     batch_size: Optional[int] = None  # images per feature-extractor pass, per process; null: 256 on CUDA, 64 on CPU
@@ -163,8 +175,8 @@ class EvalConfig:
     kid_subset_size: int = 1000
     best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
 
-    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd")
-    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim")
+    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1")
+    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim", "target_class_share")
 
     def validate(self, path: str) -> None:
         check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")
@@ -185,7 +197,8 @@ class EvalConfig:
         if self.best_metric:
             return self.best_metric
         first = self.metrics[0]
-        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr"}.get(first, first)
+        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr", "paired": "l1",
+                "target_class": "target_class_share"}.get(first, first)
 
     def better(self, a: float, b: Optional[float]) -> bool:
         """Is ``a`` better than ``b`` for :attr:`best_key`?"""

@@ -6,6 +6,10 @@ The loader is a composition of small generator stages, each visible here:
                 -> shuffle -> decode -> random_flip -> batched
     evaluation: slices -> split_by_node -> split_by_worker -> read_tar -> decode -> batched
 
+Shards of image-to-image translation (see :mod:`distgen.data.sources` for the layouts): paired
+shards decode to ``a`` and ``b`` (flipped together); unpaired training reads two independent
+streams, data.train (domain A) and data.train_b (domain B), in :func:`make_train_loader`.
+
 Training is infinite and resampled; every (seed, rank, worker, start step)
 gives its own random stream, so a resumed run does not replay what it saw.
 Evaluation is one exact pass: with per-shard counts (from a manifest) the
@@ -38,6 +42,7 @@ from PIL import Image
 
 from distgen.data.errors import DataError
 from distgen.data.shard import read_manifest
+from distgen.data.sources import LAYOUTS
 from distgen.data.streams import PipeStream, open_shard
 from distgen.data.tario import iter_entries, seek_sample
 from distgen.dist import derive_seed
@@ -46,6 +51,8 @@ log = logging.getLogger("distgen.data")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 PIL_FORMATS = {"png": ["PNG"], "jpg": ["JPEG"], "jpeg": ["JPEG"], "webp": ["WEBP"]}
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
+IMAGE_KEYS = ("image", "a", "b")  # a sample's (and a batch's) images: one, or a pair
+STREAM_A, STREAM_B = 1, 2  # the extra seed part of unpaired training's two streams (make_train_loader)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -107,12 +114,18 @@ def resolve_shards(inputs: str | Sequence[str]) -> ShardSet:
     urls: list[str] = []
     counts: list[Optional[int]] = []
     meta: dict = {}
+    first = None
     for item in items:
         if item.endswith(".json") and not item.startswith("pipe:"):
             s = _load_manifest(Path(item))
+            if first is not None and _layout_of(s.meta) != _layout_of(meta):
+                # meta is the first manifest's: samples of another layout would decode wrongly, or into
+                # the wrong domain
+                raise DataError(f"{item}: {_layout_of(s.meta)} shards, but {first} holds {_layout_of(meta)} "
+                                f"shards; one list of shards holds one layout")
             urls += s.urls
             counts += s.counts
-            meta = meta or s.meta
+            meta, first = meta or s.meta, first or item
             continue
         for url in braceexpand(item):
             if not url.startswith("pipe:") and not Path(url).is_file():
@@ -122,6 +135,32 @@ def resolve_shards(inputs: str | Sequence[str]) -> ShardSet:
     if not urls:
         raise DataError(f"no shards given ({inputs!r}): pass a manifest, a brace pattern or a list of tar files")
     return ShardSet(tuple(urls), tuple(counts), meta)
+
+
+def _layout_of(meta: dict) -> str:
+    """A manifest's layout in words: "images", "paired", "domain A", "latents"."""
+    if meta.get("kind") == "latents":
+        return "latents"
+    layout = meta.get("layout", "images")
+    return f"domain {meta.get('domain')}" if layout == "domain" else layout
+
+
+def read_layout(inputs: str | Sequence[str]) -> dict:
+    """The manifest metadata of ``inputs`` (:func:`resolve_shards`'s ``meta``) with ``layout`` always set:
+    ``images`` (also for shards without a manifest), ``paired`` or ``domain`` (then with ``domain``, A or B).
+    Translation families tell paired from unpaired data by it."""
+    meta = dict(resolve_shards(inputs).meta)
+    meta.setdefault("layout", "images")
+    if meta["layout"] not in LAYOUTS:
+        raise DataError(f"{_first(inputs)}: unknown layout {meta['layout']!r} (one of {', '.join(LAYOUTS)})")
+    if meta["layout"] == "domain" and meta.get("domain") not in ("A", "B"):
+        raise DataError(f"{_first(inputs)}: layout domain needs a domain A or B, got {meta.get('domain')!r}")
+    return meta
+
+
+def _first(inputs: str | Sequence[str]) -> str:
+    """The input an error names: the (first) manifest or pattern."""
+    return inputs if isinstance(inputs, str) else (inputs[0] if inputs else "(no shards)")
 
 
 # --------------------------------------------------------------------------- errors
@@ -340,7 +379,8 @@ class DecodeSpec:
     labels: str = "optional"  # "required", "optional" (-1 when missing) or "none"
     expect_size: Optional[tuple[int, int]] = None  # (H, W) every stored image must have
     expect_channels: Optional[int] = None
-    kind: str = "images"  # or "latents": shards of ``distgen data encode``, an autoencoder's posterior moments
+    kind: str = "images"  # or "latents": shards of ``distgen data encode``, an autoencoder's posterior moments;
+    # or "paired": images a.<ext> and b.<ext> per sample (manifest layout paired), each decoded as "images" does
 
 
 def _to_resolution(im: Image.Image, res: int, mode: str) -> Image.Image:
@@ -371,6 +411,11 @@ def _to_chw(im: Image.Image) -> np.ndarray:
     w, h = im.size
     arr = np.frombuffer(im.tobytes(), np.uint8)
     return arr.reshape(1, h, w) if im.mode == "L" else arr.reshape(h, w, 3).transpose(2, 0, 1)
+
+
+def fit_image(im: Image.Image, resolution: int, resize: str) -> np.ndarray:
+    """An L or RGB image at the model's size, as training saw its data (``data.resize``): uint8 CxHxW."""
+    return _to_chw(_to_resolution(im, resolution, resize))
 
 
 def _label(s: dict, out: dict, spec: DecodeSpec) -> None:
@@ -406,36 +451,84 @@ def decode_latents(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolic
             policy(e)
 
 
+def _image_ext(s: dict, prefix: str = "") -> Optional[str]:
+    """The sample's image member: ``png`` first, else another of IMAGE_EXTS; ``prefix`` "a." or "b." for a pair."""
+    return next((prefix + e for e in IMAGE_EXTS if prefix + e in s), None)
+
+
+def _open_member(s: dict, member: str, where: str) -> Image.Image:
+    try:
+        return open_image(s[member], member.rpartition(".")[2])
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: '{member}' is not a decodable image ({e})") from None
+
+
+def _image_array(im: Image.Image, spec: DecodeSpec, where: str, what: str) -> np.ndarray:
+    """A stored image, checked against the manifest's size and channels, as uint8 CxHxW at the resolution."""
+    expect_c = spec.expect_channels or spec.channels
+    mode, size = im.mode, im.size
+    chans = 1 if mode in GREY_MODES else 3  # alpha does not count
+    if chans != expect_c:
+        raise DataError(f"{where}: {what} has {chans} channel(s), expected {expect_c}")
+    if spec.expect_size is not None and size != (spec.expect_size[1], spec.expect_size[0]):
+        raise DataError(f"{where}: {what} is {size[1]}x{size[0]}, expected "
+                        f"{spec.expect_size[0]}x{spec.expect_size[1]} (from the manifest)")
+    want_mode = "L" if spec.channels == 1 else "RGB"
+    if mode != want_mode:
+        im = im.convert(want_mode)
+    return _to_chw(_to_resolution(im, spec.resolution, spec.resize))
+
+
 def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
     """Stage: stored bytes -> ``{"key", "image": uint8 CxHxW, "label"}`` at the configured resolution."""
     if spec.kind == "latents":
         yield from decode_latents(samples, spec, policy)
         return
-    expect_c = spec.expect_channels or spec.channels
-    want_mode = "L" if spec.channels == 1 else "RGB"
-    expect_wh = (spec.expect_size[1], spec.expect_size[0]) if spec.expect_size is not None else None
+    if spec.kind == "paired":
+        yield from decode_paired(samples, spec, policy)
+        return
     for s in samples:
         key, url = s["__key__"], s["__url__"]
+        where = f"shard {url}, key {key}"
         try:
-            ext = "png" if "png" in s else next((e for e in IMAGE_EXTS if e in s), None)
+            ext = _image_ext(s)
             if ext is None:
-                raise DataError(f"shard {url}, key {key}: no image member (one of {', '.join(IMAGE_EXTS)})")
-            try:
-                im = open_image(s[ext], ext)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise DataError(f"shard {url}, key {key}: '{ext}' is not a decodable image ({e})") from None
-            mode, size = im.mode, im.size
-            chans = 1 if mode in GREY_MODES else 3  # alpha does not count
-            if chans != expect_c:
-                raise DataError(f"shard {url}, key {key}: image has {chans} channel(s), expected {expect_c}")
-            if expect_wh is not None and size != expect_wh:
-                raise DataError(
-                    f"shard {url}, key {key}: image is {size[1]}x{size[0]}, expected "
-                    f"{expect_wh[1]}x{expect_wh[0]} (from the manifest)"
-                )
-            if mode != want_mode:
-                im = im.convert(want_mode)
-            out = {"key": key, "index": s["__index__"], "image": _to_chw(_to_resolution(im, spec.resolution, spec.resize))}
+                # Paired shards read without their manifest land here: say so.
+                hint = "; it holds a paired sample (a and b images): pass the shards' manifest, which says " \
+                       "layout paired" if _image_ext(s, "a.") else ""
+                raise DataError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)}){hint}")
+            out = {"key": key, "index": s["__index__"], "image": _image_array(_open_member(s, ext, where), spec,
+                                                                              where, "image")}
+            _label(s, out, spec)
+            yield out
+        except DataError as e:
+            policy(e)
+
+
+def decode_paired(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
+    """Stage: a paired sample's bytes -> ``{"key", "a": uint8 CxHxW, "b": uint8 CxHxW, "label"}``.
+
+    Each side is decoded, checked and resized as :func:`decode` does a single image; the two must have
+    been stored at one size, so that a centre crop cuts the same part of both and they stay aligned.
+    """
+    for s in samples:
+        key, url = s["__key__"], s["__url__"]
+        where = f"shard {url}, key {key}"
+        try:
+            members = {}
+            for side in ("a", "b"):
+                members[side] = _image_ext(s, side + ".")
+                if members[side] is None:
+                    raise DataError(f"{where}: paired sample has no '{side}' image (one of "
+                                    f"{', '.join(side + '.' + e for e in IMAGE_EXTS)})")
+            ims = {side: _open_member(s, m, where) for side, m in members.items()}
+            (wa, ha), (wb, hb) = ims["a"].size, ims["b"].size
+            if (wa, ha) != (wb, hb):
+                raise DataError(f"{where}: 'a' is {ha}x{wa} but 'b' is {hb}x{wb}; the two images of a pair must "
+                                f"have one size")
+            out = {"key": key, "index": s["__index__"]}
+            for side, im in ims.items():
+                out[side] = _image_array(im, spec, where, f"'{side}' image")
             _label(s, out, spec)
             yield out
         except DataError as e:
@@ -443,10 +536,12 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
 
 
 def random_flip(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
-    """Stage: horizontal flip with probability 1/2."""
+    """Stage: horizontal flip with probability 1/2; both images of a pair or neither, so they stay aligned."""
     for s in samples:
         if rng.random() < 0.5:
-            s["image"] = s["image"][:, :, ::-1]
+            for k in IMAGE_KEYS:
+                if k in s:
+                    s[k] = s[k][:, :, ::-1]
         yield s
 
 
@@ -469,11 +564,10 @@ def batched(samples: Iterable[dict], batch_size: int, policy: ErrorPolicy, parti
 
 
 def _collate(buf: list[dict], skipped: int) -> dict:
-    data = "latent" if "latent" in buf[0] else "image"
     out = {
         # uint8 numpy crosses the process boundary as plain pickled bytes: 4x
         # smaller than float, and cheaper than a shared-memory segment per batch.
-        data: np.stack([s[data] for s in buf]),
+        **{k: np.stack([s[k] for s in buf]) for k in ("latent",) + IMAGE_KEYS if k in buf[0]},
         "key": [s["key"] for s in buf],
         # (shard << 32) | sample: sorting by it restores the input order of an evaluation pass
         "index": np.array([s["index"] for s in buf], dtype=np.int64),
@@ -485,9 +579,10 @@ def _collate(buf: list[dict], skipped: int) -> dict:
 
 
 # --------------------------------------------------------------------------- datasets
-def stream_seed(seed: int, rank: int, worker: int, step: int) -> int:
-    """Seed for one rank's worker, from (seed, rank, worker, start step)."""
-    return derive_seed(seed, rank, worker, step)
+def stream_seed(seed: int, rank: int, worker: int, step: int, stream: Optional[int] = None) -> int:
+    """Seed for one rank's worker, from (seed, rank, worker, start step); ``stream`` tells apart the streams of
+    one such worker (unpaired training's domains A and B: :data:`STREAM_A`, :data:`STREAM_B`)."""
+    return derive_seed(seed, rank, worker, step) if stream is None else derive_seed(seed, rank, worker, step, stream)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -507,12 +602,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 2000,
         flip: bool = False,
         on_error: str = "raise",
+        stream: Optional[int] = None,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, got {mode!r}")
         self.shards, self.mode, self.batch_size, self.spec = shards, mode, batch_size, decode_spec
         self.rank, self.world, self.seed, self.start_step = rank, world, seed, start_step
         self.shuffle_buffer, self.flip, self.on_error = shuffle_buffer, flip, on_error
+        self.stream = stream  # see stream_seed
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -528,7 +625,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             slices = split_by_worker(slices, worker, workers)
             samples = read_tar(slices, policy)
         else:
-            rng = random.Random(stream_seed(self.seed, self.rank, worker, self.start_step))
+            rng = random.Random(stream_seed(self.seed, self.rank, worker, self.start_step, self.stream))
             shards = list(zip(self.shards.urls, self.shards.counts))
             shards = deal_shards(shards, self.rank, self.world)
             shards = deal_shards(shards, worker, workers)
@@ -550,7 +647,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 class Loader:
     """Iterates a :class:`ShardStream` through a DataLoader and finishes batches in the main process.
 
-    Images become float tensors in [-1, 1], NCHW. ``count`` is the number of
+    Images (``image``, or a pair's ``a`` and ``b``) become float tensors in [-1, 1], NCHW. ``count`` is the number of
     samples delivered on this rank, ``skipped`` the bad inputs skipped by all
     of this rank's workers.
     """
@@ -598,8 +695,9 @@ class Loader:
                 continue
             if "latent" in batch:
                 batch["latent"] = torch.from_numpy(batch["latent"])
-            else:
-                batch["image"] = to_float(batch["image"]) if self.as_float else torch.from_numpy(batch["image"])
+            for k in IMAGE_KEYS:
+                if k in batch:
+                    batch[k] = to_float(batch[k]) if self.as_float else torch.from_numpy(batch[k])
             if "label" in batch:
                 batch["label"] = torch.from_numpy(batch["label"])
             self.count += len(batch["key"])
@@ -683,8 +781,13 @@ def make_loader(
     start_step: int = 0,
     pin_memory: bool = False,
     as_float: bool = True,
+    stream: Optional[int] = None,
 ) -> Loader:
-    """Build a :class:`Loader` over ``inputs`` from a :class:`~distgen.config.DataConfig`."""
+    """Build a :class:`Loader` over ``inputs`` from a :class:`~distgen.config.DataConfig`.
+
+    Batches hold ``image`` (layouts images and domain), ``a`` and ``b`` (paired) or ``latent``, with
+    ``key``, ``index`` and ``label`` when the shards are labelled.
+    """
     shards = resolve_shards(inputs)
     meta = shards.meta
     size = tuple(meta["image_size"]) if meta.get("image_size") else None
@@ -692,13 +795,106 @@ def make_loader(
         raise DataError(f"data.labels is true but the manifest of {shards.urls[0]} lists no classes")
     labels = "required" if cfg.labels else ("optional" if meta.get("num_classes") else "none")
     kind = meta.get("kind", "images")
+    if meta.get("layout", "images") not in LAYOUTS:
+        raise DataError(f"{_first(inputs)}: unknown layout {meta['layout']!r} (one of {', '.join(LAYOUTS)})")
+    if meta.get("layout") == "paired":
+        kind = "paired"
     if kind == "latents" and cfg.flip:
         raise DataError(f"data.flip: {shards.urls[0]} holds latents, which cannot be flipped like images")
     spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"), kind)
     if meta.get("channels") and meta["channels"] != cfg.channels:
-        raise DataError(f"data.channels is {cfg.channels} but the shards hold {meta['channels']}-channel images")
+        raise DataError(f"data.channels is {cfg.channels} but the shards hold {meta['channels']}-channel images "
+                        f"({_first(inputs)})")
     ds = ShardStream(
         shards, mode=mode, batch_size=batch_size, decode_spec=spec, rank=rank, world=world, seed=seed,
         start_step=start_step, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, on_error=cfg.on_error,
+        stream=stream,
     )
     return Loader(ds, workers=cfg.workers, pin_memory=pin_memory, as_float=as_float)
+
+
+# --------------------------------------------------------------------------- unpaired training
+def check_domains(inputs_a: Sequence[str], inputs_b: Sequence[str], cfg,
+                  names: tuple[str, str] = ("data.train", "data.train_b")) -> tuple[dict, dict]:
+    """Refuse two shard lists that cannot be domains A and B of one unpaired task; returns their
+    :func:`read_layout` metadata. ``names``: the config keys they came from, for the messages.
+
+    Either may be plain image shards (a folder sharded without ``--domain``); what a manifest says must fit:
+    no paired shards (those train pix2pix, with no second list), no domain B as A or A as B, the
+    configured channel count, no latents.
+    """
+    metas = []
+    for inputs, name, want in ((inputs_a, names[0], "A"), (inputs_b, names[1], "B")):
+        meta, where = read_layout(list(inputs)), _first(list(inputs))
+        if meta["layout"] == "paired":
+            raise DataError(f"{where}: {name} holds paired shards (a and b per sample), but {names[1]} is set for "
+                            f"unpaired training: domain A goes in {names[0]}, domain B in {names[1]} (paired "
+                            f"shards alone need no {names[1]})")
+        if meta.get("kind") == "latents":
+            raise DataError(f"{where}: {name} holds latents; unpaired training takes images")
+        if meta["layout"] == "domain" and meta["domain"] != want:
+            raise DataError(f"{where}: {name} should hold domain {want}, but its manifest says domain "
+                            f"{meta['domain']}")
+        if meta.get("channels") and meta["channels"] != cfg.channels:
+            raise DataError(f"{where}: {name} holds {meta['channels']}-channel images but data.channels is "
+                            f"{cfg.channels}")
+        metas.append(meta)
+    return metas[0], metas[1]
+
+
+class UnpairedLoader:
+    """Two training loaders, domain A and domain B, iterated side by side.
+
+    Batches: ``a`` and ``b`` (float BxCxHxW in [-1, 1]), ``key_a``/``key_b``, ``index_a``/``index_b`` and
+    ``label_a``/``label_b`` when labelled. The two streams are independent (their own shards, shuffles,
+    flips and seeds), each as deterministic as a :class:`Loader`, so the pair is too. ``count``: the A/B
+    pairs of images delivered; ``skipped``: bad samples both streams skipped.
+    """
+
+    def __init__(self, a: Loader, b: Loader):
+        self.a, self.b = a, b
+        self.count = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.a.skipped + self.b.skipped
+
+    def __iter__(self) -> Iterator[dict]:
+        for ba, bb in zip(self.a, self.b):
+            n = len(ba["key"])
+            if len(bb["key"]) != n:  # training streams are endless: every batch is full
+                raise DataError(f"unpaired batches of {n} (domain A) and {len(bb['key'])} (domain B) images")
+            out = {"a": ba["image"], "b": bb["image"], "key_a": ba["key"], "key_b": bb["key"],
+                   "index_a": ba["index"], "index_b": bb["index"]}
+            for side, batch in (("a", ba), ("b", bb)):
+                if "label" in batch:
+                    out[f"label_{side}"] = batch["label"]
+            self.count += n
+            yield out
+
+
+def make_train_loader(
+    cfg,  # DataConfig
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    start_step: int = 0,
+    pin_memory: bool = False,
+) -> Loader | UnpairedLoader:
+    """The training stream of a :class:`~distgen.config.DataConfig`.
+
+    Without ``data.train_b``: ``make_loader(data.train, mode="train")``, as every family has it (batches of
+    ``image``, or ``a`` and ``b`` from paired shards). With it: an :class:`UnpairedLoader` over data.train
+    (domain A) and data.train_b (domain B), each split across ranks and workers like any training stream
+    (data.workers workers each) and seeded from (seed, rank, worker, start step) plus its own stream index,
+    so A and B never share random numbers and a restart at a step gives the same batches again.
+    """
+    kw = dict(batch_size=batch_size, mode="train", rank=rank, world=world, seed=seed, start_step=start_step,
+              pin_memory=pin_memory)
+    if not cfg.train_b:
+        return make_loader(list(cfg.train), cfg, **kw)
+    check_domains(cfg.train, cfg.train_b, cfg)
+    return UnpairedLoader(make_loader(list(cfg.train), cfg, stream=STREAM_A, **kw),
+                          make_loader(list(cfg.train_b), cfg, stream=STREAM_B, **kw))

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from distgen.data.errors import DataError
-from distgen.data.sources import Source, open_source
+from distgen.data.sources import Source, open_source, shard_jobs
 
 MANIFEST_FORMAT = "distgen-shards/1"
 
@@ -48,24 +48,58 @@ def write_shards(
     samples_per_shard: int = 10000,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Shard ``source`` into ``out_dir/<split>-NNNNNN.tar`` and write the manifest (see :func:`write_samples`)."""
+    """Shard ``source`` into ``out_dir/<split>-NNNNNN.tar`` and write the manifest (see :func:`write_samples`).
+
+    A sample is ``png`` (``a.png`` and ``b.png`` for a paired source) and ``cls`` when labelled; the
+    manifest records the source's layout and the keys that go with it (:mod:`distgen.data.sources`).
+    """
     if isinstance(source, str):
         source = open_source(source, split)
+    paired = source.layout == "paired"
 
     def samples():
         for index, (img, label) in enumerate(source.items()):
-            sample = {"__key__": f"{split}_{index:07d}", "png": encode_png(img)}
+            sample = {"__key__": f"{split}_{index:07d}"}
+            if paired:
+                a, b = img
+                if a.shape != b.shape:
+                    raise DataError(f"{source.name}: sample {index}: 'a' is {_shape(a)} but 'b' is {_shape(b)}; "
+                                    f"the two images of a pair need one size and channel count")
+                sample["a.png"], sample["b.png"] = encode_png(a), encode_png(b)
+            else:
+                sample["png"] = encode_png(img)
             if label is not None:
                 sample["cls"] = str(label).encode()
             yield sample
 
     return write_samples(samples(), out_dir, split, samples_per_shard, log, name=source.name, manifest={
         "source": source.name,
+        "layout": source.layout,
         "image_size": list(source.image_size) if source.image_size else None,
         "channels": source.channels,
         "num_classes": len(source.class_names),
         "class_names": list(source.class_names),
+        **source.extra,
     })
+
+
+def _shape(img: np.ndarray) -> str:
+    return f"{img.shape[0]}x{img.shape[1]}x{1 if img.ndim == 2 else img.shape[2]}"
+
+
+def shard_source(
+    spec: str,
+    out_dir: str | Path,
+    split: str = "train",
+    samples_per_shard: int = 10000,
+    domain: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> list[dict]:
+    """``distgen data shard SPEC OUT_DIR --split SPLIT [--domain A|B]``: every split the source makes
+    (:func:`~distgen.data.sources.shard_jobs`: one, or two for an unpaired task), each with
+    :func:`write_shards`. Returns their manifests, in order (domain A first)."""
+    return [write_shards(source, out_dir, name, samples_per_shard, log)
+            for name, source in shard_jobs(spec, split, domain)]
 
 
 def write_samples(

@@ -8,9 +8,22 @@ __all__ = ["METRICS", "EvalError", "EvalSpec", "Evaluator", "WeightsUnavailable"
 
 def spec_from_config(cfg, **overrides) -> EvalSpec:
     """An :class:`EvalSpec` from a run's Config (its eval section; reference default data.train)."""
+    from distgen.families import FAMILIES
+
     e = cfg.eval
-    spec = EvalSpec(metrics=tuple(e.metrics), num_samples=e.num_samples, ref=list(e.ref or cfg.data.train) or None,
-                    test=list(cfg.data.eval) or None, batch_size=e.batch_size, seed=e.seed,
+    ref, test = list(e.ref or cfg.data.train), list(cfg.data.eval)
+    if FAMILIES[cfg.model.family].translator:
+        # Translations of the test inputs against the target domain's test images: for a paired set its other
+        # side (the same shards), for an unpaired one the other domain's shards
+        a, b = list(cfg.data.eval), list(cfg.data.eval_b)
+        backwards = overrides.get("direction") == "BtoA"
+        if cfg.data.train_b:
+            test, default_ref = (b, a) if backwards else (a, b)
+        else:
+            test, default_ref = a, a
+        ref = list(e.ref) or default_ref
+    spec = EvalSpec(metrics=tuple(e.metrics), num_samples=e.num_samples, ref=ref or None,
+                    test=test or None, batch_size=e.batch_size, seed=e.seed,
                     feature_extractor=e.feature_extractor, inception_weights=e.inception_weights,
                     cache_dir=e.cache_dir, kid_subset_size=e.kid_subset_size)
     for k, v in overrides.items():

@@ -13,7 +13,8 @@ from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_confi
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
          "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
-         "ssim": "SSIM"}
+         "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share",
+         "translated_images": "translated"}
 
 
 def format_results(res: dict) -> str:
@@ -32,7 +33,8 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                  test: Optional[list[str]] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
                  feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
                  cache_dir: Optional[str] = None, options: Optional[dict] = None,
-                 likelihood: Optional[dict] = None, out: Optional[str] = None) -> int:
+                 likelihood: Optional[dict] = None, out: Optional[str] = None,
+                 direction: Optional[str] = None) -> int:
     from accelerate import PartialState
 
     from distgen.sample import EXPORT_META, likelihood_options, load_ema, sampling_options
@@ -42,7 +44,14 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
     spec: EvalSpec = spec_from_config(cfg, metrics=parse_metrics(metrics), num_samples=num_samples, ref=ref,
                                       test=test, batch_size=batch_size, seed=seed,
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
-                                      cache_dir=cache_dir)
+                                      cache_dir=cache_dir, direction=direction)
+    if getattr(family, "translator", False):
+        try:
+            spec.direction = family.check_direction(direction)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    elif direction is not None:
+        raise EvalError(f"--direction: the {family.name} family translates nothing (pix2pix and CycleGAN do)")
     if (Path(path) / EXPORT_META).is_file():
         # An export may come from anywhere: the shards its stored config names are data to read, never
         # shell commands to run. pipe: runs only when the user types it (--ref / --test, or their config).
@@ -58,6 +67,9 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
     res = Evaluator(spec, state.device).run(family, nets, cfg.data)
     if dist.is_main():
         what = f"{spec.num_samples} samples, extractor {res['extractor']}, " if res["extractor"] else ""
+        if "translated_images" in res:
+            what = (f"{res['translated_images']} test inputs translated {spec.direction}"
+                    + (f", extractor {res['extractor']}, " if res["extractor"] else ", "))
         print(f"distgen eval: {path}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
         print(format_results(res))
         if out:

@@ -74,6 +74,7 @@ class EvalSpec:
     kid_subset_size: int = 1000
     sampling: dict = field(default_factory=dict)  # family.sample options (steps, truncation, ...)
     likelihood: dict = field(default_factory=dict)  # family.log_likelihood options (iw_samples)
+    direction: str = "AtoB"  # translators: which way the test inputs are translated
 
 
 @dataclass
@@ -128,12 +129,15 @@ class Evaluator:
         self.extractor: Optional[Extractor] = None
         self._reference: Optional[Reference] = None
         feature_metrics = [m for m in spec.metrics if m in FEATURE_METRICS]
-        if feature_metrics:
+        if "target_class" in spec.metrics and spec.feature_extractor in ("inception", "inception-v3-compat"):
+            self.skipped["target_class"] = ("needs a domain classifier (--feature-extractor FILE from distgen eval "
+                                            "fit-features), whose classes include the target domain's")
+        if feature_metrics or self._active(["target_class"]):
             try:
                 self.extractor = Extractor(spec.feature_extractor, {m: None for m in feature_metrics},
                                            inception_weights_path=spec.inception_weights, device=self.device)
             except WeightsUnavailable as e:
-                for m in feature_metrics:
+                for m in feature_metrics + self._active(["target_class"]):
                     self.skipped[m] = str(e)
         if "isc" in spec.metrics and self.extractor is not None and self.extractor.name != "inception-v3-compat":
             # The domain classifier's logits would give a number, but not the Inception Score.
@@ -201,7 +205,7 @@ class Evaluator:
         manifests = [Path(r).read_text() for r in ref if r.endswith(".json")]
         desc = {"format": CACHE_FORMAT, "shards": files, "manifests": manifests, "extractor": self.extractor.identity,
                 "layers": layers, "resolution": data_cfg.resolution, "channels": data_cfg.channels,
-                "resize": data_cfg.resize}
+                "resize": data_cfg.resize, "side": self._ref_side(ref)}
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest(), desc
 
     def _read_cache(self, path: Path, need_feats: bool) -> Optional[Reference]:
@@ -277,8 +281,9 @@ class Evaluator:
         s1 = s2 = None
         n = 0
         idx, kept = [], {k: [] for k in feat_layers}
+        side = self._ref_side(ref)
         for batch in loader:
-            out = self.extractor(batch["image"])
+            out = self.extractor(batch[side])
             if fid_layer is not None:  # the sums in float64 on the extractor's device, read once at the end
                 f = out[fid_layer].double()
                 s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
@@ -308,6 +313,71 @@ class Evaluator:
         if dist.is_main():
             self.log(f"distgen eval: reference {', '.join(ref)}: {total} images")
         return Reference(num=total, stats=stats, features=feats or {})
+
+    def _ref_side(self, ref: list[str]) -> str:
+        """The batch key of reference images: paired shards hold the target domain on the side a translation
+        goes to (``b`` for AtoB)."""
+        from distgen.data import resolve_shards
+
+        if resolve_shards(ref).meta.get("layout") == "paired":
+            return "b" if self.spec.direction == "AtoB" else "a"
+        return "image"
+
+    # ---- translated (translators: pix2pix, CycleGAN)
+    def translated(self, family, nets, data_cfg) -> tuple[Optional[dict[str, torch.Tensor]], dict]:
+        """Features of the translations of every test input (index order, on rank 0) and, with ``paired``, their
+        mean L1 (on [0, 1]), PSNR and SSIM against the ground truth: each test input once, split over ranks."""
+        from distgen.translate import iter_inputs, translate_uint8
+
+        spec = self.spec
+        if not spec.test:
+            raise EvalError("a translator is scored on test inputs: --test SHARDS|MANIFEST, or data.eval in the config")
+        pairs = bool(self._active(["paired"]))
+        idx, feats = [], {k: [] for k in (self.extractor.features if self.extractor else [])}
+        sums = [0.0, 0.0, 0.0, 0.0]  # L1, PSNR, SSIM, images
+        with torch.no_grad():
+            for index, _names, x, target in iter_inputs(spec.test, data_cfg, spec.direction,
+                                                        batch_size=spec.batch_size, rank=dist.rank(),
+                                                        world=dist.world_size(), want_targets=pairs):
+                y = translate_uint8(family, nets, x, spec.direction, self.device)
+                if self.extractor is not None:
+                    out = self.extractor(y)
+                    idx.append(np.asarray(index, dtype=np.int64))
+                    for k in feats:
+                        feats[k].append(out[k])
+                if pairs:
+                    if target is None:
+                        raise EvalError(f"paired: the test shards {spec.test} are not paired shards (layout paired), "
+                                        f"so there is no ground truth to compare the translations with")
+                    yc = y.cpu()
+                    sums[0] += float((yc.double() - target.double()).abs().flatten(1).mean(1).sum()) / 255
+                    sums[1] += float(psnr(target, yc).sum())
+                    sums[2] += float(ssim(target, yc).sum())
+                sums[3] += len(index)
+        sums = dist.all_reduce_floats(sums)
+        if sums[3] == 0:
+            raise EvalError(f"the test shards {spec.test} hold no images to translate")
+        res = {"translated_images": int(sums[3])}
+        if pairs:
+            res.update(l1=sums[0] / sums[3], psnr=sums[1] / sums[3], ssim=sums[2] / sums[3])
+        return (gather_in_order(idx, feats) if self.extractor is not None else None), res
+
+    def _target_class(self, gen: dict[str, torch.Tensor]) -> dict:
+        """The share of translations the domain classifier assigns to the target domain's class (the
+        reference manifest's ``source_class``: distgen data shard fashion-mnist:classes=A/B)."""
+        from distgen.data import resolve_shards
+
+        target = resolve_shards(self.spec.ref).meta.get("source_class") if self.spec.ref else None
+        if not isinstance(target, dict) or not isinstance(target.get("index"), int):
+            self.skipped["target_class"] = (f"the reference {self.spec.ref} names no source class (domain shards of "
+                                            f"fashion-mnist:classes=A/B record one)")
+            return {}
+        logits = gen["logits"]
+        if not 0 <= target["index"] < logits.shape[1]:
+            raise EvalError(f"target_class: the reference's class {target['index']} ({target.get('name')}) is not "
+                            f"among the domain classifier's {logits.shape[1]} classes")
+        share = float((logits.argmax(1) == target["index"]).double().mean())
+        return {"target_class_share": share, "target_class": target.get("name", target["index"])}
 
     # ---- generated
     def generated_features(self, family, nets) -> Optional[dict[str, torch.Tensor]]:
@@ -344,10 +414,21 @@ class Evaluator:
             few = sample_count_problem([m for m in todo if m in REFERENCE_METRICS], ref.num)
             if few:  # before any image is generated
                 raise EvalError(f"reference {ref.source or ', '.join(spec.ref)}: {few}")
-        if todo:
+        if getattr(family, "translator", False) and features is None:
+            if todo or self._active(["paired", "target_class"]):
+                gen, extra = self.translated(family, nets, data_cfg)
+                res.update(extra)
+                if dist.is_main():
+                    res.update(self._metrics(todo, gen, ref) if todo else {})
+                    if self._active(["target_class"]):
+                        res.update(self._target_class(gen))
+        elif todo:
             gen = features if features is not None else self.generated_features(family, nets)
             if dist.is_main():
                 res.update(self._metrics(todo, gen, ref))
+        for m in ("paired", "target_class"):
+            if m in spec.metrics and not getattr(family, "translator", False):
+                self.skipped[m] = f"the {family.name} family translates nothing (pix2pix and CycleGAN do)"
         if "bpd" in spec.metrics:
             res.update(self.bpd(family, nets, data_cfg))
         if "recon" in spec.metrics:

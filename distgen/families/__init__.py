@@ -9,6 +9,8 @@ from distgen.families.gan import GAN
 from distgen.families.glow import GlowFamily
 from distgen.families.latent import LatentDiffusion
 from distgen.families.pixelcnn import PixelCNN
+from distgen.families.translation.cyclegan import CycleGAN
+from distgen.families.translation.pix2pix import Pix2Pix
 from distgen.families.vae import VAEFamily
 
 # An explicit registry (no string reflection): config ``model.family`` -> class.
@@ -20,6 +22,8 @@ FAMILIES: dict[str, type[Family]] = {
     VAEFamily.name: VAEFamily,
     Autoencoder.name: Autoencoder,
     LatentDiffusion.name: LatentDiffusion,
+    Pix2Pix.name: Pix2Pix,
+    CycleGAN.name: CycleGAN,
 }
 
 

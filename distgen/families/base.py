@@ -73,6 +73,11 @@ class Family:
     config_cls: ClassVar[type]
     # "exact" or "bound" when log_likelihood is implemented (bits/dim evaluation), else None
     likelihood: ClassVar[Optional[str]] = None
+    # The data a batch carries: "images" (``image``), "paired" (``a`` and ``b`` from paired shards) or
+    # "unpaired" (``a`` from data.train, ``b`` from data.train_b, drawn independently)
+    data_layout: ClassVar[str] = "images"
+    # A translator maps input images (``translate``) instead of sampling from noise
+    translator: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, data: DataInfo):
         self.cfg, self.data = cfg, data
@@ -117,6 +122,15 @@ class Family:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"the {self.name} family keeps no state, the checkpoint holds {sorted(state)}")
+
+    # -- per-rank state that is not weights (CycleGAN's histories of generated images): tensors, stored in
+    # every checkpoint once per rank
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the {self.name} family keeps no per-rank state, the checkpoint holds {sorted(state)}")
 
     # -- training
     def loss(self, phase: str, nets: PhaseNets, batch: dict, generator: torch.Generator

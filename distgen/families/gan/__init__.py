@@ -252,8 +252,9 @@ class GAN(Family):
         r, f = r.float(), f.float()
         loss = d_loss(c.loss, r, f)
         r, f = r.detach(), f.detach()  # for the logged numbers below
-        # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's
-        t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.0
+        # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's,
+        # 0.5 for least squares (midway between its fake and real targets, 0 and 1)
+        t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.5 if c.loss == "lsgan" else 0.0
         extras = {"real": r.mean(), "fake": f.mean(), "acc": 0.5 * ((r > t).float().mean() + (f < t).float().mean())}
         if c.loss == "wgan-gp":
             gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
@@ -261,7 +262,8 @@ class GAN(Family):
             extras["gp"] = gp.detach().mean()
         loss, extras = self._with_info(loss, extras, q, codes)
         if self.ada is not None:
-            self.ada.observe(r, dist.all_reduce_floats)
+            # ADA's overfitting heuristic is E[sign(D(real))] about the decision threshold: 0.5 for lsgan
+            self.ada.observe(r - 0.5 if c.loss == "lsgan" else r, dist.all_reduce_floats)
             extras["ada_p"] = self.ada.p
         return loss, extras
 

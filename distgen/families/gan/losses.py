@@ -3,7 +3,7 @@
 d_loss/g_loss pair each objective's discriminator and generator terms:
 minimax and non-saturating (Goodfellow et al. 2014), hinge (Lim & Ye 2017;
 Miyato et al. 2018), Wasserstein (Arjovsky et al. 2017; with weight clipping
-or Gulrajani et al. 2017's gradient penalty).
+or Gulrajani et al. 2017's gradient penalty), least squares (Mao et al. 2017).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("minimax", "nonsaturating", "hinge", "wgan", "wgan-gp")
+LOSSES = ("minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan")
 
 
 def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,8 @@ def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return F.relu(1 - real) + F.relu(1 + fake)
     if kind in ("wgan", "wgan-gp"):
         return fake - real
+    if kind == "lsgan":  # 1/2 (D(x) - b)^2 + 1/2 (D(G(z)) - a)^2 with the paper's a = 0 (fake), b = 1 (real)
+        return 0.5 * (real - 1).square() + 0.5 * fake.square()
     raise ValueError(f"unknown GAN loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
@@ -35,6 +37,8 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
         return F.softplus(-fake)
     if kind in ("hinge", "wgan", "wgan-gp"):
         return -fake
+    if kind == "lsgan":  # 1/2 (D(G(z)) - c)^2, c = 1: G wants D to call its images real (the paper's c = b)
+        return 0.5 * (fake - 1).square()
     raise ValueError(f"unknown GAN loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
