@@ -26,6 +26,10 @@ from pathlib import Path
 from distgen.errors import ERRORS, ConfigError
 
 
+# Every family's samplers: each family checks that it takes the one given (diffusion's three, a score model's three)
+SAMPLERS = ["ddpm", "ddim", "dpmsolver", "langevin", "pc", "ode"]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distgen", description="Distributed training of image generative models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -46,11 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--direction", choices=["AtoB", "BtoA"], default=None,
                     help="translators: AtoB (default) or, for CycleGAN, BtoA")
     sm.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
-    sm.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    sm.add_argument("--sampler", choices=SAMPLERS, default=None,
+                    help="diffusion: ddpm|ddim|dpmsolver; score models: langevin|pc|ode")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
     sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")
     sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow, VAEs)")
+    _mcmc_flags(sm)
     sm.add_argument("--interpolate", nargs=2, default=None, metavar=("IMAGE_A", "IMAGE_B"),
                     help="instead of sampling, --num images on the latent path from one image file to the other "
                          "(VAEs)")
@@ -81,10 +87,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)")
     ev.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/distgen)")
     ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    ev.add_argument("--sampler", choices=SAMPLERS, default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--truncation", type=float, default=None)
     ev.add_argument("--temperature", type=float, default=None)
+    _mcmc_flags(ev)
+    ev.add_argument("--probes", type=int, default=None,
+                    help="bits/dim of a score SDE: Hutchinson trace probes per image (default: the model config's)")
     ev.add_argument("--iw-samples", type=int, default=None,
                     help="bpd of a VAE: 1 gives the ELBO, K > 1 the importance-weighted bound")
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
@@ -109,10 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     for flag in ("--feature-extractor", "--inception-weights", "--cache-dir"):
         em.add_argument(flag, default=None)
     em.add_argument("--steps", type=int, default=None, help="the sweep's sampling steps (default: the config's)")
-    em.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
+    em.add_argument("--sampler", choices=SAMPLERS, default=None)
     em.add_argument("--guidance", type=float, default=None, help="the sweep's guidance scale (EDM2: it moves the best width)")
     em.add_argument("--truncation", type=float, default=None)
     em.add_argument("--temperature", type=float, default=None)
+    _mcmc_flags(em)
 
     d = sub.add_parser("data", help="shard data sets and benchmark the loader")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -144,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
     return p
+
+
+def _mcmc_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling flags of the MCMC families (score models' Langevin steps, EBMs' SGLD)."""
+    p.add_argument("--step-size", type=float, default=None,
+                   help="Langevin / SGLD step size (score models, EBMs; default: the model config's)")
+    p.add_argument("--from-buffer", action="store_true", default=None,
+                   help="EBMs: start the SGLD chains from the export's saved replay buffer instead of noise")
 
 
 def cmd_train(args) -> int:
@@ -237,8 +255,10 @@ def _sampling(args) -> dict:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
     if args.seed is not None and args.seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {args.seed}")
+    if args.step_size is not None and not args.step_size > 0:
+        raise ConfigError(f"--step-size: must be > 0, got {args.step_size}")
     return dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, truncation=args.truncation,
-                temperature=args.temperature)
+                temperature=args.temperature, step_size=args.step_size, from_buffer=args.from_buffer)
 
 
 def _fit_parser() -> argparse.ArgumentParser:
@@ -274,7 +294,7 @@ def cmd_eval(args) -> int:
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
                         inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples}, out=args.out,
+                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples, "probes": args.probes}, out=args.out,
                         direction=args.direction)
 
 

@@ -131,12 +131,14 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
             diverged = False
             if record or periodic or signalled:
                 diverged = run.tally.read(state.counters, state.interval) >= tc.max_nonfinite
+            unhealthy = None
             if record or diverged:
-                log_record(run, state, cursor, log, lr_mult)
-            if diverged:
+                # the family's own divergence signs in the record's means (an EBM's energies running away)
+                unhealthy = run.family.health(log_record(run, state, cursor, log, lr_mult))
+            if diverged or unhealthy:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(f"{tc.max_nonfinite} non-finite steps in a row (step {state.step}); "
-                                    f"stopping without saving: {where}")
+                why = unhealthy or f"{tc.max_nonfinite} non-finite steps in a row"
+                raise TrainingError(f"{why} (step {state.step}); stopping without saving: {where}")
             if signalled:
                 path = save_checkpoint(run, state, cursor, "preempted")
                 if eng.main:
@@ -428,8 +430,9 @@ def load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- records, samples, evaluation
-def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_mult: float) -> None:
-    """Every rank: the interval's means (all ranks') into one metrics.jsonl record; the interval starts anew."""
+def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_mult: float) -> dict:
+    """Every rank: the interval's means (all ranks') into one metrics.jsonl record, returned (the same on every
+    rank); the interval starts anew."""
     tc, counters = run.cfg.train, state.counters
     count_skips(run, state, cursor)
     means = interval_means(state.interval, [p.name for p in run.phases])
@@ -442,6 +445,7 @@ def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_
            **means}  # loss null when every step of the interval was non-finite
     log.record(rec)
     state.interval.clear()
+    return rec
 
 
 def count_skips(run: Run, state: TrainState, cursor: DataCursor) -> None:

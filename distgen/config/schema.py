@@ -143,8 +143,9 @@ class ModelConfig:
 # Metric names (the evaluator in distgen.evaluate.core computes them; named here so that checking a
 # config does not import torch-fidelity).
 # paired: L1 / PSNR / SSIM of translations against their ground truth (pix2pix); target_class: the share of
-# translations a domain classifier assigns to the target domain's class
-METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon", "paired", "target_class")
+# translations a domain classifier assigns to the target domain's class; accuracy: the test accuracy of a
+# family that classifies (JEM)
+METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon", "paired", "target_class", "accuracy")
 # The fewest images each feature metric can be computed from at all (generated, and reference for fid/kid/prc):
 # FID's covariance and KID's unbiased MMD need two; the Inception Score splits the images into 10 groups
 # (torch-fidelity's isc_splits), each needing one; precision/recall take every image's 3rd nearest
@@ -164,7 +165,7 @@ def sample_count_problem(metrics, n: int) -> Optional[str]:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # training steps between evaluations of the EMA weights (0: none during training)
-    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon, paired, target_class
+    metrics: tuple[str, ...] = ("fid",)  # of fid, kid, isc, prc, bpd, recon, paired, target_class, accuracy
     num_samples: int = 10000  # generated images per evaluation
     ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
     batch_size: Optional[int] = None  # images per feature-extractor pass, per process; null: 256 on CUDA, 64 on CPU
@@ -176,7 +177,8 @@ class EvalConfig:
     best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
 
     LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1")
-    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim", "target_class_share")
+    HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim", "target_class_share",
+                        "accuracy")
 
     def validate(self, path: str) -> None:
         check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")

@@ -13,7 +13,7 @@ from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_confi
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
          "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
-         "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share",
+         "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share", "accuracy": "accuracy",
          "translated_images": "translated"}
 
 

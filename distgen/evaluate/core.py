@@ -433,6 +433,8 @@ class Evaluator:
             res.update(self.bpd(family, nets, data_cfg))
         if "recon" in spec.metrics:
             res.update(self.recon(family, nets, data_cfg))
+        if "accuracy" in spec.metrics:
+            res.update(self.accuracy(family, nets, data_cfg))
         if ref is not None:
             res["ref_cache"] = ref.cache
             res["ref_images"] = ref.num
@@ -533,6 +535,24 @@ class Evaluator:
         if n == 0:
             raise EvalError(f"recon: the test shards {self.spec.test} hold no images")
         return {"psnr": psnr_sum / n, "ssim": ssim_sum / n, "recon_images": int(n)}
+
+
+    # ---- classification (JEM)
+    def accuracy(self, family, nets, data_cfg) -> dict:
+        """Top-1 accuracy of the family's classifier on the labelled test split, every image once."""
+        if not hasattr(family, "classify"):
+            self.skipped["accuracy"] = f"the {family.name} family does not classify images"
+            return {}
+        right, n = 0, 0
+        with torch.no_grad():
+            for x, labels, _gens in self._test_batches(replace(data_cfg, labels=True), "accuracy"):
+                logits = family.classify(nets, x.float() / 127.5 - 1)
+                right += int((logits.argmax(1).cpu() == labels).sum())
+                n += x.shape[0]
+        right, n = dist.all_reduce_floats([float(right), float(n)])
+        if n == 0:
+            raise EvalError(f"accuracy: the test shards {self.spec.test} hold no images")
+        return {"accuracy": right / n, "accuracy_images": int(n)}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,12 @@ class Family:
         """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs
         exist. Every rank calls it with its own batch; the family makes the result the same on all."""
 
+    def health(self, record: dict) -> Optional[str]:
+        """Why training should stop, judged from a log record (``<phase>/<name>`` interval means over all
+        ranks, the same on every rank), or None. For divergence that stays finite (an EBM's energies running
+        away): the run stops as after ``train.max_nonfinite`` non-finite steps, naming the last good checkpoint."""
+        return None
+
     def after_step(self, phase: str, raw: dict[str, nn.Module]) -> None:
         """Called after ``phase``'s optimizer step with the plain modules (e.g. WGAN's weight clipping)."""
 
@@ -175,7 +181,9 @@ class Family:
 
         One generator per image for anything stochastic (dequantisation noise, posterior samples).
         A family that reconstructs images also defines ``reconstruct(nets, images, generators)``
-        (float NCHW on [-1, 1]), which the ``recon`` metric (PSNR / SSIM) uses.
+        (float NCHW on [-1, 1]), which the ``recon`` metric (PSNR / SSIM) uses; one that classifies (JEM)
+        defines ``classify(nets, images)`` (class logits of float NCHW images on [-1, 1]), which the
+        ``accuracy`` metric uses.
         """
         raise NotImplementedError(f"the {self.name} family has no log-likelihood")
 

@@ -121,6 +121,9 @@ class Diffusion(Family):
 
     def validate_sample_options(self, options):
         steps, g = options.get("steps"), options.get("guidance")
+        if options.get("sampler") is not None and options["sampler"] not in SAMPLERS:
+            raise ValueError(f"--sampler: the {self.name} family samples with {', '.join(SAMPLERS)}, "
+                             f"not {options['sampler']}")
         if steps is not None and not 1 <= steps <= self.cfg.num_train_timesteps:
             raise ValueError(f"--steps: must be in [1, {self.cfg.num_train_timesteps}] (the model's training "
                              f"timesteps), got {steps}")
