@@ -119,7 +119,7 @@ def random_shards(folder: Path, a) -> Path:
     n = max(a.batch * (a.steps + a.warmup + 2), 512)
     shape = (n, a.resolution, a.resolution) + ((3,) if a.channels == 3 else ())
     np.savez(folder / "random.npz", x=np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
-    write_shards(open_source(str(folder / "random.npz"), "train"), folder / "shards", "train",
+    write_shards(open_source(f"npz:{folder / 'random.npz'}", "train"), folder / "shards", "train",
                  samples_per_shard=max(n // 4, 1))
     return folder / "shards" / "train.manifest.json"
 

@@ -78,7 +78,15 @@ def _auto(value, cuda: bool) -> bool:
 def resolve(tc, device: torch.device, family, trained: list[str], deepspeed: bool) -> Speed:
     """What of ``tc``'s speed switches this run uses on ``device``."""
     cuda = device.type == "cuda"
-    s = Speed(compile_mode=tc.compile_mode, channels_last=_auto(tc.channels_last, cuda), tf32=cuda and tc.tf32,
+    channels_last = _auto(tc.channels_last, cuda)
+    if deepspeed and channels_last:
+        # DeepSpeed broadcasts every parameter through a uint8 view, which a channels_last conv weight cannot
+        # take ("self.stride(-1) must be 1 to view Float as Byte"; seen on an H100 and on CPU)
+        if tc.channels_last is True:
+            raise TrainingError("train.channels_last: DeepSpeed broadcasts parameters through a byte view that "
+                                "channels_last weights cannot take; use channels_last false (auto leaves it off)")
+        channels_last = False
+    s = Speed(compile_mode=tc.compile_mode, channels_last=channels_last, tf32=cuda and tc.tf32,
               cudnn_benchmark=cuda and tc.cudnn_benchmark)
     if _auto(tc.compile, cuda):
         for n in trained:
