@@ -117,6 +117,8 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
     for n in set(nets) - set(family.ema_networks()):
         if ckpt.weights_file(folder, n).is_file():  # e.g. a frozen autoencoder, as the run used it
             nets[n].load_state_dict(ckpt.load_tensors(ckpt.weights_file(folder, n)))
+    if ckpt.family_rank_file(folder, 0).is_file():  # rank 0's per-rank state (an EBM's replay buffer, for export)
+        family.load_rank_state(ckpt.load_tensors(ckpt.family_rank_file(folder, 0)))
     return cfg, family, nets, meta
 
 

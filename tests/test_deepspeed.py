@@ -40,11 +40,19 @@ MODELS = {
     "glow": ({"family": "glow", "preset": "tiny"}, 8),
     "pix2pix": ({"family": "pix2pix", "preset": "tiny"}, 32),
     "cyclegan": ({"family": "cyclegan", "preset": "tiny", "blocks": 1, "pool_size": 2}, 32),
+    # score models: the VE U-Net's frozen Fourier features; sliced score matching's double backward (NCSN levels)
+    "score-ve": ({"family": "score", "preset": "tiny", "sde": "ve", "sample_steps": 2, "n_steps_each": 1}, 8),
+    "score-ncsn-ssm": ({"family": "score", "preset": "tiny", "sde": "ncsn", "objective": "ssm", "num_scales": 2,
+                        "n_steps_each": 1}, 8),
+    # SGLD through the plain module beside the engine's one forward; JEM's logits on labelled data, spectral norm
+    "ebm": ({"family": "ebm", "preset": "tiny", "sgld_steps": 2, "buffer_size": 8, "sample_steps": 2}, 16),
+    "ebm-jem": ({"family": "ebm", "preset": "tiny", "jem": True, "spectral_norm": True, "sgld_steps": 2,
+                 "buffer_size": 8, "sample_steps": 2}, 16),
 }
 # What DeepSpeed cannot do, refused at start with the reason (engine_problem): one network outside its own
-# engine in another's phase under ZeRO-3's partitioned parameters.
+# engine in another's phase under ZeRO-3's partitioned parameters, or a double backward through them (SSM).
 REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 3), ("gan-stylegan2", 3),
-           ("pix2pix", 3), ("cyclegan", 3)}
+           ("pix2pix", 3), ("cyclegan", 3), ("score-ncsn-ssm", 3), ("ebm", 3), ("ebm-jem", 3)}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +137,8 @@ def test_a_deepspeed_file_that_contradicts_train_mixed_precision_is_refused(tmp_
 
 
 @pytest.mark.parametrize("family,extra", [("pixelcnn", {}), ("glow", {}), ("vae", {}), ("vae", {"arch": "hvae"}),
-                                          ("diffusion", {"num_train_timesteps": 20, "sample_steps": 2})])
+                                          ("diffusion", {"num_train_timesteps": 20, "sample_steps": 2}),
+                                          ("score", {"sde": "vp", "ode_tol": 0.01})])
 def test_bits_per_dim_keeps_its_precision_under_bf16_autocast(family, extra):
     """The likelihood maths runs in float32 whatever the network's precision: on the same weights and
     images, bits/dim under bf16 autocast is within 0.01 of float32's."""

@@ -233,6 +233,109 @@ class CycleGANConfig(ModelConfig):
         check(self.d_layers >= 1, f"{path}.d_layers", f"must be >= 1, got {self.d_layers}")
 
 
+@dataclass(frozen=True)
+class EBMConfig(ModelConfig):
+    """An energy-based model (IGEBM, Du & Mordatch 2019): contrastive divergence against short-run SGLD
+    negatives kept in a replay buffer; with ``jem`` the energy is a classifier's -logsumexp of its logits
+    (JEM, Grathwohl et al. 2020) and cross-entropy trains beside the p(x) term."""
+
+    family: str = "ebm"
+    preset: Literal["tiny", "small", "paper"] = "small"  # paper: JEM's WRN-28-10
+    width: Optional[int] = None  # first stage's channels (null: the preset's)
+    blocks: Optional[int] = None  # residual blocks per stage (null: the preset's)
+    spectral_norm: bool = False  # on every conv / linear of the energy network (IGEBM's option)
+    jem: bool = False  # JEM: K logits, E(x) = -logsumexp, + cross-entropy (needs labelled data)
+    sgld_steps: int = 20  # SGLD steps per training step (JEM: 20)
+    sgld_step_size: float = 1.0  # x <- x - step_size dE/dx + noise N(0, I) (JEM: 1)
+    sgld_noise: float = 0.01  # the noise's standard deviation (JEM: 0.01)
+    buffer_size: int = 10000  # replay buffer images per process (JEM: 10000); >= train.batch_size
+    reinit_freq: float = 0.05  # share of chains restarted from uniform noise instead of the buffer (JEM: 0.05)
+    # alpha of IGEBM's alpha (E(x+)^2 + E(x-)^2), which keeps energies near 0. It also caps the energy gap at
+    # 1 / alpha: IGEBM's alpha 1 goes with its step size 10 (on [0, 1] pixels); with step size 1, 0.05
+    energy_reg: float = 0.05
+    diverge_energy: float = 1000.0  # stop when a record's mean |E| of data or samples, or |gap|, exceeds it (0: off)
+    diverge_saturation: float = 0.99  # stop when more than this share of sample pixels sits at +-1 (1: off)
+    sample_steps: int = 200  # SGLD steps of `distgen sample` / grids / eval (--steps)
+    sample_step_size: Optional[float] = None  # their step size (--step-size; null: sgld_step_size)
+    sampling_fields = ("sample_steps", "sample_step_size")
+
+    def validate(self, path: str) -> None:
+        for k in ("width", "blocks"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        for k in ("sgld_steps", "buffer_size", "sample_steps"):
+            check(getattr(self, k) >= 1, f"{path}.{k}", f"must be >= 1, got {getattr(self, k)}")
+        check(self.sgld_step_size > 0, f"{path}.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
+        check(self.sample_step_size is None or self.sample_step_size > 0, f"{path}.sample_step_size",
+              f"must be > 0 or null, got {self.sample_step_size}")
+        for k in ("sgld_noise", "energy_reg", "diverge_energy"):
+            check(getattr(self, k) >= 0, f"{path}.{k}", f"must be >= 0, got {getattr(self, k)}")
+        check(0 <= self.reinit_freq <= 1, f"{path}.reinit_freq", f"must be in [0, 1], got {self.reinit_freq}")
+        check(0 < self.diverge_saturation <= 1, f"{path}.diverge_saturation",
+              f"must be in (0, 1] (1: off), got {self.diverge_saturation}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(ModelConfig):
+    """Score-based models: NCSN / NCSNv2 (Song & Ermon 2019, 2020) over a geometric sequence of noise levels,
+    and score SDEs (Song et al. 2021) in continuous time, trained by denoising or sliced (Song et al. 2019)
+    score matching. VE / NCSN models see pixels on [0, 1], VP / sub-VP ones on [-1, 1], as in the papers."""
+
+    family: str = "score"
+    preset: Literal["tiny", "small", "paper"] = "small"  # paper: NCSN++ (ncsn, ve) / DDPM++ (vp, subvp), deep
+    # ncsn: NCSN's discrete levels; ve / vp / subvp: the SDEs of Song et al. 2021, continuous time
+    sde: Literal["ncsn", "ve", "vp", "subvp"] = "ve"
+    objective: Literal["dsm", "ssm"] = "dsm"  # denoising or sliced score matching (one projection per image)
+    sigma_min: float = 0.01  # ncsn, ve: the smallest noise level (pixels on [0, 1]; all papers: 0.01)
+    sigma_max: float = 50.0  # the largest (NCSNv2's rule: the largest distance between two training images)
+    num_scales: int = 1000  # ncsn: the levels L (NCSN 10, NCSNv2 232 on CIFAR-10); others: the PC sampler's N
+    beta_min: float = 0.1  # vp, subvp: beta(0)
+    beta_max: float = 20.0  # beta(1)
+    likelihood_weighting: bool = False  # continuous DSM weighted by g(t)^2 (Song et al. 2021b) instead of std^2
+    sampler: Optional[Literal["langevin", "pc", "ode"]] = None  # null: langevin for ncsn, pc for the SDEs
+    sample_steps: Optional[int] = None  # langevin levels / pc steps (null: num_scales; ncsn: its levels only)
+    n_steps_each: Optional[int] = None  # Langevin steps per level (null: 5 as NCSNv2) / pc corrector steps (null: 1)
+    step_size: float = 6.2e-6  # annealed Langevin's eps: level i steps eps sigma_i^2 / sigma_L^2 (NCSNv2 CIFAR-10)
+    snr: float = 0.16  # the pc Langevin corrector's signal-to-noise ratio (0.16 on CIFAR-10)
+    predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"  # the pc sampler's predictor
+    denoise: bool = True  # a last noise-free step at the smallest level (Tweedie's denoising)
+    ode_tol: float = 1e-5  # RK45's rtol = atol for ode sampling and bits/dim (the paper's 1e-5)
+    probes: int = 1  # bits/dim: Hutchinson probes per image (--probes)
+    sampling_fields = ("sampler", "sample_steps", "n_steps_each", "step_size", "snr", "predictor", "denoise",
+                       "ode_tol", "probes")
+
+    def validate(self, path: str) -> None:
+        check(self.sigma_min > 0, f"{path}.sigma_min", f"must be > 0, got {self.sigma_min}")
+        check(self.sigma_max > self.sigma_min, f"{path}.sigma_max",
+              f"must be > sigma_min ({self.sigma_min}), got {self.sigma_max}")
+        check(self.num_scales >= 2, f"{path}.num_scales", f"must be >= 2, got {self.num_scales}")
+        check(self.beta_min > 0, f"{path}.beta_min", f"must be > 0, got {self.beta_min}")
+        check(self.beta_max > self.beta_min, f"{path}.beta_max",
+              f"must be > beta_min ({self.beta_min}), got {self.beta_max}")
+        check(not (self.likelihood_weighting and self.sde == "ncsn"), f"{path}.likelihood_weighting",
+              "weights the continuous SDEs' objective (g(t)^2); sde ncsn has discrete levels")
+        check(not (self.sampler == "ode" and self.sde == "ncsn"), f"{path}.sampler",
+              "ode needs a continuous-time SDE (ve, vp, subvp), not sde ncsn")
+        check(not (self.sampler == "langevin" and self.sde in ("vp", "subvp")), f"{path}.sampler",
+              f"annealed Langevin dynamics anneals noise levels x + sigma z: sde ncsn or ve, not {self.sde}")
+        check(self.sample_steps is None or self.sample_steps >= 2, f"{path}.sample_steps",
+              f"must be >= 2 or null, got {self.sample_steps}")
+        check(self.sample_steps in (None, self.num_scales) or self.sde != "ncsn", f"{path}.sample_steps",
+              f"sde ncsn samples at its num_scales ({self.num_scales}) trained levels; got {self.sample_steps}")
+        check(self.n_steps_each is None or self.n_steps_each >= 0, f"{path}.n_steps_each",
+              f"must be >= 0 or null, got {self.n_steps_each}")
+        check(self.n_steps_each != 0 or self.default_sampler != "langevin", f"{path}.n_steps_each",
+              "annealed Langevin dynamics needs >= 1 step per level (0 turns off only the pc corrector)")
+        for name in ("step_size", "snr", "ode_tol"):
+            check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+        check(self.ode_tol < 1, f"{path}.ode_tol", f"must be < 1, got {self.ode_tol}")
+        check(self.probes >= 1, f"{path}.probes", f"must be >= 1, got {self.probes}")
+
+    @property
+    def default_sampler(self) -> str:
+        return self.sampler or ("langevin" if self.sde == "ncsn" else "pc")
+
+
 # ``model.family`` -> its section's dataclass.
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "diffusion": DiffusionConfig,
@@ -244,4 +347,6 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "vae": VAEConfig,
     "pix2pix": Pix2PixConfig,
     "cyclegan": CycleGANConfig,
+    "score": ScoreConfig,
+    "ebm": EBMConfig,
 }

@@ -5,10 +5,12 @@ from __future__ import annotations
 from distgen.families.autoencoder import Autoencoder
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
 from distgen.families.diffusion import Diffusion
+from distgen.families.ebm import EBM
 from distgen.families.gan import GAN
 from distgen.families.glow import GlowFamily
 from distgen.families.latent import LatentDiffusion
 from distgen.families.pixelcnn import PixelCNN
+from distgen.families.score import Score
 from distgen.families.translation.cyclegan import CycleGAN
 from distgen.families.translation.pix2pix import Pix2Pix
 from distgen.families.vae import VAEFamily
@@ -24,6 +26,8 @@ FAMILIES: dict[str, type[Family]] = {
     LatentDiffusion.name: LatentDiffusion,
     Pix2Pix.name: Pix2Pix,
     CycleGAN.name: CycleGAN,
+    Score.name: Score,
+    EBM.name: EBM,
 }
 
 

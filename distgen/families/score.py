@@ -1,0 +1,464 @@
+"""Score-based models: NCSN / NCSNv2 and score SDEs, on diffusers' UNet2DModel.
+
+- NCSN (Song & Ermon 2019) with NCSNv2's choices (Song & Ermon 2020), ``sde: ncsn``: a noise-conditional
+  score network s(x, sigma) = net(x, sigma) / sigma over L noise levels in geometric sequence, trained by
+  denoising score matching weighted by sigma^2, sampled by annealed Langevin dynamics (step
+  eps sigma_i^2 / sigma_L^2 at level i) ending in a denoising step x + sigma_L^2 s(x, sigma_L).
+- Score SDEs (Song et al. 2021), ``sde: ve | vp | subvp``: the same objective in continuous time,
+  predictor-corrector sampling (reverse-diffusion or Euler-Maruyama predictor, Langevin corrector at a
+  signal-to-noise ratio) and the probability-flow ODE, which samples deterministically and gives
+  log-likelihoods by the instantaneous change of variables (divergence by Hutchinson's estimator).
+- Sliced score matching (Song et al. 2019), ``objective: ssm``: v^T grad_x(v^T s) + |s|^2 / 2 on the
+  perturbed data (the variance-reduced form of the NCSN code), a double backward.
+
+The network is diffusers' UNet2DModel: for ncsn / ve with Gaussian Fourier features of log sigma and
+the output divided by sigma (UNet2DModel's ``fourier`` embedding, NCSN++'s choice), for vp / subvp with
+positional features of 999 t and an epsilon output, s = -net / std (DDPM++). VE / NCSN models see
+pixels on [0, 1] (the UNet centres its input, as NCSN++ does), VP / sub-VP ones on [-1, 1], as in the
+papers, so their sigma_max and bits/dim conventions hold.
+
+Samplers draw every image's noise from that image's generator, and the ODE solver (Dormand-Prince 5(4),
+written here: torchdiffeq and scipy share one step size over a batch) steps each image with its own
+step size, so an image never depends on the batch around it or the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distgen.config.core import ConfigError
+from distgen.config.models import ScoreConfig
+from distgen.families.base import DataInfo, Family, Phase
+
+# Network presets. paper: NCSN++ / DDPM++ "deep" (Song et al. 2021, CIFAR-10): 4 resolutions of
+# 128-256-256-256 channels, 8 residual blocks each, attention at 16 px, dropout 0.1 (~100M parameters).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=8, norm_num_groups=32, dropout=0.1,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+# NCSN++'s FIR resampling with progressive input / output (diffusers' Skip blocks, RGB only)
+NCSNPP_BLOCKS = dict(down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
+                     up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+                     mid_block_scale_factor=math.sqrt(2))
+SAMPLERS = {"ncsn": ("langevin", "pc"), "ve": ("langevin", "pc", "ode"), "vp": ("pc", "ode"), "subvp": ("pc", "ode")}
+# Where sampling stops (score_sde: 1e-5 for VE, 1e-3 for VP; ncsn's last level is t = 0) and likelihoods start.
+SAMPLE_EPS = {"ncsn": 0.0, "ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
+LIKELIHOOD_EPS = 1e-5
+TRAIN_EPS = 1e-5  # continuous training times are U(TRAIN_EPS, 1)
+
+
+class SDE:
+    """dx = f(x, t) dt + g(t) dw on t in [0, 1], its Gaussian marginals N(m(t) x0, std(t)^2 I) and prior
+    (Song et al. 2021, appendix B). sde ncsn is the VE SDE seen only at t = i / (L - 1), its L levels."""
+
+    def __init__(self, cfg: ScoreConfig):
+        self.kind, self.cfg = cfg.sde, cfg
+        self.ve = cfg.sde in ("ncsn", "ve")
+        self.log_ratio = math.log(cfg.sigma_max / cfg.sigma_min)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.cfg.sigma_min * torch.exp(t * self.log_ratio)
+
+    def _log_mean(self, t):
+        return -0.25 * t ** 2 * (self.cfg.beta_max - self.cfg.beta_min) - 0.5 * t * self.cfg.beta_min
+
+    def beta(self, t):
+        return self.cfg.beta_min + t * (self.cfg.beta_max - self.cfg.beta_min)
+
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m(t) and std(t), each [B]; expm1 keeps std exact near t = 0 (sub-VP's std is ~ t there)."""
+        if self.ve:
+            return torch.ones_like(t), self.sigma(t)
+        lm = self._log_mean(t)
+        var_or_std = -torch.expm1(2 * lm)  # VP: the variance 1 - m^2; sub-VP: its std is 1 - m^2
+        return torch.exp(lm), (var_or_std.sqrt() if self.kind == "vp" else var_or_std)
+
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, g): the drift f(x, t) = a(t) x and the diffusion g(t), each [B]."""
+        if self.ve:
+            return torch.zeros_like(t), self.sigma(t) * math.sqrt(2 * self.log_ratio)
+        b = self.beta(t)
+        g2 = b if self.kind == "vp" else b * -torch.expm1(4 * self._log_mean(t))
+        return -0.5 * b, g2.sqrt()
+
+    def prior_std(self) -> float:
+        return self.cfg.sigma_max if self.ve else 1.0
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        s, d = self.prior_std(), z[0].numel()
+        return -0.5 * d * math.log(2 * math.pi * s * s) - z.flatten(1).pow(2).sum(1) / (2 * s * s)
+
+
+def per_image(draw: str, generators: list[torch.Generator], shape, device) -> torch.Tensor:
+    """[B, *shape] float32, row i drawn from generators[i] (``randn``, ``rand`` or ``rademacher``)."""
+    rows = []
+    for g in generators:
+        if draw == "rademacher":
+            r = torch.randint(0, 2, tuple(shape), generator=g, device=g.device).float() * 2 - 1
+        else:
+            r = getattr(torch, draw)(tuple(shape), generator=g, device=g.device)
+        rows.append(r.to(device))
+    return torch.stack(rows)
+
+
+def hutchinson_divergence(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Hutchinson's estimate of div_x out(x) per image: the mean over probes v ([B, K, *x]) of v^T (d out/dx) v,
+    one vector-Jacobian product each (exact for any probe: an unbiased estimate of the trace)."""
+    k, total = probes.shape[1], 0
+    for j in range(k):
+        (vjp,) = torch.autograd.grad(out, x, grad_outputs=probes[:, j], retain_graph=j < k - 1)
+        total = total + (vjp * probes[:, j]).flatten(1).sum(1)
+    return total / k
+
+
+def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sliced score matching per image (Song et al. 2019, the variance-reduced form): v^T (ds/dx) v + |s(x)|^2 / 2,
+    whose mean over projections v with E[v v^T] = I is Hyvarinen's tr(ds/dx) + |s|^2 / 2, the Fisher divergence
+    to the data's score up to a constant. Differentiable in the network's weights (a double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    x = x.detach().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        s = score_fn(x)
+        (jv,) = torch.autograd.grad((s * v).sum(), x, create_graph=True)
+    return (v * jv).flatten(1).sum(1) + 0.5 * s.pow(2).flatten(1).sum(1)
+
+
+def dequantize(images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """uint8 NCHW -> (x + u) / 256 on [0, 1], float64, u ~ U[0, 1)^D from each image's generator (its first draw)."""
+    u = per_image("rand", generators, images.shape[1:], images.device).double()
+    return (images.double() + u) / 256
+
+
+# Dormand-Prince 5(4), the tableau of scipy's RK45 (score_sde's solver)
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # 5th minus 4th order
+
+
+def rk45(f: Callable, y0: torch.Tensor, t0: float, t1: float, tol: float, max_steps: int = 20000) -> torch.Tensor:
+    """y(t1) of dy/dt = f(y, t, rows) from y(t0) = y0 ([B, N] float64), each row with its own adaptive step.
+
+    scipy's RK45 with rtol = atol = ``tol`` (its initial step, error norm and step factors), except that
+    the error norm and the step size are per row: ``f`` gets the rows still running (``rows`` indexes
+    ``y0``) with their own times ``t`` [b], so a row's solution does not depend on the others.
+    """
+    n, sign = y0.shape[0], (1.0 if t1 > t0 else -1.0)
+    y, rows = y0.clone(), torch.arange(n, device=y0.device)
+    t = torch.full((n,), float(t0), dtype=torch.float64, device=y0.device)
+    rms = lambda v: v.pow(2).mean(1).sqrt()  # noqa: E731
+    k1 = f(y, t, rows)
+    # scipy's select_initial_step, per row
+    scale = tol + tol * y.abs()
+    d0, d1 = rms(y / scale), rms(k1 / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
+    h0 = torch.minimum(h0, torch.full_like(h0, abs(t1 - t0)))
+    d2 = rms((f(y + sign * h0[:, None] * k1, t + sign * h0, rows) - k1) / scale) / h0
+    dm = torch.maximum(d1, d2)
+    h1 = torch.where(dm <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dm.clamp(min=1e-30)) ** 0.2)
+    h = sign * torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, abs(t1 - t0)))
+    for _ in range(max_steps):
+        if len(rows) == 0:
+            return y
+        ya, ta, ha = y[rows], t[rows], h[rows]
+        ks = [k1[rows]]
+        for c, a in zip(_C[1:], _A[1:]):
+            yi = ya + ha[:, None] * sum(w * k for w, k in zip(a, ks) if w)
+            ks.append(f(yi, ta + c * ha, rows))
+        # the last stage ran at the 5th-order solution yi (first same as last: it is the next step's k1)
+        err = ha[:, None] * sum(w * k for w, k in zip(_E, ks) if w)
+        norm = rms(err / (tol + tol * torch.maximum(ya.abs(), yi.abs())))
+        ok = norm <= 1
+        factor = (0.9 * norm.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
+        factor = torch.where(ok, factor, factor.clamp(max=1.0))
+        last = ok & ((t1 - ta).abs() <= ha.abs() * (1 + 1e-12))
+        done = rows[ok]
+        y[done], k1[done] = yi[ok], ks[-1][ok]
+        t[done] = torch.where(last[ok], torch.full_like(ta[ok], float(t1)), ta[ok] + ha[ok])
+        h[rows] = sign * torch.minimum(ha.abs() * factor, (t1 - t[rows]).abs())
+        rows = rows[~last]
+    raise RuntimeError(f"the probability-flow ODE took more than {max_steps} steps at tolerance {tol} "
+                       f"(model.ode_tol); the network's score may be diverging")
+
+
+class Score(Family):
+    name = "score"
+    config_cls = ScoreConfig
+    num_classes = 0  # unconditional
+
+    def __init__(self, cfg: ScoreConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        halvings = len(PRESETS[cfg.preset]["block_out_channels"]) - 1
+        if data.resolution % 2 ** halvings:
+            raise ConfigError(f"data.resolution: the {cfg.preset} score U-Net halves the image {halvings} time(s), "
+                              f"so the side must be a multiple of {2 ** halvings}, got {data.resolution}")
+        self.sde = SDE(cfg)
+        # NCSN's discrete levels have no probability-flow ODE: no bits/dim (evaluation skips the metric)
+        self.likelihood = None if cfg.sde == "ncsn" else "bound"
+
+    # -- networks
+    def unet_kwargs(self) -> dict:
+        kw = dict(PRESETS[self.cfg.preset])
+        if self.cfg.preset == "paper" and self.sde.ve and self.data.channels == 3:
+            kw.update(NCSNPP_BLOCKS)
+        kw.update(sample_size=self.data.resolution, in_channels=self.data.channels, out_channels=self.data.channels,
+                  time_embedding_type="fourier" if self.sde.ve else "positional", center_input_sample=self.sde.ve)
+        return kw
+
+    def build_networks(self):
+        from diffusers import UNet2DModel
+
+        return {"unet": UNet2DModel(**self.unet_kwargs())}
+
+    def phases(self):
+        return [Phase("score", "unet")]
+
+    def engine_problem(self, zero_stage):
+        if zero_stage == 3 and self.cfg.objective == "ssm":
+            return ("sliced score matching's second backward needs weights that ZeRO-3 has already released after the "
+                    "first (a size-0 tensor in the backward); use ZeRO-1 or ZeRO-2, or objective dsm")
+        return None
+
+    def compile_problem(self, network):
+        if self.cfg.objective == "ssm":
+            return "sliced score matching differentiates the score's Jacobian-vector product (a double backward)"
+        return None
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Images on [-1, 1] -> the model's data space ([0, 1] for ncsn / ve)."""
+        return (x + 1) / 2 if self.sde.ve else x
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 2 - 1 if self.sde.ve else x).clamp(-1, 1)
+
+    def score(self, unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s(x, t) = grad_x log p_t(x), float32; ``t`` [B] on [0, 1]."""
+        if self.sde.ve:
+            # UNet2DModel's fourier embedding takes log sigma and divides its output by sigma (NCSNv2's scaling)
+            return unet(x, self.sde.sigma(t.float())).sample.float()
+        _, std = self.sde.marginal(t.float())
+        return -unet(x, 999 * t.float()).sample.float() / std.view(-1, 1, 1, 1)
+
+    # -- training
+    def loss(self, phase, nets, batch, generator):
+        x0 = self.to_model(batch["image"])
+        b, dev = x0.shape[0], x0.device
+        if self.cfg.sde == "ncsn":
+            levels = self.cfg.num_scales
+            t = torch.randint(0, levels, (b,), device=dev, generator=generator).float() / (levels - 1)
+        else:
+            t = torch.rand(b, device=dev, generator=generator) * (1 - TRAIN_EPS) + TRAIN_EPS
+        z = torch.randn(x0.shape, device=dev, generator=generator)
+        m, std = (v.view(-1, 1, 1, 1) for v in self.sde.marginal(t))
+        xt = m * x0 + std * z
+        if self.cfg.objective == "dsm":
+            # lambda(t) = std^2 (NCSN's sigma^2): std^2 |s + z / std|^2 = |std s + z|^2; the target is -z / std
+            per = 0.5 * (std * self.score(nets["unet"], xt, t) + z).pow(2).flatten(1).sum(1)
+        else:  # SSM on the perturbed data (NCSN's anneal_sliced_score_estimation_vr), one projection per image
+            v = torch.randn(x0.shape, device=dev, generator=generator)
+            # The plain module: DeepSpeed takes torch.autograd.grad through its engine's output for a backward
+            # pass of its own and reduces gradients after it. The engine's forward joins the loss with weight
+            # 0, so DDP / DeepSpeed still synchronise every gradient (as "+ 0 x outputs" in the GAN's R1).
+            per = sliced_score_matching(lambda x: self.score(nets.raw["unet"], x, t), xt, v) * std.flatten() ** 2
+            per = per + 0 * self.score(nets["unet"], xt, t).flatten(1).sum(1)
+        if self.cfg.likelihood_weighting:
+            _, g = self.sde.coefficients(t)
+            per = per * (g / std.flatten()) ** 2  # g(t)^2 |s - grad log p|^2 instead of std^2 (Song et al. 2021b)
+        return per, {}
+
+    # -- sampling
+    sample_options = ("steps", "sampler", "step_size")
+
+    def validate_sample_options(self, options):
+        sampler, steps = options.get("sampler") or self.cfg.default_sampler, options.get("steps")
+        if sampler not in SAMPLERS[self.cfg.sde]:
+            raise ValueError(f"--sampler: a score model with sde {self.cfg.sde} samples with "
+                             f"{', '.join(SAMPLERS[self.cfg.sde])}, not {sampler}")
+        if steps is not None and sampler == "ode":
+            raise ValueError("--steps: the ode sampler chooses its own steps (tolerance model.ode_tol)")
+        if steps is not None and self.cfg.sde == "ncsn" and steps != self.cfg.num_scales:
+            raise ValueError(f"--steps: sde ncsn samples at its {self.cfg.num_scales} trained levels "
+                             f"(model.num_scales), got {steps}")
+        if steps is not None and steps < 2:
+            raise ValueError(f"--steps: must be >= 2, got {steps}")
+        if options.get("step_size") is not None and sampler != "langevin":
+            raise ValueError(f"--step-size: sets annealed Langevin's eps (--sampler langevin); the {sampler} "
+                             f"sampler's Langevin steps follow model.snr")
+
+    @torch.no_grad()
+    def sample(self, nets, generators, *, labels=None, steps=None, sampler=None, step_size=None):
+        unet = nets["unet"]
+        dev = next(unet.parameters()).device
+        sampler = sampler or self.cfg.default_sampler
+        steps = steps or self.cfg.sample_steps or self.cfg.num_scales
+        shape = (self.data.channels, self.data.resolution, self.data.resolution)
+        if sampler == "langevin":
+            x = self.langevin(unet, per_image("rand", generators, shape, dev), generators, steps,
+                              step_size or self.cfg.step_size)
+        else:
+            x = per_image("randn", generators, shape, dev) * self.sde.prior_std()
+            x = self.pc(unet, x, generators, steps) if sampler == "pc" else self.ode_sample(unet, x)
+        return self.from_model(x)
+
+    def _n_steps(self, sampler: str) -> int:
+        return self.cfg.n_steps_each if self.cfg.n_steps_each is not None else (5 if sampler == "langevin" else 1)
+
+    def langevin(self, unet, x, generators, levels: int, eps: float) -> torch.Tensor:
+        """Annealed Langevin dynamics (NCSN, Algorithm 1): at level i, n steps of size eps sigma_i^2 / sigma_L^2;
+        then NCSNv2's denoising step x + sigma_L^2 s(x, sigma_L). x starts uniform on [0, 1], as in the papers."""
+        ts = torch.linspace(1, 0, levels, device=x.device)
+        sigma_l = self.cfg.sigma_min
+        for t in ts:
+            tt = t.expand(len(x))
+            step = eps * (float(self.sde.sigma(t)) / sigma_l) ** 2
+            for _ in range(self._n_steps("langevin")):
+                z = per_image("randn", generators, x.shape[1:], x.device)
+                x = x + step * self.score(unet, x, tt) + math.sqrt(2 * step) * z
+        if self.cfg.denoise:
+            x = x + sigma_l ** 2 * self.score(unet, x, torch.zeros(len(x), device=x.device))
+        return x
+
+    def _grid(self, n: int, i: int) -> float:
+        """The i-th of n sampling times, t_0 = eps (ncsn: 0, its last level) up to t_{n-1} = 1."""
+        eps = SAMPLE_EPS[self.cfg.sde]
+        return eps + (1 - eps) * i / (n - 1)
+
+    def _vp_beta(self, n: int, i: int) -> float:
+        """beta_i of step i of n: 1 - m(t_i)^2 / m(t_{i-1})^2, the VP transition's exact variance. score_sde's
+        linspace(beta_min / n, beta_max / n, n) is its first-order form, which exceeds 1 for n < beta_max."""
+        lm = lambda t: self.sde._log_mean(torch.tensor(t, dtype=torch.float64))  # noqa: E731
+        prev = lm(self._grid(n, i - 1)) if i > 0 else torch.tensor(0.0, dtype=torch.float64)
+        return float(-torch.expm1(2 * (lm(self._grid(n, i)) - prev)))
+
+    def _reverse_diffusion(self, unet, x, n: int, i: int):
+        """Reverse-diffusion predictor at step i of n (Song et al. 2021, eq. 46): (mean, noise scale G)."""
+        dev = x.device
+        tt = torch.full((len(x),), self._grid(n, i), device=dev)
+        s = self.score(unet, x, tt)
+        if self.sde.ve:  # SMLD's discretisation: G_i^2 = sigma_i^2 - sigma_{i-1}^2, sigma_{-1} = 0
+            prev = float(self.sde.sigma(torch.tensor(self._grid(n, i - 1)))) if i > 0 else 0.0
+            g2 = float(self.sde.sigma(torch.tensor(self._grid(n, i)))) ** 2 - prev ** 2
+            return x + g2 * s, math.sqrt(g2)
+        if self.cfg.sde == "vp":  # the paper's eq. 47: (2 - sqrt(1 - beta_i)) x + beta_i s + sqrt(beta_i) z
+            b = self._vp_beta(n, i)
+            return (2 - math.sqrt(1 - b)) * x + b * s, math.sqrt(b)
+        a, g = (float(v) for v in self.sde.coefficients(tt[:1].double()))  # sub-VP: Euler-Maruyama's f dt, g sqrt(dt)
+        return x - (a * x - g * g * s) / n, g / math.sqrt(n)
+
+    def pc(self, unet, x, generators, n: int) -> torch.Tensor:
+        """Predictor-corrector sampling (Song et al. 2021, Algorithm 1): n steps from t = 1 down to eps, each a
+        Langevin corrector (n_steps_each steps at model.snr) and a predictor; returns the last step's mean when
+        model.denoise.
+
+        The corrector's step is 2 alpha (snr std(t))^2: the paper's 2 alpha (snr |z| / |s|)^2 with the norms'
+        ratio at its value for the perturbed data, std(t) (score_sde's "ald" corrector). The paper's code takes
+        the norms' batch means, which would tie an image to its batch; an image's own norms would make the step
+        depend on where the chain is, and bias it (twice the variance on a Gaussian, tests/test_score.py)."""
+        dev = x.device
+        mean = x
+        for i in range(n - 1, -1, -1):
+            tt = torch.full((len(x),), self._grid(n, i), device=dev)
+            alpha = 1.0 if self.sde.ve else 1 - self._vp_beta(n, i)  # score_sde's corrector scaling for VP
+            step = 2 * alpha * (self.cfg.snr * float(self.sde.marginal(tt[:1].double())[1])) ** 2
+            for _ in range(self._n_steps("pc")):
+                z = per_image("randn", generators, x.shape[1:], dev)
+                x = x + step * self.score(unet, x, tt) + math.sqrt(2 * step) * z
+            z = per_image("randn", generators, x.shape[1:], dev)
+            if self.cfg.predictor == "reverse_diffusion":
+                mean, g = self._reverse_diffusion(unet, x, n, i)
+                x = mean + g * z
+            else:  # Euler-Maruyama on the reverse SDE with dt = -1 / n
+                a, g = (v.view(-1, 1, 1, 1) for v in self.sde.coefficients(tt))
+                mean = x - (a * x - g ** 2 * self.score(unet, x, tt)) / n
+                x = mean + g * math.sqrt(1 / n) * z
+        return mean if self.cfg.denoise else x
+
+    def ode_drift(self, unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The probability-flow ODE's dx/dt = f(x, t) - g(t)^2 s(x, t) / 2."""
+        a, g = (v.view(-1, 1, 1, 1).float() for v in self.sde.coefficients(t.double()))
+        return a * x - 0.5 * g ** 2 * self.score(unet, x, t)
+
+    def ode_sample(self, unet, x: torch.Tensor) -> torch.Tensor:
+        """The probability-flow ODE from t = 1 to eps (RK45 at model.ode_tol), then, with model.denoise, one
+        noise-free reverse-diffusion step (score_sde's ode sampler)."""
+        shape = x.shape
+
+        def f(y, t, rows):
+            return self.ode_drift(unet, y.view(-1, *shape[1:]).float(), t.float()).double().flatten(1)
+
+        eps = SAMPLE_EPS[self.cfg.sde]
+        x = rk45(f, x.double().flatten(1), 1.0, eps, self.cfg.ode_tol).view(shape).float()
+        if self.cfg.denoise:
+            x, _ = self._reverse_diffusion(unet, x, self.cfg.num_scales, 0)
+        return x
+
+    # -- likelihood
+    likelihood_options = ("probes",)
+
+    def log_likelihood(self, nets, images, labels, generators, probes=None):
+        """log p(x) in nats per image: a stochastic lower bound on the discrete image's log-likelihood.
+
+        Each image is dequantised (y = (x + u) / 256, u ~ U[0, 1)^D, scaled to the model's data space),
+        the probability-flow ODE carries y from t = 1e-5 to 1 with the instantaneous change of variables,
+        log p(y) = log p_1(y(1)) + int div f dt, the divergence by Hutchinson's estimator with ``probes``
+        Rademacher probes per image held through the solve (score_sde's likelihood.py), then the scaling
+        to pixel units: log P(x) >= E_u log p(y) - D log(256 / data range). Every draw comes from the
+        image's generator: dequantisation first, then the probes.
+        """
+        if self.likelihood is None:
+            raise ValueError("sde ncsn has discrete noise levels and no probability-flow ODE: no log-likelihood "
+                             "(train sde ve, vp or subvp for bits/dim)")
+        unet = nets["unet"]
+        k = probes or self.cfg.probes
+        y = dequantize(images, generators)
+        y = y if self.sde.ve else y * 2 - 1
+        shape, d = y.shape, y[0].numel()
+        v = per_image("rademacher", generators, (k, *shape[1:]), y.device)
+
+        def f(state, t, rows):
+            with torch.enable_grad():
+                x = state[:, :d].view(-1, *shape[1:]).float().requires_grad_(True)
+                drift = self.ode_drift(unet, x, t.float())
+                div = hutchinson_divergence(drift, x, v[rows])
+            return torch.cat([drift.detach().double().flatten(1), div.detach().double()[:, None]], 1)
+
+        # the likelihood maths in float32 / float64 whatever the run's precision (a bf16 score would make the
+        # adaptive solver crawl and the divergence coarse)
+        with torch.autocast(y.device.type, enabled=False):
+            out = rk45(f, torch.cat([y.flatten(1), y.new_zeros(len(y), 1)], 1), LIKELIHOOD_EPS, 1.0,
+                       self.cfg.ode_tol)
+        z, delta = out[:, :d].view(shape), out[:, d]
+        return self.sde.prior_logp(z) + delta - d * math.log(256 if self.sde.ve else 128)
+
+    # -- export
+    def export(self, nets, out_dir):
+        unet = nets["unet"]
+        if self.sde.ve and self.data.channels == 3:
+            # A diffusers ScoreSdeVePipeline folder (PC sampling over the same levels; its corrector takes
+            # batch-mean norms): DiffusionPipeline.from_pretrained(out_dir) runs it without distgen.
+            from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler
+
+            sched = ScoreSdeVeScheduler(num_train_timesteps=self.cfg.num_scales, snr=self.cfg.snr,
+                                        sigma_min=self.cfg.sigma_min, sigma_max=self.cfg.sigma_max,
+                                        sampling_eps=SAMPLE_EPS["ve"], correct_steps=self._n_steps("pc"))
+            ScoreSdeVePipeline(unet=unet, scheduler=sched).save_pretrained(out_dir, safe_serialization=True)
+        else:  # diffusers has no pipeline for grey VE models (it assumes RGB) or VP score SDEs: the U-Net
+            unet.save_pretrained(Path(out_dir) / "unet", safe_serialization=True)
+
+    def load_export(self, out_dir):
+        from diffusers import UNet2DModel
+
+        return {"unet": UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)}
