@@ -33,15 +33,14 @@ import torch
 from distgen.config.core import ConfigError
 from distgen.config.models import ScoreConfig
 from distgen.families.base import DataInfo, Family, Phase
+from distgen.families.diffusion import PRESETS as DIFFUSION_PRESETS
 
 # Network presets. paper: NCSN++ / DDPM++ "deep" (Song et al. 2021, CIFAR-10): 4 resolutions of
 # 128-256-256-256 channels, 8 residual blocks each, attention at 16 px, dropout 0.1 (~100M parameters).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
-    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
-                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    # tiny and small: the diffusion family's U-Nets (the same sizes serve tests and the demo)
+    "tiny": DIFFUSION_PRESETS["tiny"],
+    "small": DIFFUSION_PRESETS["small"],
     "paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=8, norm_num_groups=32, dropout=0.1,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),

@@ -16,7 +16,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from distgen.families.base import Family
+from distgen.families.base import Family, Phase
 
 DIRECTIONS = ("AtoB", "BtoA")
 
@@ -58,6 +58,21 @@ class Translator(Family):
     translator: ClassVar[bool] = True
     directions: ClassVar[tuple[str, ...]] = ("AtoB",)
     data_layout: ClassVar[str] = "paired"  # or "unpaired" (data.train = A, data.train_b = B)
+
+    # Networks "G" (the generator, or CycleGAN's pair) and "D" (the discriminator(s)), one phase each; the EMA
+    # of G is what translates
+    def phases(self):
+        return [Phase("D", "D"), Phase("G", "G")]
+
+    def ema_networks(self):
+        return ["G"]
+
+    def engine_problem(self, zero_stage):
+        if zero_stage == 3:
+            return ("each phase runs the other network outside its engine (the frozen generator(s) in the "
+                    "discriminators' phase and the other way round), and ZeRO-3 keeps parameters partitioned "
+                    "outside their own engine's forward; use ZeRO-1 or ZeRO-2")
+        return None
 
     def sample(self, nets, generators, *, labels=None, **options):
         raise ValueError(f"the {self.name} family translates images rather than sampling them: "

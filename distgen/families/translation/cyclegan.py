@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distgen.config.models import CycleGANConfig
-from distgen.families.base import DataInfo, Phase, load_module, save_module
+from distgen.families.base import DataInfo, load_module, save_module
 from distgen.families.translation import Translator, adversarial_d, adversarial_g, l1_per_sample
 from distgen.families.translation.networks import (PRESETS, ImagePool, PatchDiscriminator, ResnetGenerator,
                                                    paper_blocks)
@@ -79,19 +79,6 @@ class CycleGAN(Translator):
         D = Discriminators(in_channels=self.data.channels, **PRESETS["patch"][c.preset], layers=c.d_layers,
                            norm=c.norm)
         return {"G": Generators(**self.generator_kwargs()), "D": D}
-
-    def phases(self):
-        return [Phase("D", "D"), Phase("G", "G")]
-
-    def ema_networks(self):
-        return ["G"]
-
-    def engine_problem(self, zero_stage):
-        if zero_stage == 3:
-            return ("each phase runs the other network outside its engine (the frozen generators in the "
-                    "discriminators' phase and the other way round), and ZeRO-3 keeps parameters partitioned "
-                    "outside their own engine's forward; use ZeRO-1 or ZeRO-2")
-        return None
 
     # ---- the histories: per-rank tensors, in every checkpoint
     def rank_state(self):

@@ -16,7 +16,7 @@ import torch
 
 from distgen.config.core import ConfigError
 from distgen.config.models import Pix2PixConfig
-from distgen.families.base import DataInfo, Phase, load_module, save_module
+from distgen.families.base import DataInfo, load_module, save_module
 from distgen.families.translation import Translator, adversarial_d, adversarial_g, l1_per_sample
 from distgen.families.translation.networks import PRESETS, PatchDiscriminator, UNetGenerator
 
@@ -45,19 +45,6 @@ class Pix2Pix(Translator):
         # D sees the input and the output (or target) stacked along channels: a conditional discriminator
         D = PatchDiscriminator(2 * self.data.channels, **PRESETS["patch"][c.preset], layers=c.d_layers, norm=c.norm)
         return {"G": UNetGenerator(**self.generator_kwargs()), "D": D}
-
-    def phases(self):
-        return [Phase("D", "D"), Phase("G", "G")]
-
-    def ema_networks(self):
-        return ["G"]
-
-    def engine_problem(self, zero_stage):
-        if zero_stage == 3:
-            return ("each phase runs the other network outside its engine (the frozen G in D's phase, the frozen "
-                    "D in G's), and ZeRO-3 keeps parameters partitioned outside their own engine's forward; "
-                    "use ZeRO-1 or ZeRO-2")
-        return None
 
     def loss(self, phase, nets, batch, generator):
         a, b = batch["a"], batch["b"]
