@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from distgen.cli import main as cli_main
 from distgen.config import load_config
@@ -18,7 +17,7 @@ from distgen.config.core import ConfigError
 from distgen.config.models import EBMConfig
 from distgen.families.base import DataInfo, PhaseNets
 from distgen.families.ebm import EBM, EnergyNet, cd_loss, chain_starts, energy, sgld
-from test_train import launch, run, tiny_config, weights
+from test_train import family_config, launch, run, weights
 
 INFO = DataInfo(16, 1, 10)
 
@@ -47,13 +46,7 @@ def ebm_config(tmp_path, manifest, model=None, **over):
                 "train": {"batch_size": 4, "total_kimg": 0.08, "log_every": 5, "checkpoint_every": 10,
                           "sample_every": 0},
                 "ema": {"halflife_kimg": [0.05], "rampup": None}}
-    for k, v in over.items():
-        sections.setdefault(k, {}).update(v)
-    path = tiny_config(tmp_path, manifest, **sections)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["model"] = sections["model"]  # the family's own section, not the diffusion defaults merged with it
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return family_config(tmp_path, manifest, sections, over)
 
 
 def records(run_dir):

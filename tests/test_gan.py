@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from distgen import checkpoint as ckpt
@@ -16,7 +15,7 @@ from distgen.families.base import DataInfo
 from distgen.families.gan import ARCHS, GAN, GANConfig, basic, biggan, losses, stylegan2
 from distgen.families.gan.augment import ADA, OPS, augment
 from distgen.sample import export, generate, load_ema
-from test_train import launch, run, tiny_config, weights
+from test_train import family_config, launch, run, weights
 
 # ---------------------------------------------------------------- regularisers and networks, in process
 
@@ -164,13 +163,7 @@ def gan_config(tmp_path, manifest, model: dict, **over):
                 "train": {"batch_size": 8, "total_kimg": 0.16, "lr": 2e-3, "betas": [0.5, 0.99], "grad_clip": 0,
                           "log_every": 2, "checkpoint_every": 10},
                 "ema": {"halflife_kimg": [0.05], "rampup": 0.5}}
-    for k, v in over.items():
-        sections.setdefault(k, {}).update(v)
-    path = tiny_config(tmp_path, manifest, **sections)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["model"] = sections["model"]  # a GAN's section, not the diffusion defaults merged with it
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return family_config(tmp_path, manifest, sections, over)
 
 
 def records(run_dir):

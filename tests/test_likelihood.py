@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
 
 from distgen import checkpoint as ckpt
 from distgen.data import write_shards
@@ -21,7 +20,7 @@ from distgen.families.glow import Glow, squeeze
 from distgen.sample import SampleError, export, generate, likelihood_options, load_ema, sampling_options
 from glow_ranks import init_on_rank
 from test_gan import _flat, records
-from test_train import launch, run, tiny_config, weights
+from test_train import family_config, launch, run, weights
 
 RES = 8  # training runs' image side: PixelCNN++ samples one pass per pixel
 GRID = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # the 256 pixel values on [-1, 1]
@@ -180,13 +179,7 @@ def lik_config(tmp_path, manifest, model: dict, **over):
                 "data": {"resolution": RES, "resize": "stretch", "labels": bool(model.get("conditional"))},
                 "train": {"batch_size": 8, "total_kimg": 0.16, "lr": 2e-3, "log_every": 2, "checkpoint_every": 10},
                 "ema": {"halflife_kimg": [0.05], "rampup": 0.5}}
-    for k, v in over.items():
-        sections.setdefault(k, {}).update(v)
-    path = tiny_config(tmp_path, manifest, **sections)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["model"] = sections["model"]  # the family's own section, not the diffusion defaults
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return family_config(tmp_path, manifest, sections, over)
 
 
 NETS = {"pixelcnn": {"family": "pixelcnn", "dropout": 0.5}, "glow": {"family": "glow"}}

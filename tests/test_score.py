@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from distgen.cli import main as cli_main
 from distgen.config import load_config
@@ -21,7 +20,7 @@ from distgen.families.score import (LIKELIHOOD_EPS, Score, dequantize, hutchinso
                                     sliced_score_matching)
 from distgen.sample import SampleError, likelihood_options, load_ema, sampling_options
 from test_likelihood import _bpd_direct, resume_matches_straight
-from test_train import launch, run, tiny_config
+from test_train import family_config, launch, run
 
 
 @pytest.fixture
@@ -255,13 +254,7 @@ def score_config(tmp_path, manifest, model=None, **over):
                 "train": {"batch_size": 4, "total_kimg": 0.08, "log_every": 5, "checkpoint_every": 5,
                           "sample_every": 0, "sample_num": 4},
                 "ema": {"halflife_kimg": [0.05], "rampup": None}}
-    for k, v in over.items():
-        sections.setdefault(k, {}).update(v)
-    path = tiny_config(tmp_path, manifest, **sections)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["model"] = sections["model"]  # the family's own section, not the diffusion defaults merged with it
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return family_config(tmp_path, manifest, sections, over)
 
 
 def test_two_process_training_resumes_exactly_and_samples_alike_with_one_or_two_processes(tmp_path, fm_test_shards,

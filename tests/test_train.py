@@ -40,6 +40,18 @@ def tiny_config(tmp_path: Path, manifest: Path, **over) -> Path:
     return p
 
 
+def family_config(tmp_path: Path, manifest: Path, sections: dict, over: dict) -> Path:
+    """:func:`tiny_config` with ``sections`` (each updated by ``over``'s), whose model section replaces the
+    diffusion defaults rather than being merged with them."""
+    for k, v in over.items():
+        sections.setdefault(k, {}).update(v)
+    path = tiny_config(tmp_path, manifest, **sections)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = sections["model"]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def run(cmd, env, timeout=600, check=True):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check:

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from distgen.cli import main as cli_main
 from distgen.config import load_config
-from test_train import launch, run, tiny_config, weights
+from test_train import family_config, launch, run, weights
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +41,8 @@ def config(tmp_path: Path, model: dict, data: dict, **over) -> Path:
                 "train": {"batch_size": 4, "total_kimg": 0.08, "lr": 2e-4, "betas": [0.5, 0.999], "grad_clip": 0,
                           "log_every": 5, "checkpoint_every": 10, "sample_every": 10, "sample_num": 6},
                 "ema": {"halflife_kimg": [0.02], "rampup": None}}
-    for k, v in over.items():
-        sections.setdefault(k, {}).update(v)
     manifest = sections["data"].pop("train")
-    path = tiny_config(tmp_path, manifest, **sections)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["model"] = sections["model"]  # the family's own section, not the diffusion defaults merged with it
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return family_config(tmp_path, manifest, sections, over)
 
 
 def pix2pix(tmp_path, edges, **over):
