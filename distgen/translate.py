@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from distgen import dist
+from distgen.data.sources import IMAGE_SUFFIXES  # what a folder: source shards, a folder input translates
 from distgen.errors import SampleError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-BLOCK = 16  # images per forward pass
+from distgen.sample import BLOCK  # images per forward pass, as sampling
 
 
 def input_side(meta: dict, direction: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distgen.config.core import ConfigError
 from distgen.config.models import CycleGANConfig
 from distgen.families.base import DataInfo, load_module, save_module
 from distgen.families.translation import Translator, adversarial_d, adversarial_g, l1_per_sample
@@ -61,8 +62,6 @@ class CycleGAN(Translator):
 
     def __init__(self, cfg: CycleGANConfig, data: DataInfo):
         super().__init__(cfg, data)
-        from distgen.config.core import ConfigError
-
         if data.resolution % 4:
             raise ConfigError(f"data.resolution: CycleGAN's generators downsample twice by 2 and need a multiple "
                               f"of 4, got {data.resolution}")
