@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	# DeepSpeed's sdist imports torch while it builds: no build isolation.
 	$(PIP) install -c $(LOCK) --no-build-isolation deepspeed
 	$(PIP) install -c $(LOCK) -e '.[test]'
-	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers"
+	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers, torchdiffeq, onnx, onnxscript, onnxruntime"
 	touch $@
 
 # Pin what .venv holds now (run after `make test` passed on an upgraded .venv).

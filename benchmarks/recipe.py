@@ -7,8 +7,9 @@ Trains CONFIG (e.g. configs/fashion_mnist_dcgan.yaml) with P processes
 (``accelerate launch``; on a GPU machine use 1 per GPU), timing it, then
 scores the EMA weights against the test split:
 
-- families with a likelihood (pixelcnn, glow): bits/dim of all 10,000 test
-  images (`distgen eval --metrics bpd`);
+- families with a likelihood (pixelcnn, pixelrnn, glow, ffjord): bits/dim of all 10,000
+  test images (`distgen eval --metrics bpd`), or of the first N with
+  ``--bpd-images N``;
 - VAEs: the ELBO in bits/dim and reconstruction PSNR / SSIM of all 10,000
   test images, then the ELBO and the importance-weighted bound with K samples
   (`--iw-samples K`) on the first test shard (5,000 images; K samples cost
@@ -40,7 +41,34 @@ sys.path.insert(0, str(REPO))
 
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 
-LIKELIHOOD_FAMILIES = ("pixelcnn", "glow", "vae")
+LIKELIHOOD_FAMILIES = ("pixelcnn", "pixelrnn", "glow", "vae", "ffjord")
+
+
+def test_subset(manifest: str, n: int, out_dir: Path) -> str:
+    """A manifest of the first ``n`` test images (in shard order), for likelihoods too slow for all 10,000
+    (FFJORD solves an ODE per image and block)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from distgen.data import write_shards
+
+    xs, ys = [], []
+    for shard in json.loads(Path(manifest).read_text())["shards"]:
+        with tarfile.open(Path(manifest).parent / shard["name"]) as tar:
+            files = {m.name: m for m in tar.getmembers()}
+            for name in sorted(k for k in files if k.endswith(".png")):
+                if len(xs) == n:
+                    break
+                xs.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(files[name]).read()))))
+                ys.append(int(tar.extractfile(files[name[:-4] + ".cls"]).read()))
+        if len(xs) == n:
+            break
+    np.savez(out_dir / "test-subset.npz", x=np.stack(xs), y=np.array(ys, dtype=np.int64))
+    write_shards(f"npz:{out_dir / 'test-subset.npz'}", out_dir / "test-subset", "test", samples_per_shard=n)
+    return str(out_dir / "test-subset" / "test.manifest.json")
 
 
 def main() -> int:
@@ -54,6 +82,8 @@ def main() -> int:
     ap.add_argument("--stage1", default=None, metavar="AE_CONFIG",
                     help="latent diffusion: train and export this autoencoder config first")
     ap.add_argument("--iw-samples", type=int, default=16, help="VAEs: samples of the importance-weighted bound")
+    ap.add_argument("--bpd-images", type=int, default=None,
+                    help="bits/dim of the first N test images only (FFJORD: an ODE solve per image is slow on CPU)")
     a = ap.parse_args()
     paths = ensure_shards()
     exe = [sys.executable, "-m", "distgen"]
@@ -65,7 +95,12 @@ def main() -> int:
     run_dir = Path(a.runs) / Path(a.config).stem
     out = run_dir / "recipe-eval.json"
     if family in LIKELIHOOD_FAMILIES:
-        metrics = ["--metrics", "bpd,recon" if family == "vae" else "bpd", "--test", str(paths["test"])]
+        test = str(paths["test"])
+        if a.bpd_images:
+            subset = run_dir.with_name(run_dir.name + "-bpd-test")
+            subset.mkdir(parents=True, exist_ok=True)
+            test = test_subset(test, a.bpd_images, subset)
+        metrics = ["--metrics", "bpd,recon" if family == "vae" else "bpd", "--test", test]
     else:
         features = Path(a.features)
         if not features.is_file():

@@ -4,7 +4,7 @@
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
                    [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
     distgen sample RUN_DIR|EXPORT_DIR --input IMAGE|FOLDER|SHARDS [--direction AtoB|BtoA] [--num N] --out OUT
-    distgen export RUN_DIR OUT_DIR [--force]
+    distgen export RUN_DIR OUT_DIR [--force] [--format native|onnx]
     distgen ema RUN_DIR (--sigma-rel 0.05,0.08 | --sweep 0.02:0.20:10 --metric fid [eval flags]) --out OUT_DIR
     distgen eval RUN_DIR|EXPORT_DIR --metrics fid,kid,isc,prc,bpd,recon,paired,target_class --num-samples N
                  [--ref SHARDS|STATS] [--test SHARDS] [--direction AtoB|BtoA] [...]
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
     sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")
-    sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow, VAEs)")
+    sm.add_argument("--temperature", type=float, default=None, help="latent temperature (Glow, VAEs); PixelRNN: each pixel's mixture")
     _mcmc_flags(sm)
     sm.add_argument("--interpolate", nargs=2, default=None, metavar=("IMAGE_A", "IMAGE_B"),
                     help="instead of sampling, --num images on the latent path from one image file to the other "
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out_dir", help="a new or empty folder, or (with --force) an earlier export to replace")
     ex.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier distgen export")
+    ex.add_argument("--format", choices=("native", "onnx"), default="native",
+                    help="native: the family's standard files (default); onnx: those plus ONNX graphs, onnx.json "
+                         "and sample_onnx.py, a sampler needing only numpy and onnxruntime")
 
     ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
                                      "(or: eval fit-features SHARDS OUT)")
@@ -93,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=None)
     _mcmc_flags(ev)
     ev.add_argument("--probes", type=int, default=None,
-                    help="bits/dim of a score SDE: Hutchinson trace probes per image (default: the model config's)")
+                    help="bits/dim of a score SDE or FFJORD: Hutchinson trace probes per image (default: the model "
+                         "config's)")
+    ev.add_argument("--trace", choices=("hutchinson", "exact"), default=None,
+                    help="bits/dim of FFJORD: Hutchinson's estimate or the exact trace (one backward pass per "
+                         "dimension, for small images)")
     ev.add_argument("--iw-samples", type=int, default=None,
                     help="bpd of a VAE: 1 gives the ELBO, K > 1 the importance-weighted bound")
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
@@ -294,14 +301,16 @@ def cmd_eval(args) -> int:
     return eval_command(args.path, args.metrics, args.num_samples, ref=args.ref, test=args.test,
                         batch_size=args.batch_size, seed=args.seed, feature_extractor=args.feature_extractor,
                         inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-                        options=_sampling(args), likelihood={"iw_samples": args.iw_samples, "probes": args.probes}, out=args.out,
+                        options=_sampling(args),
+                        likelihood={"iw_samples": args.iw_samples, "probes": args.probes, "trace": args.trace},
+                        out=args.out,
                         direction=args.direction)
 
 
 def cmd_export(args) -> int:
     from distgen.sample import export
 
-    out = export(args.run_dir, args.out_dir, force=args.force)
+    out = export(args.run_dir, args.out_dir, force=args.force, fmt=args.format)
     print(f"distgen: exported the EMA weights of {args.run_dir} -> {out}")
     return 0
 

@@ -103,8 +103,10 @@ class RunLog:
     """Rank-0 outputs of a run: metrics.jsonl, TensorBoard scalars, a progress bar; and the run's pace
     (samples/s since the last record, ETA from the whole run's pace, evaluation time left out)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, start_nimg: int, enabled: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, start_nimg: int, enabled: bool,
+                 shown: tuple[str, ...] = ()):
         self.enabled = enabled
+        self.shown = shown  # a family's scalars (``<phase>/<name>``) shown beside the loss in progress lines
         self.t_last = self.t_start = time.time()
         self.n_last = self.n_start = start_nimg
         self.path = run_dir / "metrics.jsonl"
@@ -174,6 +176,7 @@ class RunLog:
         per_phase = {k[5:]: v for k, v in rec.items() if k.startswith("loss/")}
         # one number per phase where there are several (a GAN's D and G)
         loss = " ".join(f"{k} {fmt(v)}" for k, v in per_phase.items()) if per_phase else fmt(rec["loss"])
+        loss += "".join(f"  {k} {rec[k]:.4g}" for k in self.shown if rec.get(k) is not None)
         if self.tty:
             self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
         else:

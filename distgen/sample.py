@@ -180,11 +180,17 @@ def check_output_folder(run_dir: Path, out_dir: Path, force: bool, *, marker: st
     return out
 
 
-def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format.
+EXPORT_FORMATS = ("native", "onnx")
+
+
+def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "native") -> Path:
+    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format; with
+    ``fmt="onnx"`` also the ONNX graphs, ``onnx.json`` and the standalone ``sample_onnx.py`` beside them.
 
     The export is built in a temporary folder beside ``out_dir`` and swapped in only when complete.
     """
+    if fmt not in EXPORT_FORMATS:
+        raise SampleError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
@@ -193,6 +199,13 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Pat
     with ckpt.atomic_dir(out) as tmp:
         write_export(tmp, family, nets, cfg, meta["data_info"],
                      {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0})
+        if fmt == "onnx":
+            from distgen.onnx_export import OnnxExportError, write_onnx
+
+            try:
+                write_onnx(tmp, family, nets)
+            except (OnnxExportError, NotImplementedError) as e:
+                raise SampleError(f"{out}: {e}") from None
     return out
 
 

@@ -102,7 +102,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
         pin_memory=eng.device.type == "cuda"), start=state.data_start_step, skip=state.data_skip)
     if family.translator and eng.main:  # the grids translate the same inputs every time
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
-    log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main)
+    log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main, shown=family.progress_scalars)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
     last_good = latest

@@ -34,10 +34,16 @@ MODELS = {
     "gan-dcgan": ({"family": "gan", "arch": "dcgan", "preset": "tiny", "r1_gamma": 1.0, "r1_every": 2}, 16),
     "gan-biggan": ({"family": "gan", "arch": "biggan", "preset": "tiny", "loss": "hinge"}, 16),
     "gan-stylegan2": ({"family": "gan", "arch": "stylegan2", "preset": "tiny", "r1_gamma": 1.0, "r1_every": 2}, 16),
+    # ProGAN: blocks not yet grown take part through a zero term; the resume lands in the middle of a fade
+    # (4 images a step: step 1 at 4x4, step 2 at 8x8 with alpha 0.5). Hinge: wgan-gp is refused under ZeRO.
+    "gan-progan": ({"family": "gan", "arch": "progan", "preset": "tiny", "loss": "hinge", "stable_kimg": 0.002,
+                    "fade_kimg": 0.004}, 16),
     "vae": ({"family": "vae", "arch": "vae", "preset": "tiny"}, 8),
     "hvae": ({"family": "vae", "arch": "hvae", "preset": "tiny"}, 8),
     "pixelcnn": ({"family": "pixelcnn", "preset": "tiny"}, 8),
     "glow": ({"family": "glow", "preset": "tiny"}, 8),
+    # PixelRNN's recurrence calls each LSTM's convolutions once a row / diagonal within one forward (ZeRO-3)
+    "pixelrnn": ({"family": "pixelrnn", "preset": "tiny", "arch": "diagonal_bilstm"}, 8),
     "pix2pix": ({"family": "pix2pix", "preset": "tiny"}, 32),
     "cyclegan": ({"family": "cyclegan", "preset": "tiny", "blocks": 1, "pool_size": 2}, 32),
     # score models: the VE U-Net's frozen Fourier features; sliced score matching's double backward (NCSN levels)
@@ -48,11 +54,17 @@ MODELS = {
     "ebm": ({"family": "ebm", "preset": "tiny", "sgld_steps": 2, "buffer_size": 8, "sample_steps": 2}, 16),
     "ebm-jem": ({"family": "ebm", "preset": "tiny", "jem": True, "spectral_norm": True, "sgld_steps": 2,
                  "buffer_size": 8, "sample_steps": 2}, 16),
+    # FFJORD: Hutchinson's double backward through torchdiffeq's solve, and odeint_adjoint's own backward solve
+    "ffjord": ({"family": "ffjord", "preset": "tiny", "rtol": 0.01, "atol": 0.01}, 8),
+    "ffjord-adjoint": ({"family": "ffjord", "preset": "tiny", "rtol": 0.01, "atol": 0.01, "adjoint": True,
+                        "kinetic_energy": 0.01, "jacobian_norm": 0.01}, 8),
 }
 # What DeepSpeed cannot do, refused at start with the reason (engine_problem): one network outside its own
-# engine in another's phase under ZeRO-3's partitioned parameters, or a double backward through them (SSM).
+# engine in another's phase under ZeRO-3's partitioned parameters, or a double backward through them (SSM,
+# FFJORD's trace estimate).
 REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 3), ("gan-stylegan2", 3),
-           ("pix2pix", 3), ("cyclegan", 3), ("score-ncsn-ssm", 3), ("ebm", 3), ("ebm-jem", 3)}
+           ("gan-progan", 3), ("pix2pix", 3), ("cyclegan", 3), ("score-ncsn-ssm", 3), ("ebm", 3), ("ebm-jem", 3),
+           ("ffjord", 3), ("ffjord-adjoint", 3)}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +148,7 @@ def test_a_deepspeed_file_that_contradicts_train_mixed_precision_is_refused(tmp_
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("family,extra", [("pixelcnn", {}), ("glow", {}), ("vae", {}), ("vae", {"arch": "hvae"}),
+@pytest.mark.parametrize("family,extra", [("pixelcnn", {}), ("pixelrnn", {}), ("glow", {}), ("vae", {}), ("vae", {"arch": "hvae"}),
                                           ("diffusion", {"num_train_timesteps": 20, "sample_steps": 2}),
                                           ("score", {"sde": "vp", "ode_tol": 0.01})])
 def test_bits_per_dim_keeps_its_precision_under_bf16_autocast(family, extra):

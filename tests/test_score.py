@@ -16,8 +16,8 @@ from distgen.cli import main as cli_main
 from distgen.config import load_config
 from distgen.config.core import ConfigError
 from distgen.families.base import DataInfo, PhaseNets
-from distgen.families.score import (LIKELIHOOD_EPS, Score, dequantize, hutchinson_divergence, per_image, rk45,
-                                    sliced_score_matching)
+from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
+from distgen.families.score import LIKELIHOOD_EPS, Score, sliced_score_matching
 from distgen.sample import SampleError, likelihood_options, load_ema, sampling_options
 from test_likelihood import _bpd_direct, resume_matches_straight
 from test_train import family_config, launch, run

@@ -76,10 +76,20 @@ class AutoencoderConfig(ModelConfig):
 @dataclass(frozen=True)
 class GANConfig(ModelConfig):
     family: str = "gan"
-    arch: Literal["mlp", "dcgan", "biggan", "stylegan2"] = "dcgan"
+    arch: Literal["mlp", "dcgan", "biggan", "stylegan2", "progan"] = "dcgan"
     preset: Literal["tiny", "small", "paper"] = "small"
-    # lsgan: least squares (Mao et al. 2017)
-    loss: Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan"] = "nonsaturating"
+    # lsgan: least squares (Mao et al. 2017); null: the arch's (wgan-gp for progan, as its paper; else nonsaturating)
+    loss: Optional[Literal["minimax", "nonsaturating", "hinge", "wgan", "wgan-gp", "lsgan"]] = None
+    # weight of the critic's drift penalty eps x D(x_real)^2 (ProGAN's wgan_epsilon, keeping scores near 0);
+    # null: 0.001 for progan with wgan-gp, as its paper, else 0
+    drift: Optional[float] = None
+    # ProGAN's growth (Karras et al. 2018), counted in training images: per doubling from 4x4, fade_kimg fading
+    # the new block in, then stable_kimg at its resolution (the paper: 600 + 600); 0 + 0: no growth
+    stable_kimg: float = 600.0
+    fade_kimg: float = 600.0
+    # ProGAN: images per process per step at 4x4, 8x8, ... (the first so many of train.batch_size's batch;
+    # () or a shorter list: train.batch_size at the rest)
+    batch_sizes: tuple[int, ...] = ()
     d_steps: int = 1  # discriminator steps per generator step
     d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
     g_lr_scale: float = 1.0
@@ -130,6 +140,26 @@ class GANConfig(ModelConfig):
               f"sets BigGAN's self-attention (arch biggan), not {self.arch}'s")
         check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
               "the z threshold must be > 0")
+        check(self.truncation is None or self.arch != "progan", f"{path}.truncation",
+              "ProGAN (arch progan) has no truncation trick; leave it null")
+        check(self.drift is None or self.drift >= 0, f"{path}.drift", f"must be >= 0 or null, got {self.drift}")
+        for name in ("stable_kimg", "fade_kimg"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(all(b >= 1 for b in self.batch_sizes), f"{path}.batch_sizes", f"must be >= 1, got {self.batch_sizes}")
+        check(not self.batch_sizes or self.arch == "progan", f"{path}.batch_sizes",
+              f"per-resolution batch sizes are ProGAN's (arch progan), not {self.arch}'s")
+
+    @property
+    def loss_kind(self) -> str:
+        """The loss in use: ``loss``, or the arch's default when it is null."""
+        return self.loss or ("wgan-gp" if self.arch == "progan" else "nonsaturating")
+
+    @property
+    def drift_weight(self) -> float:
+        """The drift penalty's weight: ``drift``, or ProGAN's 0.001 with wgan-gp when it is null."""
+        if self.drift is not None:
+            return self.drift
+        return 0.001 if self.arch == "progan" and self.loss_kind == "wgan-gp" else 0.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +177,24 @@ class PixelCNNConfig(ModelConfig):
             v = getattr(self, k)
             check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
         check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class PixelRNNConfig(ModelConfig):
+    family: str = "pixelrnn"
+    preset: Literal["tiny", "small", "paper"] = "small"
+    arch: Literal["row_lstm", "diagonal_bilstm"] = "diagonal_bilstm"  # the paper's best (3.00 bits/dim on CIFAR-10)
+    layers: Optional[int] = None  # LSTM layers; null: the preset's
+    hidden: Optional[int] = None  # LSTM units (the residual stream has twice as many features)
+    nr_mix: Optional[int] = None  # logistic components of the output mixture
+    temperature: float = 1.0  # default sampling temperature (`distgen sample --temperature`)
+    sampling_fields = ("temperature",)
+
+    def validate(self, path: str) -> None:
+        for k in ("layers", "hidden", "nr_mix"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -336,6 +384,47 @@ class ScoreConfig(ModelConfig):
         return self.sampler or ("langevin" if self.sde == "ncsn" else "pc")
 
 
+@dataclass(frozen=True)
+class FFJORDConfig(ModelConfig):
+    """FFJORD (Grathwohl et al. 2019): a multiscale continuous normalising flow, dz/dt = f(z, t) through
+    concatsquash convolutions, solved by dopri5, its log-density by Hutchinson's trace estimator; optional
+    kinetic-energy and Jacobian-norm regularisers (RNODE, Finlay et al. 2020)."""
+
+    family: str = "ffjord"
+    preset: Literal["tiny", "small", "paper"] = "small"  # paper: FFJORD's MNIST / CIFAR-10 multiscale model
+    scales: Optional[int] = None  # multiscale levels (each but the last squeezes and factors out half); null: preset
+    blocks: Optional[int] = None  # CNF blocks per stage (null: the preset's; FFJORD: 2)
+    hidden: Optional[int] = None  # channels of the dynamics' hidden convolutions (FFJORD: 64)
+    layers: Optional[int] = None  # hidden convolutions of the dynamics (FFJORD: 3)
+    activation: Literal["softplus", "tanh"] = "softplus"  # smooth: the solver's steps follow f's smoothness
+    time_length: float = 1.0  # each block integrates t in [0, T]
+    rtol: Optional[float] = None  # dopri5's tolerances, training and evaluation (null: the preset's; paper 1e-5)
+    atol: Optional[float] = None
+    adjoint: bool = False  # odeint_adjoint in training: memory O(1) in the solver's steps, one more solve backward
+    trace_estimator: Literal["rademacher", "gaussian"] = "rademacher"  # Hutchinson probes in training
+    kinetic_energy: float = 0.0  # RNODE's lambda_K on int |f|^2 dt / D (0: off; RNODE 0.01)
+    jacobian_norm: float = 0.0  # RNODE's lambda_J on int |eps^T df/dz|^2 dt / D (0: off; RNODE 0.01)
+    alpha: float = 1e-6  # logit transform of the [0, 1] pixels: logit(alpha + (1 - 2 alpha) y) (FFJORD's MNIST)
+    trace: Literal["hutchinson", "exact"] = "hutchinson"  # bits/dim's divergence (--trace); exact: D passes
+    probes: int = 1  # bits/dim: Hutchinson probes per image and block (--probes)
+    temperature: float = 1.0  # default sampling temperature (--temperature)
+    sampling_fields = ("trace", "probes", "temperature")
+
+    def validate(self, path: str) -> None:
+        for k in ("scales", "blocks", "hidden", "layers"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        for k in ("rtol", "atol"):
+            v = getattr(self, k)
+            check(v is None or 0 < v < 1, f"{path}.{k}", f"must be in (0, 1) or null, got {v}")
+        check(self.time_length > 0, f"{path}.time_length", f"must be > 0, got {self.time_length}")
+        for k in ("kinetic_energy", "jacobian_norm"):
+            check(getattr(self, k) >= 0, f"{path}.{k}", f"must be >= 0, got {getattr(self, k)}")
+        check(0 <= self.alpha < 0.5, f"{path}.alpha", f"must be in [0, 0.5), got {self.alpha}")
+        check(self.probes >= 1, f"{path}.probes", f"must be >= 1, got {self.probes}")
+        check(self.temperature >= 0, f"{path}.temperature", f"must be >= 0, got {self.temperature}")
+
+
 # ``model.family`` -> its section's dataclass.
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "diffusion": DiffusionConfig,
@@ -343,10 +432,12 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "autoencoder": AutoencoderConfig,
     "gan": GANConfig,
     "pixelcnn": PixelCNNConfig,
+    "pixelrnn": PixelRNNConfig,
     "glow": GlowConfig,
     "vae": VAEConfig,
     "pix2pix": Pix2PixConfig,
     "cyclegan": CycleGANConfig,
     "score": ScoreConfig,
     "ebm": EBMConfig,
+    "ffjord": FFJORDConfig,
 }

@@ -6,10 +6,12 @@ from distgen.families.autoencoder import Autoencoder
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
 from distgen.families.diffusion import Diffusion
 from distgen.families.ebm import EBM
+from distgen.families.ffjord import FFJORDFamily
 from distgen.families.gan import GAN
 from distgen.families.glow import GlowFamily
 from distgen.families.latent import LatentDiffusion
 from distgen.families.pixelcnn import PixelCNN
+from distgen.families.pixelrnn import PixelRNN
 from distgen.families.score import Score
 from distgen.families.translation.cyclegan import CycleGAN
 from distgen.families.translation.pix2pix import Pix2Pix
@@ -20,6 +22,7 @@ FAMILIES: dict[str, type[Family]] = {
     Diffusion.name: Diffusion,
     GAN.name: GAN,
     PixelCNN.name: PixelCNN,
+    PixelRNN.name: PixelRNN,
     GlowFamily.name: GlowFamily,
     VAEFamily.name: VAEFamily,
     Autoencoder.name: Autoencoder,
@@ -28,6 +31,7 @@ FAMILIES: dict[str, type[Family]] = {
     CycleGAN.name: CycleGAN,
     Score.name: Score,
     EBM.name: EBM,
+    FFJORDFamily.name: FFJORDFamily,
 }
 
 

@@ -190,6 +190,40 @@ class Autoencoder(Family):
     def load_export(self, out_dir):
         return {"ae": KLAutoencoder(load_autoencoder(out_dir, where=str(out_dir)))}
 
+    def onnx_graphs(self, nets):
+        from distgen.families.latent import _DecoderGraph
+        from distgen.onnx_export import OnnxGraph
+
+        ae = nets["ae"].ae
+        c, r = self.data.channels, self.data.resolution
+        lc, side = ae.config.latent_channels, r // downsampling(ae)
+        latent = f"[batch, {lc}, {side}, {side}] float32"
+        return [OnnxGraph("decoder", _DecoderGraph(ae), {"latents": torch.randn(2, lc, side, side)}, ["image"],
+                          {"latents": f"{latent} latents (unscaled: a posterior sample, not x scaling factor)",
+                           "image": f"[batch, {c}, {r}, {r}] float32 on [-1, 1] (clamped)"}),
+                OnnxGraph("encoder", _EncoderGraph(ae), {"image": torch.rand(2, c, r, r) * 2 - 1},
+                          ["mean", "logvar"],
+                          {"image": f"[batch, {c}, {r}, {r}] float32 images on [-1, 1]",
+                           "mean": f"{latent} the posterior's mean (reconstructions decode it)",
+                           "logvar": f"{latent} the posterior's log-variance"})]
+
+    def onnx_sampler(self, nets):
+        ae = nets["ae"].ae
+        side = self.data.resolution // downsampling(ae)
+        # as distgen sample: N(0, I) latents decoded (the autoencoder has no prior of its own)
+        return {"kind": "decoder", "graph": "decoder", "shape": [ae.config.latent_channels, side, side],
+                "scaling_factor": self.scaling_factor, "num_classes": 0}
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, image):
+        dist = self.ae.encode(image).latent_dist
+        return dist.mean.float(), dist.logvar.float()
+
 
 @torch.no_grad()
 def latent_scaling_factor(ae, images: torch.Tensor, generators=None) -> float:

@@ -78,6 +78,8 @@ class Family:
     data_layout: ClassVar[str] = "images"
     # A translator maps input images (``translate``) instead of sampling from noise
     translator: ClassVar[bool] = False
+    # Logged scalars (``<phase>/<name>``) that progress lines show beside the loss (FFJORD's function evaluations)
+    progress_scalars: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, data: DataInfo):
         self.cfg, self.data = cfg, data
@@ -194,6 +196,15 @@ class Family:
     def load_export(self, out_dir: Path) -> dict[str, nn.Module]:
         """Networks back from :meth:`export`, loaded without running pickled code."""
         raise NotImplementedError
+
+    # ONNX export (``distgen export --format onnx``, distgen/onnx_export.py)
+    def onnx_graphs(self, nets: dict[str, nn.Module]) -> list:
+        """The :class:`distgen.onnx_export.OnnxGraph` s a standalone sampler needs (EMA ``nets``, eval mode)."""
+        raise NotImplementedError(f"model.family {self.name}: no ONNX export yet")
+
+    def onnx_sampler(self, nets: dict[str, nn.Module]) -> dict:
+        """How ``sample_onnx.py`` draws images from those graphs: ``{"kind": ..., ...}`` (JSON-able)."""
+        raise NotImplementedError(f"model.family {self.name}: no ONNX export yet")
 
 
 def _checked_options(options: dict[str, Any], allowed, refusal: str) -> dict[str, Any]:

@@ -235,3 +235,39 @@ class Diffusion(Family):
 
         unet = UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)
         return {"unet": unet}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        shape = self.noise_shape(nets, 2)
+        inputs = {"x": torch.randn(shape), "t": torch.tensor([999, 10]) % self.cfg.num_train_timesteps}
+        space = "latents x scaling factor" if nets.get("ae") is not None else "images on [-1, 1]"
+        docs = {"x": f"[batch, {', '.join(map(str, shape[1:]))}] float32 noisy {space} at step t",
+                "t": f"[batch] int64 training timesteps in [0, {self.cfg.num_train_timesteps})",
+                "prediction": f"like x: the U-Net's {self.cfg.prediction} prediction"}
+        if self.num_classes:
+            inputs["labels"] = torch.tensor([0, self.null_class])
+            docs["labels"] = (f"[batch] int64 classes in [0, {self.num_classes}); {self.null_class} is the null "
+                              f"class of classifier-free guidance")
+        return [OnnxGraph("unet", _UNetGraph(nets["unet"], self.num_classes > 0), inputs, ["prediction"], docs)]
+
+    def onnx_sampler(self, nets):
+        # DPM-Solver++'s multistep update is not written out in sample_onnx.py: a dpmsolver model samples
+        # there with DDIM, the deterministic sampler closest to it
+        return {"kind": "diffusion", "shape": list(self.noise_shape(nets, 1)[1:]),
+                "alphas_cumprod": self.scheduler.alphas_cumprod.double().tolist(), "prediction": self.cfg.prediction,
+                "clip_sample": bool(self.scheduler.config.clip_sample),
+                "sampler": self.cfg.sampler if self.cfg.sampler in ("ddpm", "ddim") else "ddim",
+                "steps": self.cfg.sample_steps, "num_classes": self.num_classes,
+                "guidance": self.cfg.guidance_scale}
+
+
+class _UNetGraph(torch.nn.Module):
+    """unet(x, t[, labels]).sample, the graph of a diffusion model's ONNX export."""
+
+    def __init__(self, unet, conditional: bool):
+        super().__init__()
+        self.unet, self.conditional = unet, conditional
+
+    def forward(self, x, t, labels=None):
+        return self.unet(x, t, class_labels=labels if self.conditional else None).sample.float()

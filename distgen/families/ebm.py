@@ -293,6 +293,30 @@ class EBM(Family):
 
             save_tensors(Path(out_dir) / BUFFER_FILE, {"buffer": self.buffer})
 
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import InputGradient, OnnxGraph
+
+        c, r = self.data.channels, self.data.resolution
+        x = torch.rand(2, c, r, r) * 2 - 1
+        net = nets["E"].eval()  # spectral norm's power iteration does not step in eval mode
+        graphs = [OnnxGraph("energy_grad", InputGradient(net, lambda f, y: -torch.logsumexp(f(y).float(), 1), x),
+                            {"image": x}, ["energy", "grad"],
+                            {"image": f"[batch, {c}, {r}, {r}] float32 images on [-1, 1]",
+                             "energy": "[batch] float32 E(x) = -logsumexp of the logits",
+                             "grad": "like image: dE/dx, the gradient SGLD steps against"})]
+        if self.cfg.jem:
+            graphs.append(OnnxGraph("classifier", _LogitsGraph(net), {"image": x}, ["logits"],
+                                    {"image": f"[batch, {c}, {r}, {r}] float32 images on [-1, 1]",
+                                     "logits": f"[batch, {self.data.num_classes}] float32 class logits (JEM)"}))
+        return graphs
+
+    def onnx_sampler(self, nets):
+        c = self.cfg
+        return {"kind": "sgld", "graph": "energy_grad", "shape": [self.data.channels, self.data.resolution,
+                                                                   self.data.resolution],
+                "steps": c.sample_steps, "step_size": c.sample_step_size or c.sgld_step_size, "noise": c.sgld_noise,
+                "num_classes": 0}
+
     def load_export(self, out_dir):
         from distgen.checkpoint import load_tensors
 
@@ -300,3 +324,12 @@ class EBM(Family):
         path = Path(out_dir) / BUFFER_FILE
         self.buffer = load_tensors(path)["buffer"] if path.is_file() else None
         return {"E": net}
+
+
+class _LogitsGraph(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image):
+        return self.net(image).float()

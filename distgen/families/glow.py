@@ -114,9 +114,13 @@ class InvConv1x1(nn.Module):
         w = self.weight()
         return F.conv2d(x, w[:, :, None, None].to(x.dtype)), self.log_s.sum() * x.shape[2] * x.shape[3]
 
+    frozen_inverse: Optional[torch.Tensor] = None  # set by the ONNX export, which has no matrix inverse
+
     def reverse(self, y):
-        w_inv = torch.linalg.inv(self.weight().double()).to(y.dtype)  # float64: the inverse is exact to float32
-        return F.conv2d(y, w_inv[:, :, None, None])
+        w_inv = self.frozen_inverse
+        if w_inv is None:
+            w_inv = torch.linalg.inv(self.weight().double())  # float64: the inverse is exact to float32
+        return F.conv2d(y, w_inv.to(y.dtype)[:, :, None, None])
 
 
 class ZeroConv(nn.Module):
@@ -377,3 +381,41 @@ class GlowFamily(Family):
 
     def load_export(self, out_dir):
         return {"glow": load_module(out_dir, self.EXPORT, lambda spec: Glow(**spec["kwargs"]))}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph, latent_docs
+
+        shapes = [tuple(s) for s in nets["glow"].z_shapes]
+        total = sum(math.prod(s) for s in shapes)
+        r, c = self.data.resolution, self.data.channels
+        inputs = {"eps": torch.randn(2, total), "temperature": torch.tensor(self.cfg.temperature)}
+        docs = {"eps": latent_docs(shapes, "levels' latents"),
+                "temperature": "scalar float32: each level's latent is mean + temperature * scale * eps",
+                "image": f"[batch, {c}, {r}, {r}] float32 on the 256 values of [-1, 1]"}
+        if self.num_classes:
+            inputs["labels"] = torch.arange(2) % self.num_classes
+            docs["labels"] = f"[batch] int64 class indices in [0, {self.num_classes})"
+        return [OnnxGraph("reverse", _ReverseGraph(nets["glow"], shapes), inputs, ["image"], docs,
+                          static=("temperature",))]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "latent_noise", "graph": "reverse", "latent_shapes": [list(s) for s in nets["glow"].z_shapes],
+                "temperature": self.cfg.temperature, "num_classes": self.num_classes}
+
+
+class _ReverseGraph(nn.Module):
+    """Glow's reverse pass z -> x from flat eps and a temperature, quantised as ``GlowFamily.sample`` does."""
+
+    def __init__(self, glow, shapes):
+        super().__init__()
+        self.glow, self.shapes = glow, shapes
+        for m in glow.modules():  # the 1x1 convolutions' inverses become constants of the graph
+            if isinstance(m, InvConv1x1):
+                with torch.no_grad():
+                    m.frozen_inverse = torch.linalg.inv(m.weight().double())
+
+    def forward(self, eps, temperature, labels=None):
+        from distgen.onnx_export import split_flat
+
+        y = self.glow.decode(labels=labels, eps=split_flat(eps, self.shapes), temperature=temperature)
+        return torch.floor((y + 0.5) * 256).clamp(0, 255) / 127.5 - 1

@@ -112,3 +112,30 @@ class LatentDiffusion(Diffusion):
         out = Path(out_dir)
         return {"unet": UNet2DModel.from_pretrained(out / "unet", use_safetensors=True),
                 "ae": load_autoencoder(out / "vae", where=str(out))}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        ae = nets["ae"]
+        c, side = nets["unet"].config.in_channels, nets["unet"].config.sample_size
+        r = self.data.resolution
+        decoder = OnnxGraph("decoder", _DecoderGraph(ae), {"latents": torch.randn(2, c, side, side)}, ["image"],
+                            {"latents": f"[batch, {c}, {side}, {side}] float32 latents (already divided by the "
+                                        f"scaling factor)",
+                             "image": f"[batch, {self.data.channels}, {r}, {r}] float32 on [-1, 1] (clamped)"})
+        return super().onnx_graphs(nets) + [decoder]
+
+    def onnx_sampler(self, nets):
+        return {**super().onnx_sampler(nets), "decoder": "decoder",
+                "scaling_factor": float(nets["ae"].config.scaling_factor)}
+
+
+class _DecoderGraph(torch.nn.Module):
+    """An AutoencoderKL's decoder: latents -> images clamped to [-1, 1]."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, latents):
+        return self.ae.decode(latents).sample.float().clamp(-1, 1)

@@ -93,18 +93,25 @@ def _uniform(generators: list[torch.Generator], n: int, device) -> torch.Tensor:
 
 
 def logistic_mixture_sample(params: torch.Tensor, nr_mix: int, channels: int,
-                            generators: list[torch.Generator]) -> torch.Tensor:
+                            generators: list[torch.Generator], temperature: float = 1.0) -> torch.Tensor:
     """One pixel per image from the mixture at that pixel: params [B, P] -> values [B, C] on the 256-value grid.
 
     A component is drawn (Gumbel-max), then channel after channel a logistic
     sample rounded to its bin: exactly the discretised distribution of
     :func:`logistic_mixture_log_prob`, with later channels' means built from the drawn values.
+    ``temperature`` T divides the component logits and multiplies the logistic noise (T = 1: the model's
+    distribution; T = 0: the most likely component's means, rounded). The draws use the same uniforms
+    whatever T, so an image changes smoothly with T.
     """
     b = params.shape[0]
     logits, means, log_scales, coeffs = (t[..., 0, 0] for t in _split(params.float()[:, :, None, None], channels,
                                                                        nr_mix))
     u = _uniform(generators, nr_mix + channels, params.device)
-    k = (logits.double() - torch.log(-torch.log(u[:, :nr_mix]))).argmax(1)
+    logits = logits.double()
+    if temperature == 0:
+        k = logits.argmax(1)
+    else:
+        k = (logits / temperature - torch.log(-torch.log(u[:, :nr_mix]))).argmax(1)
     pick = lambda t: t.gather(-1, k.view(b, 1, 1).expand(b, t.shape[1], 1))[..., 0]  # noqa: E731
     means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)
     x = torch.zeros(b, channels, device=params.device)
@@ -115,7 +122,7 @@ def logistic_mixture_sample(params: torch.Tensor, nr_mix: int, channels: int,
             mean = mean + coeffs[:, j] * x[:, i]
             j += 1
         uc = u[:, nr_mix + c]
-        v = mean + torch.exp(log_scales[:, c]) * (torch.log(uc) - torch.log1p(-uc)).float()
+        v = mean + torch.exp(log_scales[:, c]) * (temperature * (torch.log(uc) - torch.log1p(-uc))).float()
         x[:, c] = torch.clamp(torch.round((v + 1) * 127.5), 0, 255) / 127.5 - 1
     return x
 

@@ -279,3 +279,39 @@ class PixelCNN(Family):
 
     def load_export(self, out_dir):
         return {"pixelcnn": load_module(out_dir, self.EXPORT, lambda spec: PixelCNNpp(**spec["kwargs"]))}
+
+    def onnx_graphs(self, nets):
+        return [autoregressive_graph(nets["pixelcnn"], self.data, self.num_classes, "PixelCNN++")]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "autoregressive", "graph": "network", "nr_mix": nets["pixelcnn"].nr_mix,
+                "channels": self.data.channels, "resolution": self.data.resolution, "num_classes": self.num_classes}
+
+
+class _NetworkGraph(nn.Module):
+    """One pass of an autoregressive network: images (and classes) -> the logistic mixture's parameters."""
+
+    def __init__(self, net: nn.Module, conditional: bool):
+        super().__init__()
+        self.net, self.conditional = net, conditional
+
+    def forward(self, image, labels=None):
+        return self.net(image, labels if self.conditional else None).float()
+
+
+def autoregressive_graph(net: nn.Module, data: DataInfo, num_classes: int, what: str):
+    """The ONNX graph of a network whose output at pixel i depends on the pixels before i only (PixelCNN++,
+    PixelRNN): ``sample_onnx.py`` fills the image pixel by pixel, one call per pixel."""
+    from distgen.onnx_export import OnnxGraph
+
+    c, r = data.channels, data.resolution
+    inputs = {"image": torch.rand(2, c, r, r) * 2 - 1}
+    docs = {"image": f"[batch, {c}, {r}, {r}] float32 on the 256 values of [-1, 1]; the output at pixel i "
+                     f"depends on the pixels before i (raster order) only",
+            "params": f"[batch, {logistic_mixture_params(c, net.nr_mix)}, {r}, {r}] float32 per pixel: the "
+                      f"discretised logistic mixture's {net.nr_mix} logits, then per component the channels' "
+                      f"means, log-scales and channel coefficients (PixelCNN++'s layout)"}
+    if num_classes:
+        inputs["labels"] = torch.arange(2) % num_classes
+        docs["labels"] = f"[batch] int64 class indices in [0, {num_classes})"
+    return OnnxGraph("network", _NetworkGraph(net, num_classes > 0), inputs, ["params"], docs)

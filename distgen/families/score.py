@@ -34,6 +34,7 @@ from distgen.config.core import ConfigError
 from distgen.config.models import ScoreConfig
 from distgen.families.base import DataInfo, Family, Phase
 from distgen.families.diffusion import PRESETS as DIFFUSION_PRESETS
+from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
 
 # Network presets. paper: NCSN++ / DDPM++ "deep" (Song et al. 2021, CIFAR-10): 4 resolutions of
 # 128-256-256-256 channels, 8 residual blocks each, attention at 16 px, dropout 0.1 (~100M parameters).
@@ -98,28 +99,6 @@ class SDE:
         return -0.5 * d * math.log(2 * math.pi * s * s) - z.flatten(1).pow(2).sum(1) / (2 * s * s)
 
 
-def per_image(draw: str, generators: list[torch.Generator], shape, device) -> torch.Tensor:
-    """[B, *shape] float32, row i drawn from generators[i] (``randn``, ``rand`` or ``rademacher``)."""
-    rows = []
-    for g in generators:
-        if draw == "rademacher":
-            r = torch.randint(0, 2, tuple(shape), generator=g, device=g.device).float() * 2 - 1
-        else:
-            r = getattr(torch, draw)(tuple(shape), generator=g, device=g.device)
-        rows.append(r.to(device))
-    return torch.stack(rows)
-
-
-def hutchinson_divergence(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """Hutchinson's estimate of div_x out(x) per image: the mean over probes v ([B, K, *x]) of v^T (d out/dx) v,
-    one vector-Jacobian product each (exact for any probe: an unbiased estimate of the trace)."""
-    k, total = probes.shape[1], 0
-    for j in range(k):
-        (vjp,) = torch.autograd.grad(out, x, grad_outputs=probes[:, j], retain_graph=j < k - 1)
-        total = total + (vjp * probes[:, j]).flatten(1).sum(1)
-    return total / k
-
-
 def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Sliced score matching per image (Song et al. 2019, the variance-reduced form): v^T (ds/dx) v + |s(x)|^2 / 2,
     whose mean over projections v with E[v v^T] = I is Hyvarinen's tr(ds/dx) + |s|^2 / 2, the Fisher divergence
@@ -131,66 +110,6 @@ def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) 
         s = score_fn(x)
         (jv,) = torch.autograd.grad((s * v).sum(), x, create_graph=True)
     return (v * jv).flatten(1).sum(1) + 0.5 * s.pow(2).flatten(1).sum(1)
-
-
-def dequantize(images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """uint8 NCHW -> (x + u) / 256 on [0, 1], float64, u ~ U[0, 1)^D from each image's generator (its first draw)."""
-    u = per_image("rand", generators, images.shape[1:], images.device).double()
-    return (images.double() + u) / 256
-
-
-# Dormand-Prince 5(4), the tableau of scipy's RK45 (score_sde's solver)
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # 5th minus 4th order
-
-
-def rk45(f: Callable, y0: torch.Tensor, t0: float, t1: float, tol: float, max_steps: int = 20000) -> torch.Tensor:
-    """y(t1) of dy/dt = f(y, t, rows) from y(t0) = y0 ([B, N] float64), each row with its own adaptive step.
-
-    scipy's RK45 with rtol = atol = ``tol`` (its initial step, error norm and step factors), except that
-    the error norm and the step size are per row: ``f`` gets the rows still running (``rows`` indexes
-    ``y0``) with their own times ``t`` [b], so a row's solution does not depend on the others.
-    """
-    n, sign = y0.shape[0], (1.0 if t1 > t0 else -1.0)
-    y, rows = y0.clone(), torch.arange(n, device=y0.device)
-    t = torch.full((n,), float(t0), dtype=torch.float64, device=y0.device)
-    rms = lambda v: v.pow(2).mean(1).sqrt()  # noqa: E731
-    k1 = f(y, t, rows)
-    # scipy's select_initial_step, per row
-    scale = tol + tol * y.abs()
-    d0, d1 = rms(y / scale), rms(k1 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-30))
-    h0 = torch.minimum(h0, torch.full_like(h0, abs(t1 - t0)))
-    d2 = rms((f(y + sign * h0[:, None] * k1, t + sign * h0, rows) - k1) / scale) / h0
-    dm = torch.maximum(d1, d2)
-    h1 = torch.where(dm <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dm.clamp(min=1e-30)) ** 0.2)
-    h = sign * torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, abs(t1 - t0)))
-    for _ in range(max_steps):
-        if len(rows) == 0:
-            return y
-        ya, ta, ha = y[rows], t[rows], h[rows]
-        ks = [k1[rows]]
-        for c, a in zip(_C[1:], _A[1:]):
-            yi = ya + ha[:, None] * sum(w * k for w, k in zip(a, ks) if w)
-            ks.append(f(yi, ta + c * ha, rows))
-        # the last stage ran at the 5th-order solution yi (first same as last: it is the next step's k1)
-        err = ha[:, None] * sum(w * k for w, k in zip(_E, ks) if w)
-        norm = rms(err / (tol + tol * torch.maximum(ya.abs(), yi.abs())))
-        ok = norm <= 1
-        factor = (0.9 * norm.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
-        factor = torch.where(ok, factor, factor.clamp(max=1.0))
-        last = ok & ((t1 - ta).abs() <= ha.abs() * (1 + 1e-12))
-        done = rows[ok]
-        y[done], k1[done] = yi[ok], ks[-1][ok]
-        t[done] = torch.where(last[ok], torch.full_like(ta[ok], float(t1)), ta[ok] + ha[ok])
-        h[rows] = sign * torch.minimum(ha.abs() * factor, (t1 - t[rows]).abs())
-        rows = rows[~last]
-    raise RuntimeError(f"the probability-flow ODE took more than {max_steps} steps at tolerance {tol} "
-                       f"(model.ode_tol); the network's score may be diverging")
 
 
 class Score(Family):
@@ -461,3 +380,36 @@ class Score(Family):
         from diffusers import UNet2DModel
 
         return {"unet": UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        c, r = self.data.channels, self.data.resolution
+        space = "[0, 1] pixels" if self.sde.ve else "[-1, 1] pixels"
+        return [OnnxGraph("score", _ScoreGraph(self, nets["unet"]),
+                          {"x": torch.randn(2, c, r, r), "t": torch.tensor([1.0, 0.1])}, ["score"],
+                          {"x": f"[batch, {c}, {r}, {r}] float32 perturbed data on the model's scale ({space})",
+                           "t": "[batch] float32 SDE time on [0, 1] (ncsn: level i of L at t = i / (L - 1))",
+                           "score": "like x: s(x, t), the score of the perturbed data's density"})]
+
+    def onnx_sampler(self, nets):
+        c = self.cfg
+        return {"kind": "score", "graph": "score", "sde": c.sde,
+                "shape": [self.data.channels, self.data.resolution, self.data.resolution],
+                "sampler": c.default_sampler if c.default_sampler != "ode" else "pc",
+                "steps": c.sample_steps or c.num_scales, "num_scales": c.num_scales,
+                "n_steps_each": {s: self._n_steps(s) for s in ("langevin", "pc")}, "step_size": c.step_size,
+                "snr": c.snr, "predictor": c.predictor, "denoise": c.denoise, "sample_eps": SAMPLE_EPS[c.sde],
+                "sigma_min": c.sigma_min, "sigma_max": c.sigma_max, "beta_min": c.beta_min,
+                "beta_max": c.beta_max, "num_classes": 0}
+
+
+class _ScoreGraph(torch.nn.Module):
+    """s(x, t) of a score model: the U-Net with its sigma / std scaling, the graph of its ONNX export."""
+
+    def __init__(self, family: Score, unet):
+        super().__init__()
+        self.family, self.unet = family, unet
+
+    def forward(self, x, t):
+        return self.family.score(self.unet, x, t)

@@ -397,6 +397,38 @@ class VAEFamily(Family):
     def load_export(self, out_dir):
         return {"vae": load_module(out_dir, self.EXPORT, lambda spec: ARCHS[spec["arch"]](**spec["kwargs"]))}
 
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph, latent_docs
+
+        shapes = [tuple(s) for s in nets["vae"].latent_shapes()]
+        total = sum(math.prod(s) for s in shapes)
+        r, c = self.data.resolution, self.data.channels
+        return [OnnxGraph("decoder", _DecoderGraph(nets["vae"], self.lik, shapes),
+                          {"eps": torch.randn(2, total), "temperature": torch.tensor(self.cfg.temperature)},
+                          ["image"],
+                          {"eps": latent_docs(shapes, "prior's latent groups (top first, as drawn)"),
+                           "temperature": "scalar float32: each group is mean + temperature * scale * eps",
+                           "image": f"[batch, {c}, {r}, {r}] float32 on [-1, 1]: the decoder's point image"},
+                          static=("temperature",))]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "latent_noise", "graph": "decoder",
+                "latent_shapes": [list(s) for s in nets["vae"].latent_shapes()],
+                "temperature": self.cfg.temperature, "num_classes": 0}
+
+
+class _DecoderGraph(nn.Module):
+    """eps (flat) and temperature -> the decoder's point image: a VAE's sampling path as one graph."""
+
+    def __init__(self, vae, lik, shapes):
+        super().__init__()
+        self.vae, self.lik, self.shapes = vae, lik, shapes
+
+    def forward(self, eps, temperature):
+        from distgen.onnx_export import split_flat
+
+        return self.lik.mean(self.vae.sample(split_flat(eps, self.shapes), temperature)).float()
+
 
 def _per_image(net, x, generators):
     """A forward pass whose latent noise for image i comes from generators[i]."""

@@ -1,4 +1,4 @@
-"""The GAN family: MLP, DCGAN, BigGAN- and StyleGAN2-style networks behind one set of phases.
+"""The GAN family: MLP, DCGAN, BigGAN-, StyleGAN2-style and progressive (ProGAN) networks behind one set of phases.
 
 Phases (the trainer runs them; it knows nothing of GANs):
 
@@ -14,6 +14,12 @@ betas as StyleGAN2 does. The trainer keeps the generator's EMA, which is what
 samples, evaluates and exports. Augmentation (DiffAugment or ADA) is applied
 to real and fake alike; ADA's p and the path-length mean are family state,
 stored in checkpoints.
+
+ProGAN (arch ``progan``) grows: the resolution and fade-in alpha are a pure
+function of the images seen (family state, counted in the ``D`` phase),
+training images are box-downsampled to the current resolution here, and the
+generator samples at the resolution it was last trained at, upsampled to the
+full one.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GANConfig
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
-from distgen.families.gan import basic, biggan, stylegan2
+from distgen.families.gan import basic, biggan, progan, stylegan2
 from distgen.families.gan.augment import ADA, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
 
@@ -39,6 +45,7 @@ ARCHS: dict[str, tuple[type[nn.Module], type[nn.Module], dict[str, dict]]] = {
     "dcgan": (basic.DCGANGenerator, basic.DCGANDiscriminator, basic.PRESETS["dcgan"]),
     "biggan": (biggan.Generator, biggan.Discriminator, biggan.PRESETS),
     "stylegan2": (stylegan2.Generator, stylegan2.Discriminator, stylegan2.PRESETS),
+    "progan": (progan.Generator, progan.Discriminator, progan.PRESETS),
 }
 GENERATOR_CONFIG = "generator_config.json"
 
@@ -52,8 +59,8 @@ class Critic(nn.Module):
         self.body = body
         self.q = nn.Sequential(nn.Linear(feature_dim, 128), nn.LeakyReLU(0.2), nn.Linear(128, q_out)) if q_out else None
 
-    def forward(self, x, labels=None):
-        logits, h = self.body(x, labels)
+    def forward(self, x, labels=None, **kw):
+        logits, h = self.body(x, labels, **kw)  # kw: ProGAN's res and alpha
         return logits, (self.q(h) if self.q is not None else None)
 
 
@@ -64,6 +71,8 @@ class GAN(Family):
 
     def validate_sample_options(self, options):
         t = options.get("truncation")
+        if t is not None and self.cfg.arch == "progan":
+            raise ValueError("--truncation: ProGAN (model.arch progan) has no truncation trick; sample without it")
         if t is not None and self.cfg.arch != "stylegan2" and t <= 0:
             raise ValueError(f"--truncation: the z threshold must be > 0, got {t}")
 
@@ -94,6 +103,12 @@ class GAN(Family):
         self.ops = tuple(cfg.augment_ops)
         self.ada = ADA(cfg.ada_target, cfg.ada_interval, cfg.ada_kimg) if cfg.augment == "ada" else None
         self.pl_mean = 0.0
+        self.loss_kind = cfg.loss_kind
+        # ProGAN's growth: images trained on so far, and the (resolution, alpha) of the current step
+        self.nimg, self.res, self.alpha = 0, r, 1.0
+        self.progressive = cfg.arch == "progan"
+        if self.progressive:
+            self._grow()
 
     # ---- networks
     def generator_kwargs(self) -> dict:
@@ -139,7 +154,7 @@ class GAN(Family):
 
     def compile_problem(self, network):
         c = self.cfg
-        if network == "D" and (c.r1_gamma > 0 or c.loss == "wgan-gp"):
+        if network == "D" and (c.r1_gamma > 0 or self.loss_kind == "wgan-gp"):
             what = "R1" if c.r1_gamma > 0 else "wgan-gp's gradient penalty"
             return f"{what} differentiates through it twice, which torch.compile does not support"
         if c.arch == "dcgan":
@@ -149,6 +164,9 @@ class GAN(Family):
             return "inductor's convolution backward fails on its 4x4 maps under channels_last (CUDA, torch 2.11)"
         if network == "G" and c.pl_weight > 0:
             return "the path-length regulariser differentiates through it twice, which torch.compile does not support"
+        if c.arch == "progan":
+            return ("ProGAN's blocks and fade-in weight change with the growth (a Python float alpha every step of a "
+                    "fade), which would recompile the graph at every step")
         return None
 
     def engine_problem(self, zero_stage):
@@ -160,26 +178,70 @@ class GAN(Family):
             return ("the path-length regulariser differentiates the generator's output inside its engine's forward, "
                     "which sets off ZeRO's end-of-backward gradient reduction early (an IndexError in "
                     "reduce_ipg_grads, in fp32 as in bf16); use pl_weight 0 under DeepSpeed, or DDP")
-        if self.cfg.loss == "wgan":
+        if self.loss_kind == "wgan-gp":
+            # Found with ProGAN (whose default this is); DCGAN with wgan-gp fails the same way.
+            return ("wgan-gp's gradient penalty differentiates the critic's output inside its engine's forward, which "
+                    "sets off ZeRO's end-of-backward gradient reduction early (an IndexError in reduce_ipg_grads, "
+                    "as with the path-length regulariser); use loss hinge or nonsaturating under DeepSpeed, or DDP")
+        if self.loss_kind == "wgan":
             return ("WGAN's weight clipping edits the discriminator's weights after its optimizer step, and ZeRO's "
-                    "optimizer keeps its own fp32 copy of them that would undo the clipping; use loss wgan-gp or hinge")
+                    "optimizer keeps its own fp32 copy of them that would undo the clipping; use loss hinge or nonsaturating")
         return None
 
     def after_step(self, phase, raw):
-        if phase == "D" and self.cfg.loss == "wgan":
+        if phase == "D" and self.loss_kind == "wgan":
             with torch.no_grad():
                 for p in raw["D"].parameters():
                     p.clamp_(-self.cfg.clip, self.cfg.clip)
 
     def state_dict(self):
-        return {"pl_mean": float(self.pl_mean), **({"ada": self.ada.state_dict()} if self.ada else {})}
+        grow = {}
+        if self.progressive:  # the images seen, and the (res, alpha) the next step trains at (for the reader)
+            res, alpha = progan.growth(self.nimg, self.data.resolution, self.cfg.stable_kimg, self.cfg.fade_kimg)
+            grow = {"nimg": self.nimg, "res": res, "alpha": alpha}
+        return {"pl_mean": float(self.pl_mean), **grow, **({"ada": self.ada.state_dict()} if self.ada else {})}
 
     def load_state_dict(self, state):
         self.pl_mean = float(state.get("pl_mean", 0.0))
+        if self.progressive:
+            # res and alpha follow from the images seen; the stored pair is for reading a checkpoint
+            self.nimg = int(state.get("nimg", 0))
+            self._grow()
         if self.ada is not None:
             if "ada" not in state:
                 raise ValueError("the checkpoint holds no ADA state but model.augment is ada")
             self.ada.load_state_dict(state["ada"])
+
+    # ---- ProGAN's growth
+    def _grow(self) -> None:
+        """(res, alpha) of the step about to run, from the images seen before it."""
+        c = self.cfg
+        self.res, self.alpha = progan.growth(self.nimg, self.data.resolution, c.stable_kimg, c.fade_kimg)
+
+    def _grow_kw(self) -> dict:
+        """ProGAN's networks run at the current resolution and alpha; the others take no such argument."""
+        return {"res": self.res, "alpha": self.alpha} if self.progressive else {}
+
+    def _step_batch(self, nets, real, labels):
+        """ProGAN, in the step's first phase (D): count the batch, set the growth for this step (the generator's
+        ``growth`` buffer too, which its EMA copies and an export keeps), keep the resolution's batch size, and
+        box-downsample (blending during a fade) the real images to the current resolution."""
+        if not self.progressive:
+            return real, labels
+        self._grow()
+        self.nimg += real.shape[0] * dist.world_size()
+        nets.raw["G"].growth.copy_(torch.tensor([float(self.res), self.alpha]))
+        return self._progan_reals(real, labels)
+
+    def _progan_reals(self, real, labels):
+        """The other phases (R1, G) use the step's resolution and batch size as set by its D phase."""
+        if not self.progressive:
+            return real, labels
+        sizes, level = self.cfg.batch_sizes, int(self.res).bit_length() - 3
+        if level < len(sizes):
+            real = real[:sizes[level]]
+            labels = labels[:sizes[level]] if labels is not None else None
+        return progan.fade_reals(real, self.res, self.alpha), labels
 
     # ---- latents and images
     def _labels(self, batch: dict) -> Optional[torch.Tensor]:
@@ -203,7 +265,7 @@ class GAN(Family):
 
     def _fake(self, G, b, labels, g, device, *, update_stats: bool) -> tuple[torch.Tensor, dict]:
         z, codes = self._latents(b, g, device)
-        kw = {}
+        kw = dict(self._grow_kw(), upsample=False) if self.progressive else {}
         if self.cfg.arch == "stylegan2":
             kw = dict(noise_gen=g, update_w_avg=update_stats)
             if self.cfg.style_mixing > 0:
@@ -249,33 +311,40 @@ class GAN(Family):
 
     def _d_loss(self, nets, real, labels, g):
         c, D = self.cfg, nets["D"]
+        real, labels = self._step_batch(nets, real, labels)
+        kw = self._grow_kw()
         with torch.no_grad():
             fake, codes = self._fake(nets["G"], real.shape[0], labels, g, real.device, update_stats=False)
         real_in, fake_in = self._aug(real, g), self._aug(fake, g)
-        r, _ = D(real_in, labels)
-        f, q = D(fake_in, labels)
+        r, _ = D(real_in, labels, **kw)
+        f, q = D(fake_in, labels, **kw)
         r, f = r.float(), f.float()
-        loss = d_loss(c.loss, r, f)
+        loss = d_loss(self.loss_kind, r, f)
+        drift = c.drift_weight
+        if drift > 0:  # ProGAN's drift penalty: keeps the critic's scores from wandering away from 0
+            loss = loss + drift * r.square()
         r, f = r.detach(), f.detach()  # for the logged numbers below
         # accuracy on real vs fake: threshold 0 for logistic / hinge scores, the batch mean for a critic's,
         # 0.5 for least squares (midway between its fake and real targets, 0 and 1)
-        t = torch.cat([r, f]).mean().detach() if c.loss.startswith("wgan") else 0.5 if c.loss == "lsgan" else 0.0
+        kind = self.loss_kind
+        t = torch.cat([r, f]).mean().detach() if kind.startswith("wgan") else 0.5 if kind == "lsgan" else 0.0
         extras = {"real": r.mean(), "fake": f.mean(), "acc": 0.5 * ((r > t).float().mean() + (f < t).float().mean())}
-        if c.loss == "wgan-gp":
-            gp = gradient_penalty(lambda x: D(x, labels)[0], real_in, fake_in, g)
+        if kind == "wgan-gp":
+            gp = gradient_penalty(lambda x: D(x, labels, **kw)[0], real_in, fake_in, g)
             loss = loss + c.gp_weight * gp
             extras["gp"] = gp.detach().mean()
         loss, extras = self._with_info(loss, extras, q, codes)
         if self.ada is not None:
             # ADA's overfitting heuristic is E[sign(D(real))] about the decision threshold: 0.5 for lsgan
-            self.ada.observe(r - 0.5 if c.loss == "lsgan" else r, dist.all_reduce_floats)
+            self.ada.observe(r - 0.5 if kind == "lsgan" else r, dist.all_reduce_floats)
             extras["ada_p"] = self.ada.p
         return loss, extras
 
     def _r1_loss(self, nets, real, labels, g):
         c = self.cfg
+        real, labels = self._progan_reals(real, labels)
         x = real.detach().requires_grad_(True)
-        r, q = nets["D"](self._aug(x, g), labels)
+        r, q = nets["D"](self._aug(x, g), labels, **self._grow_kw())
         pen = r1_penalty(r, x)
         # "+ 0 x outputs" keeps every parameter in the graph, as DDP without unused-parameter search needs
         loss = pen * (c.r1_gamma / 2 * c.r1_every) + r.float() * 0
@@ -285,9 +354,12 @@ class GAN(Family):
 
     def _g_loss(self, nets, real, labels, g):
         c = self.cfg
+        real, labels = self._progan_reals(real, labels)
         fake, codes = self._fake(nets["G"], real.shape[0], labels, g, real.device, update_stats=True)
-        f, q = nets["D"](self._aug(fake, g), labels)
-        loss, extras = g_loss(c.loss, f.float()), {}
+        f, q = nets["D"](self._aug(fake, g), labels, **self._grow_kw())
+        loss, extras = g_loss(self.loss_kind, f.float()), {}
+        if self.progressive:  # the growth, logged as G/res and G/alpha
+            extras.update(res=float(self.res), alpha=float(self.alpha))
         if c.ortho_weight > 0:
             ortho = nets.raw["G"].orthogonal_penalty()
             loss = loss + c.ortho_weight * ortho
@@ -346,7 +418,9 @@ class GAN(Family):
         """The EMA generator as ``generator.safetensors`` and a JSON that rebuilds it (``arch`` + constructor kwargs)."""
         save_module(out_dir, "generator", nets["G"], {
             "arch": self.cfg.arch, "kwargs": self.generator_kwargs(), "noise_dim": self.noise_dim,
-            "info_categorical": self.n_cat, "info_continuous": self.n_cont, "truncation": self.cfg.truncation})
+            "info_categorical": self.n_cat, "info_continuous": self.n_cont, "truncation": self.cfg.truncation,
+            # ProGAN: the (resolution, alpha) it samples at, also in its ``growth`` buffer (for the reader)
+            **({"growth": nets["G"].growth.tolist()} if self.progressive else {})})
 
     def load_export(self, out_dir):
         def build(spec):
@@ -355,3 +429,44 @@ class GAN(Family):
             return ARCHS[spec["arch"]][0](**spec["kwargs"])
 
         return {"G": load_module(out_dir, "generator", build)}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        style = self.cfg.arch == "stylegan2"
+        inputs = {"z": torch.randn(2, self.z_dim)}
+        docs = {"z": f"[batch, {self.z_dim}] float32: {self.noise_dim} N(0, 1) values"
+                     + (f", then InfoGAN's categorical code one-hot ({self.n_cat})" if self.n_cat else "")
+                     + (f", then its continuous codes U(-1, 1) ({self.n_cont})" if self.n_cont else ""),
+                "image": f"[batch, {self.data.channels}, {self.data.resolution}, {self.data.resolution}] float32 "
+                         f"on [-1, 1] (clamped)"}
+        if self.num_classes:
+            inputs["labels"] = torch.arange(2) % self.num_classes
+            docs["labels"] = f"[batch] int64 class indices in [0, {self.num_classes})"
+        if style:
+            inputs["truncation"] = torch.tensor(0.7)
+            docs["truncation"] = "scalar float32 psi of the truncation trick, w <- w_avg + psi (w - w_avg); 1 = off"
+        fixed = {}
+        if self.progressive:  # the stage it samples at (its growth buffer) becomes a constant of the graph
+            res, alpha = nets["G"].growth.tolist()
+            fixed = {"res": int(round(res)), "alpha": float(alpha)}
+        return [OnnxGraph("generator", _GeneratorGraph(nets["G"], self.num_classes > 0, style, fixed), inputs,
+                          ["image"], docs, static=("truncation",))]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "gan", "graph": "generator", "noise_dim": self.noise_dim, "info_categorical": self.n_cat,
+                "info_continuous": self.n_cont, "num_classes": self.num_classes, "truncation": self.cfg.truncation,
+                # StyleGAN2 truncates w (an input of the graph); the others resample |z| beyond the threshold
+                "truncation_kind": {"stylegan2": "psi", "progan": None}.get(self.cfg.arch, "resample")}
+
+
+class _GeneratorGraph(nn.Module):
+    """G(z[, labels][, truncation]) -> image clamped to [-1, 1], the graph of a GAN's ONNX export."""
+
+    def __init__(self, G: nn.Module, conditional: bool, style: bool, fixed: dict):
+        super().__init__()
+        self.G, self.conditional, self.style, self.fixed = G, conditional, style, fixed
+
+    def forward(self, z, labels=None, truncation=None):
+        kw = {"truncation": truncation} if self.style else dict(self.fixed)
+        return self.G(z, labels if self.conditional else None, **kw).float().clamp(-1, 1)

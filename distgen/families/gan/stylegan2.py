@@ -376,7 +376,7 @@ class Generator(nn.Module):
 
     def _truncate(self, w: torch.Tensor, psi: float | None) -> torch.Tensor:
         # Truncation trick: pull w towards the mean, trading diversity for fidelity.
-        if psi is None or psi == 1:
+        if psi is None or (not torch.is_tensor(psi) and psi == 1):  # a tensor psi (an ONNX input) always lerps
             return w
         return self.w_avg.lerp(w, psi)  # w_avg + psi * (w - w_avg)
 

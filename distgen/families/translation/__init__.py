@@ -15,6 +15,7 @@ from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distgen.families.base import Family, Phase
 
@@ -88,6 +89,29 @@ class Translator(Family):
     def translate(self, nets, images: torch.Tensor, direction: str = "AtoB") -> torch.Tensor:
         """Float NCHW images in [-1, 1] of the input domain -> their translations (float, [-1, 1])."""
         raise NotImplementedError
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        c, r = self.data.channels, self.data.resolution
+        return [OnnxGraph(d, _TranslateGraph(self, nets, d), {"image": torch.rand(2, c, r, r) * 2 - 1},
+                          ["translation"],
+                          {"image": f"[batch, {c}, {r}, {r}] float32 images of domain {d[0]} on [-1, 1]",
+                           "translation": f"like image: their translations to domain {d[-1]}, on [-1, 1]"})
+                for d in self.directions]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "translate", "directions": list(self.directions), "channels": self.data.channels,
+                "resolution": self.data.resolution, "num_classes": 0}
+
+
+class _TranslateGraph(nn.Module):
+    def __init__(self, family: "Translator", nets: dict, direction: str):
+        super().__init__()
+        self.family, self.nets, self.direction = family, nn.ModuleDict(nets), direction
+
+    def forward(self, image):
+        return self.family.translate(self.nets, image, self.direction)
 
     @torch.no_grad()
     def preview(self, nets, batch: dict) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""Draw images from a distgen ONNX export with numpy and onnxruntime only: no torch, no distgen.
+
+    python sample_onnx.py [--num 64] [--seed 0] [--batch 16] [--out samples/] [--npz samples.npz]
+                          [--steps K] [--sampler ddpm|ddim|pc|langevin] [--guidance W] [--truncation T]
+                          [--temperature T] [--step-size E] [--labels 0,1,2]
+    python sample_onnx.py --input IMAGE.png|FOLDER|x.npy [--direction AtoB|BtoA] [--out DIR]   (translators)
+
+This file is copied into every `distgen export RUN OUT --format onnx` folder; it reads `onnx.json` beside it
+(the graphs' files, inputs and outputs, and the sampler's settings) and draws images the way `distgen sample`
+does for that family, writing one PNG per image into --out (and all of them as uint8 NHWC into --npz).
+Image i is drawn with numpy's generator seeded by (seed, i), so an image does not depend on the batch it is
+drawn in; the seeds do not reproduce torch's random numbers, but the distribution is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+
+
+class Export:
+    """onnx.json and the ONNX sessions of one export folder, opened on first use."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        meta = folder / "onnx.json"
+        if not meta.is_file():
+            sys.exit(f"{meta}: not found (this file must sit in a distgen ONNX export folder)")
+        self.meta = json.loads(meta.read_text())
+        self.spec = self.meta["sampler"]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+
+    def run(self, graph: str, **feed) -> list[np.ndarray]:
+        if graph not in self._sessions:
+            entry = self.meta["graphs"][graph]
+            path = self.folder / entry["file"]
+            if entry.get("format", "onnx") != "onnx":
+                sys.exit(f"{path}: a {entry['format']} graph (ONNX could not express it: {entry.get('onnx_error')}); "
+                         f"it needs torch to run")
+            if not path.is_file():
+                sys.exit(f"{path}: not found (named in onnx.json)")
+            self._sessions[graph] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return self._sessions[graph].run(None, feed)
+
+
+# ---------------------------------------------------------------- the families' samplers
+# Each takes (export, per-image generators, options) and returns float32 NCHW images on [-1, 1].
+
+def _labels(spec: dict, idx: np.ndarray, opts) -> np.ndarray:
+    if opts.labels:
+        given = [int(v) for v in opts.labels.split(",")]
+        return np.array([given[i % len(given)] for i in idx], dtype=np.int64)
+    return (idx % spec["num_classes"]).astype(np.int64)  # as distgen sample: image i gets class i mod K
+
+
+def sample_gan(ex: Export, rngs, idx, opts) -> np.ndarray:
+    s = ex.spec
+    t = opts.truncation if opts.truncation is not None else s["truncation"]
+    if t is not None and s["truncation_kind"] is None:
+        sys.exit("--truncation: this GAN has no truncation trick")
+    rows = []
+    for rng in rngs:
+        z = rng.standard_normal(s["noise_dim"])
+        if t is not None and s["truncation_kind"] == "resample":  # BigGAN's trick: redraw |z| beyond t
+            while (out := np.abs(z) > t).any():
+                z = np.where(out, rng.standard_normal(z.shape), z)
+        parts = [z]
+        if s["info_categorical"]:
+            parts.append(np.eye(s["info_categorical"])[rng.integers(s["info_categorical"])])
+        if s["info_continuous"]:
+            parts.append(rng.uniform(-1, 1, s["info_continuous"]))
+        rows.append(np.concatenate(parts))
+    feed = {"z": np.stack(rows).astype(np.float32)}
+    if s["num_classes"]:
+        feed["labels"] = _labels(s, idx, opts)
+    if s["truncation_kind"] == "psi":
+        feed["truncation"] = np.array(1.0 if t is None else t, dtype=np.float32)
+    return ex.run(s["graph"], **feed)[0]
+
+
+def _diffusion_timesteps(train_steps: int, steps: int) -> np.ndarray:
+    """diffusers' "leading" spacing (DDPMScheduler / DDIMScheduler defaults)."""
+    ratio = train_steps // steps
+    return (np.arange(steps) * ratio).round()[::-1].astype(np.int64)
+
+
+def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """DDPM (ancestral, fixed-small variance) or DDIM (eta 0) over the training schedule's alphas, as diffusers'
+    DDPMScheduler / DDIMScheduler step; classifier-free guidance for class-conditional models."""
+    s = ex.spec
+    sampler = opts.sampler or s["sampler"]
+    if sampler not in ("ddpm", "ddim"):
+        sys.exit(f"--sampler: sample_onnx.py runs ddpm or ddim, not {sampler}")
+    ac = np.asarray(s["alphas_cumprod"], dtype=np.float64)
+    T = len(ac)
+    steps = opts.steps or s["steps"]
+    if not 1 <= steps <= T:
+        sys.exit(f"--steps: must be in [1, {T}], got {steps}")
+    ts = _diffusion_timesteps(T, steps)
+    shape = tuple(s["shape"])
+    x = np.stack([rng.standard_normal(shape) for rng in rngs])
+    labels = _labels(s, idx, opts) if s["num_classes"] else None
+    g = s["guidance"] if opts.guidance is None else opts.guidance
+    for t in ts:
+        tt = np.full(len(x), t, dtype=np.int64)
+        if labels is not None and g != 1.0:
+            null = np.full_like(labels, s["num_classes"])
+            out = ex.run("unet", x=np.concatenate([x, x]).astype(np.float32), t=np.concatenate([tt, tt]),
+                         labels=np.concatenate([labels, null]))[0].astype(np.float64)
+            cond, uncond = out[:len(x)], out[len(x):]
+            out = uncond + g * (cond - uncond)
+        else:
+            feed = {"x": x.astype(np.float32), "t": tt}
+            if labels is not None:
+                feed["labels"] = labels
+            out = ex.run("unet", **feed)[0].astype(np.float64)
+        prev = t - T // steps
+        a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else 1.0)
+        if s["prediction"] == "epsilon":
+            x0 = (x - np.sqrt(1 - a_t) * out) / np.sqrt(a_t)
+        else:  # v-prediction (Salimans & Ho 2022)
+            x0 = np.sqrt(a_t) * x - np.sqrt(1 - a_t) * out
+        if s["clip_sample"]:
+            x0 = np.clip(x0, -1, 1)
+        if sampler == "ddim":
+            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+            x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+        else:
+            alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+            mean = (np.sqrt(a_prev) * beta * x0 + np.sqrt(alpha) * (1 - a_prev) * x) / (1 - a_t)
+            var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+            if t > 0:
+                mean = mean + np.sqrt(var) * np.stack([rng.standard_normal(shape) for rng in rngs])
+            x = mean
+    return _decode(ex, x)
+
+
+def _decode(ex: Export, x: np.ndarray) -> np.ndarray:
+    """Latent diffusion: latents / scaling factor through the autoencoder's decoder; else the images."""
+    s = ex.spec
+    if s.get("decoder"):
+        x = ex.run(s["decoder"], latents=(x / s["scaling_factor"]).astype(np.float32))[0]
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def sample_latent_noise(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """VAEs and Glow: one N(0, 1) vector per image (all latent groups / levels), scaled inside the graph by the
+    prior's mean and scale at the temperature."""
+    s = ex.spec
+    total = sum(int(np.prod(shape)) for shape in s["latent_shapes"])
+    t = s["temperature"] if opts.temperature is None else opts.temperature
+    if t < 0:
+        sys.exit(f"--temperature: must be >= 0, got {t}")
+    feed = {"eps": np.stack([rng.standard_normal(total) for rng in rngs]).astype(np.float32),
+            "temperature": np.array(t, dtype=np.float32)}
+    if s["num_classes"]:
+        feed["labels"] = _labels(s, idx, opts)
+    return ex.run(s["graph"], **feed)[0]
+
+
+def logistic_mixture_sample(params: np.ndarray, nr_mix: int, channels: int, rngs, temperature: float = 1.0
+                            ) -> np.ndarray:
+    """One pixel per image from PixelCNN++'s discretised logistic mixture: params [B, P] -> values [B, C] on
+    the 256-value grid. A component by Gumbel-max, then channel by channel a logistic draw rounded to its bin,
+    later channels' means moved by the earlier channels' drawn values. ``temperature`` T divides the logits
+    and scales the logistic noise (T = 0: the likeliest component's means)."""
+    b, m, c = len(params), nr_mix, channels
+    logits, rest = params[:, :m], params[:, m:].reshape(b, -1, m)
+    means, log_scales, coeffs = rest[:, :c], np.maximum(rest[:, c:2 * c], -7.0), np.tanh(rest[:, 2 * c:])
+    u = np.clip(np.stack([rng.random(m + c) for rng in rngs]), 1e-12, None)
+    k = logits.argmax(1) if temperature == 0 else (logits / temperature - np.log(-np.log(u[:, :m]))).argmax(1)
+    rows = np.arange(b)
+    x = np.zeros((b, c))
+    j = 0
+    for ch in range(c):
+        mean = means[rows, ch, k]
+        for i in range(ch):
+            mean = mean + coeffs[rows, j, k] * x[:, i]
+            j += 1
+        uc = u[:, m + ch]
+        v = mean + np.exp(log_scales[rows, ch, k]) * temperature * (np.log(uc) - np.log1p(-uc))
+        x[:, ch] = np.clip(np.round((v + 1) * 127.5), 0, 255) / 127.5 - 1
+    return x
+
+
+def sample_autoregressive(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """PixelCNN++ / PixelRNN: pixel after pixel in raster order, each pixel's channels from one graph call."""
+    s = ex.spec
+    c, r = s["channels"], s["resolution"]
+    x = np.zeros((len(rngs), c, r, r), dtype=np.float32)
+    feed = {"labels": _labels(s, idx, opts)} if s["num_classes"] else {}
+    t = s.get("temperature", 1.0) if opts.temperature is None else opts.temperature
+    if t < 0 or (t != 1 and "temperature" not in s):
+        sys.exit(f"--temperature: {'must be >= 0' if t < 0 else 'this model samples at its distribution only'}")
+    for i in range(r):
+        for j in range(r):
+            params = ex.run(s["graph"], image=x, **feed)[0][:, :, i, j].astype(np.float64)
+            x[:, :, i, j] = logistic_mixture_sample(params, s["nr_mix"], c, rngs, t)
+    return x
+
+
+def sample_decoder(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """An autoencoder: N(0, I) latents through its decoder, as `distgen sample` does (it has no prior)."""
+    s = ex.spec
+    z = np.stack([rng.standard_normal(tuple(s["shape"])) for rng in rngs]).astype(np.float32)
+    return ex.run(s["graph"], latents=z)[0]
+
+
+class SDE:
+    """The score family's SDEs (Song et al. 2021): marginal std(t), drift and diffusion coefficients."""
+
+    def __init__(self, s: dict):
+        self.s, self.kind = s, s["sde"]
+        self.ve = self.kind in ("ncsn", "ve")
+        self.log_ratio = np.log(s["sigma_max"] / s["sigma_min"])
+
+    def sigma(self, t):
+        return self.s["sigma_min"] * np.exp(t * self.log_ratio)
+
+    def log_mean(self, t):
+        return -0.25 * t ** 2 * (self.s["beta_max"] - self.s["beta_min"]) - 0.5 * t * self.s["beta_min"]
+
+    def std(self, t):
+        if self.ve:
+            return self.sigma(t)
+        v = -np.expm1(2 * self.log_mean(t))
+        return np.sqrt(v) if self.kind == "vp" else v
+
+    def coefficients(self, t):
+        if self.ve:
+            return 0.0, self.sigma(t) * np.sqrt(2 * self.log_ratio)
+        b = self.s["beta_min"] + t * (self.s["beta_max"] - self.s["beta_min"])
+        g2 = b if self.kind == "vp" else b * -np.expm1(4 * self.log_mean(t))
+        return -0.5 * b, np.sqrt(g2)
+
+
+def sample_score(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """Score models: annealed Langevin dynamics (NCSN) or predictor-corrector sampling (score SDEs), the
+    update rules of distgen's score family (distgen/families/score.py), in float64."""
+    s = ex.spec
+    sde, shape = SDE(s), tuple(s["shape"])
+    sampler = opts.sampler or s["sampler"]
+    if sampler not in ("langevin", "pc") or (sampler == "langevin" and not sde.ve):
+        sys.exit(f"--sampler: sample_onnx.py runs {'langevin or pc' if sde.ve else 'pc'} for sde {s['sde']}, "
+                 f"not {sampler}")
+    n = opts.steps or s["steps"]
+    if n < 2:
+        sys.exit(f"--steps: must be >= 2, got {n}")
+
+    def score(x, t):
+        return ex.run(s["graph"], x=x.astype(np.float32), t=np.full(len(x), t, dtype=np.float32))[0].astype(np.float64)
+
+    def noise():
+        return np.stack([rng.standard_normal(shape) for rng in rngs])
+
+    if sampler == "langevin":
+        x = np.stack([rng.random(shape) for rng in rngs])  # uniform on [0, 1], as NCSN starts
+        eps = opts.step_size or s["step_size"]
+        for t in np.linspace(1, 0, n):
+            step = eps * (sde.sigma(t) / s["sigma_min"]) ** 2
+            for _ in range(s["n_steps_each"]["langevin"]):
+                x = x + step * score(x, t) + np.sqrt(2 * step) * noise()
+        if s["denoise"]:
+            x = x + s["sigma_min"] ** 2 * score(x, 0.0)
+    else:
+        e = s["sample_eps"]
+        grid = lambda i: e + (1 - e) * i / (n - 1)  # noqa: E731
+        vp_beta = lambda i: -np.expm1(2 * (sde.log_mean(grid(i)) - (sde.log_mean(grid(i - 1)) if i else 0.0)))  # noqa: E731
+        x = noise() * (s["sigma_max"] if sde.ve else 1.0)
+        mean = x
+        for i in range(n - 1, -1, -1):
+            t = grid(i)
+            alpha = 1.0 if sde.ve else 1 - vp_beta(i)
+            step = 2 * alpha * (s["snr"] * sde.std(t)) ** 2
+            for _ in range(s["n_steps_each"]["pc"]):
+                x = x + step * score(x, t) + np.sqrt(2 * step) * noise()
+            z = noise()
+            if s["predictor"] == "reverse_diffusion":
+                sc = score(x, t)
+                if sde.ve:
+                    g2 = sde.sigma(t) ** 2 - (sde.sigma(grid(i - 1)) ** 2 if i else 0.0)
+                    mean, g = x + g2 * sc, np.sqrt(g2)
+                elif s["sde"] == "vp":
+                    b = vp_beta(i)
+                    mean, g = (2 - np.sqrt(1 - b)) * x + b * sc, np.sqrt(b)
+                else:
+                    a, gg = sde.coefficients(t)
+                    mean, g = x - (a * x - gg * gg * sc) / n, gg / np.sqrt(n)
+                x = mean + g * z
+            else:  # Euler-Maruyama
+                a, gg = sde.coefficients(t)
+                mean = x - (a * x - gg ** 2 * score(x, t)) / n
+                x = mean + gg * np.sqrt(1 / n) * z
+        x = mean if s["denoise"] else x
+    x = x * 2 - 1 if sde.ve else x
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """An 8-bit, non-interlaced grey / grey+alpha / RGB / RGBA PNG as uint8 HxWxC (stdlib zlib only)."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        sys.exit(f"{path}: not a PNG file")
+    pos, idat, head = 8, b"", None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            head = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    w, h, depth, colour, _, _, interlace = head
+    chans = {0: 1, 4: 2, 2: 3, 6: 4}.get(colour)
+    if depth != 8 or chans is None or interlace:
+        sys.exit(f"{path}: only 8-bit non-interlaced grey or RGB(A) PNGs are read here; convert it, or pass .npy")
+    raw, stride = zlib.decompress(idat), w * chans
+    out = np.zeros((h, stride), dtype=np.int64)
+    for r in range(h):
+        f, line = raw[r * (stride + 1)], np.frombuffer(raw, np.uint8, stride, r * (stride + 1) + 1).astype(np.int64)
+        up = out[r - 1] if r else np.zeros(stride, dtype=np.int64)
+        if f in (0, 2):
+            out[r] = (line + (up if f == 2 else 0)) % 256
+        else:  # sub, average, Paeth: each byte depends on the one `chans` to its left
+            row = out[r]
+            for i in range(stride):
+                left = row[i - chans] if i >= chans else 0
+                ul = up[i - chans] if i >= chans else 0
+                if f == 1:
+                    pred = left
+                elif f == 3:
+                    pred = (left + up[i]) // 2
+                else:
+                    p = left + up[i] - ul
+                    pa, pb, pc = abs(p - left), abs(p - up[i]), abs(p - ul)
+                    pred = left if pa <= pb and pa <= pc else (up[i] if pb <= pc else ul)
+                row[i] = (line[i] + pred) % 256
+    return out.astype(np.uint8).reshape(h, w, chans)
+
+
+def load_inputs(arg: str, channels: int, resolution: int) -> np.ndarray:
+    """--input: a .npy / .npz ('x') of uint8 NHW or NHWC images, a PNG, or a folder of PNGs -> float NCHW [-1, 1]."""
+    p = Path(arg)
+    if p.suffix in (".npy", ".npz"):
+        x = np.load(p)["x"] if p.suffix == ".npz" else np.load(p)
+    elif p.is_dir():
+        files = sorted(q for q in p.iterdir() if q.suffix.lower() == ".png")
+        if not files:
+            sys.exit(f"{p}: no .png files")
+        x = np.stack([read_png(q) for q in files])
+    elif p.is_file():
+        x = read_png(p)[None]
+    else:
+        sys.exit(f"{p}: not found")
+    x = x[..., None] if x.ndim == 3 else x
+    if x.shape[-1] in (2, 4):
+        x = x[..., :-1]  # drop alpha
+    if x.shape[-1] == 3 and channels == 1:
+        x = np.round(x @ np.array([0.299, 0.587, 0.114]))[..., None]
+    if x.dtype != np.uint8 and x.max() > 255:
+        sys.exit(f"{p}: images must be uint8")
+    if x.shape[1:3] != (resolution, resolution) or x.shape[-1] != channels:
+        sys.exit(f"{p}: images must be {resolution}x{resolution} with {channels} channel(s), got "
+                 f"{x.shape[1]}x{x.shape[2]} with {x.shape[-1]}")
+    return (x.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float32)
+
+
+def sample_sgld(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """EBMs: stochastic gradient Langevin dynamics from uniform noise, x <- clip(x - step dE/dx + noise z, -1, 1)
+    (distgen's ebm family; the energy's gradient is a graph of the export)."""
+    s = ex.spec
+    shape = tuple(s["shape"])
+    steps = s["steps"] if opts.steps is None else opts.steps
+    size = opts.step_size or s["step_size"]
+    x = np.stack([rng.random(shape) for rng in rngs]) * 2 - 1
+    for _ in range(steps):
+        grad = ex.run(s["graph"], image=x.astype(np.float32))[1].astype(np.float64)
+        x = np.clip(x - size * grad + s["noise"] * np.stack([rng.standard_normal(shape) for rng in rngs]), -1, 1)
+    return x.astype(np.float32)
+
+
+KINDS = {"gan": sample_gan, "diffusion": sample_diffusion, "latent_noise": sample_latent_noise,
+         "autoregressive": sample_autoregressive, "decoder": sample_decoder, "score": sample_score, "sgld": sample_sgld}
+
+
+# ---------------------------------------------------------------- output
+
+def write_png(path: Path, img: np.ndarray) -> None:
+    """A uint8 HxW (grey) or HxWx3 (RGB) image as PNG: stdlib zlib, filter 0 on every row."""
+    h, w = img.shape[:2]
+    colour = 2 if img.ndim == 3 else 0
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """NCHW on [-1, 1] -> NHWC uint8 (NHW for grey), rounded as distgen sample rounds."""
+    u = np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return u[..., 0] if u.shape[-1] == 1 else u
+
+
+def translate(ex: Export, opts) -> int:
+    """pix2pix / CycleGAN: translate --input's images in --direction, one PNG per input."""
+    s = ex.spec
+    if not opts.input:
+        sys.exit("--input: a translation model translates images: give a PNG, a folder of PNGs or a .npy / .npz")
+    d = opts.direction or s["directions"][0]
+    if d not in s["directions"]:
+        sys.exit(f"--direction: this model translates {' and '.join(s['directions'])}, not {d}")
+    x = load_inputs(opts.input, s["channels"], s["resolution"])
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for start in range(0, len(x), opts.batch):
+        u = to_uint8(ex.run(d, image=x[start:start + opts.batch])[0])
+        for i, img in enumerate(u, start):
+            write_png(out / f"{i:06d}.png", img)
+        images.append(u)
+    if opts.npz:
+        np.savez(opts.npz, x=np.concatenate(images))
+    print(f"sample_onnx: {len(x)} translations ({d}) -> {out}/")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=64, help="images to draw")
+    ap.add_argument("--seed", type=int, default=0, help="image i is drawn with numpy's generator of (seed, i)")
+    ap.add_argument("--batch", type=int, default=16, help="images per graph call")
+    ap.add_argument("--out", default="samples", help="folder for the PNGs (made if missing)")
+    ap.add_argument("--npz", default=None, help="also write all images as uint8 'x' into this .npz")
+    ap.add_argument("--steps", type=int, default=None, help="diffusion / score: sampling steps; EBMs: SGLD steps")
+    ap.add_argument("--sampler", default=None, help="diffusion: ddpm or ddim")
+    ap.add_argument("--guidance", type=float, default=None, help="class-conditional diffusion: guidance weight")
+    ap.add_argument("--truncation", type=float, default=None, help="GANs: psi (StyleGAN2) or the z threshold")
+    ap.add_argument("--temperature", type=float, default=None, help="Glow, PixelCNN++, VAEs: prior temperature")
+    ap.add_argument("--step-size", type=float, default=None, help="score models (langevin) and EBMs (SGLD): the step size")
+    ap.add_argument("--labels", default=None, help="class-conditional models: comma list of classes, cycled")
+    ap.add_argument("--input", default=None, help="translation models: a PNG, a folder of PNGs, or a .npy / .npz")
+    ap.add_argument("--direction", default=None, help="translation models: AtoB (default) or BtoA (CycleGAN)")
+    ap.add_argument("--export", default=str(HERE), help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    if opts.num < 1 or opts.batch < 1:
+        sys.exit("--num and --batch must be >= 1")
+    ex = Export(Path(opts.export))
+    kind = ex.spec["kind"]
+    if kind == "translate":
+        return translate(ex, opts)
+    if kind not in KINDS:
+        sys.exit(f"{ex.folder / 'onnx.json'}: unknown sampler kind {kind!r} (this sample_onnx.py knows "
+                 f"{', '.join(KINDS)})")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for start in range(0, opts.num, opts.batch):
+        idx = np.arange(start, min(start + opts.batch, opts.num))
+        rngs = [np.random.default_rng([opts.seed, int(i)]) for i in idx]
+        u = to_uint8(KINDS[kind](ex, rngs, idx, opts))
+        for i, img in zip(idx, u):
+            write_png(out / f"{i:06d}.png", img)
+        images.append(u)
+        print(f"sample_onnx: {idx[-1] + 1}/{opts.num} images", file=sys.stderr)
+    if opts.npz:
+        np.savez(opts.npz, x=np.concatenate(images))
+    print(f"sample_onnx: {opts.num} images -> {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

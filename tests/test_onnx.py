@@ -1,0 +1,208 @@
+"""`distgen export --format onnx`: every family's graphs compute what its PyTorch modules compute, and the
+standalone `sample_onnx.py` draws images with numpy and onnxruntime alone, from the same distribution as
+`distgen sample`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from distgen.config import load_config
+from distgen.families import DataInfo, build_family
+from distgen.onnx_export import ONNX_META, RTOL, SAMPLER, write_onnx
+from test_train import family_config, launch, run
+
+# The sampler runs under this guard: importing torch or distgen (or anything under them) fails.
+GUARD = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "distgen"):
+            raise ImportError(f"{name}: blocked (sample_onnx.py must not need it)")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+RES = 16
+# (family, overrides, sampler flags): one case per arch, each family's options that change its graphs
+CASES = [
+    ("gan", ["model.arch=mlp", "model.info_categorical=3", "model.info_continuous=2"], []),
+    ("gan", ["model.arch=dcgan"], []),
+    ("gan", ["model.arch=biggan", "model.conditional=true", "model.truncation=0.8"], []),
+    ("gan", ["model.arch=stylegan2", "model.conditional=true"], ["--truncation", "0.7"]),
+    ("gan", ["model.arch=progan"], []),
+    ("diffusion", ["model.class_conditional=true", "model.guidance_scale=2", "model.num_train_timesteps=50"],
+     ["--steps", "3"]),
+    ("autoencoder", [], []),
+    ("vae", [], ["--temperature", "0.8"]),
+    ("vae", ["model.arch=hvae"], []),
+    ("glow", ["model.conditional=true"], ["--temperature", "0.7"]),
+    ("pixelcnn", [], []),
+    ("pix2pix", [], []),
+    ("cyclegan", [], ["--direction", "BtoA"]),
+    ("score", ["model.sde=vp", "model.sample_steps=3"], []),
+    ("score", ["model.sde=ncsn", "model.num_scales=3", "model.n_steps_each=1"], []),
+    ("ebm", ["model.jem=true", "model.spectral_norm=true", "model.sample_steps=3"], []),
+]
+
+
+def build(family: str, over: list[str], classes: int = 10, res: int = RES):
+    cfg = load_config(None, [f"model.family={family}", "model.preset=tiny", f"data.resolution={res}", *over])
+    fam = build_family(cfg.model, DataInfo(res, 1, classes))
+    torch.manual_seed(0)
+    nets = {k: v.eval().requires_grad_(False) for k, v in fam.build_networks().items()}
+    return fam, nets
+
+
+def fresh(example: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """New inputs at batch n like ``example``: floats at its scale, integers among its values."""
+    if example.dim() == 0:
+        return example
+    if example.is_floating_point():
+        scale = example.std() if example.numel() > 1 else torch.tensor(1.0)
+        return (torch.randn((n, *example.shape[1:]), generator=g) * scale + example.mean()).float()
+    pick = torch.randint(len(example), (n,), generator=g)
+    return example[pick]
+
+
+def standalone(folder: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-c", GUARD, str(folder / SAMPLER), *args], capture_output=True, text=True,
+                       timeout=600, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def pngs(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+
+
+@pytest.mark.parametrize("family,over,flags", CASES, ids=[f"{c[0]}-{'-'.join(o.split('=')[1] for o in c[1][:1])}"
+                                                          for c in CASES])
+def test_every_graph_equals_its_module_and_the_standalone_sampler_draws_images(family, over, flags, tmp_path):
+    fam, nets = build(family, over)
+    meta = write_onnx(tmp_path, fam, nets)
+    assert meta["opset"] and meta["onnxruntime"] == ort.__version__
+    written = json.loads((tmp_path / ONNX_META).read_text())
+    assert written["graphs"].keys() == meta["graphs"].keys()
+    g = torch.Generator().manual_seed(1)
+    for graph in fam.onnx_graphs(nets):  # fresh wrappers on the same modules, fresh inputs, two batch sizes
+        entry = written["graphs"][graph.name]
+        assert entry["format"] == "onnx", entry
+        sess = ort.InferenceSession(str(tmp_path / entry["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == [i["name"] for i in entry["inputs"]]
+        assert all(i["doc"] for i in entry["inputs"] + entry["outputs"])
+        for n in (1, 5):
+            feed = {k: fresh(v, n, g) for k, v in graph.inputs.items()}
+            with torch.no_grad():
+                want = graph.module(**feed)
+            want = want if isinstance(want, tuple) else (want,)
+            got = sess.run(None, {k: v.numpy() for k, v in feed.items()})
+            for w, o in zip(want, got):
+                w = w.float().numpy()
+                assert o.shape == w.shape
+                assert np.abs(o - w).max() <= RTOL * (1 + np.abs(w).max()), (graph.name, n)
+    out = tmp_path / "png"
+    if fam.translator:
+        x = np.random.default_rng(0).integers(0, 256, (3, RES, RES), dtype=np.uint8)
+        (tmp_path / "in").mkdir()
+        for i, img in enumerate(x):
+            Image.fromarray(img).save(tmp_path / "in" / f"{i}.png")
+        standalone(tmp_path, "--input", str(tmp_path / "in"), "--out", str(out), *flags)
+        # the same translations as the module, through the sampler's own PNG reader
+        d = flags[-1] if flags else "AtoB"
+        with torch.no_grad():
+            want = fam.translate(nets, torch.from_numpy(x)[:, None].float() / 127.5 - 1, d)
+        want = np.round((want.numpy()[:, 0] + 1) * 127.5)
+        assert np.abs(pngs(out).astype(float) - want).max() <= 1
+    else:
+        standalone(tmp_path, "--num", "5", "--batch", "3", "--out", str(out), *flags)
+        images = pngs(out)
+        assert images.shape == (5, RES, RES) and images.dtype == np.uint8
+        assert len({im.tobytes() for im in images}) == 5  # five different draws
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of two sets of flattened images (pixel space)."""
+    from scipy import linalg
+
+    a, b = a.reshape(len(a), -1).astype(np.float64) / 255, b.reshape(len(b), -1).astype(np.float64) / 255
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * root))
+
+
+@pytest.mark.parametrize("family,over,control", [
+    ("gan", ["model.arch=dcgan"], ["--truncation", "0.3"]),
+    ("diffusion", ["model.num_train_timesteps=50", "model.sample_steps=4", "model.sampler=ddpm"], None),
+])
+def test_the_standalone_sampler_draws_the_distribution_distgen_sample_draws(family, over, control, tmp_path):
+    """FD between the standalone sampler's images and `distgen sample`'s is within the FD between two
+    `distgen sample` draws with other seeds (the same distribution gives identically distributed FDs, which
+    for 1000 images concentrate near their mean). The GAN's control, z truncated at 0.3, is far outside it.
+    (An untrained U-Net's DDPM and DDIM draws are both mostly clipped noise: no control there.)"""
+    from distgen.sample import generate
+
+    fam, nets = build(family, over, res=8)  # FD of 64 pixels: 1000 images estimate its covariances well
+    write_onnx(tmp_path, fam, nets)
+    n = 1000
+
+    def torch_draw(seed):
+        out = generate(fam, nets, n, seed=seed)
+        return np.stack([out[i][0][..., 0] for i in range(n)])
+
+    a, b = torch_draw(0), torch_draw(1)
+    standalone(tmp_path, "--num", str(n), "--batch", "500", "--seed", "7", "--npz", str(tmp_path / "x.npz"),
+               "--out", str(tmp_path / "png"))
+    noise = fd(a, b)
+    got = fd(a, np.load(tmp_path / "x.npz")["x"])
+    assert got < 1.5 * noise, (got, noise)
+    if control is None:
+        return
+    standalone(tmp_path, "--num", str(n), "--batch", "500", "--seed", "7", "--npz", str(tmp_path / "c.npz"),
+               "--out", str(tmp_path / "png2"), *control)
+    assert fd(a, np.load(tmp_path / "c.npz")["x"]) > 3 * noise
+
+
+def test_export_format_onnx_from_the_cli_and_its_refusals(tmp_path, fm_test_shards, env_with_repo):
+    cfg = family_config(tmp_path, fm_test_shards, {"model": {"family": "gan", "arch": "dcgan", "preset": "tiny"}},
+                        {"data": {"resolution": 16}, "train": {"total_kimg": 0.016, "checkpoint_every": 2}})
+    run(launch(1) + ["train", str(cfg)], env_with_repo)
+    rd, out = tmp_path / "run", tmp_path / "onnx"
+    r = run([sys.executable, "-m", "distgen", "export", str(rd), str(out), "--format", "onnx"], env_with_repo)
+    assert "exported" in r.stdout
+    meta = json.loads((out / ONNX_META).read_text())
+    assert meta["family"] == "gan" and meta["graphs"]["generator"]["file"] == "generator.onnx"
+    assert (out / "distgen.json").is_file()  # the native export is there too: distgen sample still reads it
+    standalone(out, "--num", "4", "--out", str(tmp_path / "png"))
+    assert pngs(tmp_path / "png").shape == (4, 16, 16)
+    # refusals, each naming what is wrong
+    r = run([sys.executable, "-m", "distgen", "export", str(rd), str(tmp_path / "x"), "--format", "tflite"],
+            env_with_repo, check=False)
+    assert r.returncode != 0 and "--format" in r.stderr and "tflite" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run([sys.executable, "-m", "distgen", "export", str(tmp_path / "empty"), str(tmp_path / "y"), "--format",
+             "onnx"], env_with_repo, check=False)
+    assert r.returncode != 0 and "no checkpoints" in r.stderr.splitlines()[0]
+    (out / "generator.onnx").unlink()
+    r = standalone(out, "--num", "1", "--out", str(tmp_path / "png3"), check=False)
+    assert r.returncode != 0 and "generator.onnx: not found" in r.stderr
+    r = standalone(out, "--num", "0", check=False)
+    assert r.returncode != 0 and "--num" in r.stderr
+
+
+def test_the_guard_blocks_torch(tmp_path):
+    """The guard the sampler runs under does refuse torch (so the tests above prove it needs none)."""
+    script = tmp_path / "probe.py"
+    script.write_text("import numpy, onnxruntime\nimport torch\n")
+    r = subprocess.run([sys.executable, "-c", GUARD, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "torch: blocked" in r.stderr
