@@ -389,8 +389,89 @@ def sample_sgld(ex: Export, rngs, idx, opts) -> np.ndarray:
     return x.astype(np.float32)
 
 
+# Dormand-Prince 5(4), scipy's RK45 tableau (as distgen/families/ode.py)
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def rk45(f, y0: np.ndarray, t0: float, t1: float, rtol: float, atol: float, max_steps: int = 20000) -> np.ndarray:
+    """y(t1) of dy/dt = f(y, t) from y(t0) = y0 [B, N], each row with its own adaptive step (scipy's RK45 step
+    control per row, as distgen's per-image solver), so an image does not depend on its batch."""
+    n, sign = len(y0), (1.0 if t1 > t0 else -1.0)
+    y, t, rows = y0.astype(np.float64).copy(), np.full(n, float(t0)), np.arange(n)
+    rms = lambda v: np.sqrt((v ** 2).mean(1))  # noqa: E731
+    k1 = f(y, t)
+    scale = atol + rtol * np.abs(y)
+    d0, d1 = rms(y / scale), rms(k1 / scale)
+    h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-30))
+    h0 = np.minimum(h0, abs(t1 - t0))
+    d2 = rms((f(y + sign * h0[:, None] * k1, t + sign * h0) - k1) / scale) / h0
+    dm = np.maximum(d1, d2)
+    h1 = np.where(dm <= 1e-15, np.maximum(h0 * 1e-3, 1e-6), (0.01 / np.maximum(dm, 1e-30)) ** 0.2)
+    h = sign * np.minimum(np.minimum(100 * h0, h1), abs(t1 - t0))
+    for _ in range(max_steps):
+        if not len(rows):
+            return y
+        ya, ta, ha = y[rows], t[rows], h[rows]
+        ks = [k1[rows]]
+        for c, a in zip(_C[1:], _A[1:]):
+            yi = ya + ha[:, None] * sum(w * k for w, k in zip(a, ks) if w)
+            ks.append(f(yi, ta + c * ha))
+        err = ha[:, None] * sum(w * k for w, k in zip(_E, ks) if w)
+        norm = rms(err / (atol + rtol * np.maximum(np.abs(ya), np.abs(yi))))
+        ok = norm <= 1
+        factor = np.clip(0.9 * np.maximum(norm, 1e-10) ** -0.2, 0.2, 10.0)
+        factor = np.where(ok, factor, np.minimum(factor, 1.0))
+        last = ok & (np.abs(t1 - ta) <= np.abs(ha) * (1 + 1e-12))
+        done = rows[ok]
+        y[done], k1[done] = yi[ok], ks[-1][ok]
+        t[done] = np.where(last[ok], float(t1), ta[ok] + ha[ok])
+        h[rows] = sign * np.minimum(np.abs(ha) * factor, np.abs(t1 - t[rows]))
+        rows = rows[~last]
+    sys.exit(f"the ODE took more than {max_steps} steps at rtol {rtol}: its dynamics may be diverging")
+
+
+def unsqueeze(x: np.ndarray) -> np.ndarray:
+    """[B, 4C, H, W] -> [B, C, 2H, 2W], the inverse of Glow's / FFJORD's squeeze."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
+def sample_cnf(ex: Export, rngs, idx, opts) -> np.ndarray:
+    """FFJORD: N(0, T^2 I) latents carried from noise to data through the multiscale CNF, every block's ODE
+    solved backwards from its time T to 0 image by image, then the logit transform inverted and quantised."""
+    s = ex.spec
+    t = s["temperature"] if opts.temperature is None else opts.temperature
+    if t < 0:
+        sys.exit(f"--temperature: must be >= 0, got {t}")
+    zs = [t * np.stack([rng.standard_normal(tuple(shape)) for rng in rngs]) for shape in s["z_shapes"]]
+    h, k, split = zs[-1], len(s["cnf_shapes"]), len(zs) - 1
+    for op in reversed(s["plan"]):
+        if op == "split":
+            split -= 1
+            h = np.concatenate([h, zs[split]], 1)
+        elif op == "squeeze":
+            h = unsqueeze(h)
+        else:
+            k -= 1
+            shape, graph = h.shape[1:], f"dynamics_{k}"
+
+            def f(y, tt, shape=shape, graph=graph):
+                out = ex.run(graph, z=y.reshape(-1, *shape).astype(np.float32), t=tt.astype(np.float32))[0]
+                return out.reshape(len(y), -1).astype(np.float64)
+
+            h = rk45(f, h.reshape(len(h), -1), s["time_lengths"][k], 0.0, s["rtol"], s["atol"]).reshape(-1, *shape)
+    y = (1 / (1 + np.exp(-h)) - s["alpha"]) / (1 - 2 * s["alpha"])
+    return (np.clip(np.floor(y * 256), 0, 255) / 127.5 - 1).astype(np.float32)
+
+
 KINDS = {"gan": sample_gan, "diffusion": sample_diffusion, "latent_noise": sample_latent_noise,
-         "autoregressive": sample_autoregressive, "decoder": sample_decoder, "score": sample_score, "sgld": sample_sgld}
+         "autoregressive": sample_autoregressive, "decoder": sample_decoder, "score": sample_score, "sgld": sample_sgld,
+         "cnf": sample_cnf}
 
 
 # ---------------------------------------------------------------- output

@@ -52,12 +52,16 @@ CASES = [
     ("score", ["model.sde=vp", "model.sample_steps=3"], []),
     ("score", ["model.sde=ncsn", "model.num_scales=3", "model.n_steps_each=1"], []),
     ("ebm", ["model.jem=true", "model.spectral_norm=true", "model.sample_steps=3"], []),
+    # 8x8: the recurrences are unrolled into the graph, one step per row / skewed column
+    ("pixelrnn", ["model.arch=diagonal_bilstm", "data.resolution=8"], ["--temperature", "0.9"]),
+    ("pixelrnn", ["model.arch=row_lstm", "data.resolution=8"], []),
+    ("ffjord", [], ["--temperature", "0.8"]),
 ]
 
 
 def build(family: str, over: list[str], classes: int = 10, res: int = RES):
     cfg = load_config(None, [f"model.family={family}", "model.preset=tiny", f"data.resolution={res}", *over])
-    fam = build_family(cfg.model, DataInfo(res, 1, classes))
+    fam = build_family(cfg.model, DataInfo(cfg.data.resolution, 1, classes))
     torch.manual_seed(0)
     nets = {k: v.eval().requires_grad_(False) for k, v in fam.build_networks().items()}
     return fam, nets
@@ -90,6 +94,7 @@ def pngs(folder: Path) -> np.ndarray:
                                                           for c in CASES])
 def test_every_graph_equals_its_module_and_the_standalone_sampler_draws_images(family, over, flags, tmp_path):
     fam, nets = build(family, over)
+    res = fam.data.resolution
     meta = write_onnx(tmp_path, fam, nets)
     assert meta["opset"] and meta["onnxruntime"] == ort.__version__
     written = json.loads((tmp_path / ONNX_META).read_text())
@@ -113,7 +118,7 @@ def test_every_graph_equals_its_module_and_the_standalone_sampler_draws_images(f
                 assert np.abs(o - w).max() <= RTOL * (1 + np.abs(w).max()), (graph.name, n)
     out = tmp_path / "png"
     if fam.translator:
-        x = np.random.default_rng(0).integers(0, 256, (3, RES, RES), dtype=np.uint8)
+        x = np.random.default_rng(0).integers(0, 256, (3, res, res), dtype=np.uint8)
         (tmp_path / "in").mkdir()
         for i, img in enumerate(x):
             Image.fromarray(img).save(tmp_path / "in" / f"{i}.png")
@@ -127,7 +132,7 @@ def test_every_graph_equals_its_module_and_the_standalone_sampler_draws_images(f
     else:
         standalone(tmp_path, "--num", "5", "--batch", "3", "--out", str(out), *flags)
         images = pngs(out)
-        assert images.shape == (5, RES, RES) and images.dtype == np.uint8
+        assert images.shape == (5, res, res) and images.dtype == np.uint8
         assert len({im.tobytes() for im in images}) == 5  # five different draws
 
 

@@ -362,3 +362,33 @@ class FFJORDFamily(Family):
 
     def load_export(self, out_dir):
         return {"ffjord": load_module(out_dir, self.EXPORT, lambda spec: FFJORD(**spec["kwargs"]))}
+
+    def onnx_graphs(self, nets):
+        from distgen.onnx_export import OnnxGraph
+
+        net = nets["ffjord"]
+        graphs = []
+        for k, (cnf, shape) in enumerate(zip(net.cnfs, net.cnf_shapes)):
+            dims = f"[batch, {', '.join(map(str, shape))}]"
+            graphs.append(OnnxGraph(f"dynamics_{k}", _DynamicsGraph(cnf.net),
+                                    {"z": torch.randn(2, *shape), "t": torch.tensor([0.0, 0.5])}, ["dzdt"],
+                                    {"z": f"{dims} float32 state of CNF block {k} (in the noise -> data plan)",
+                                     "t": f"[batch] float32 times on [0, {cnf.time_length}]",
+                                     "dzdt": f"{dims} float32 the block's dynamics f(z, t)"}))
+        return graphs
+
+    def onnx_sampler(self, nets):
+        net = nets["ffjord"]
+        return {"kind": "cnf", "plan": list(net.plan), "z_shapes": [list(s) for s in net.z_shapes],
+                "cnf_shapes": [list(s) for s in net.cnf_shapes],
+                "time_lengths": [float(c.time_length) for c in net.cnfs], "alpha": net.alpha,
+                "rtol": self.rtol, "atol": self.atol, "temperature": self.cfg.temperature, "num_classes": 0}
+
+
+class _DynamicsGraph(nn.Module):
+    def __init__(self, dynamics: nn.Module):
+        super().__init__()
+        self.dynamics = dynamics
+
+    def forward(self, z, t):
+        return self.dynamics(t, z).float()

@@ -281,7 +281,7 @@ class PixelCNN(Family):
         return {"pixelcnn": load_module(out_dir, self.EXPORT, lambda spec: PixelCNNpp(**spec["kwargs"]))}
 
     def onnx_graphs(self, nets):
-        return [autoregressive_graph(nets["pixelcnn"], self.data, self.num_classes, "PixelCNN++")]
+        return [autoregressive_graph(nets["pixelcnn"], self.data, self.num_classes)]
 
     def onnx_sampler(self, nets):
         return {"kind": "autoregressive", "graph": "network", "nr_mix": nets["pixelcnn"].nr_mix,
@@ -291,15 +291,17 @@ class PixelCNN(Family):
 class _NetworkGraph(nn.Module):
     """One pass of an autoregressive network: images (and classes) -> the logistic mixture's parameters."""
 
-    def __init__(self, net: nn.Module, conditional: bool):
+    def __init__(self, net: nn.Module, conditional: bool, takes_labels: bool):
         super().__init__()
-        self.net, self.conditional = net, conditional
+        self.net, self.conditional, self.takes_labels = net, conditional, takes_labels
 
     def forward(self, image, labels=None):
+        if not self.takes_labels:
+            return self.net(image).float()
         return self.net(image, labels if self.conditional else None).float()
 
 
-def autoregressive_graph(net: nn.Module, data: DataInfo, num_classes: int, what: str):
+def autoregressive_graph(net: nn.Module, data: DataInfo, num_classes: int, takes_labels: bool = True):
     """The ONNX graph of a network whose output at pixel i depends on the pixels before i only (PixelCNN++,
     PixelRNN): ``sample_onnx.py`` fills the image pixel by pixel, one call per pixel."""
     from distgen.onnx_export import OnnxGraph
@@ -314,4 +316,4 @@ def autoregressive_graph(net: nn.Module, data: DataInfo, num_classes: int, what:
     if num_classes:
         inputs["labels"] = torch.arange(2) % num_classes
         docs["labels"] = f"[batch] int64 class indices in [0, {num_classes})"
-    return OnnxGraph("network", _NetworkGraph(net, num_classes > 0), inputs, ["params"], docs)
+    return OnnxGraph("network", _NetworkGraph(net, num_classes > 0, takes_labels), inputs, ["params"], docs)

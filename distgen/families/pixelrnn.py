@@ -235,3 +235,13 @@ class PixelRNN(Family):
 
     def load_export(self, out_dir):
         return {"pixelrnn": load_module(out_dir, self.EXPORT, lambda spec: PixelRNNNet(**spec["kwargs"]))}
+
+    def onnx_graphs(self, nets):
+        from distgen.families.pixelcnn import autoregressive_graph
+
+        return [autoregressive_graph(nets["pixelrnn"], self.data, 0, takes_labels=False)]
+
+    def onnx_sampler(self, nets):
+        return {"kind": "autoregressive", "graph": "network", "nr_mix": nets["pixelrnn"].nr_mix,
+                "channels": self.data.channels, "resolution": self.data.resolution, "num_classes": 0,
+                "temperature": self.cfg.temperature}
