@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from distgen.data import write_shards
 from distgen.data.sources import FASHION_MNIST_DIR
@@ -33,3 +34,19 @@ def env_with_repo():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture
+def env(env_with_repo):
+    """env_with_repo with one thread per process: small convolutions slow down tenfold when two threads share
+    two busy cores (the score, EBM, FFJORD and PixelRNN tests: solvers, SGLD and recurrences are many small ops)."""
+    return {**env_with_repo, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in the test process itself, for the same reason (``pytestmark = usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,22 +22,6 @@ from test_train import family_config, launch, run, weights
 INFO = DataInfo(16, 1, 10)
 
 
-@pytest.fixture
-def env(env_with_repo):
-    """One thread per process: SGLD's many small convolutions slow down tenfold when two threads share
-    two busy cores."""
-    return {**env_with_repo, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def one_thread():
-    """The same for what runs in this process (export, eval, sample)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ebm_config(tmp_path, manifest, model=None, **over):
     """A tiny EBM on Fashion-MNIST at 16x16: 5 SGLD steps, a 32-image buffer per process."""
     sections = {"model": {"family": "ebm", "preset": "tiny", "sgld_steps": 5, "buffer_size": 32, "sample_steps": 4,

@@ -23,17 +23,7 @@ from test_likelihood import _bpd_direct, resume_matches_straight
 from test_train import family_config, launch, run
 
 
-@pytest.fixture
-def env(env_with_repo):
-    return {**env_with_repo, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def family(res: int = 8, **model) -> FFJORDFamily:

@@ -23,17 +23,7 @@ from test_train import launch, run
 ARCHS = ("row_lstm", "diagonal_bilstm")
 
 
-@pytest.fixture
-def env(env_with_repo):
-    return {**env_with_repo, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------- receptive fields
