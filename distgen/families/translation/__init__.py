@@ -104,15 +104,6 @@ class Translator(Family):
         return {"kind": "translate", "directions": list(self.directions), "channels": self.data.channels,
                 "resolution": self.data.resolution, "num_classes": 0}
 
-
-class _TranslateGraph(nn.Module):
-    def __init__(self, family: "Translator", nets: dict, direction: str):
-        super().__init__()
-        self.family, self.nets, self.direction = family, nn.ModuleDict(nets), direction
-
-    def forward(self, image):
-        return self.family.translate(self.nets, image, self.direction)
-
     @torch.no_grad()
     def preview(self, nets, batch: dict) -> tuple[torch.Tensor, int]:
         """The training grid: rows of inputs, their translations and (paired) the targets, for each
@@ -122,3 +113,14 @@ class _TranslateGraph(nn.Module):
         if "BtoA" in self.directions:  # unpaired: b is not a's target, and the other direction too
             rows = [a, self.translate(nets, a, "AtoB"), b, self.translate(nets, b, "BtoA")]
         return torch.cat([r.float().clamp(-1, 1) for r in rows]), a.shape[0]
+
+
+class _TranslateGraph(nn.Module):
+    """A translator's one direction, the graph of its ONNX export."""
+
+    def __init__(self, family: "Translator", nets: dict, direction: str):
+        super().__init__()
+        self.family, self.nets, self.direction = family, nn.ModuleDict(nets), direction
+
+    def forward(self, image):
+        return self.family.translate(self.nets, image, self.direction)
