@@ -178,11 +178,6 @@ class GAN(Family):
             return ("the path-length regulariser differentiates the generator's output inside its engine's forward, "
                     "which sets off ZeRO's end-of-backward gradient reduction early (an IndexError in "
                     "reduce_ipg_grads, in fp32 as in bf16); use pl_weight 0 under DeepSpeed, or DDP")
-        if self.loss_kind == "wgan-gp":
-            # Found with ProGAN (whose default this is); DCGAN with wgan-gp fails the same way.
-            return ("wgan-gp's gradient penalty differentiates the critic's output inside its engine's forward, which "
-                    "sets off ZeRO's end-of-backward gradient reduction early (an IndexError in reduce_ipg_grads, "
-                    "as with the path-length regulariser); use loss hinge or nonsaturating under DeepSpeed, or DDP")
         if self.loss_kind == "wgan":
             return ("WGAN's weight clipping edits the discriminator's weights after its optimizer step, and ZeRO's "
                     "optimizer keeps its own fp32 copy of them that would undo the clipping; use loss hinge or nonsaturating")
@@ -330,7 +325,12 @@ class GAN(Family):
         t = torch.cat([r, f]).mean().detach() if kind.startswith("wgan") else 0.5 if kind == "lsgan" else 0.0
         extras = {"real": r.mean(), "fake": f.mean(), "acc": 0.5 * ((r > t).float().mean() + (f < t).float().mean())}
         if kind == "wgan-gp":
-            gp = gradient_penalty(lambda x: D(x, labels, **kw)[0], real_in, fake_in, g)
+            # Through the plain module: DeepSpeed takes torch.autograd.grad on its engine's output for a backward
+            # pass of its own and reduces gradients early (an IndexError in reduce_ipg_grads). The critic's
+            # engine forwards above hold every parameter, so DDP / DeepSpeed still synchronise all gradients
+            # (as score's sliced score matching).
+            plain = nets.raw["D"] if hasattr(nets, "raw") else D
+            gp = gradient_penalty(lambda x: plain(x, labels, **kw)[0], real_in, fake_in, g)
             loss = loss + c.gp_weight * gp
             extras["gp"] = gp.detach().mean()
         loss, extras = self._with_info(loss, extras, q, codes)
