@@ -20,9 +20,8 @@ import logging
 import math
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -43,8 +42,6 @@ class OnnxGraph:
 
     ``inputs`` maps each input's name to an example (batch first, batch >= 2) and ``docs`` each input's and
     output's name to what it means; ``static`` names inputs without a batch axis (e.g. a scalar temperature).
-    ``batch`` maps an input to the example tensor at a second batch size for the check (made by repeating
-    rows when left out).
     """
 
     name: str
@@ -53,7 +50,10 @@ class OnnxGraph:
     outputs: list[str]
     docs: dict[str, str]
     static: tuple[str, ...] = ()
-    second: Optional[dict[str, torch.Tensor]] = field(default=None)
+
+    def batched(self, name: str) -> bool:
+        """Whether input ``name`` has the dynamic batch axis (0-dim inputs never do)."""
+        return name not in self.static and self.inputs[name].dim() > 0
 
 
 def onnx_versions() -> dict:
@@ -76,7 +76,7 @@ def _grown(x: torch.Tensor, n: int) -> torch.Tensor:
 def _export_one(graph: OnnxGraph, path: Path) -> None:
     names = list(graph.inputs)
     batch = torch.export.Dim("batch", min=1)
-    shapes = {n: None if n in graph.static or v.dim() == 0 else {0: batch} for n, v in graph.inputs.items()}
+    shapes = {n: {0: batch} if graph.batched(n) else None for n in names}
     quiet = io.StringIO()
     # The exporter reports every stage on stdout, its optimiser each pass on the log, and warns of axis
     # names it merges: none of it is the user's business unless the export fails (then it is in the error).
@@ -84,8 +84,9 @@ def _export_one(graph: OnnxGraph, path: Path) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     with contextlib.redirect_stdout(quiet), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*")
-        torch.onnx.export(graph.module, (), str(path), kwargs=dict(graph.inputs), input_names=names, output_names=list(graph.outputs),
-                          dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False)
+        torch.onnx.export(graph.module, (), str(path), kwargs=dict(graph.inputs), input_names=names,
+                          output_names=list(graph.outputs), dynamic_shapes=shapes, opset_version=OPSET, dynamo=True,
+                          external_data=False)
 
 
 def _check(graph: OnnxGraph, path: Path) -> float:
@@ -93,9 +94,8 @@ def _check(graph: OnnxGraph, path: Path) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    b = next(len(v) for n, v in graph.inputs.items() if n not in graph.static and v.dim() > 0)
-    second = graph.second or {n: (v if n in graph.static or v.dim() == 0 else _grown(v, b + 3))
-                              for n, v in graph.inputs.items()}
+    b = next(len(v) for n, v in graph.inputs.items() if graph.batched(n))
+    second = {n: _grown(v, b + 3) if graph.batched(n) else v for n, v in graph.inputs.items()}
     worst = 0.0
     for feed in (graph.inputs, second):
         with torch.no_grad():
@@ -117,7 +117,7 @@ def _check(graph: OnnxGraph, path: Path) -> float:
 
 def _spec(graph: OnnxGraph, name: str) -> dict:
     v = graph.inputs[name]
-    shape = list(v.shape) if name in graph.static or v.dim() == 0 else ["batch", *v.shape[1:]]
+    shape = ["batch", *v.shape[1:]] if graph.batched(name) else list(v.shape)
     return {"name": name, "shape": shape, "dtype": str(v.dtype).replace("torch.", ""), "doc": graph.docs[name]}
 
 

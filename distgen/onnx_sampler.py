@@ -56,6 +56,18 @@ class Export:
 # ---------------------------------------------------------------- the families' samplers
 # Each takes (export, per-image generators, options) and returns float32 NCHW images on [-1, 1].
 
+def _normal(rngs, shape) -> np.ndarray:
+    """[B, *shape] standard normals, row i from image i's own generator."""
+    return np.stack([rng.standard_normal(tuple(shape)) for rng in rngs])
+
+
+def _temperature(spec: dict, opts) -> float:
+    t = spec["temperature"] if opts.temperature is None else opts.temperature
+    if t < 0:
+        sys.exit(f"--temperature: must be >= 0, got {t}")
+    return t
+
+
 def _labels(spec: dict, idx: np.ndarray, opts) -> np.ndarray:
     if opts.labels:
         given = [int(v) for v in opts.labels.split(",")]
@@ -108,7 +120,7 @@ def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
         sys.exit(f"--steps: must be in [1, {T}], got {steps}")
     ts = _diffusion_timesteps(T, steps)
     shape = tuple(s["shape"])
-    x = np.stack([rng.standard_normal(shape) for rng in rngs])
+    x = _normal(rngs, shape)
     labels = _labels(s, idx, opts) if s["num_classes"] else None
     g = s["guidance"] if opts.guidance is None else opts.guidance
     for t in ts:
@@ -140,7 +152,7 @@ def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
             mean = (np.sqrt(a_prev) * beta * x0 + np.sqrt(alpha) * (1 - a_prev) * x) / (1 - a_t)
             var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
             if t > 0:
-                mean = mean + np.sqrt(var) * np.stack([rng.standard_normal(shape) for rng in rngs])
+                mean = mean + np.sqrt(var) * _normal(rngs, shape)
             x = mean
     return _decode(ex, x)
 
@@ -158,10 +170,8 @@ def sample_latent_noise(ex: Export, rngs, idx, opts) -> np.ndarray:
     prior's mean and scale at the temperature."""
     s = ex.spec
     total = sum(int(np.prod(shape)) for shape in s["latent_shapes"])
-    t = s["temperature"] if opts.temperature is None else opts.temperature
-    if t < 0:
-        sys.exit(f"--temperature: must be >= 0, got {t}")
-    feed = {"eps": np.stack([rng.standard_normal(total) for rng in rngs]).astype(np.float32),
+    t = _temperature(s, opts)
+    feed = {"eps": _normal(rngs, (total,)).astype(np.float32),
             "temperature": np.array(t, dtype=np.float32)}
     if s["num_classes"]:
         feed["labels"] = _labels(s, idx, opts)
@@ -212,7 +222,7 @@ def sample_autoregressive(ex: Export, rngs, idx, opts) -> np.ndarray:
 def sample_decoder(ex: Export, rngs, idx, opts) -> np.ndarray:
     """An autoencoder: N(0, I) latents through its decoder, as `distgen sample` does (it has no prior)."""
     s = ex.spec
-    z = np.stack([rng.standard_normal(tuple(s["shape"])) for rng in rngs]).astype(np.float32)
+    z = _normal(rngs, s["shape"]).astype(np.float32)
     return ex.run(s["graph"], latents=z)[0]
 
 
@@ -261,7 +271,7 @@ def sample_score(ex: Export, rngs, idx, opts) -> np.ndarray:
         return ex.run(s["graph"], x=x.astype(np.float32), t=np.full(len(x), t, dtype=np.float32))[0].astype(np.float64)
 
     def noise():
-        return np.stack([rng.standard_normal(shape) for rng in rngs])
+        return _normal(rngs, shape)
 
     if sampler == "langevin":
         x = np.stack([rng.random(shape) for rng in rngs])  # uniform on [0, 1], as NCSN starts
@@ -385,7 +395,7 @@ def sample_sgld(ex: Export, rngs, idx, opts) -> np.ndarray:
     x = np.stack([rng.random(shape) for rng in rngs]) * 2 - 1
     for _ in range(steps):
         grad = ex.run(s["graph"], image=x.astype(np.float32))[1].astype(np.float64)
-        x = np.clip(x - size * grad + s["noise"] * np.stack([rng.standard_normal(shape) for rng in rngs]), -1, 1)
+        x = np.clip(x - size * grad + s["noise"] * _normal(rngs, shape), -1, 1)
     return x.astype(np.float32)
 
 
@@ -445,10 +455,8 @@ def sample_cnf(ex: Export, rngs, idx, opts) -> np.ndarray:
     """FFJORD: N(0, T^2 I) latents carried from noise to data through the multiscale CNF, every block's ODE
     solved backwards from its time T to 0 image by image, then the logit transform inverted and quantised."""
     s = ex.spec
-    t = s["temperature"] if opts.temperature is None else opts.temperature
-    if t < 0:
-        sys.exit(f"--temperature: must be >= 0, got {t}")
-    zs = [t * np.stack([rng.standard_normal(tuple(shape)) for rng in rngs]) for shape in s["z_shapes"]]
+    t = _temperature(s, opts)
+    zs = [t * _normal(rngs, shape) for shape in s["z_shapes"]]
     h, k, split = zs[-1], len(s["cnf_shapes"]), len(zs) - 1
     for op in reversed(s["plan"]):
         if op == "split":
