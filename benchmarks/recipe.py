@@ -18,9 +18,9 @@ scores the EMA weights against the test split:
   first (timed too), exported, scored by reconstruction PSNR / SSIM, and
   named as ``model.autoencoder``; then as below;
 - the others: domain FD / KID / PR of N samples in the feature space of the
-  small domain classifier (`distgen eval fit-features`, fitted first if PATH
-  is missing); Inception weights cannot be downloaded here, so domain FD
-  stands in for FID.
+  bundled Fashion-MNIST classifier (``--features fashion-mnist``, the default;
+  or a `distgen eval fit-features` file, fitted first if PATH is missing);
+  Inception weights cannot be downloaded here, so domain FD stands in for FID.
 
 Prints one summary line; the README's figures come from it.
 """
@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
+from distgen.evaluate.extractors import BUNDLED  # noqa: E402
 
 LIKELIHOOD_FAMILIES = ("pixelcnn", "pixelrnn", "glow", "vae", "ffjord")
 
@@ -77,7 +78,9 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--num-samples", type=int, default=10000)
-    ap.add_argument("--features", default=str(FEATURES), help="the demo's domain extractor, fitted if missing")
+    ap.add_argument("--features", default=FEATURES,
+                    help="domain extractor: the bundled fashion-mnist one (default) or a fit-features file, fitted "
+                         "if missing")
     ap.add_argument("--runs", default="runs/recipes")
     ap.add_argument("--stage1", default=None, metavar="AE_CONFIG",
                     help="latent diffusion: train and export this autoencoder config first")
@@ -102,10 +105,9 @@ def main() -> int:
             test = test_subset(test, a.bpd_images, subset)
         metrics = ["--metrics", "bpd,recon" if family == "vae" else "bpd", "--test", test]
     else:
-        features = Path(a.features)
-        if not features.is_file():
-            subprocess.run(exe + ["eval", "fit-features", str(paths["train"]), str(features), "--kimg", "30"],
-                           check=True)
+        features = a.features
+        if features not in BUNDLED and not Path(features).is_file():
+            subprocess.run(exe + ["eval", "fit-features", str(paths["train"]), features], check=True)
         metrics = ["--metrics", "fid,kid,prc", "--num-samples", str(a.num_samples), "--ref", str(paths["test"]),
                    "--feature-extractor", str(features)]
     overrides, stage1 = list(a.overrides), ""

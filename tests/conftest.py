@@ -50,3 +50,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def domain_features(tmp_path_factory, fm_test_shards):
+    """A tiny domain extractor (`distgen eval fit-features`, ResNet of width 8, 8 kimg) fitted once per session on
+    the test split's shards, its accuracy and calibration taken on 500 other test images. Returns (file, stdout)."""
+    import itertools
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from distgen.data.sources import open_source
+
+    root = tmp_path_factory.mktemp("domain")
+    items = list(itertools.islice(open_source("fashion-mnist", "test").items(), 5000, 5500))
+    np.savez(root / "small-test.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
+    write_shards(f"npz:{root / 'small-test.npz'}", root / "small-test", "test", samples_per_shard=250)
+    out = root / "fm-features.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "distgen", "eval", "fit-features", str(fm_test_shards), str(out),
+                        "--kimg", "8", "--lr", "5e-3", "--width", "8", "--calibration-images", "500",
+                        "--test", str(root / "small-test" / "test.manifest.json")],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out, r.stdout

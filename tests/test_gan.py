@@ -283,7 +283,7 @@ def test_deepspeed_zero2_bf16_runs_one_engine_per_network(tmp_path, fm_test_shar
 
 
 def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_path, fm_test_shards, env_with_repo,
-                                                                          capsys):
+                                                                          capsys, domain_features):
     model = {"arch": "stylegan2", "loss": "nonsaturating", "conditional": True}
     cfg = gan_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.08})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
@@ -315,9 +315,7 @@ def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_pa
     assert "distgen: error: the gan family takes no sampling option --steps" in capsys.readouterr().err
     assert not (tmp_path / "d.npz").exists()
 
-    feats = tmp_path / "fm.safetensors"
-    run(launch(1) + ["eval", "fit-features", str(fm_test_shards), str(feats), "--kimg", "2", "--test",
-                     str(fm_test_shards)], env_with_repo)
+    feats = domain_features[0]  # a tiny Fashion-MNIST classifier, fitted once per session (conftest)
     res = tmp_path / "eval.json"
     run(launch(2) + ["eval", str(out), "--metrics", "fid,kid,prc", "--num-samples", "40", "--ref", str(fm_test_shards),
                      "--feature-extractor", str(feats), "--truncation", "0.7", "--cache-dir", str(tmp_path / "cache"),

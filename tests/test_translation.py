@@ -155,7 +155,8 @@ def test_cyclegan_two_process_resume_is_exact_histories_included(tmp_path, boots
         assert x["G/cycle_a"] >= 0 and x["G/identity"] >= 0 and np.isfinite(x["loss/D"])
 
 
-def test_cyclegan_exports_and_translates_both_ways_and_is_scored(tmp_path, boots, fm_test_shards, env_with_repo):
+def test_cyclegan_exports_and_translates_both_ways_and_is_scored(tmp_path, boots, fm_test_shards, env_with_repo,
+                                                                  domain_features):
     cfg = cyclegan(tmp_path, boots, train={"sample_every": 0})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
     grid = grey(tmp_path / "run" / "samples" / "step-00000020.png")
@@ -176,14 +177,14 @@ def test_cyclegan_exports_and_translates_both_ways_and_is_scored(tmp_path, boots
         want = family.translate(nets, x.float() / 127.5 - 1, "BtoA")
     from distgen.sample import to_uint8
 
-    assert np.array_equal(z["x"], to_uint8(want))
+    # the same translations; float sums of another thread count may move one rounding by a level
+    diff = np.abs(z["x"].astype(int) - to_uint8(want).astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
     with torch.no_grad():
         assert not torch.equal(family.translate(nets, x.float() / 127.5 - 1, "AtoB"), want)
 
     # FD and the target-class share under a domain classifier of Fashion-MNIST's 10 classes
-    feats = tmp_path / "fm.safetensors"
-    run(launch(1) + ["eval", "fit-features", str(fm_test_shards), str(feats), "--kimg", "2", "--test",
-                     str(fm_test_shards)], env_with_repo)
+    feats = domain_features[0]  # a tiny Fashion-MNIST classifier, fitted once per session (conftest)
     res = tmp_path / "eval.json"
     run(launch(2) + ["eval", str(out), "--metrics", "fid,kid,target_class", "--feature-extractor", str(feats),
                      "--cache-dir", str(tmp_path / "cache"), "--out", str(res)], env_with_repo)

@@ -153,6 +153,28 @@ METRICS = ("fid", "kid", "isc", "prc", "bpd", "recon", "paired", "target_class",
 METRIC_MIN_SAMPLES = {"fid": 2, "kid": 2, "isc": 10, "prc": 4}
 
 
+# torch-fidelity's DINOv2 and CLIP feature extractors (distgen.evaluate.foundation loads them from local weight
+# files). Their FD / KID / PR go by their own names (fd_dinov2, kid_dinov2_mean, precision_clip, ...), so that
+# a figure is never mistaken for (or compared with) an InceptionV3 one.
+FOUNDATION_EXTRACTORS = {
+    **{f"dinov2-vit-{s}-14": "dinov2" for s in "sblg"},
+    **{f"clip-{a}": "clip" for a in ("rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "vit-b-32", "vit-b-16",
+                                     "vit-l-14", "vit-l-14-336px")},
+}
+TAGGED_RESULTS = ("fid", "kid_mean", "kid_std", "precision", "recall", "f_score")
+
+
+def result_key(key: str, feature_extractor: Optional[str]) -> str:
+    """The name a feature metric's result goes by with ``feature_extractor``: fid -> fd_dinov2,
+    kid_mean -> kid_dinov2_mean, precision -> precision_dinov2; unchanged for InceptionV3 and domain features."""
+    tag = FOUNDATION_EXTRACTORS.get(feature_extractor or "")
+    if tag is None or key not in TAGGED_RESULTS:
+        return key
+    if key == "fid":
+        return f"fd_{tag}"
+    return f"kid_{tag}_{key[4:]}" if key.startswith("kid_") else f"{key}_{tag}"
+
+
 def sample_count_problem(metrics, n: int) -> Optional[str]:
     """Why ``n`` images are too few for one of ``metrics`` (None if enough for all)."""
     for m in metrics:
@@ -170,15 +192,20 @@ class EvalConfig:
     ref: tuple[str, ...] = ()  # reference shards / manifest / .npz statistics; default data.train
     batch_size: Optional[int] = None  # images per feature-extractor pass, per process; null: 256 on CUDA, 64 on CPU
     seed: int = 0  # image i of an evaluation is drawn with the seed (seed, i)
-    feature_extractor: str = "inception"  # or a file from `distgen eval fit-features`
+    # inception, a DINOv2 / CLIP one (dinov2-vit-s-14 ... dinov2-vit-g-14, clip-vit-b-32, clip-vit-l-14, ...),
+    # or a file from `distgen eval fit-features`
+    feature_extractor: str = "inception"
     inception_weights: Optional[str] = None  # local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)
+    # local DINOv2 / CLIP weights; default: the official file name in $TORCH_HOME/hub/checkpoints (never downloaded)
+    extractor_weights: Optional[str] = None
     cache_dir: Optional[str] = None  # reference statistics cache; default $DISTGEN_CACHE or ~/.cache/distgen
     kid_subset_size: int = 1000
     best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
 
-    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1")
+    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1", "fd_dinov2", "kid_dinov2_mean", "fd_clip", "kid_clip_mean")
     HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim", "target_class_share",
-                        "accuracy")
+                        "accuracy", "precision_dinov2", "recall_dinov2", "f_score_dinov2", "precision_clip",
+                        "recall_clip", "f_score_clip")
 
     def validate(self, path: str) -> None:
         check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")
@@ -196,11 +223,11 @@ class EvalConfig:
 
     @property
     def best_key(self) -> str:
-        if self.best_metric:
-            return self.best_metric
+        """The result that judges the EMA weights (fid -> fd_dinov2 with a DINOv2 extractor)."""
         first = self.metrics[0]
-        return {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr", "paired": "l1",
-                "target_class": "target_class_share"}.get(first, first)
+        key = self.best_metric or {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr",
+                                   "paired": "l1", "target_class": "target_class_share"}.get(first, first)
+        return result_key(key, self.feature_extractor)
 
     def better(self, a: float, b: Optional[float]) -> bool:
         """Is ``a`` better than ``b`` for :attr:`best_key`?"""

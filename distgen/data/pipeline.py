@@ -418,6 +418,18 @@ def fit_image(im: Image.Image, resolution: int, resize: str) -> np.ndarray:
     return _to_chw(_to_resolution(im, resolution, resize))
 
 
+def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 BxCxHxW (C = 1 or 3, square) at another size -> uint8 BxCxRxR through the same PIL resampling
+    the pipeline reads stored images with (bicubic up, Lanczos down); fit-features' calibration measures
+    with it what a round trip through another size costs."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    arr = x.cpu().numpy()
+    out = [_to_chw(_to_resolution(Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)),
+                                  resolution, "stretch")) for a in arr]
+    return torch.from_numpy(np.stack(out)).to(x.device)
+
+
 def _label(s: dict, out: dict, spec: DecodeSpec) -> None:
     if spec.labels == "none":
         return

@@ -25,6 +25,7 @@ def spec_from_config(cfg, **overrides) -> EvalSpec:
     spec = EvalSpec(metrics=tuple(e.metrics), num_samples=e.num_samples, ref=ref or None,
                     test=test or None, batch_size=e.batch_size, seed=e.seed,
                     feature_extractor=e.feature_extractor, inception_weights=e.inception_weights,
+                    extractor_weights=e.extractor_weights,
                     cache_dir=e.cache_dir, kid_subset_size=e.kid_subset_size)
     for k, v in overrides.items():
         if v is not None:

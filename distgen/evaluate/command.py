@@ -14,7 +14,12 @@ NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS"
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
          "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
          "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share", "accuracy": "accuracy",
-         "translated_images": "translated"}
+         "translated_images": "translated",
+         # DINOv2 / CLIP feature spaces (distgen.config.schema.result_key)
+         "fd_dinov2": "FD-DINOv2", "kid_dinov2_mean": "KID-DINOv2", "kid_dinov2_std": "KID-DINOv2 std",
+         "precision_dinov2": "precision-DINOv2", "recall_dinov2": "recall-DINOv2", "f_score_dinov2": "F-score-DINOv2",
+         "fd_clip": "FD-CLIP", "kid_clip_mean": "KID-CLIP", "kid_clip_std": "KID-CLIP std",
+         "precision_clip": "precision-CLIP", "recall_clip": "recall-CLIP", "f_score_clip": "F-score-CLIP"}
 
 
 def format_results(res: dict) -> str:
@@ -32,7 +37,7 @@ def format_results(res: dict) -> str:
 def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[list[str]] = None,
                  test: Optional[list[str]] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
                  feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
-                 cache_dir: Optional[str] = None, options: Optional[dict] = None,
+                 extractor_weights: Optional[str] = None, cache_dir: Optional[str] = None, options: Optional[dict] = None,
                  likelihood: Optional[dict] = None, out: Optional[str] = None,
                  direction: Optional[str] = None) -> int:
     from accelerate import PartialState
@@ -44,6 +49,7 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
     spec: EvalSpec = spec_from_config(cfg, metrics=parse_metrics(metrics), num_samples=num_samples, ref=ref,
                                       test=test, batch_size=batch_size, seed=seed,
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
+                                      extractor_weights=extractor_weights,
                                       cache_dir=cache_dir, direction=direction)
     if getattr(family, "translator", False):
         try:
@@ -71,6 +77,8 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
             what = (f"{res['translated_images']} test inputs translated {spec.direction}"
                     + (f", extractor {res['extractor']}, " if res["extractor"] else ", "))
         print(f"distgen eval: {path}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
+        if res.get("extractor_about"):
+            print(f"  extractor: {spec.feature_extractor}: {res['extractor_about']}")
         print(format_results(res))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_featuresdict_to_metric)
 
 from distgen import dist
-from distgen.config.schema import METRICS, sample_count_problem
-from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable
+from distgen.config.schema import FOUNDATION_EXTRACTORS, METRICS, result_key, sample_count_problem
+from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable, describe_domain
 
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")
@@ -68,8 +68,9 @@ class EvalSpec:
     test: Optional[list[str]] = None  # shards for bpd
     batch_size: Optional[int] = None  # None: 256 on CUDA, 64 on CPU
     seed: int = 0
-    feature_extractor: str = "inception"  # or the path of a `fit-features` file
+    feature_extractor: str = "inception"  # dinov2-vit-s-14, clip-vit-b-32, ..., or the path of a `fit-features` file
     inception_weights: Optional[str] = None
+    extractor_weights: Optional[str] = None  # DINOv2 / CLIP weights; default: torch hub's cache (never downloaded)
     cache_dir: Optional[str] = None
     kid_subset_size: int = 1000
     sampling: dict = field(default_factory=dict)  # family.sample options (steps, truncation, ...)
@@ -129,19 +130,22 @@ class Evaluator:
         self.extractor: Optional[Extractor] = None
         self._reference: Optional[Reference] = None
         feature_metrics = [m for m in spec.metrics if m in FEATURE_METRICS]
-        if "target_class" in spec.metrics and spec.feature_extractor in ("inception", "inception-v3-compat"):
+        if "target_class" in spec.metrics and (spec.feature_extractor in ("inception", "inception-v3-compat")
+                                               or spec.feature_extractor in FOUNDATION_EXTRACTORS):
             self.skipped["target_class"] = ("needs a domain classifier (--feature-extractor FILE from distgen eval "
                                             "fit-features), whose classes include the target domain's")
         if feature_metrics or self._active(["target_class"]):
             try:
                 self.extractor = Extractor(spec.feature_extractor, {m: None for m in feature_metrics},
-                                           inception_weights_path=spec.inception_weights, device=self.device)
+                                           inception_weights_path=spec.inception_weights,
+                                           extractor_weights_path=spec.extractor_weights, device=self.device)
             except WeightsUnavailable as e:
                 for m in feature_metrics + self._active(["target_class"]):
                     self.skipped[m] = str(e)
         if "isc" in spec.metrics and self.extractor is not None and self.extractor.name != "inception-v3-compat":
-            # The domain classifier's logits would give a number, but not the Inception Score.
-            self.skipped["isc"] = "the Inception Score needs the InceptionV3 extractor, not a domain one"
+            # The domain classifier's logits would give a number, but not the Inception Score; DINOv2 and CLIP
+            # features are no class probabilities at all.
+            self.skipped["isc"] = f"the Inception Score needs the InceptionV3 extractor, not {self.extractor.name}"
         needs_ref = self._active(REFERENCE_METRICS)
         if needs_ref and not spec.ref:
             raise EvalError(f"metrics {', '.join(needs_ref)} need a reference (--ref SHARDS|MANIFEST|STATS_FILE "
@@ -171,6 +175,7 @@ class Evaluator:
         if len(ref) == 1 and ref[0].endswith(".npz"):
             self._reference = self._reference_from_file(Path(ref[0]))
             return self._reference
+        self._resize_path(ref, data_cfg)
         layers = {self.extractor.layers[m] for m in self._active(REFERENCE_METRICS)}
         need_feats = bool(self._active(("kid", "prc")))
         key, desc = self._cache_key(ref, data_cfg, sorted(layers))
@@ -190,6 +195,29 @@ class Evaluator:
             self._write_cache(path, self._reference, desc)
         dist.barrier()
         return self._reference
+
+    def _resize_path(self, ref: list[str], data_cfg) -> None:
+        """Say how real and generated images reach the extractor when their sizes differ.
+
+        One resize path (clean-fid's lesson: FD of the same images moves by whole units between resize
+        filters): reference images are read at the model's size exactly as training read them (``data.resize``,
+        the pipeline's PIL resampling), generated images are not resampled, and both then go through the
+        extractor's own input resize alike. So real images read at another size score at the floor against
+        themselves. The alternative, bringing samples back to the data's stored size, is not neutral: test
+        images read at 32x32 and brought back to 28x28 sit at 20x the real-vs-real floor of the bundled
+        Fashion-MNIST extractor (its calibration's "via 32px" row), a handicap of every 32x32 model."""
+        from distgen.data import resolve_shards
+
+        if not dist.is_main():
+            return
+        size = resolve_shards(ref).meta.get("image_size")
+        res = data_cfg.resolution
+        if size and tuple(size) == (res, res):
+            return
+        stored = f"holds {size[0]}x{size[1]} images" if size else "has no single stored size"
+        self.log(f"distgen eval: the reference {stored}, the model makes {res}x{res}: reference images are read at "
+                 f"{res}x{res} as training read them (data.resize {data_cfg.resize}), generated images are not "
+                 f"resampled, and both reach the extractor alike")
 
     def _cache_key(self, ref: list[str], data_cfg, layers: list[str]) -> tuple[str, dict]:
         from distgen.data import resolve_shards
@@ -442,6 +470,9 @@ class Evaluator:
             res["skipped"] = dict(self.skipped)
         res["num_samples"] = spec.num_samples
         res["extractor"] = self.extractor.name if self.extractor is not None else None
+        if self.extractor is not None and self.extractor.name == DOMAIN:
+            # so a reader can judge the numbers: the classifier's accuracy and how its FD sees known degradations
+            res["extractor_about"] = describe_domain(self.extractor.module.info)
         res["seconds"] = round(time.time() - t0, 2)
         return dist.all_gather_object(res)[0]
 
@@ -476,7 +507,7 @@ class Evaluator:
             out.update(precision=r[KEY_METRIC_PRECISION], recall=r[KEY_METRIC_RECALL], f_score=r[KEY_METRIC_F_SCORE])
         if self.extractor.name == DOMAIN and "logits" in gen:
             out.update(class_spread(gen["logits"]))
-        return out
+        return {result_key(k, self.extractor.name): v for k, v in out.items()}  # fid -> fd_dinov2, ...
 
     # ---- bits per dimension
     def bpd(self, family, nets, data_cfg) -> dict:

@@ -1,4 +1,5 @@
-"""Feature extractors for the metrics: torch-fidelity's InceptionV3 and distgen's domain classifier.
+"""Feature extractors for the metrics: torch-fidelity's InceptionV3 and distgen's domain classifier
+(DINOv2 and CLIP: :mod:`distgen.evaluate.foundation`).
 
 Both are torch-fidelity feature extractors (uint8 Bx3xHxW in, a tuple of
 feature tensors out), so torch-fidelity's own metric functions apply to
@@ -34,6 +35,9 @@ DOMAIN = "distgen-domain"
 WEIGHTS_ENV = "DISTGEN_INCEPTION_WEIGHTS"
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 DOMAIN_FORMAT = "distgen-features/1"
+# Domain extractors that ship with distgen, by name (--feature-extractor fashion-mnist): everyone's figures
+# on the data set then come from the same feature space, as FID's do from the same InceptionV3 weights.
+BUNDLED = {"fashion-mnist": Path(__file__).resolve().parents[1] / "assets" / "fashion-mnist-domain.safetensors"}
 
 
 class WeightsUnavailable(EvalError):
@@ -86,7 +90,7 @@ def inception_weights(configured: Optional[str] = None, download_timeout: float 
 
 # --------------------------------------------------------------------------- the domain extractor
 class DomainNet(nn.Module):
-    """A small CNN classifier; its pooled features are the feature space of domain FD/KID/PR."""
+    """The first domain classifier (``arch`` "cnn"): files fitted before the ResNet still load."""
 
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
@@ -105,11 +109,83 @@ class DomainNet(nn.Module):
         return f, self.head(f)
 
 
+class _Block(nn.Module):
+    """A ResNet basic block (two 3x3 convolutions, batch norm, a projection shortcut when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class DomainResNet(nn.Module):
+    """The domain classifier (``arch`` "resnet"): a stem and three stages of basic blocks (width w, 2w, 4w at
+    full, half and quarter resolution), global pooling and a linear head.
+
+    Its features are the globally pooled activations of the stem and of every stage, concatenated (8w
+    numbers): the last stage alone is trained to ignore what does not change the class, so a space of
+    it barely sees noise or blur (FD of test images with noise sd 25 was 16x the real-vs-real floor
+    in the first extractor's space); the early stages see texture, edges and noise, which people see too.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.stages = nn.ModuleList([_Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2)])
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float Bx3xHxW in [-1, 1] -> (features B x 8w, logits B x classes)."""
+        x = self.stem(x)
+        pooled = [x.mean(dim=(2, 3))]
+        for stage in self.stages:
+            x = stage(x)
+            pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, 1), self.head(pooled[-1])
+
+
+DOMAIN_ARCHS = {"cnn": DomainNet, "resnet": DomainResNet}
+
+
+def build_domain_net(info: dict) -> nn.Module:
+    """The network a fit-features file's ``info`` describes (files without ``arch`` are the first CNN)."""
+    arch = info.get("arch", "cnn")
+    if arch not in DOMAIN_ARCHS:
+        raise EvalError(f"feature-extractor file: unknown arch {arch!r} (this distgen knows {', '.join(DOMAIN_ARCHS)})")
+    return DOMAIN_ARCHS[arch](int(info["num_classes"]), int(info["width"]))
+
+
 def uint8_to_input(x: torch.Tensor, resolution: int) -> torch.Tensor:
     x = x.float() / 127.5 - 1
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
     return x
+
+
+def describe_domain(info: dict) -> str:
+    """Two lines on a fit-features file for readers of its figures: its accuracy and its calibration."""
+    acc = f"test accuracy {info['test_accuracy']:.4f} on {info['test_images']} images"
+    cal = info.get("calibration")
+    if not cal:
+        return f"{acc}; no calibration (an older file: refit it with distgen eval fit-features)"
+    floor = max(cal["rows"][0]["fd"], 1e-12)
+    rows = " | ".join(f"{r['short']} {r['fd']:.4g}" for r in cal["rows"] + [cal["path"]])
+    return (f"{acc}\n    calibration (FD against {cal['reference']}): {rows}; every degradation at least "
+            f"{min(r['fd'] for r in cal['rows'][1:]) / floor:.0f}x the real floor")
+
+
+def domain_file(spec: str | Path) -> Path:
+    """A fit-features file: a bundled one by name, or a path."""
+    return BUNDLED.get(str(spec), Path(spec))
 
 
 def read_domain_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -137,9 +213,10 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise EvalError(f"the {DOMAIN} feature extractor needs a weights file (--feature-extractor PATH)")
-        tensors, info = read_domain_file(Path(feature_extractor_weights_path))
+        tensors, info = read_domain_file(domain_file(feature_extractor_weights_path))
         self.resolution = int(info["resolution"])
-        self.net = DomainNet(int(info["num_classes"]), int(info["width"]))
+        self.info = info
+        self.net = build_domain_net(info)
         self.net.load_state_dict(tensors)
         self.requires_grad_(False)
         self.eval()
@@ -175,8 +252,19 @@ class Extractor:
     """A torch-fidelity feature extractor plus what identifies it (for reference caches)."""
 
     def __init__(self, spec: str, metric_layers: dict[str, str], *, inception_weights_path: Optional[str] = None,
-                 device: str | torch.device = "cpu"):
-        if spec in ("inception", INCEPTION):
+                 extractor_weights_path: Optional[str] = None, device: str | torch.device = "cpu"):
+        from distgen.config.schema import FOUNDATION_EXTRACTORS
+
+        if spec in FOUNDATION_EXTRACTORS:  # DINOv2 / CLIP: torch-fidelity's, loaded by distgen.evaluate.foundation
+            from distgen.evaluate import foundation
+
+            weights = foundation.weights_file(spec, extractor_weights_path)
+            self.name, cls = spec, foundation.foundation_class(spec)
+            path_arg = str(weights)
+        elif spec.startswith(("dinov2-", "clip-")) and not Path(spec).is_file():
+            raise EvalError(f"--feature-extractor {spec}: no such extractor; DINOv2 / CLIP ones are "
+                            f"{', '.join(FOUNDATION_EXTRACTORS)}")
+        elif spec in ("inception", INCEPTION):
             weights = inception_weights(inception_weights_path)
             self.name, cls = INCEPTION, FeatureExtractorInceptionV3
             state = load_weights(weights)
@@ -185,7 +273,7 @@ class Extractor:
             buf.seek(0)
             path_arg = buf
         else:
-            weights = Path(spec)
+            weights = domain_file(spec)
             self.name, cls = DOMAIN, DomainFeatureExtractor
             path_arg = str(weights)
         self.weights = weights

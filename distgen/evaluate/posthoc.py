@@ -76,9 +76,10 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
     # ---- the sweep: one width at a time (two copies of the weights in memory), each evaluated
     from distgen.evaluate import Evaluator, spec_from_config
 
-    judge = EvalConfig(metrics=(metric,))  # the number a metric is judged by, and which way is better
-    key, lower = judge.best_key, judge.best_key in EvalConfig.LOWER_IS_BETTER
     spec = spec_from_config(cfg, metrics=(metric,), num_samples=num_samples, **(eval_kw or {}))
+    # the number a metric is judged by (fid -> fd_dinov2 with a DINOv2 extractor), and which way is better
+    judge = EvalConfig(metrics=(metric,), feature_extractor=spec.feature_extractor)
+    key, lower = judge.best_key, judge.best_key in EvalConfig.LOWER_IS_BETTER
     spec.sampling = sampling_options(family, options or {})
     evaluator = Evaluator(spec, state.device)
     if metric in evaluator.skipped:
