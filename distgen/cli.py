@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from distgen import dist
+
+        dist.shutdown()
     return 1
 
 

@@ -70,6 +70,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Leave the process group as a command ends. Left to interpreter teardown, gloo's threads were seen
+    (rarely) to abort a process that had finished its work ("terminate called without an active exception",
+    exit -6, after a 2-process ``distgen sample`` had written its file). No barrier: a rank that failed must
+    not wait for the others."""
+    if initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway; the command's own result stands
+            pass
+
+
 def barrier() -> None:
     if initialized():
         td.barrier()
