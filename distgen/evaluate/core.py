@@ -204,7 +204,7 @@ class Evaluator:
         the pipeline's PIL resampling), generated images are not resampled, and both then go through the
         extractor's own input resize alike. So real images read at another size score at the floor against
         themselves. The alternative, bringing samples back to the data's stored size, is not neutral: test
-        images read at 32x32 and brought back to 28x28 sit at 20x the real-vs-real floor of the bundled
+        images read at 32x32 and brought back to 28x28 sit at 27x the real-vs-real floor of the bundled
         Fashion-MNIST extractor (its calibration's "via 32px" row), a handicap of every 32x32 model."""
         from distgen.data import resolve_shards
 

@@ -177,10 +177,9 @@ def describe_domain(info: dict) -> str:
     cal = info.get("calibration")
     if not cal:
         return f"{acc}; no calibration (an older file: refit it with distgen eval fit-features)"
-    floor = max(cal["rows"][0]["fd"], 1e-12)
     rows = " | ".join(f"{r['short']} {r['fd']:.4g}" for r in cal["rows"] + [cal["path"]])
     return (f"{acc}\n    calibration (FD against {cal['reference']}): {rows}; every degradation at least "
-            f"{min(r['fd'] for r in cal['rows'][1:]) / floor:.0f}x the real floor")
+            f"{cal['weakest_ratio']:.0f}x the real floor")
 
 
 def domain_file(spec: str | Path) -> Path:

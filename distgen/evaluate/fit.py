@@ -124,8 +124,9 @@ def format_calibration(cal: dict) -> str:
     return "\n".join(lines)
 
 
-def _read_images(shards: list[str], res: int, chans: int, n: int, labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images (and labels) of ``shards`` in order, uint8 NxCxHxW."""
+def _read_images(shards: list[str], res: int, chans: int, n: Optional[int], labels: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images (None: all) and labels of ``shards`` in order, uint8 NxCxHxW."""
     from distgen.data import make_loader
 
     cfg = DataConfig(resolution=res, channels=chans, labels=labels, workers=1, flip=False)
@@ -134,7 +135,7 @@ def _read_images(shards: list[str], res: int, chans: int, n: int, labels: bool) 
         xs.append(batch["image"])
         ys.append(batch["label"] if labels else torch.zeros(len(batch["image"]), dtype=torch.long))
         got += len(batch["image"])
-        if got >= n:
+        if n is not None and got >= n:
             break
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
@@ -193,18 +194,15 @@ def fit_features(shards: list[str], out: str | Path, *, test: Optional[list[str]
         fs, ls = zip(*(net(uint8_to_input(c.expand(-1, 3, -1, -1), res)) for c in x.split(500)))
         return torch.cat(fs), torch.cat(ls)
 
-    correct = total = 0
-    with torch.no_grad():
-        for batch in make_loader(test, cfg, batch_size=500, mode="eval", as_float=False):
-            pred = run(batch["image"])[1].argmax(1)
-            correct += int((pred == batch["label"]).sum())
-            total += len(pred)
-    acc = correct / max(total, 1)
+    # the test split decoded once: every image for the accuracy, the first calibration_images for the table
+    test_x, test_y = _read_images(test, res, chans, None, labels=True)
+    total = len(test_x)
+    acc = float((run(test_x)[1].argmax(1) == test_y).double().mean()) if total else 0.0
     log(f"fit-features: test accuracy {acc:.4f} on {total} images ({time.time() - t0:.0f}s)")
 
-    test_x, test_y = _read_images(test, res, chans, calibration_images, labels=True)
     other = _read_images(shards, res, chans, calibration_images, labels=False)[0]
-    cal = calibrate(lambda x: run(x)[0], test_x, test_y, other, meta.get("class_names"), seed)
+    cal = calibrate(lambda x: run(x)[0], test_x[:calibration_images], test_y[:calibration_images], other,
+                    meta.get("class_names"), seed)
     info.update({"resolution": res, "channels": chans, "test_accuracy": acc, "test_images": total, "kimg": kimg,
                  "train": list(shards), "test": list(test), "class_names": meta.get("class_names"),
                  "calibration": cal})
