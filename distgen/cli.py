@@ -385,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
     finally:
-        from distgen import dist
-
-        dist.shutdown()
+        # Leave the process group, if the command joined one; a command that never imported distgen.dist
+        # (checking a config) must not import torch here.
+        if "distgen.dist" in sys.modules:
+            sys.modules["distgen.dist"].shutdown()
     return 1
 
 
