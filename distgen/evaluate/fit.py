@@ -81,15 +81,17 @@ def fd(a: torch.Tensor, b_stats: dict) -> float:
 
 
 def calibrate(features: Callable[[torch.Tensor], torch.Tensor], test: torch.Tensor, labels: torch.Tensor,
-              other: torch.Tensor, class_names: Optional[list] = None, seed: int = 0) -> dict:
+              other: torch.Tensor, class_names: Optional[list] = None, seed: int = 0,
+              ref: Optional[torch.Tensor] = None) -> dict:
     """FD against ``test`` (uint8 NxCxHxW) of: ``other`` real images (the floor), ``test`` with Gaussian noise
     sd 25, blurred, blocky, the class nearest to the whole (the hardest single class to tell apart), and (apart,
     not a goal) the test images read at the next power-of-two size as training reads them and brought back
     with the same resampling: what scoring such a model's samples at the data's stored size would cost, and
-    why distgen scores them at the model's size instead (see ``Evaluator._resize_path``)."""
+    why distgen scores them at the model's size instead (see ``Evaluator._resize_path``). ``ref``: the test
+    images' features, when the caller already has them."""
     from distgen.data.pipeline import resize_batch
 
-    ref = features(test)
+    ref = features(test) if ref is None else ref
     stats = fid_features_to_statistics(ref)
     rows = [{"what": f"other real split ({len(other)} images)", "short": "real", "fd": fd(features(other), stats)},
             {"what": f"noise sd {NOISE_SD:g}", "short": "noise",
@@ -194,15 +196,18 @@ def fit_features(shards: list[str], out: str | Path, *, test: Optional[list[str]
         fs, ls = zip(*(net(uint8_to_input(c.expand(-1, 3, -1, -1), res)) for c in x.split(500)))
         return torch.cat(fs), torch.cat(ls)
 
-    # the test split decoded once: every image for the accuracy, the first calibration_images for the table
+    # the test split decoded and run through the net once: every image for the accuracy, the first
+    # calibration_images (images and features) for the table
     test_x, test_y = _read_images(test, res, chans, None, labels=True)
     total = len(test_x)
-    acc = float((run(test_x)[1].argmax(1) == test_y).double().mean()) if total else 0.0
+    test_f, test_logits = run(test_x)
+    acc = float((test_logits.argmax(1) == test_y).double().mean()) if total else 0.0
     log(f"fit-features: test accuracy {acc:.4f} on {total} images ({time.time() - t0:.0f}s)")
 
-    other = _read_images(shards, res, chans, calibration_images, labels=False)[0]
-    cal = calibrate(lambda x: run(x)[0], test_x[:calibration_images], test_y[:calibration_images], other,
-                    meta.get("class_names"), seed)
+    n = calibration_images
+    other = _read_images(shards, res, chans, n, labels=False)[0]
+    cal = calibrate(lambda x: run(x)[0], test_x[:n], test_y[:n], other, meta.get("class_names"), seed,
+                    ref=test_f[:n])
     info.update({"resolution": res, "channels": chans, "test_accuracy": acc, "test_images": total, "kimg": kimg,
                  "train": list(shards), "test": list(test), "class_names": meta.get("class_names"),
                  "calibration": cal})
