@@ -39,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distgen.data.shard import read_manifest  # noqa: E402
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 from distgen.evaluate.extractors import BUNDLED  # noqa: E402
 
@@ -57,7 +58,7 @@ def test_subset(manifest: str, n: int, out_dir: Path) -> str:
     from distgen.data import write_shards
 
     xs, ys = [], []
-    for shard in json.loads(Path(manifest).read_text())["shards"]:
+    for shard in read_manifest(Path(manifest))["shards"]:
         with tarfile.open(Path(manifest).parent / shard["name"]) as tar:
             files = {m.name: m for m in tar.getmembers()}
             for name in sorted(k for k in files if k.endswith(".png")):
@@ -136,7 +137,7 @@ def main() -> int:
     head = (f"recipe {a.config} {' '.join(a.overrides)}: {stage1}{last['kimg']:.1f} kimg in {train_s / 60:.1f} min "
             f"({a.procs} process(es))")
     if family == "vae":
-        shard = str(Path(paths["test"]).parent / json.loads(Path(paths["test"]).read_text())["shards"][0]["name"])
+        shard = str(Path(paths["test"]).parent / read_manifest(Path(paths["test"]))["shards"][0]["name"])
         iw = {}
         for k in (1, a.iw_samples):
             o = run_dir / f"recipe-eval-k{k}.json"

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+from distgen import readback as rb
 from distgen.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -51,6 +52,27 @@ RESUME_KEYS = ("step", "nimg", "world_size", "reason", "data_start_step", "count
                "family", "data_info", "config")
 # What sampling, export and evaluation need of it.
 EMA_KEYS = ("step", "nimg", "family", "data_info", "config")
+REASONS = ("periodic", "preempted", "end")
+_COUNT = rb.Int(0, rb.MAX_COUNT)
+# meta.json as read back: every key distgen uses, typed and bounded (a training checkpoint has them all; best/
+# has the EMA_KEYS and best). Keys a later distgen may add are let through unread.
+META_SCHEMA = rb.Obj({
+    "format": rb.Str(choices=(FORMAT,)), "step": _COUNT, "nimg": _COUNT, "world_size": rb.Int(1, 1 << 20),
+    "reason": rb.Str(choices=REASONS), "data_start_step": _COUNT, "data_skip": _COUNT,
+    "counters": rb.Map(_COUNT, max_len=100),
+    # "<phase>/<name>" -> [sum, count] of the interval's finite values
+    "interval": rb.Map(rb.Tuple(rb.Num(), _COUNT), max_len=1000),
+    "ema_steps": rb.Map(rb.List(_COUNT, max_len=100), max_len=100),
+    "best": rb.Opt(rb.Obj({"metric": rb.Str(max_len=64), "value": rb.Num(), "step": _COUNT})),
+    "family_state": rb.Map(rb.Data(), max_len=100), "family": rb.Str(max_len=64), "data_info": rb.DATA_INFO,
+    "config": rb.CONFIG,
+}, optional=("step", "nimg", "world_size", "reason", "data_start_step", "data_skip", "counters", "interval",
+             "ema_steps", "best", "family_state", "family", "data_info", "config"), extra=True)
+_RNG_SCHEMA = rb.Obj({
+    "numpy": rb.Tuple(rb.Str(max_len=32), rb.Int(0, 1 << 20), rb.Int(0, 1), rb.Num()),  # kind, pos, has_gauss, gauss
+    # version, the Mersenne Twister's 625 words, gauss_next
+    "python": rb.Tuple(rb.Int(0, 100), rb.List(rb.Int(0, 2 ** 32), min_len=625, max_len=625), rb.Opt(rb.Num())),
+}, extra=True)
 
 
 # --------------------------------------------------------------------------- durability
@@ -188,8 +210,27 @@ def finalize(root: Path, step: int, keep: int) -> Path:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with os_errors(path):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     fsync_path(path)
+
+
+@contextmanager
+def os_errors(path: Path) -> Iterator[None]:
+    """Writing ``path``: an I/O failure (a full disk, a read-only file system) surfaces as an OSError naming it,
+    also where safetensors reports it in its own error type ("... (os error 28)")."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    except Exception as e:  # noqa: BLE001 - only I/O failures are translated; anything else is re-raised as is
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -206,8 +247,32 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def save_state(path: Path, state: Any) -> None:
     import torch
 
-    torch.save(state, path)
+    with open(path, "wb") as f, os_errors(path):
+        out = _Writes(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is not None:  # torch's writer reports a failed write as a bare "unexpected pos"
+                raise out.error from None
+            raise
     fsync_path(path)
+
+
+class _Writes:
+    """A file for torch.save that keeps the first OSError of its writes (torch's zip writer swallows it)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_state(path: Path) -> Any:
@@ -271,13 +336,7 @@ def read_rng(folder: Path, rank: int) -> Optional[tuple[dict[str, torch.Tensor],
     p = folder / f"rng-{rank}.safetensors"
     if not p.is_file():
         return None
-    j = folder / f"rng-{rank}.json"
-    try:
-        extra = json.loads(j.read_text())
-        if not isinstance(extra, dict) or not {"numpy", "python"} <= set(extra):
-            raise ValueError("lacks the numpy and python states")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{j}: unreadable ({e})") from None
+    extra = rb.read_json(folder / f"rng-{rank}.json", _RNG_SCHEMA, error=CheckpointError, max_bytes=64 * 1024)
     return load_tensors(p), extra
 
 
@@ -300,12 +359,7 @@ def read_meta(folder: Path, required: tuple[str, ...] = ()) -> dict:
     path = folder / "meta.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a checkpoint folder without its meta.json)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable, not JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    meta = rb.read_json(path, META_SCHEMA, error=CheckpointError, max_bytes=16 * rb.MiB, what="meta.json")
     missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")

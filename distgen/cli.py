@@ -11,7 +11,7 @@
     distgen eval fit-features SHARDS OUT [--test SHARDS] [--kimg K]
     distgen data shard SOURCE OUT_DIR [--split train|val|test] [--samples-per-shard N] [--domain A|B]
     distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
-    distgen data verify MANIFEST
+    distgen data verify MANIFEST [--decode]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
     distgen demo
 """
@@ -155,8 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--split", default=None, help="output split name (default: the input manifest's)")
     en.add_argument("--batch-size", type=int, default=64)
     en.add_argument("--samples-per-shard", type=int, default=10000)
-    v = dsub.add_parser("verify", help="check every shard of a manifest against its recorded size and sha256")
+    v = dsub.add_parser("verify", help="check every shard of a manifest: size, sha256 and sample count as "
+                                       "recorded (--decode: every sample decodes)")
     v.add_argument("manifest", metavar="MANIFEST")
+    v.add_argument("--decode", action="store_true",
+                   help="also decode every sample as training does (images, labels, latents) and name the first "
+                        "bad one of each shard")
     b = dsub.add_parser("bench", help="loader images/s against a raw single-process baseline")
     b.add_argument("shards", nargs="+", help="manifest, brace pattern or tar files")
     b.add_argument("--workers", default="1,2", help="DataLoader workers, or a comma list to compare (default 1,2)")
@@ -218,8 +222,10 @@ def cmd_encode(args) -> int:
 def cmd_verify(args) -> int:
     from distgen.data.shard import verify_manifest
 
-    n, size = verify_manifest(args.manifest)
-    print(f"{args.manifest}: {n} shard(s), {size / 2**20:.1f} MiB: sizes and sha256 as recorded")
+    v = verify_manifest(args.manifest, decode=args.decode)
+    print(f"{args.manifest}: {v.shards} shard(s), {v.samples} samples, {v.bytes / 2**20:.1f} MiB: sizes, sha256 "
+          f"and sample counts as recorded (total = the sum of the counts); "
+          + (f"every sample decoded ({v.decoded})" if v.decoded else "samples not decoded (--decode decodes them)"))
     return 0
 
 
@@ -384,6 +390,25 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only folder, a full disk, a name too long: the path and what to do
+        from distgen.ownership import os_problem
+
+        print(f"distgen: error: {os_problem(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # torch.save by a path (DeepSpeed's own checkpoint files) reports a failed write only in words
+        if "PytorchStreamWriter failed writing" not in str(e):
+            raise
+        print(f"distgen: error: a checkpoint file could not be written ({str(e).strip().splitlines()[-1][:200]}): "
+              f"check the run folder's free space and permissions; the last complete checkpoint is untouched",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Every temporary file and folder was removed on the way out (atomic writes clean up after themselves);
+        # finished outputs and checkpoints stay.
+        print(f"\ndistgen: interrupted (SIGINT): {' '.join(argv[:2]) or 'distgen'} stopped; unfinished files "
+              f"removed, finished ones kept", file=sys.stderr)
+        return 130
     finally:
         # Leave the process group, if the command joined one; a command that never imported distgen.dist
         # (checking a config) must not import torch here.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 from distgen.config import DataConfig
 from distgen.data import make_loader, manifest_path, write_shards
 from distgen.data.bench import run_bench
+from distgen.data.shard import read_manifest
 
 DATA_DIR = Path("data/fashion-mnist")
 
@@ -20,7 +20,7 @@ def ensure_shards(out: Path = DATA_DIR) -> dict[str, Path]:
     paths = {}
     for split in ("train", "test"):
         mp = manifest_path(out, split)
-        if mp.is_file() and all((out / s["name"]).is_file() for s in json.loads(mp.read_text())["shards"]):
+        if mp.is_file() and all((out / s["name"]).is_file() for s in read_manifest(mp)["shards"]):
             print(f"shards: reusing {mp}")
         else:
             t0 = time.time()

@@ -28,6 +28,47 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 
 
+MAX_META_BYTES = 64 << 20
+MAX_VALUES = 4 << 20  # numbers in onnx.json: a 1000-step schedule is a few thousand
+
+
+def read_meta(path: Path) -> dict:
+    """onnx.json, checked before use (it may have been edited or crafted): at most MAX_META_BYTES; every number
+    finite and every integer within +-2^31 (sizes, steps, class counts: nothing allocates past that); every
+    graph file a plain name in this folder; ``sampler`` and ``graphs`` objects. Exits naming the field."""
+    if path.stat().st_size > MAX_META_BYTES:
+        sys.exit(f"{path}: larger than {MAX_META_BYTES} bytes; not an onnx.json distgen wrote")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        sys.exit(f"{path}: not readable JSON ({e})")
+    if not isinstance(meta, dict) or not isinstance(meta.get("sampler"), dict) or not isinstance(meta.get("graphs"), dict):
+        sys.exit(f"{path}: must be an object with 'sampler' and 'graphs' objects")
+    stack, seen = [(meta, "")], 0
+    while stack:
+        v, where = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES or where.count(".") + where.count("[") > 32:
+            sys.exit(f"{path}: {where or 'top level'}: too many values or nested too deep")
+        if isinstance(v, dict):
+            stack.extend((c, f"{where}.{k}" if where else str(k)) for k, c in v.items())
+        elif isinstance(v, list):
+            stack.extend((c, f"{where}[{i}]") for i, c in enumerate(v))
+        elif isinstance(v, float) and not np.isfinite(v):
+            sys.exit(f"{path}: {where}: must be finite, got {v}")
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 31:
+            sys.exit(f"{path}: {where}: {v} is out of range")
+    for name, entry in meta["graphs"].items():
+        f = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f or "\x00" in f:
+            sys.exit(f"{path}: graphs.{name}.file: {f!r} is not a plain file name in this folder")
+    shape = meta["sampler"].get("shape")
+    if shape is not None and (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)
+                              or int(np.prod(shape, dtype=np.float64)) > 1 << 26):
+        sys.exit(f"{path}: sampler.shape: {shape!r} is not an image shape distgen exports")
+    return meta
+
+
 class Export:
     """onnx.json and the ONNX sessions of one export folder, opened on first use."""
 
@@ -36,7 +77,7 @@ class Export:
         meta = folder / "onnx.json"
         if not meta.is_file():
             sys.exit(f"{meta}: not found (this file must sit in a distgen ONNX export folder)")
-        self.meta = json.loads(meta.read_text())
+        self.meta = read_meta(meta)
         self.spec = self.meta["sampler"]
         self._sessions: dict[str, ort.InferenceSession] = {}
 

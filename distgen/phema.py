@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from distgen import checkpoint as ckpt
+from distgen import readback as rb
 from distgen.ema import std_to_exp
 from distgen.data.shard import file_sha256
 from distgen.errors import SampleError
@@ -82,22 +83,30 @@ def snapshot_name(nimg: int) -> str:
     return f"ema-{nimg:012d}.safetensors"
 
 
+SNAPSHOT_RE = r"ema-\d{12}\.safetensors"
+_ENTRY = rb.Check(rb.Obj({
+    "file": rb.Name(SNAPSHOT_RE), "step": rb.Int(0, rb.MAX_COUNT), "nimg": rb.Int(1, rb.MAX_COUNT),
+    "stds": rb.List(rb.Num(0, MAX_SIGMA_REL), min_len=1, max_len=100), "size": rb.Int(0, rb.MAX_BYTES),
+    "sha256": rb.Str(pattern="[0-9a-f]{64}"), "dtype": rb.Str(choices=tuple(DTYPES))}, optional=("dtype",)),
+    # the name distgen gives a snapshot is its sample count: any other pairing is not distgen's index
+    lambda e: None if e["file"] == snapshot_name(e["nimg"]) else f"file {e['file']!r} is not the snapshot of nimg "
+                                                                 f"{e['nimg']} ({snapshot_name(e['nimg'])})")
+INDEX_SCHEMA = rb.Check(rb.Obj({"snapshots": rb.List(_ENTRY, max_len=1_000_000)}),
+                        lambda d: "lists one sample count twice" if len({e["nimg"] for e in d["snapshots"]})
+                        != len(d["snapshots"]) else None)
+
+
 def read_index(run_dir: Path, must_exist: bool = True) -> list[dict]:
-    """The snapshots listed in ``run_dir/ema-snapshots/index.json``, oldest first."""
+    """The snapshots listed in ``run_dir/ema-snapshots/index.json``, oldest first: every entry checked (a file
+    name of distgen's own form, bounded numbers), or a SampleError naming the index and entry."""
     path = Path(run_dir) / SNAPSHOT_DIR / INDEX
     if not path.is_file():
         if must_exist:
             raise SampleError(f"{path}: no EMA snapshots in this run folder; train with ema.kind=power and "
                               f"ema.snapshot_kimg set to take them")
         return []
-    try:
-        entries = json.loads(path.read_text())["snapshots"]
-        for e in entries:
-            for key in ("file", "step", "nimg", "stds", "size", "sha256"):
-                if key not in e:
-                    raise KeyError(key)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SampleError(f"{path}: not a readable snapshot index ({type(e).__name__}: {e})") from None
+    entries = rb.read_json(path, INDEX_SCHEMA, error=SampleError, max_bytes=256 * rb.MiB,
+                           what="snapshot index")["snapshots"]
     return sorted(entries, key=lambda e: e["nimg"])
 
 
@@ -152,7 +161,9 @@ def drop_snapshots_after(run_dir: Path, nimg: int) -> int:
     if later:
         _write_index(folder, [e for e in entries if e["nimg"] <= nimg])
         for e in later:
-            (folder / e["file"]).unlink(missing_ok=True)  # distgen's own snapshot files, named by its index
+            # distgen's own snapshot files: read_index let through only names of its form, inside the folder
+            # (a link there is removed, never what it points to)
+            (folder / e["file"]).unlink(missing_ok=True)
     return len(later)
 
 
@@ -163,7 +174,7 @@ def check_snapshots(run_dir: Path, entries: list[dict]) -> None:
     if not entries:
         raise SampleError(f"{folder / INDEX}: lists no snapshots")
     for e in entries:
-        path = folder / e["file"]
+        path = rb.inside(folder, e["file"], folder / INDEX, SampleError)
         if not path.is_file():
             raise SampleError(f"{path}: listed in {folder / INDEX} but missing")
         size = path.stat().st_size
@@ -238,9 +249,11 @@ def _read_networks(path: Path) -> list[str]:
 
     try:
         with safe_open(str(path), "pt") as f:
-            return json.loads(f.metadata()["networks"])
+            text = (f.metadata() or {}).get("networks", "")
     except Exception as err:
         raise SampleError(f"{path}: not a readable snapshot ({ckpt.first_line(err)})") from None
+    return rb.List(rb.Str(max_len=64), min_len=1, max_len=100).check(
+        rb.parse_json(text, f"{path}: metadata 'networks'", SampleError), rb.Where(path, "networks"), SampleError)
 
 
 def parse_sigmas(text: str) -> list[float]:

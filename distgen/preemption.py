@@ -5,30 +5,75 @@ limit). ``distgen train`` installs the handler first thing, before importing tor
 lands during start-up is not Python's default (death, exit 143) but a flag: the run then exits with
 :data:`EXIT_PREEMPTED` before its first step, leaving the newest checkpoint as it is, and the job is
 requeued. Inside the loop the flag becomes a checkpoint and the same exit.
+
+A step that never comes (a hung file system, a stuck collective) must not keep the job alive: a second
+signal outside a checkpoint save, or :data:`GRACE_ENV` seconds (default 300) after the first with no save
+under way, ends the process at once with the same exit status, the newest checkpoint left as it is.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 # Exit status after a SIGTERM/SIGUSR1: EX_TEMPFAIL, "try again later". The launchers requeue on it.
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+GRACE_ENV = "DISTGEN_SIGNAL_GRACE"  # seconds from a signal to the exit, when no checkpoint is being saved
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set :attr:`flag`; the loop finishes its step, checkpoints and exits."""
+    """SIGTERM / SIGUSR1 set :attr:`flag`; the loop finishes its step, checkpoints and exits. A second signal,
+    or the grace period running out, exits at once unless a checkpoint is being written (:meth:`saving`)."""
 
     def __init__(self):
         self.flag = False
         self.signum: Optional[int] = None
+        self._saving = 0
 
     def _handler(self, signum, frame):
+        if self.flag:
+            if not self._saving:
+                _exit_now(f"a second signal ({signal.Signals(signum).name}) before the checkpoint")
+            return  # a save under way finishes, then the loop exits
         self.flag, self.signum = True, signum
+        grace = _grace()
+        threading.Thread(target=self._watchdog, args=(grace,), name="distgen-signal-watchdog", daemon=True).start()
+
+    def _watchdog(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline or self._saving:
+            time.sleep(0.05)
+        _exit_now(f"no checkpoint within {grace:g} s of the signal (the step never came; {GRACE_ENV})")
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """While inside, a checkpoint is being written: neither a second signal nor the watchdog cuts it."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+
+
+def _grace() -> float:
+    try:
+        return max(float(os.environ.get(GRACE_ENV, "300")), 0.0)
+    except ValueError:
+        return 300.0
+
+
+def _exit_now(why: str) -> None:
+    """End the process now with the requeue status (no clean-up runs: the newest checkpoint stays the last)."""
+    try:
+        os.write(2, f"\ndistgen: {why}; exiting with {EXIT_PREEMPTED} (requeue) without a new checkpoint\n".encode())
+    finally:
+        os._exit(EXIT_PREEMPTED)
 
 
 _installed: Optional[Preemption] = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -204,6 +203,18 @@ class List(Schema):
         return [self.item.check(v, where / i, error) for i, v in enumerate(value)]
 
 
+class Tuple(Schema):
+    """A list of fixed length whose items follow one schema each."""
+
+    def __init__(self, *items: Schema):
+        self.items = items
+
+    def check(self, value, where, error):
+        if not isinstance(value, list) or len(value) != len(self.items):
+            self.fail(where, error, f"expected a list of {len(self.items)} items, got {_kind(value)} {_show(value)}")
+        return [s.check(v, where / i, error) for i, (s, v) in enumerate(zip(self.items, value))]
+
+
 class Obj(Schema):
     """A JSON object with the given fields. ``optional`` names those that may be missing; keys not listed
     are refused unless ``extra`` is True (kept as they are) or a schema (each checked with it)."""
@@ -251,6 +262,33 @@ class Anything(Schema):
     """Plain JSON data that something else checks in depth (a stored config: the config schema does)."""
 
     def check(self, value, where, error):
+        return value
+
+
+class Data(Schema):
+    """Plain JSON data of any shape (a family's small state), every number finite and every integer within
+    +-MAX_COUNT, at most ``max_items`` values in all."""
+
+    def __init__(self, max_items: int = 10_000):
+        self.max_items = max_items
+
+    def check(self, value, where, error):
+        stack, seen = [(value, where)], 0
+        while stack:
+            v, w = stack.pop()
+            seen += 1
+            if seen > self.max_items:
+                self.fail(where, error, f"holds more than {self.max_items} values")
+            if isinstance(v, dict):
+                stack.extend((c, w / k) for k, c in v.items())
+            elif isinstance(v, list):
+                stack.extend((c, w / i) for i, c in enumerate(v))
+            elif isinstance(v, bool) or v is None or isinstance(v, str):
+                continue
+            elif isinstance(v, int):
+                Int(-MAX_COUNT, MAX_COUNT).check(v, w, error)
+            elif isinstance(v, float):
+                Num().check(v, w, error)
         return value
 
 
@@ -380,3 +418,12 @@ def inside(folder: Path, name: str, where: Any, error: type) -> Path:
     except OSError as e:  # a link loop, say
         raise error(f"{where}: {name!r} cannot be resolved ({e.strerror or e})") from None
     return path
+
+
+# --------------------------------------------------------------------------- pieces several files share
+# DataInfo (distgen.families.base): the data geometry a family's networks are built for.
+DATA_INFO = Obj({"resolution": Int(1, MAX_RESOLUTION), "channels": Int(1, 4), "num_classes": Int(0, MAX_CLASSES)},
+                optional=("num_classes",))
+# A stored config: a mapping of sections, each checked in depth by the config's own schema when it is built.
+CONFIG = Map(Map(Anything(), max_len=1000), max_len=100)
+

@@ -125,24 +125,23 @@ class RunLog:
 
     def _truncate(self, start_step: int) -> None:
         """A resumed run drops the records written after its checkpoint by the run it replaces. A line that
-        is not a JSON record (the torn last line a full disk or a crash leaves) is dropped too, saying so."""
-        keep, torn = [], []
-        for i, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                step = rec["step"]
-            except (ValueError, TypeError, KeyError):
-                torn.append(i)
-                continue
-            if step <= start_step:
-                keep.append(line)
-        if torn:
-            print(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
-                  f"(line {', '.join(map(str, torn))}; a torn write)", flush=True)
+        is not a JSON record with an integer step (the torn last line a full disk or a crash leaves, or an
+        edit) is dropped too, saying so. Read line by line: a file of any size costs bounded memory."""
+        from distgen.readback import iter_jsonl
+
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
+        torn = []
+        with open(tmp, "w") as out:
+            for i, rec in iter_jsonl(self.path):
+                step = rec.get("step") if isinstance(rec, dict) else None
+                if isinstance(step, bool) or not isinstance(step, int):
+                    torn.append(i)
+                elif step <= start_step:
+                    out.write(json.dumps(rec) + "\n")
+        if torn:
+            shown = ", ".join(map(str, torn[:10])) + (f" and {len(torn) - 10} more" if len(torn) > 10 else "")
+            print(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
+                  f"(line {shown}; a torn write)", flush=True)
         os.replace(tmp, self.path)
 
     def _write(self, rec: dict) -> None:

@@ -7,11 +7,11 @@ ranks, so the files are the same whatever the number of processes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,11 +20,12 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
+from distgen import readback as rb
 from distgen.config import Config, build_config, to_dict
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
+from distgen.ownership import EXPORT_MARKER as EXPORT_META, check_output_folder
 
-EXPORT_META = "distgen.json"
 BLOCK = 16  # images per forward pass; part of what makes results independent of world size
 
 
@@ -53,8 +54,21 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: Optional[int]
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[:, :, 0] if c == 1 else canvas).save(path)
+    with _replacing(path) as tmp:
+        Image.fromarray(canvas[:, :, 0] if c == 1 else canvas).save(tmp, format="PNG")
     return path
+
+
+@contextmanager
+def _replacing(path: Path):
+    """Write a file under a temporary name beside ``path`` and rename it over ``path`` when complete: an
+    interrupted write leaves no half-written file that looks finished."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_config(d: Any, where: Path) -> Config:
@@ -66,36 +80,29 @@ def _load_config(d: Any, where: Path) -> Config:
         raise SampleError(f"{where}: the stored config does not load ({e})") from None
 
 
-EXPORT_KEYS = {"family", "data_info", "config", "source"}
+EXPORT_FORMAT = "distgen-export/1"
+# distgen.json of an export (exports before "format" existed lack it, and still load)
+EXPORT_SCHEMA = rb.Obj({"format": rb.Str(choices=(EXPORT_FORMAT,)), "family": rb.Str(max_len=64),
+                        "data_info": rb.DATA_INFO, "config": rb.CONFIG, "source": rb.Anything()},
+                       optional=("format", "family", "source"))
 
 
 def read_export_meta(folder: Path) -> tuple[Config, DataInfo]:
     """An export's ``distgen.json``: its config and data geometry, or a SampleError naming the file and key."""
     path = folder / EXPORT_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SampleError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise SampleError(f"{path}: must hold a JSON object with {', '.join(sorted(EXPORT_KEYS))}")
-    unknown = sorted(set(meta) - EXPORT_KEYS)
-    if unknown:
-        raise SampleError(f"{path}: unknown key(s) {', '.join(unknown)}; an export holds {', '.join(sorted(EXPORT_KEYS))}")
-    for k in ("config", "data_info"):
-        if k not in meta:
-            raise SampleError(f"{path}: lacks '{k}'")
+    meta = rb.read_json(path, EXPORT_SCHEMA, error=SampleError, max_bytes=4 * rb.MiB, what="distgen.json")
     cfg = _load_config(meta["config"], path)
-    return cfg, _data_info(meta["data_info"], path)
+    return cfg, _data_info(meta["data_info"], cfg, path)
 
 
-def _data_info(d: Any, where: Path) -> DataInfo:
-    names = [f.name for f in dataclasses.fields(DataInfo)]
-    if not isinstance(d, dict) or set(d) - set(names) or not all(isinstance(d.get(k, 0), int) for k in names):
-        raise SampleError(f"{where}: 'data_info' must map {', '.join(names)} to integers, got {d!r}")
-    try:
-        return DataInfo(**d)
-    except TypeError as e:
-        raise SampleError(f"{where}: 'data_info' {d!r}: {e}") from None
+def _data_info(d: dict, cfg: Config, where: Path) -> DataInfo:
+    """A checked ``data_info`` (readback.DATA_INFO) that must describe the data its config does."""
+    info = DataInfo(**d)
+    if (info.resolution, info.channels) != (cfg.data.resolution, cfg.data.channels):
+        raise SampleError(f"{where}: data_info: {info.resolution}x{info.resolution}x{info.channels} images, but its "
+                          f"config's data section says {cfg.data.resolution}x{cfg.data.resolution}x"
+                          f"{cfg.data.channels}")
+    return info
 
 
 def _build(cfg: Config, info: DataInfo, where: Path):
@@ -110,7 +117,7 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
     naming its file."""
     meta = ckpt.read_meta(folder, ckpt.EMA_KEYS)
     cfg = _load_config(meta["config"], folder / "meta.json")
-    family = _build(cfg, _data_info(meta["data_info"], folder / "meta.json"), folder / "meta.json")
+    family = _build(cfg, _data_info(meta["data_info"], cfg, folder / "meta.json"), folder / "meta.json")
     nets = family.build_networks()
     for n in family.ema_networks():
         nets[n].load_state_dict(ckpt.load_tensors(ckpt.ema_file(folder, 0, n)))
@@ -160,26 +167,6 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
     return family, nets, cfg
 
 
-def check_output_folder(run_dir: Path, out_dir: Path, force: bool, *, marker: str = EXPORT_META,
-                        what: str = "export", flag: str = "OUT_DIR") -> Path:
-    """The resolved output folder of a command that writes from a run (``export``; ``ema``, whose folders
-    hold another ``marker``), or a SampleError: distgen never writes over the run itself, a folder that
-    holds it, or a folder of other files; its own earlier output is replaced only with ``force``."""
-    out = out_dir.resolve()
-    run = run_dir.resolve()
-    if out == run or run.is_relative_to(out):
-        raise SampleError(f"{out_dir}: {flag} is the run folder {run_dir} or holds it; write into a new folder")
-    if out.exists() and not out.is_dir():
-        raise SampleError(f"{out_dir}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / marker).is_file():
-            raise SampleError(f"{out_dir}: a folder that holds other files, not a distgen {what}; "
-                              f"write into a new or empty folder")
-        if not force:
-            raise SampleError(f"{out_dir}: holds an earlier {what}; pass --force to replace it")
-    return out
-
-
 EXPORT_FORMATS = ("native", "onnx")
 
 
@@ -220,7 +207,7 @@ def write_export(folder: Path, family, nets: dict, cfg: Config, data_info: dict,
     folder.mkdir(parents=True, exist_ok=True)
     family.export(nets, folder)
     (folder / EXPORT_META).write_text(json.dumps({
-        "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
+        "format": EXPORT_FORMAT, "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
 
 
 def _first_images(cfg: Config, n: int) -> torch.Tensor:
@@ -301,7 +288,9 @@ def _read_image(path: str, channels: int, resolution: int) -> torch.Tensor:
         raise SampleError(f"{path}: not a readable image ({e})") from None
     if img.size != (resolution, resolution):
         raise SampleError(f"{path}: is {img.size[0]}x{img.size[1]}, the model takes {resolution}x{resolution}")
-    a = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    from distgen.data.pixels import to_8bit
+
+    a = np.asarray(to_8bit(img, path).convert("L" if channels == 1 else "RGB"))
     return torch.from_numpy(a.copy()).view(resolution, resolution, channels).permute(2, 0, 1)
 
 
@@ -311,7 +300,8 @@ def _write_images(x: np.ndarray, y: np.ndarray, outp: Path) -> None:
     elif outp.suffix == ".npz":
         outp.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"x": x} if (y < 0).all() else {"x": x, "y": y}
-        np.savez(outp, **arrays)
+        with _replacing(outp) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     else:
         from PIL import Image
 

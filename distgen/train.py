@@ -25,6 +25,7 @@ from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.ema import EMASet
 from distgen.engines import Engine, Trained
 from distgen.errors import TrainingError
+from distgen.ownership import take_run_folder
 from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, build_family
 from distgen.preemption import EXIT_PREEMPTED
 from distgen.runlog import RunLog, Tally, interval_means
@@ -35,13 +36,23 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
 
     ``allow_config_change``: resume a checkpoint whose model config differs from ``cfg`` (refused otherwise).
     """
-    tc, ec = cfg.train, cfg.eval
     preempt = preemption.install()  # the CLI installed it before importing torch; callers of train() get it here
     info = data_info(cfg)
     family = build_family(cfg.model, info)
     phases = family.phases()
+    eng = Engine(cfg.train, family, list(dict.fromkeys(p.network for p in phases)))  # what cannot run fails here
+    # From here the run folder is this trainer's alone: new, empty or distgen's own, and locked until the end.
+    lock = take_run_folder(Path(cfg.run.folder), eng.main, dist.all_gather_object)
+    try:
+        return _train(cfg, eng, family, phases, info, preempt, allow_config_change)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: DataInfo,
+           preempt: preemption.Preemption, allow_config_change: bool) -> int:
+    tc, ec = cfg.train, cfg.eval
     trained_names = list(dict.fromkeys(p.network for p in phases))
-    eng = Engine(tc, family, trained_names)  # what cannot run fails here
     fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed)
     fast.apply_backends(eng.device)
 
@@ -344,13 +355,24 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str) -> Path:
-    """Every rank: the full state into ``checkpoints/.tmp-step-N``, flushed, then renamed ``step-N``."""
+    """Every rank: the full state into ``checkpoints/.tmp-step-N``, flushed, then renamed ``step-N``. A signal's
+    deadline waits for it; an error or Ctrl-C on the way removes the unfinished folder."""
+    tmp = ckpt.tmp_dir(run.root, state.step)
+    with preemption.install().saving():
+        try:
+            return _write_checkpoint(run, state, cursor, reason, tmp)
+        except BaseException:
+            if run.eng.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # distgen's own .tmp-step-* folder
+            raise
+
+
+def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str, tmp: Path) -> Path:
     eng, tc = run.eng, run.cfg.train
     # Where the data stream stands: a periodic checkpoint (or one at a step where the straight run would
     # have written one, e.g. the end) restarts it at its step; any other notes the batches drawn.
     boundary = reason == "periodic" or (state.step % tc.checkpoint_every == 0 and state.counters["nonfinite_run"] == 0)
     state.data_start_step, state.data_skip = (state.step, 0) if boundary else cursor.position()
-    tmp = ckpt.tmp_dir(run.root, state.step)
     if eng.main:
         if tmp.exists():
             shutil.rmtree(tmp)  # distgen's own temporary folder (.tmp-step-*), never a user's

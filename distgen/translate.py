@@ -51,12 +51,15 @@ def _read_file(path: Path, data_cfg) -> torch.Tensor:
 
     from distgen.data.pipeline import fit_image
 
+    from distgen.data.pixels import to_8bit
+
     try:
         with Image.open(path) as im:
             im.load()
-            im = im.convert("L" if data_cfg.channels == 1 else "RGB")
+            im = to_8bit(im, str(path))  # 16 bits scaled, alpha composited: as the training data was read
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise SampleError(f"{path}: not a readable image ({e})") from None
+    im = im.convert("L" if data_cfg.channels == 1 else "RGB")
     return torch.from_numpy(fit_image(im, data_cfg.resolution, data_cfg.resize).copy())
 
 

@@ -68,6 +68,7 @@ def test_eval_with_fewer_shards_than_workers_and_no_manifest(fm_test_shards, tmp
     # One shard, 2 ranks x 2 workers, with a manifest: sample-level split.
     m = json.loads(fm_test_shards.read_text())
     m["shards"] = m["shards"][3:]
+    m["total"] = 1000
     shutil.copy(fm_test_shards.parent / "test-000003.tar", tmp_path)
     (tmp_path / "one.json").write_text(json.dumps(m))
     keys = []
@@ -102,6 +103,7 @@ def test_training_streams_differ_by_rank_and_resume_step_and_repeat_by_seed(fm_t
 def test_training_is_infinite_and_shuffled(fm_test_shards, tmp_path):
     m = json.loads(fm_test_shards.read_text())
     m["shards"] = m["shards"][3:]  # 1000 samples
+    m["total"] = 1000
     shutil.copy(fm_test_shards.parent / "test-000003.tar", tmp_path)
     (tmp_path / "small.json").write_text(json.dumps(m))
     cfg = DataConfig(resolution=28, channels=1, workers=1, shuffle_buffer=200)

@@ -19,6 +19,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from distgen.readback import MAX_DEPTH
+
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -56,8 +58,8 @@ def _type_name(tp: Any) -> str:
 
 def _parse_raw(raw: _Raw) -> Any:
     try:
-        return yaml.safe_load(str(raw))
-    except yaml.YAMLError:
+        return safe_yaml(str(raw), "override")
+    except ConfigError:
         return str(raw)
 
 
@@ -164,8 +166,12 @@ def _build(tp: Any, value: Any, path: str, choose: Optional[Chooser] = None) -> 
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():  # more digits than Python parses
+            raise ConfigError(f"{path}: {_short(value)} is out of range (at most {MAX_INT} in magnitude)")
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
+        if not -MAX_INT <= value <= MAX_INT:  # every count and size distgen keeps fits in 64 bits
+            raise ConfigError(f"{path}: {_short(value)} is out of range (at most {MAX_INT} in magnitude)")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
@@ -239,14 +245,115 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
+MAX_INT = 2 ** 63 - 1
+MAX_YAML_BYTES = 1 << 20  # a config is a few KB; the largest (a long shard list) stays far below this
+MAX_YAML_NODES = 200_000  # values after aliases are expanded: a "billion laughs" document stops here
+
+
+def _short(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 80 else f"{s[:40]}... ({len(str(value))} characters)"
+
+
+class _Duplicate(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' merges; keys after it override the merged ones on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error follows
+                if dup:
+                    raise _Duplicate(f"line {key_node.start_mark.line + 1}: the key {_short(key)} is given twice "
+                                     f"in one mapping (YAML would keep the last silently)")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_problem(root) -> Optional[str]:
+    """Whether a composed YAML document, its aliases expanded, holds more than MAX_YAML_NODES values, nests
+    deeper than MAX_DEPTH or refers to itself. Counted over the node graph (each node once), so the check
+    costs the document's size, not the expansion's."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = ([c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode)
+                else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+            height[id(node)] = 1 + max((height[id(c)] for c in kids), default=0)
+            if size[id(node)] > MAX_YAML_NODES:
+                return f"its aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?)"
+            if height[id(node)] > MAX_DEPTH:
+                return f"nested more than {MAX_DEPTH} levels deep"
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            return "an alias refers to a value that holds it (a recursive document)"
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in kids if id(c) not in size)
+    return None
+
+
+def safe_yaml(text: str, where: Any) -> Any:
+    """YAML text into plain data, refusing (ConfigError naming ``where``) what safe_load takes silently or
+    chokes on: a key given twice, aliases that expand past MAX_YAML_NODES values, nesting past MAX_DEPTH,
+    integers of more digits than Python parses."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters, more than a config may hold ({MAX_YAML_BYTES})")
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _expanded_problem(node)
+        if problem:
+            raise ConfigError(f"{where}: not accepted as a config: {problem}")
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except _Duplicate as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:  # the composer recurses once per level
+        raise ConfigError(f"{where}: not accepted as a config: nested too deep") from None
+    except ValueError as e:  # int('...5000 digits...'): Python's limit on integer digits
+        raise ConfigError(f"{where}: not accepted as a config: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        size = p.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{p}: {size} bytes, more than a config may hold ({MAX_YAML_BYTES})")
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: unreadable ({e.strerror or e})") from None
+    data = safe_yaml(text, p)
     if data is None:
         return {}
     if not isinstance(data, dict):

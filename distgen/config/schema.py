@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from distgen.config.core import check
+from distgen.readback import name_problem
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,10 @@ class RunConfig:
     seed: int = 0  # global seed; rank r of w uses seed * w + r
 
     def validate(self, path: str) -> None:
-        check(bool(self.name) and "/" not in self.name, f"{path}.name", "must be a non-empty name without '/'")
+        problem = name_problem(self.name)
+        check(problem is None, f"{path}.name", f"{problem}: a run's name is one folder name under runs/ (run.dir "
+                                               f"takes a path)")
+        check(self.dir is None or bool(self.dir.strip()), f"{path}.dir", "must not be empty")
         check(self.seed >= 0, f"{path}.seed", f"must be >= 0, got {self.seed}")
 
     @property

@@ -60,6 +60,8 @@ def encode_shards(ae_dir: str | Path, inputs: list[str], out_dir: str | Path, *,
                     yield sample
 
     weights = sorted(Path(ae_dir).glob("*.safetensors"))
+    if not weights:
+        raise DataError(f"{ae_dir}: no .safetensors weights to record in the manifest")
     f = downsampling(ae)
     return write_samples(samples(), out_dir, split, samples_per_shard, log, name=str(inputs), manifest={
         "source": f"encode:{','.join(inputs)}",
@@ -67,7 +69,9 @@ def encode_shards(ae_dir: str | Path, inputs: list[str], out_dir: str | Path, *,
         "image_size": list(size),
         "channels": channels,
         "num_classes": meta.get("num_classes", 0),
-        "class_names": meta.get("class_names", []),
+        # as many names as classes, or none when the input manifest had none (readers check the two agree)
+        "class_names": meta.get("class_names", [] if not meta.get("num_classes") else
+                                [str(i) for i in range(meta["num_classes"])]),
         "latent_shape": [ae.config.latent_channels, size[0] // f, size[1] // f],
         "autoencoder": {"path": str(Path(ae_dir).resolve()), "weights_sha256": file_sha256(weights[0]),
                         "scaling_factor": ae.config.scaling_factor},

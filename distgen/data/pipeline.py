@@ -29,7 +29,6 @@ import io
 import logging
 import os
 import random
-import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +40,18 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from distgen.data.errors import DataError
-from distgen.data.shard import read_manifest
+from distgen.data.pixels import channels as pixel_channels
+from distgen.data.pixels import to_8bit
+from distgen.data.shard import manifest_shard_path, read_manifest  # noqa: F401  (manifest_shard_path: re-exported)
 from distgen.data.sources import LAYOUTS
 from distgen.data.streams import PipeStream, open_shard
 from distgen.data.tario import iter_entries, seek_sample
 from distgen.dist import derive_seed
+from distgen.readback import MAX_CLASSES
 
 log = logging.getLogger("distgen.data")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 PIL_FORMATS = {"png": ["PNG"], "jpg": ["JPEG"], "jpeg": ["JPEG"], "webp": ["WEBP"]}
-GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
 IMAGE_KEYS = ("image", "a", "b")  # a sample's (and a batch's) images: one, or a pair
 STREAM_A, STREAM_B = 1, 2  # the extra seed part of unpaired training's two streams (make_train_loader)
 
@@ -69,37 +70,19 @@ class ShardSet:
         return None if any(c is None for c in self.counts) else sum(self.counts)
 
 
-def manifest_shard_path(manifest: Path, i: int, name) -> Path:
-    """Where shard ``i`` named ``name`` in ``manifest`` lies, or a DataError.
-
-    A manifest is data, often downloaded with the shards: it names files relative to its own folder and
-    nothing else. No absolute path, no ``..``, no ``pipe:`` (a shell command) and no URL scheme: what
-    runs or reaches out is only ever what the user typed.
-    """
-    # "scheme:" at the start covers pipe: as well as every URL
-    bad = (not isinstance(name, str) or not name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)
-           or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name)
-    if bad:
-        raise DataError(f"{manifest}: shards[{i}].name {name!r}: a manifest names its shards as files relative to "
-                        f"its own folder (no absolute path, '..', pipe: command or URL)")
-    return manifest.parent / name
-
-
 def _load_manifest(path: Path) -> ShardSet:
-    m = read_manifest(path)
+    m = read_manifest(path)  # checked: types, bounds, total, names inside its folder
     urls, counts = [], []
-    for i, s in enumerate(m["shards"]):
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):
-            raise DataError(f"{path}: shards[{i}] needs a name and an integer count")
-        shard = manifest_shard_path(path, i, s["name"])
+    for s in m["shards"]:
+        shard = path.parent / s["name"]
         try:
             size = shard.stat().st_size if shard.is_file() else None
         except OSError:
             size = None
         if size is None:
             raise DataError(f"{path}: shard {shard} is missing")
-        # Sizes on every start (one stat per shard); hashes on demand: reading every byte of a cluster-sized
-        # data set at each start would cost minutes (distgen data verify MANIFEST does it).
+        # Sizes on every start (one stat per shard); hashes and sample counts on demand: reading every byte
+        # of a cluster-sized data set at each start would cost minutes (distgen data verify MANIFEST does it).
         if "size" in s and s["size"] != size:
             raise DataError(f"{path}: shard {shard} is {size} bytes, the manifest records {s['size']} (changed or "
                             f"truncated since it was written; `distgen data verify {path}` checks every shard)")
@@ -197,6 +180,7 @@ class Slice:
     start: int = 0
     stop: Optional[int] = None
     shard: int = 0  # position of the shard in the input list: (shard, sample) orders a whole pass
+    count: Optional[int] = None  # the shard's sample count in its manifest: a slice that ends there checks it
 
 
 def partition(slices: Sequence[Slice], part: int, nparts: int) -> list[Slice]:
@@ -215,7 +199,7 @@ def partition(slices: Sequence[Slice], part: int, nparts: int) -> list[Slice]:
         n = s.stop - s.start
         a, b = max(lo, pos), min(hi, pos + n)
         if a < b:
-            out.append(Slice(s.url, s.start + a - pos, s.start + b - pos, s.shard))
+            out.append(Slice(s.url, s.start + a - pos, s.start + b - pos, s.shard, s.count))
         pos += n
     return out
 
@@ -245,13 +229,17 @@ def resample(shards: Sequence[tuple[str, Optional[int]]], rng: random.Random) ->
     A shard with a known count is read circularly from a random sample
     onwards, so a stream with another seed (another rank, or a resumed run)
     does not start by replaying the first samples of the same shard.
+    Shards a manifest counts empty are left out; none left is a DataError.
     """
+    shards = [(url, count) for url, count in shards if count != 0]
+    if not shards:
+        raise DataError("every shard of this stream holds no samples (manifest counts of 0): nothing to train on")
     while True:
         url, count = rng.choice(shards)
         off = rng.randrange(count) if count else 0
-        yield Slice(url, off, count)
+        yield Slice(url, off, count, count=count)
         if off:
-            yield Slice(url, 0, off)
+            yield Slice(url, 0, off, count=count)
 
 
 # --------------------------------------------------------------------------- reading
@@ -263,7 +251,8 @@ def _split_name(fname: str) -> tuple[str, str]:
     return (f"{prefix}/{key}" if prefix else key), ext.lower()
 
 
-def _sample_key(fname: str) -> str:
+def sample_key(fname: str) -> str:
+    """The sample a member belongs to: its name up to the first dot of its base name (webdataset's rule)."""
     return _split_name(fname)[0]
 
 
@@ -283,26 +272,38 @@ def _position_index(stream) -> Optional["array[int]"]:
     return _SAMPLE_POS.setdefault((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), array("q"))
 
 
-def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
+MAX_BARREN = 1000  # endless reading: this many shard reads in a row without a sample mean there are none
+
+
+def read_tar(slices: Iterable[Slice], policy: ErrorPolicy, endless: bool = False) -> Iterator[dict]:
     """Stage: samples (``__key__``, ``__url__`` and one entry per member extension) from tar shards.
 
     Members are grouped by key; a shard that ends early, is corrupt or whose
     ``pipe:`` command fails raises a DataError naming the shard and the last
     good key (or, with ``skip``, counts the samples of the slice it loses and
     moves to the next shard). A slice that starts inside a local shard seeks
-    to its first sample.
+    to its first sample. Counts are checked, not trusted: a slice that ends at
+    its shard's manifest count finds no sample after it, and a shard read whole
+    holds one at least. ``endless`` (training): :data:`MAX_BARREN` slices in a
+    row without a sample stop the stream, whatever the policy, rather than spin.
     """
+    barren = 0  # slices in a row that gave no sample
     for sl in slices:
+        if endless and barren >= MAX_BARREN:
+            raise DataError(f"shard {sl.url}: the last {MAX_BARREN} shard reads of this stream gave no sample "
+                            f"(every shard of it is bad or empty: see the errors logged above)")
         url = sl.url
         index = 0  # number of the sample being assembled
         last_key = None
         done = False
         stream = None
+        barren += 1
+        lost: Optional[int] = None  # what a DataError raised below costs
         try:
             stream = open_shard(url)
             positions = _position_index(stream)
             if sl.start and positions is not None:
-                seek_sample(stream, sl.start, _sample_key, positions)
+                seek_sample(stream, sl.start, sample_key, positions)
                 index = sl.start
             entries = iter_entries(stream, pos=stream.tell() if positions is not None else 0)
             current: Optional[dict] = None
@@ -315,12 +316,17 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
                     continue
                 if current is not None:
                     if index >= sl.start:
+                        barren = 0
                         yield current
                     last_key = current["__key__"]
                     index += 1
-                    if sl.stop is not None and index >= sl.stop:
-                        done = True
-                        break
+                if sl.stop is not None and index >= sl.stop:  # sample `index` exists: it is past the slice
+                    done = True
+                    if sl.stop == sl.count:
+                        raise DataError(f"shard {url}: holds more than the {sl.count} samples its manifest records "
+                                        f"(key {key} follows them): the manifest is out of date or was edited "
+                                        f"(`distgen data verify` counts every shard)")
+                    break
                 if positions is not None and index == len(positions):
                     positions.append(pos)
                 if index < sl.start:  # skipping in a stream that cannot seek (a pipe): build nothing
@@ -329,13 +335,18 @@ def read_tar(slices: Iterable[Slice], policy: ErrorPolicy) -> Iterator[dict]:
                 current = {"__key__": key, "__url__": url, "__index__": (sl.shard << 32) | index, ext: data}
             if not done and current is not None:
                 if index >= sl.start:
+                    barren = 0
                     yield current
                 last_key = current["__key__"]
                 index += 1
             if sl.stop is not None and index < sl.stop:
-                raise ValueError(f"ended after {index} samples, expected at least {sl.stop} (manifest count)")
+                raise ValueError(f"ended after {index} samples, expected at least {sl.stop}"
+                                 + (f" (its manifest records {sl.count})" if sl.count is not None else ""))
+            if sl.stop is None and sl.start == 0 and index == 0:
+                lost = 0
+                raise DataError(f"shard {url}: holds no samples (an empty tar)")
         except DataError as e:
-            policy(e)
+            policy(e, lost)
         except GeneratorExit:  # the consumer stopped early: not an error
             done = True
             raise
@@ -373,14 +384,36 @@ def shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    resolution: int
-    channels: int
+    resolution: Optional[int]  # None: as stored (distgen data verify --decode)
+    channels: int  # 0: as stored
     resize: str = "center_crop"  # or "stretch"
     labels: str = "optional"  # "required", "optional" (-1 when missing) or "none"
     expect_size: Optional[tuple[int, int]] = None  # (H, W) every stored image must have
     expect_channels: Optional[int] = None
     kind: str = "images"  # or "latents": shards of ``distgen data encode``, an autoencoder's posterior moments;
     # or "paired": images a.<ext> and b.<ext> per sample (manifest layout paired), each decoded as "images" does
+    num_classes: Optional[int] = None  # labels lie in [0, num_classes) (the manifest's; else MAX_CLASSES)
+    latent_shape: Optional[tuple[int, int, int]] = None  # (C, h, w): latent.npy holds (2C, h, w) float32 moments
+
+    def describe(self) -> str:
+        """What decoding checks, in words (for ``distgen data verify``)."""
+        if self.kind == "latents":
+            what = "latents " + ("x".join(map(str, self.moments_shape)) + " float32, finite" if self.latent_shape
+                                 else "float32, finite")
+        else:
+            size = "x".join(map(str, self.expect_size)) if self.expect_size else "any size"
+            chans = self.expect_channels or self.channels
+            what = ("image pairs " if self.kind == "paired" else "images ") + size + (f"x{chans}" if chans else "")
+        if self.labels != "none":
+            what += f", labels in [0, {self.num_classes or MAX_CLASSES})"
+        return what
+
+    @property
+    def moments_shape(self) -> Optional[tuple[int, int, int]]:
+        if self.latent_shape is None:
+            return None
+        c, h, w = self.latent_shape
+        return 2 * c, h, w
 
 
 def _to_resolution(im: Image.Image, res: int, mode: str) -> Image.Image:
@@ -395,10 +428,12 @@ def _to_resolution(im: Image.Image, res: int, mode: str) -> Image.Image:
     return im.resize((res, res), Image.BICUBIC if max(w, h) < res else Image.LANCZOS)
 
 
-def open_image(data: bytes, ext: str) -> Image.Image:
-    """Decode image bytes with PIL (told the format, which skips probing every plugin)."""
+def open_image(data: bytes, ext: str, load: bool = True) -> Image.Image:
+    """Decode image bytes with PIL (told the format, which skips probing every plugin); ``load=False`` reads
+    the header alone (size and mode), decoding nothing yet."""
     im = Image.open(io.BytesIO(data), formats=PIL_FORMATS[ext])
-    im.load()
+    if load:
+        im.load()
     return im
 
 
@@ -435,28 +470,60 @@ def _label(s: dict, out: dict, spec: DecodeSpec) -> None:
         return
     key, url = s["__key__"], s["__url__"]
     if "cls" in s:
-        try:
-            out["label"] = int(s["cls"])
-        except ValueError:
-            raise DataError(f"shard {url}, key {key}: 'cls' is not an integer: {s['cls'][:20]!r}") from None
+        digits = s["cls"].strip()
+        if not (digits.isdigit() and len(digits) <= 6):  # ASCII digits: no sign, no 1e9, no 10**100
+            raise DataError(f"shard {url}, key {key}: 'cls' is not a class number: {s['cls'][:20]!r}")
+        label, n = int(digits), spec.num_classes
+        # A label of n would train as classifier-free guidance's null class, one above as an index error.
+        if label >= (n or MAX_CLASSES):
+            raise DataError(f"shard {url}, key {key}: 'cls' {label} is out of range: "
+                            + (f"the manifest lists {n} classes (0 to {n - 1})" if n else
+                               f"distgen takes at most {MAX_CLASSES} classes"))
+        out["label"] = label
     elif spec.labels == "required":
         raise DataError(f"shard {url}, key {key}: missing 'cls' label (data.labels is true)")
     else:
         out["label"] = -1
 
 
+def _latent(raw: bytes, spec: DecodeSpec, where: str) -> np.ndarray:
+    """A stored ``latent.npy``: its header checked against the manifest before any array is made (np.load
+    would allocate whatever shape a header claims), then its values (finite)."""
+    f = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"npy format version {version[0]}.{version[1]}; a float32 array is 1.0 or 2.0")
+    except (ValueError, EOFError) as e:
+        raise DataError(f"{where}: 'latent.npy' is not a numpy array ({e})") from None
+    want = spec.moments_shape
+    if dtype != np.float32 or (shape != want if want else len(shape) != 3):
+        raise DataError(f"{where}: 'latent.npy' is {dtype} {list(shape)}, expected float32 "
+                        + (f"{list(want)} (the manifest's latent_shape {list(spec.latent_shape)}: mean and "
+                           f"log-variance)" if want else "of 3 dimensions"))
+    count = int(np.prod(shape))
+    if len(raw) - f.tell() != 4 * count:
+        raise DataError(f"{where}: 'latent.npy' holds {len(raw) - f.tell()} bytes of values, its header says "
+                        f"{4 * count} (truncated or corrupt)")
+    lat = np.frombuffer(raw, np.float32, count, f.tell()).reshape(shape, order="F" if fortran else "C")
+    if not np.isfinite(lat).all():
+        raise DataError(f"{where}: 'latent.npy' holds {int((~np.isfinite(lat)).sum())} non-finite values")
+    return lat
+
+
 def decode_latents(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
     """Stage: stored bytes -> ``{"key", "latent": float32 array, "label"}`` (latent shards)."""
     for s in samples:
         key, url = s["__key__"], s["__url__"]
+        where = f"shard {url}, key {key}"
         try:
             if "latent.npy" not in s:
-                raise DataError(f"shard {url}, key {key}: no 'latent.npy' member (the manifest says latent shards)")
-            try:
-                lat = np.load(io.BytesIO(s["latent.npy"]), allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DataError(f"shard {url}, key {key}: 'latent.npy' is not a numpy array ({e})") from None
-            out = {"key": key, "index": s["__index__"], "latent": lat.astype(np.float32, copy=False)}
+                raise DataError(f"{where}: no 'latent.npy' member (the manifest says latent shards)")
+            out = {"key": key, "index": s["__index__"], "latent": _latent(s["latent.npy"], spec, where)}
             _label(s, out, spec)
             yield out
         except DataError as e:
@@ -468,27 +535,42 @@ def _image_ext(s: dict, prefix: str = "") -> Optional[str]:
     return next((prefix + e for e in IMAGE_EXTS if prefix + e in s), None)
 
 
+_UNDECODABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def _open_member(s: dict, member: str, where: str) -> Image.Image:
+    """A sample's image, its header read (size and mode), its pixels not decoded yet (:func:`_load_member`)."""
     try:
-        return open_image(s[member], member.rpartition(".")[2])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return open_image(s[member], member.rpartition(".")[2], load=False)
+    except _UNDECODABLE as e:
         raise DataError(f"{where}: '{member}' is not a decodable image ({e})") from None
 
 
-def _image_array(im: Image.Image, spec: DecodeSpec, where: str, what: str) -> np.ndarray:
-    """A stored image, checked against the manifest's size and channels, as uint8 CxHxW at the resolution."""
+def _load_member(im: Image.Image, member: str, spec: DecodeSpec, where: str, what: str) -> Image.Image:
+    """``im`` decoded, once its size and channels match the manifest: an image of another size costs nothing
+    to refuse, whatever size it claims."""
     expect_c = spec.expect_channels or spec.channels
-    mode, size = im.mode, im.size
-    chans = 1 if mode in GREY_MODES else 3  # alpha does not count
-    if chans != expect_c:
+    chans = pixel_channels(im.mode)  # alpha does not count
+    if expect_c and chans != expect_c:
         raise DataError(f"{where}: {what} has {chans} channel(s), expected {expect_c}")
-    if spec.expect_size is not None and size != (spec.expect_size[1], spec.expect_size[0]):
-        raise DataError(f"{where}: {what} is {size[1]}x{size[0]}, expected "
+    if spec.expect_size is not None and im.size != (spec.expect_size[1], spec.expect_size[0]):
+        raise DataError(f"{where}: {what} is {im.size[1]}x{im.size[0]}, expected "
                         f"{spec.expect_size[0]}x{spec.expect_size[1]} (from the manifest)")
-    want_mode = "L" if spec.channels == 1 else "RGB"
-    if mode != want_mode:
-        im = im.convert(want_mode)
-    return _to_chw(_to_resolution(im, spec.resolution, spec.resize))
+    try:
+        im.load()
+    except _UNDECODABLE as e:
+        raise DataError(f"{where}: '{member}' is not a decodable image ({e})") from None
+    return im
+
+
+def _image_array(im: Image.Image, spec: DecodeSpec, where: str, what: str) -> np.ndarray:
+    """A stored image (checked by :func:`_load_member`) in 8 bits (:func:`distgen.data.pixels.to_8bit`), as uint8
+    CxHxW at the resolution."""
+    if im.mode not in ("L", "RGB") or "transparency" in im.info:
+        im = to_8bit(im, f"{where}: {what}")
+    if spec.channels and im.mode != ("L" if spec.channels == 1 else "RGB"):
+        im = im.convert("L" if spec.channels == 1 else "RGB")
+    return _to_chw(_to_resolution(im, spec.resolution, spec.resize) if spec.resolution else im)
 
 
 def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> Iterator[dict]:
@@ -509,8 +591,8 @@ def decode(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy) -> It
                 hint = "; it holds a paired sample (a and b images): pass the shards' manifest, which says " \
                        "layout paired" if _image_ext(s, "a.") else ""
                 raise DataError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)}){hint}")
-            out = {"key": key, "index": s["__index__"], "image": _image_array(_open_member(s, ext, where), spec,
-                                                                              where, "image")}
+            im = _load_member(_open_member(s, ext, where), ext, spec, where, "image")
+            out = {"key": key, "index": s["__index__"], "image": _image_array(im, spec, where, "image")}
             _label(s, out, spec)
             yield out
         except DataError as e:
@@ -540,7 +622,8 @@ def decode_paired(samples: Iterable[dict], spec: DecodeSpec, policy: ErrorPolicy
                                 f"have one size")
             out = {"key": key, "index": s["__index__"]}
             for side, im in ims.items():
-                out[side] = _image_array(im, spec, where, f"'{side}' image")
+                what = f"'{side}' image"
+                out[side] = _image_array(_load_member(im, members[side], spec, where, what), spec, where, what)
             _label(s, out, spec)
             yield out
         except DataError as e:
@@ -590,6 +673,39 @@ def _collate(buf: list[dict], skipped: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- verifying
+def manifest_spec(meta: dict) -> DecodeSpec:
+    """How ``distgen data verify --decode`` decodes the shards of a manifest: as training does, at the stored
+    size, every check the manifest allows (size, channels, labels required when it lists classes, latents'
+    shape)."""
+    kind = "paired" if meta.get("layout") == "paired" else meta.get("kind", "images")
+    n = meta.get("num_classes") or None
+    return DecodeSpec(None, meta.get("channels") or 0, labels="required" if n else "none",
+                      expect_size=tuple(meta["image_size"]) if meta.get("image_size") else None,
+                      expect_channels=meta.get("channels"), kind=kind, num_classes=n,
+                      latent_shape=tuple(meta["latent_shape"]) if meta.get("latent_shape") else None)
+
+
+class _Tally(ErrorPolicy):
+    """A policy that keeps the first error and counts the samples lost, quietly."""
+
+    def __init__(self):
+        super().__init__("skip")
+        self.first: Optional[str] = None
+
+    def __call__(self, err: DataError, lost: Optional[int] = 1) -> None:
+        self.first = self.first or str(err)
+        self.skipped += 1 if lost is None else max(lost, 1)
+
+
+def check_shard(url: str, count: Optional[int], shard: int, spec: DecodeSpec) -> tuple[int, Optional[str]]:
+    """Decode every sample of one shard as training does: (bad samples, the first one's error or None)."""
+    policy = _Tally()
+    for _ in decode(read_tar([Slice(url, 0, count, shard, count)], policy), spec, policy):
+        pass
+    return policy.skipped, policy.first
+
+
 # --------------------------------------------------------------------------- datasets
 def stream_seed(seed: int, rank: int, worker: int, step: int, stream: Optional[int] = None) -> int:
     """Seed for one rank's worker, from (seed, rank, worker, start step); ``stream`` tells apart the streams of
@@ -632,7 +748,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             gc.freeze()
         policy = ErrorPolicy(self.on_error)
         if self.mode == "eval":
-            slices = [Slice(u, 0, c, i) for i, (u, c) in enumerate(zip(self.shards.urls, self.shards.counts))]
+            slices = [Slice(u, 0, c, i, c) for i, (u, c) in enumerate(zip(self.shards.urls, self.shards.counts))]
             slices = split_by_node(slices, self.rank, self.world)
             slices = split_by_worker(slices, worker, workers)
             samples = read_tar(slices, policy)
@@ -641,7 +757,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = list(zip(self.shards.urls, self.shards.counts))
             shards = deal_shards(shards, self.rank, self.world)
             shards = deal_shards(shards, worker, workers)
-            samples = read_tar(resample(shards, rng), policy)
+            samples = read_tar(resample(shards, rng), policy, endless=True)
             samples = shuffle(samples, self.shuffle_buffer, rng)
         samples = decode(samples, self.spec, policy)
         if self.flip and self.mode == "train":
@@ -813,7 +929,9 @@ def make_loader(
         kind = "paired"
     if kind == "latents" and cfg.flip:
         raise DataError(f"data.flip: {shards.urls[0]} holds latents, which cannot be flipped like images")
-    spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"), kind)
+    latent_shape = tuple(meta["latent_shape"]) if meta.get("latent_shape") else None
+    spec = DecodeSpec(cfg.resolution, cfg.channels, cfg.resize, labels, size, meta.get("channels"), kind,
+                      meta.get("num_classes") or None, latent_shape)
     if meta.get("channels") and meta["channels"] != cfg.channels:
         raise DataError(f"data.channels is {cfg.channels} but the shards hold {meta['channels']}-channel images "
                         f"({_first(inputs)})")

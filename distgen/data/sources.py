@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
 import tarfile
@@ -31,12 +32,16 @@ import numpy as np
 from PIL import Image
 
 from distgen.data.errors import DataError
+from distgen.data.pixels import channels as pixel_channels
+from distgen.data.pixels import to_8bit
+from distgen.readback import MAX_CLASSES, read_bytes
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+CIFAR_MAX_BYTES = 1 << 30  # a CIFAR-10 python batch holds 30 MB
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -139,8 +144,8 @@ def _read_idx(path: Path, kind: str) -> np.ndarray:
             raise ValueError(f"bad magic number {magic:#x}")
         shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-        if data.size != int(np.prod(shape)):
-            raise ValueError(f"expected {int(np.prod(shape))} values, found {data.size}")
+        if data.size != math.prod(shape):  # Python integers: np.prod of four 2^32 sides would overflow
+            raise ValueError(f"expected {math.prod(shape)} values, found {data.size}")
         return data.reshape(shape)
     except (OSError, ValueError, struct.error, EOFError) as e:
         raise DataError(f"{path}: not a valid idx {kind} file ({e})") from None
@@ -170,6 +175,10 @@ def _fashion_mnist_arrays(directory: str, split: str, spec: str) -> tuple[np.nda
     labels = _read_idx(paths[1], "label")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{paths[0]}: {images.shape} images do not match {labels.shape} labels in {paths[1]}")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        i = int(np.argmax(labels >= len(FASHION_MNIST_CLASSES)))
+        raise DataError(f"{paths[1]}: label {labels[i]} at index {i}; Fashion-MNIST has {len(FASHION_MNIST_CLASSES)} "
+                        f"classes (0-9)")
     return images, labels
 
 
@@ -317,32 +326,21 @@ def _cifar10(path: Path, split: str, spec: str) -> Source:
     if path.is_dir():
         for n in names + ["batches.meta"]:
             if (path / n).is_file():
-                blobs[n] = (path / n).read_bytes()
+                blobs[n] = read_bytes(path / n, CIFAR_MAX_BYTES, DataError, "CIFAR-10 batch")
     elif path.is_file():
         try:
             with tarfile.open(path, "r:*") as tf:
                 for m in tf.getmembers():
                     base = m.name.rsplit("/", 1)[-1]
                     if m.isfile() and base in names + ["batches.meta"]:
+                        if m.size > CIFAR_MAX_BYTES:
+                            raise DataError(f"{path}: {m.name}: {m.size} bytes, more than a CIFAR-10 batch "
+                                            f"may hold ({CIFAR_MAX_BYTES})")
                         blobs[base] = tf.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable CIFAR-10 archive ({e})") from None
     else:
         raise DataError(f"{path}: not found")
-    xs, ys = [], []
-    for n in names:
-        if n not in blobs:
-            raise DataError(f"{path}: CIFAR-10 batch '{n}' is missing")
-        try:
-            batch = _ArrayUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load()
-            x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            y = np.asarray(batch[b"labels"], dtype=np.int64)
-        except Exception as e:  # any malformed pickle content
-            raise DataError(f"{path}/{n}: not a CIFAR-10 python batch ({e})") from None
-        xs.append(x)
-        ys.append(y)
-    x = np.concatenate(xs)
-    y = np.concatenate(ys)
     classes = CIFAR10_CLASSES
     if "batches.meta" in blobs:
         try:
@@ -350,6 +348,31 @@ def _cifar10(path: Path, split: str, spec: str) -> Source:
             classes = tuple(c.decode() for c in meta[b"label_names"])
         except Exception as e:
             raise DataError(f"{path}/batches.meta: unreadable ({e})") from None
+        if not 0 < len(classes) <= MAX_CLASSES:
+            raise DataError(f"{path}/batches.meta: {len(classes)} label names")
+    xs, ys = [], []
+    for n in names:
+        if n not in blobs:
+            raise DataError(f"{path}: CIFAR-10 batch '{n}' is missing")
+        try:
+            batch = _ArrayUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load()
+            data, labels = batch[b"data"], batch[b"labels"]
+            y = np.asarray(labels)
+        except Exception as e:  # any malformed pickle content
+            raise DataError(f"{path}/{n}: not a CIFAR-10 python batch ({e})") from None
+        # Checked, not cast: a cast would wrap other values into 0-255 and zip() would drop unmatched samples.
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32):
+            raise DataError(f"{path}/{n}: 'data' must be uint8 N x 3072, got {type(data).__name__} "
+                            f"{getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}")
+        if y.shape != (len(data),) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}/{n}: 'labels' must be {len(data)} integers, got {y.dtype} {y.shape}")
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise DataError(f"{path}/{n}: labels must lie in [0, {len(classes)}), found {y.min()} to {y.max()}")
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(y.astype(np.int64))
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
 
     def items():
         for img, lab in zip(x, y):
@@ -358,24 +381,17 @@ def _cifar10(path: Path, split: str, spec: str) -> Source:
     return Source(spec, len(x), classes, items, (32, 32), 3)
 
 
-GREY_MODES = ("L", "1", "I;16", "I", "F", "LA")  # read as L; other modes but RGB become RGB
-
-
 def _load_image(path: Path, channels: Optional[int] = None) -> np.ndarray:
-    """An image file as uint8 HxW (grey) or HxWx3; ``channels=3`` turns grey into RGB."""
+    """An image file as uint8 HxW (grey) or HxWx3 (:func:`distgen.data.pixels.to_8bit`); ``channels=3`` turns
+    grey into RGB."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("L", "RGB"):
-                pass
-            elif im.mode in GREY_MODES:
-                im = im.convert("L")
-            else:
-                im = im.convert("RGB")
+            im = to_8bit(im, str(path))
             if channels == 3 and im.mode == "L":
                 im = im.convert("RGB")
             return np.asarray(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
@@ -383,8 +399,8 @@ def _peek_image(path: Path) -> tuple[int, int, int]:
     """(width, height, channels) of an image file from its header, without decoding the pixels."""
     try:
         with Image.open(path) as im:
-            return im.size[0], im.size[1], 1 if im.mode in GREY_MODES else 3
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return im.size[0], im.size[1], pixel_channels(im.mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
@@ -437,8 +453,10 @@ def _npz(path: Path, spec: str) -> Source:
             y = z["y"] if "y" in z else None
     except DataError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable npz ({e})") from None
+    except MemoryError:  # an array header that claims more than the machine has
+        raise DataError(f"{path}: an array too large to load into memory") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3)):
         raise DataError(f"{path}: 'x' must be uint8 NHW or NHWC with C in (1, 3), got {x.dtype} {x.shape}")
     if x.ndim == 4 and x.shape[3] == 1:
@@ -446,6 +464,8 @@ def _npz(path: Path, spec: str) -> Source:
     if y is not None:
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise DataError(f"{path}: 'y' must be {len(x)} non-negative integers, got {y.dtype} {y.shape}")
+        if len(y) and y.max() >= MAX_CLASSES:  # the classes are 0..max(y): one name each
+            raise DataError(f"{path}: 'y' holds label {y.max()}; distgen takes at most {MAX_CLASSES} classes")
     classes = tuple(str(i) for i in range(int(y.max()) + 1)) if y is not None and len(y) else ()
 
     def items():

@@ -15,7 +15,7 @@ from distgen.config.schema import METRICS, EvalConfig
 from distgen.ema import std_to_exp
 from distgen.errors import SampleError
 
-MARKER = "posthoc.json"  # marks an output folder as distgen ema's (replaced only with --force)
+from distgen.ownership import EMA_MARKER as MARKER  # an ema output folder's marker (replaced only with --force)
 
 
 def _load(nets: dict, weights: dict, where: Path) -> None:
@@ -33,12 +33,13 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
                 eval_kw: Optional[dict] = None, options: Optional[dict] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import check_output_folder, newest_ema_checkpoint, sampling_options, write_export
+    from distgen.ownership import check_output_folder
+    from distgen.sample import newest_ema_checkpoint, sampling_options, write_export
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():
         raise SampleError(f"{run}: not a run folder (no checkpoints/)")
-    out = check_output_folder(run, Path(out_dir), force, marker=MARKER, what="ema output", flag="--out")
+    out = check_output_folder(run, Path(out_dir), force, marker=MARKER, flag="--out")
     if sweep is not None and metric not in METRICS:
         raise SampleError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
     widths = sweep if sweep is not None else sigmas

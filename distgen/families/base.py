@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from distgen import readback as rb
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -229,14 +231,40 @@ def save_module(out_dir: str | Path, stem: str, module: nn.Module, spec: dict) -
     (out / f"{stem}_config.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
+_MODULE_SPEC = rb.Obj({"kwargs": rb.Map(rb.Data(), max_len=200)}, extra=True)
+
+
 def load_module(out_dir: str | Path, stem: str, build: Callable[[dict], nn.Module]) -> nn.Module:
-    """The module of :func:`save_module`: ``build(spec)``, then its weights, loaded without running pickled code."""
+    """The module of :func:`save_module`: ``build(spec)``, then its weights, loaded without running pickled code.
+
+    The spec is untrusted: the module is first built on the meta device (no memory), and its parameter shapes
+    must be those the weight file holds before it is built for real, so a crafted config cannot make distgen
+    allocate a network the export's weights do not describe."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from distgen.errors import SampleError
+
     out = Path(out_dir)
-    spec = json.loads((out / f"{stem}_config.json").read_text())
+    where, weights = out / f"{stem}_config.json", out / f"{stem}.safetensors"
+    spec = rb.read_json(where, _MODULE_SPEC, error=SampleError, max_bytes=rb.MiB, what="network config")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # missing, truncated, not safetensors
+        raise SampleError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    try:
+        with torch.device("meta"):
+            want = {k: list(v.shape) for k, v in build(spec).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - whatever the stored arguments break
+        raise SampleError(f"{where}: does not describe a network ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if want != stored:
+        diff = sorted(k for k in set(want) | set(stored) if want.get(k) != stored.get(k))
+        raise SampleError(f"{weights}: its tensors do not fit the network {where.name} describes ({len(diff)} differ, "
+                          f"e.g. {diff[0]}: {stored.get(diff[0])} stored, {want.get(diff[0])} described)")
     module = build(spec)
-    module.load_state_dict(load_file(str(out / f"{stem}.safetensors")))
+    module.load_state_dict(load_file(str(weights)))
     return module
 
 

@@ -1,0 +1,370 @@
+"""Files distgen reads back are untrusted (issue: run folders, indexes, configs, exports): each numbered case of
+the probe that found them, and their siblings. Nothing outside distgen's folders is deleted or written, nothing
+hangs or grows without bound, and every refusal names the file and field."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from distgen import phema
+from distgen.cli import main as cli
+from distgen.config import ConfigError, load_config
+from distgen.errors import SampleError
+
+CONFIG = str(REPO / "configs" / "fashion_mnist_dcgan.yaml")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _limited(mem_bytes: int):
+    """preexec_fn: a child process that may use at most ``mem_bytes`` of address space."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+
+
+# ----------------------------------------------------------------------------- configs (YAML)
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_a_billion_laughs_config_is_refused_in_bounded_time_and_memory(tmp_path):
+    """Case 3: 485 bytes of nested aliases grew `train --dry-run` to 22.8 GB; now refused before expanding."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    assert len(BOMB) < 600
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(bomb), "train.lr=0.1", "--dry-run"],
+                       env=_env(), capture_output=True, text=True, timeout=60, preexec_fn=_limited(1 << 30))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"distgen: error: {bomb}: ") and "alias" in r.stderr
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deep"),  # the parser's own recursion
+    ("a: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),  # within the parser's reach, past the limit
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: the key 'lr' is given twice"),
+    ("a: &x [*x]\n", "refers to a value that holds it"),
+    ("train:\n  batch_size: " + "9" * 5000 + "\n", "Exceeds the limit"),
+])
+def test_configs_python_or_yaml_would_choke_on_are_refused_by_name(tmp_path, text, why):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ") and why in str(e.value), e.value
+
+
+def test_huge_integer_overrides_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^train.batch_size: '9999.*\.\.\. \(5000 characters\) is out of range"):
+        load_config(None, ["train.batch_size=" + "9" * 5000])
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 10{30} is out of range"):
+        load_config(None, ["train.batch_size=1" + "0" * 30])
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("base: &b {batch_size: 4, lr: 0.1}\ntrain:\n  <<: *b\n  lr: 0.2\n")
+    data = __import__("distgen.config.core", fromlist=["load_yaml"]).load_yaml(p)
+    assert data["train"] == {"batch_size": 4, "lr": 0.2}
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", "/abs", "x\ny", ""])
+def test_run_names_that_are_not_one_folder_name_are_refused(name):
+    """Case 4: run.name=.. trained into the current folder, overwriting what was there."""
+    with pytest.raises(ConfigError, match=r"^run.name: "):
+        load_config(None, [f"run.name={name}"])
+
+
+# ----------------------------------------------------------------------------- EMA snapshot index
+def _index(run: Path, entries: list[dict]) -> Path:
+    folder = run / phema.SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / phema.INDEX).write_text(json.dumps({"snapshots": entries}))
+    return folder / phema.INDEX
+
+
+def _entry(nimg: int, **over) -> dict:
+    return {"file": phema.snapshot_name(nimg), "step": nimg // 8, "nimg": nimg, "stds": [0.05, 0.1], "size": 3,
+            "sha256": "0" * 64, **over}
+
+
+@pytest.mark.parametrize("bad", ["/ABS", "../../victim.txt", "../victim.txt", "ema-000000000200.safetensors",
+                                 "index.json"])
+def test_a_crafted_index_entry_deletes_nothing(tmp_path, bad):
+    """Case 1: a resume deleted every index entry newer than its checkpoint, whatever the entry named."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("thesis")
+    run = tmp_path / "deep" / "run"
+    bad = bad.replace("/ABS", str(victim))
+    idx = _index(run, [_entry(100), _entry(300, file=bad)])
+    (idx.parent / phema.snapshot_name(100)).write_bytes(b"abc")
+    before = _tree(tmp_path)
+    with pytest.raises(SampleError) as e:
+        phema.drop_snapshots_after(run, 100)
+    assert str(e.value).startswith(f"{idx}: snapshots[1]") and "file" in str(e.value), e.value
+    assert _tree(tmp_path) == before
+
+
+def test_an_index_entry_that_is_a_link_out_of_the_folder_is_removed_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("thesis")
+    run = tmp_path / "run"
+    idx = _index(run, [_entry(100), _entry(300)])
+    (idx.parent / phema.snapshot_name(300)).symlink_to(victim)
+    assert phema.drop_snapshots_after(run, 100) == 1
+    assert victim.read_text() == "thesis" and not (idx.parent / phema.snapshot_name(300)).is_symlink()
+    # a listed snapshot that is a link leading out is refused when read
+    idx = _index(run, [_entry(100)])
+    (idx.parent / phema.snapshot_name(100)).symlink_to(victim)
+    with pytest.raises(SampleError, match="a link that leads out of"):
+        phema.check_snapshots(run, phema.read_index(run))
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"nimg": -5}, "nimg"), ({"nimg": "100"}, "nimg"), ({"stds": [float("nan")]}, "stds[0]"),
+    ({"size": 10 ** 30}, "size"), ({"sha256": "x"}, "sha256"), ({"stds": []}, "stds"), ({"step": True}, "step"),
+])
+def test_index_numbers_are_typed_and_bounded(tmp_path, entry, field):
+    idx = _index(tmp_path, [{**_entry(100), **entry}])
+    with pytest.raises(SampleError) as e:
+        phema.read_index(tmp_path)
+    assert str(e.value).startswith(f"{idx}: snapshots[0].{field}: "), e.value
+
+
+# ----------------------------------------------------------------------------- export / ema outputs
+@pytest.mark.parametrize("command", [["export", "{run}", "{out}", "--force"],
+                                     ["ema", "{run}", "--sigma-rel", "0.05", "--out", "{out}", "--force"]])
+@pytest.mark.parametrize("marker", ["distgen.json", "posthoc.json"])
+def test_force_replaces_only_a_folder_whose_marker_reads_as_distgens(tmp_path, capsys, command, marker):
+    """Case 6: `export DIR --force` emptied DIR when it held any file named distgen.json."""
+    run, out = tmp_path / "run", tmp_path / "thesis"
+    (run / "checkpoints").mkdir(parents=True)
+    (out / "src").mkdir(parents=True)
+    (out / marker).write_text('{"my": "settings"}')
+    (out / "src" / "main.py").write_text("print('mine')")
+    (out / "thesis.tex").write_text("\\documentclass{article}")
+    before = _tree(tmp_path)
+    assert cli([a.format(run=run, out=out) for a in command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distgen: error: {out}: "), err
+    assert _tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- run folders
+def _tiny(tmp_path: Path, manifest: Path, run_dir: Path, **train) -> Path:
+    from test_train import tiny_config
+
+    cfg = tiny_config(tmp_path, manifest, train={"checkpoint_every": 2, "log_every": 2, **train})
+    c = __import__("yaml").safe_load(cfg.read_text())
+    c["run"]["dir"] = str(run_dir)
+    cfg.write_text(__import__("yaml").safe_dump(c))
+    return cfg
+
+
+def test_train_refuses_a_folder_it_did_not_make(tmp_path, fm_test_shards):
+    """Case 5: run.dir= an existing folder lost its config.yaml and metrics.jsonl records without a word."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: experiment\n")
+    (mine / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    (mine / "distgen-run.json").write_text('{"format": "something else"}')  # a marker's name is not proof
+    before = _tree(tmp_path)
+    cfg = _tiny(tmp_path / "cfg", fm_test_shards, mine)
+    after_cfg = _tree(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"distgen: error: run.dir {mine}: a folder of other files")
+    assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith("cfg")} == before
+    assert _tree(tmp_path) == after_cfg
+
+
+def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_path, fm_test_shards):
+    """Case 5: two trainers on one run folder interleaved their checkpoints. The second is refused, told who
+    holds the folder; after the holder is killed (SIGKILL: no clean-up runs) the next trainer takes over."""
+    run_dir = tmp_path / "run"
+    cfg = _tiny(tmp_path, fm_test_shards, run_dir, total_kimg=0.064)  # 8 steps
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), "DISTGEN_TEST_HOLD":
+                             str(hold)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        for line in first.stdout:  # held after its first periodic checkpoint, the lock taken
+            if "holding after the periodic checkpoint" in line:
+                break
+        r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"distgen: error: run.dir {run_dir}: another distgen train is training in it "
+                               f"(pid {first.pid} on "), last
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "done at step 8" in r.stdout
+
+
+def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_test_shards):
+    run_dir = tmp_path / ("x" * 300) / "run"
+    cfg = _tiny(tmp_path, fm_test_shards, run_dir)
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"distgen: error: run.dir {run_dir}: cannot be written (") and "shorter name" in last, last
+
+
+# ----------------------------------------------------------------------------- signals
+def _wait_for(proc, text: str, timeout: float = 120) -> str:
+    seen, t0 = "", time.time()
+    for line in proc.stdout:
+        seen += line
+        if text in line or time.time() - t0 > timeout:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("how", ["watchdog", "second-signal"])
+def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, how):
+    """A step stuck on its data (a pipe that never delivers) still ends within the grace period, or at once on
+    a second signal, with the requeue status; without the watchdog it would wait for good."""
+    cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
+    c = __import__("yaml").safe_load(cfg.read_text())
+    c["data"].update(train=["pipe:sleep 120"], workers=0)
+    cfg.write_text(__import__("yaml").safe_dump(c))
+    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)],
+                         env={**_env(), "DISTGEN_SIGNAL_GRACE": "3"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(p, "distgen: global batch")
+        time.sleep(2)  # inside the first step, reading the pipe
+        t0 = time.time()
+        p.send_signal(signal.SIGTERM)
+        if how == "second-signal":
+            time.sleep(0.5)
+            p.send_signal(signal.SIGTERM)
+        rc = p.wait(60)
+        took = time.time() - t0
+        out = p.stdout.read()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the pipe's sleep, orphaned by the exit
+        except ProcessLookupError:
+            pass
+    assert rc == 75, out[-2000:]
+    if how == "watchdog":
+        assert "no checkpoint within 3 s of the signal" in out and 2.5 < took < 20, (took, out[-1000:])
+    else:
+        assert "a second signal (SIGTERM)" in out and took < 3, (took, out[-1000:])
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_shards):
+    run_dir = tmp_path / "run"
+    cfg = _tiny(tmp_path, fm_test_shards, run_dir)
+    hold = tmp_path / "hold"
+    hold.touch()
+    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), "DISTGEN_TEST_HOLD":
+                         str(hold)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "holding after the periodic checkpoint" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("distgen: interrupted (SIGINT): train")
+    ckpts = run_dir / "checkpoints"
+    assert [q.name for q in ckpts.iterdir() if q.name.startswith(".")] == []  # no temporary folder left
+    assert (ckpts / "step-00000002" / "meta.json").is_file()  # the finished checkpoint kept
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fm_test_shards):
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = _tiny(root, fm_test_shards, root / "run", total_kimg=0.016)
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.parametrize("command, delay", [("sample", 1.0), ("sample", 4.0), ("export", 4.0)])
+def test_ctrl_c_during_sample_or_export_ends_with_one_line_and_no_half_written_output(tiny_run, tmp_path, command,
+                                                                                       delay):
+    """Whenever it lands (start-up, loading, sampling, writing), Ctrl-C ends the command with one line and 130,
+    and leaves no output that looks finished but is not."""
+    out = tmp_path / ("s.npz" if command == "sample" else "export")
+    args = ["sample", str(tiny_run), "--num", "4000", "--out", str(out)] if command == "sample" else \
+        ["export", str(tiny_run), str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "distgen", *args], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0:  # it finished first: then its output is whole
+        assert out.exists()
+        return
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"distgen: interrupted (SIGINT): {command}")
+    assert sorted(q.name for q in tmp_path.iterdir()) == []  # neither an output nor a temporary file
+
+
+# ----------------------------------------------------------------------------- OS errors in words
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (root only): ``mount(size, ro)`` -> its path; unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str, ro: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if ro else ""), "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}): the full-disk and read-only "
+                        f"cases need one")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.parametrize("case", ["full", "read-only"])
+def test_a_full_or_read_only_disk_is_one_line_with_the_path_and_what_to_do(tmp_path, fm_test_shards, tmpfs, case):
+    fs = tmpfs("1M", ro=case == "read-only")
+    cfg = _tiny(tmp_path, fm_test_shards, fs / "run")
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    if case == "full":
+        assert last.startswith(f"distgen: error: {fs}/run/checkpoints/.tmp-step-") and \
+            "No space left on device (the disk is full: free space or write elsewhere)" in last, last
+        assert [p.name for p in (fs / "run" / "checkpoints").iterdir()] == []  # the unfinished checkpoint removed
+    else:
+        assert last == (f"distgen: error: run.dir {fs}/run: cannot be written ({fs}/run: Read-only file system (the "
+                        f"file system is read-only: write elsewhere))"), last
