@@ -16,9 +16,11 @@ import json
 import math
 import os
 import resource
+import signal
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -168,14 +170,30 @@ def json_bytes(base, world: World):
     )
 
 
+class TookTooLong(BaseException):  # not an Exception: no reader's `except Exception` may swallow it
+    pass
+
+
+def _alarm(signum, frame):
+    raise TookTooLong(f"a reader ran past {SECONDS} s: a loop that does not advance?")
+
+
+SECONDS = 5.0
+
+
 def outcome(fn, allowed: tuple, where: str):
-    """Run ``fn``: it returns (a documented fallback or good data) or raises one of ``allowed`` (distgen's named
-    errors) whose message starts with ``where``. Anything else fails the property."""
+    """Run ``fn`` for at most SECONDS: it returns (a documented fallback or good data) or raises one of ``allowed``
+    (distgen's named errors) whose message starts with ``where``. Anything else fails the property."""
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, SECONDS)
     try:
         return fn()
     except allowed as e:
         assert str(e).startswith(where), f"the error does not name {where} first: {e}"
         return e
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +407,121 @@ def test_run_marker_and_lock_holder(world, memory_limit):
         (run / ownership.LOCK).write_bytes(lock)
         assert isinstance(ownership.is_run_folder(run), bool)
         assert isinstance(ownership._holder(run / ownership.LOCK), str)
+        world.check_untouched()
+
+    prop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two real shards (12 labelled Fashion-MNIST images) and their manifest, as distgen writes them."""
+    import itertools
+
+    from distgen.data import write_shards
+    from distgen.data.sources import open_source
+
+    root = tmp_path_factory.mktemp("shards")
+    items = list(itertools.islice(open_source("fashion-mnist", "test").items(), 12))
+    np.savez(root / "d.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
+    write_shards(f"npz:{root / 'd.npz'}", root / "data", "train", samples_per_shard=8)
+    return root / "data"
+
+
+def _read_all(manifest: Path):
+    """What training and evaluation do with a manifest: resolve it, verify it, read every sample once."""
+    from distgen.config import DataConfig
+    from distgen.data import make_loader
+    from distgen.data.shard import verify_manifest
+
+    verify_manifest(manifest, decode=True)
+    loader = make_loader(str(manifest), DataConfig(resolution=28, channels=1, workers=0), batch_size=5, mode="eval")
+    return sum(len(b["key"]) for b in loader)
+
+
+def test_shard_manifest(world, memory_limit, shards):
+    import shutil
+
+    from distgen.errors import DataError
+
+    base = json.loads((shards / "train.manifest.json").read_text())
+
+    @PROPERTY
+    @given(raw=json_bytes(base, world))
+    def prop(raw):
+        owned = world.reset_owned()
+        for p in shards.iterdir():
+            shutil.copy(p, owned / p.name)
+        (owned / "train.manifest.json").write_bytes(raw)
+        n = outcome(lambda: _read_all(owned / "train.manifest.json"), (DataError,), "")
+        if isinstance(n, DataError):  # the manifest, or the shard it named, first
+            assert str(n).startswith((str(owned / "train.manifest.json"), f"shard {owned}")), n
+        else:  # what it accepted, it read whole: 12 images, each once
+            assert n == 12
+        world.check_untouched()
+
+    prop()
+
+
+def _fix_checksum(tar: bytearray, block: int) -> None:
+    hdr = tar[block:block + 512]
+    hdr[148:156] = b" " * 8
+    tar[block + 148:block + 156] = b"%06o\x00 " % (sum(hdr) & 0o777777)
+
+
+def test_tar_shard(world, memory_limit, shards):
+    """A shard's bytes flipped (its header checksum then recomputed, half the time, so the parser goes past it),
+    truncated, or given a PAX header of arbitrary records: read as training and evaluation read it."""
+    from distgen.data import ErrorPolicy, Slice
+    from distgen.data.pipeline import DecodeSpec, decode, read_tar
+    from distgen.errors import DataError
+
+    raw = (shards / "train-000000.tar").read_bytes()
+    headers = [i for i in range(0, len(raw) - 1024, 512) if raw[i + 257:i + 262] == b"ustar"]
+
+    def pax(records: bytes) -> bytes:
+        body = records + b"\0" * (-len(records) % 512)
+        hdr = bytearray(raw[:512])
+        hdr[156:157], hdr[124:136] = b"x", b"%011o\0" % len(records)
+        _fix_checksum(hdr, 0)
+        return bytes(hdr) + body + raw
+
+    @st.composite
+    def flipped(draw):
+        b = bytearray(raw)
+        h = draw(st.sampled_from(headers))
+        for _ in range(draw(st.integers(1, 4))):
+            b[h + draw(st.integers(0, 511))] = draw(st.integers(0, 255))
+        if draw(st.booleans()):
+            _fix_checksum(b, h)
+        return bytes(b)
+
+    def record(kv: bytes, delta: str) -> bytes:  # "LEN key=value\n", LEN right, off by a little, or zero
+        n = len(kv) + 2
+        n += len(str(n))
+        n = {"right": n, "zero": 0, "minus": -n, "short": n - 1, "long": n + 1, "far": n + 10 ** 6}[delta]
+        return b"%d %s\n" % (n, kv)
+
+    records = st.lists(st.tuples(st.sampled_from([b"path=x", b"size=12", b"size=-1", b"size=1e3", b"=", b"path"])
+                                 | st.binary(max_size=20),
+                                 st.sampled_from(["right", "right", "zero", "minus", "short", "long", "far"])),
+                       min_size=1, max_size=4).map(lambda rs: b"".join(record(*r) for r in rs))
+    kinds = {"flip": flipped(), "truncate": st.integers(0, len(raw)).map(lambda n: raw[:n]),
+             "pax": records.map(pax), "noise": st.binary(max_size=2000)}
+    data = st.sampled_from(["flip", "flip", "truncate", "pax", "pax", "pax", "noise"]).flatmap(kinds.get)
+
+    @PROPERTY
+    @given(b=data, count=st.sampled_from([None, 8]))
+    def prop(b, count):
+        url = world.reset_owned() / "s.tar"
+        url.write_bytes(b)
+        spec = DecodeSpec(28, 1, labels="optional")
+
+        def read():
+            policy = ErrorPolicy("raise")
+            return sum(1 for _ in decode(read_tar([Slice(str(url), 0, count, 0, count)], policy), spec, policy))
+
+        n = outcome(read, (DataError,), f"shard {url}")
+        assert isinstance(n, DataError) or n <= 8
         world.check_untouched()
 
     prop()
