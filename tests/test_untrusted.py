@@ -235,29 +235,23 @@ def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_t
 
 
 # ----------------------------------------------------------------------------- signals
-def _wait_for(proc, text: str, timeout: float = 120) -> str:
-    seen, t0 = "", time.time()
-    for line in proc.stdout:
-        seen += line
-        if text in line or time.time() - t0 > timeout:
-            break
-    return seen
-
-
 @pytest.mark.parametrize("how", ["watchdog", "second-signal"])
 def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, how):
     """A step stuck on its data (a pipe that never delivers) still ends within the grace period, or at once on
     a second signal, with the requeue status; without the watchdog it would wait for good."""
     cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
     c = __import__("yaml").safe_load(cfg.read_text())
-    c["data"].update(train=["pipe:sleep 120"], workers=0)
+    reading = tmp_path / "reading"  # made by the pipe's command: the first step is waiting for its data
+    c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
     cfg.write_text(__import__("yaml").safe_dump(c))
     p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)],
                          env={**_env(), "DISTGEN_SIGNAL_GRACE": "3"}, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for(p, "distgen: global batch")
-        time.sleep(2)  # inside the first step, reading the pipe
+        deadline = time.time() + 120
+        while not reading.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
         t0 = time.time()
         p.send_signal(signal.SIGTERM)
         if how == "second-signal":
