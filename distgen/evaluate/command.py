@@ -25,7 +25,8 @@ NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS"
 def format_results(res: dict) -> str:
     lines = [f"  {NAMES[k]:<15s} {res[k]:.6g}" for k in NAMES if k in res]
     if "ref_cache" in res:
-        lines.append(f"  reference: {res['ref_images']} images (cache {res['ref_cache']})")
+        count = "image count not recorded" if res["ref_images"] is None else f"{res['ref_images']} images"
+        lines.append(f"  reference: {count} (cache {res['ref_cache']})")
     by_reason: dict[str, list[str]] = {}
     for m, why in res.get("skipped", {}).items():
         by_reason.setdefault(why, []).append(m)

@@ -38,13 +38,17 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                        prc_featuresdict_to_metric)
 
-from distgen import dist
+from distgen import dist, readback
 from distgen.config.schema import FOUNDATION_EXTRACTORS, METRICS, result_key, sample_count_problem
+from distgen.evaluate import refstats
 from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable, describe_domain
+from distgen.evaluate.refstats import CACHE_FORMAT
 
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")
-CACHE_FORMAT = "distgen-refstats/1"
+# the keys each metric puts in the results
+METRIC_KEYS = {"fid": ("fid",), "kid": ("kid_mean", "kid_std"), "isc": ("isc_mean", "isc_std"),
+               "prc": ("precision", "recall", "f_score")}
 # torch-fidelity's defaults, passed explicitly so a one-process torch-fidelity run with the same
 # values gives the same numbers.
 FIDELITY_KWARGS = dict(isc_splits=10, samples_shuffle=True, rng_seed=2020, kid_subsets=100,
@@ -80,7 +84,7 @@ class EvalSpec:
 
 @dataclass
 class Reference:
-    num: int
+    num: Optional[int]  # None: a statistics file of mu and sigma that records no image count
     stats: Optional[dict] = None  # {"mu", "sigma"} of the FID layer
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer, input order
     cache: str = "none"  # "hit", "miss" or "none"
@@ -177,13 +181,14 @@ class Evaluator:
             return self._reference
         self._resize_path(ref, data_cfg)
         layers = {self.extractor.layers[m] for m in self._active(REFERENCE_METRICS)}
-        need_feats = bool(self._active(("kid", "prc")))
         key, desc = self._cache_key(ref, data_cfg, sorted(layers))
         cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir()
         path = cache_dir / f"ref-{key[:24]}.safetensors"
-        cached = self._read_cache(path, need_feats) if path.is_file() else None
+        cached = self._read_cache(path, desc, ref) if path.is_file() else None
         # Every rank must agree on hit or miss: they all take part in a recomputation.
         hit = dist.all_reduce_sum(int(cached is not None)) == dist.world_size()
+        if cached is not None and not hit and dist.is_main():
+            self.log(f"distgen eval: reference cache {path} did not load on every process; recomputing it")
         if hit:
             self._reference = cached
             self._reference.cache = "hit"
@@ -192,9 +197,18 @@ class Evaluator:
         self._reference = self._compute_reference(ref, data_cfg)
         self._reference.cache, self._reference.source = "miss", str(path)
         if dist.is_main():
-            self._write_cache(path, self._reference, desc)
+            try:
+                refstats.write_cache(path, self._reference.num, self._reference.stats, self._reference.features, desc)
+            except Exception as e:  # best effort: a full or read-only disk costs the next evaluation a recomputation
+                why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+                self.log(f"distgen eval: could not write the reference cache {path} ({why}); going on without it")
         dist.barrier()
         return self._reference
+
+    def _ref_layer(self) -> str:
+        """The extractor's layer of the reference statistics and features (FID, KID and PR share it)."""
+        lay = self.extractor.layers
+        return lay.get("fid") or lay.get("kid") or lay.get("prc")
 
     def _resize_path(self, ref: list[str], data_cfg) -> None:
         """Say how real and generated images reach the extractor when their sizes differ.
@@ -230,75 +244,45 @@ class Evaluator:
             else:
                 st = os.stat(u)
                 files.append([os.path.abspath(u), st.st_size, st.st_mtime_ns])
-        manifests = [Path(r).read_text() for r in ref if r.endswith(".json")]
+        # by hash: a cluster's manifest may be hundreds of MB, more than a safetensors header holds
+        manifests = [hashlib.sha256(readback.read_bytes(Path(r), 256 * readback.MiB, EvalError, "manifest")).hexdigest()
+                     for r in ref if r.endswith(".json")]
         desc = {"format": CACHE_FORMAT, "shards": files, "manifests": manifests, "extractor": self.extractor.identity,
                 "layers": layers, "resolution": data_cfg.resolution, "channels": data_cfg.channels,
                 "resize": data_cfg.resize, "side": self._ref_side(ref)}
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest(), desc
 
-    def _read_cache(self, path: Path, need_feats: bool) -> Optional[Reference]:
-        from safetensors import safe_open
+    def _read_cache(self, path: Path, desc: dict, ref: list[str]) -> Optional[Reference]:
+        """The cached reference, or None (saying why in one line) when the file cannot be used as it is."""
+        from distgen.data import resolve_shards
 
+        layer = self._ref_layer()
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("format") != CACHE_FORMAT:
-                return None
-            num = int(meta["num"])
-        except Exception as e:
-            self.log(f"distgen eval: ignoring unreadable reference cache {path} ({e})")
+            num, stats, feats = refstats.read_cache(
+                path, desc, self.extractor.dim(layer), layer, need_stats=bool(self._active(["fid"])),
+                need_feats=bool(self._active(("kid", "prc"))), expected=resolve_shards(ref).total)
+        except refstats.CacheInvalid as e:
+            if dist.is_main():
+                self.log(f"distgen eval: ignoring the reference cache {path}: {e}; recomputing it")
             return None
-        feats = {k[len("features/"):]: v for k, v in tensors.items() if k.startswith("features/")}
-        if need_feats and not feats:
-            return None
-        stats = {"mu": tensors["mu"].numpy(), "sigma": tensors["sigma"].numpy()} if "mu" in tensors else None
         return Reference(num=num, stats=stats, features=feats)
-
-    def _write_cache(self, path: Path, ref: Reference, desc: dict) -> None:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"features/{k}": v.contiguous() for k, v in ref.features.items()}
-        if ref.stats is not None:
-            tensors["mu"] = torch.from_numpy(np.ascontiguousarray(ref.stats["mu"]))
-            tensors["sigma"] = torch.from_numpy(np.ascontiguousarray(ref.stats["sigma"]))
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "num": str(ref.num),
-                                               "description": json.dumps(desc)})
-        os.replace(tmp, path)
 
     def _reference_from_file(self, path: Path) -> Reference:
         """A statistics file: ``mu`` and ``sigma`` of the FID layer (pytorch-fid / torch-fidelity layout),
-        optionally ``features`` for KID and PR."""
-        if not path.is_file():
-            raise EvalError(f"{path}: reference statistics file not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as e:
-            raise EvalError(f"{path}: not a readable .npz statistics file ({e})") from None
-        fid_layer = self.extractor.layers.get("fid") or self.extractor.layers.get("kid") or self.extractor.layers.get("prc")
-        for k in ("mu", "sigma"):
-            if "fid" in self.spec.metrics and k not in arrays:
-                raise EvalError(f"{path}: key '{k}' missing (FID needs mu and sigma)")
-        stats = None
-        if "mu" in arrays:
-            mu, sigma = arrays["mu"], arrays["sigma"]
-            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-                raise EvalError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-            stats = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
-        feats = {}
-        if "features" in arrays:
-            feats[fid_layer] = torch.from_numpy(arrays["features"].astype(np.float32))
-        if not feats:
+        optionally ``features`` for KID and PR and ``num``, each checked (:mod:`distgen.evaluate.refstats`)."""
+        layer = self._ref_layer()
+        num, stats, feats = refstats.read_npz(path, self.extractor.dim(layer),
+                                              log=self.log if dist.is_main() else (lambda _msg: None))
+        if stats is None and self._active(["fid"]):
+            raise EvalError(f"{path}: holds no 'mu' and 'sigma' (FID needs them)")
+        features = {layer: torch.from_numpy(feats)} if feats is not None else {}
+        if not features:
             for m in self._active(("kid", "prc")):
                 self.skipped[m] = f"the statistics file {path} holds no 'features' array"
-        num = int(arrays["num"]) if "num" in arrays else (len(feats[fid_layer]) if feats else 0)
-        return Reference(num=num, stats=stats, features=feats, source=str(path))
+        return Reference(num=num, stats=stats, features=features, source=str(path))
 
     def _compute_reference(self, ref: list[str], data_cfg) -> Reference:
-        from distgen.data import make_loader
+        from distgen.data import make_loader, resolve_shards
 
         # Reference images need no labels, even for a class-conditional run (a folder of unlabelled images will do).
         data_cfg = replace(data_cfg, labels=False)
@@ -322,12 +306,20 @@ class Evaluator:
                 for k in feat_layers:
                     kept[k].append(out[k])  # left on the device until gathered
         total = int(dist.all_reduce_sum(n))
+        expected = resolve_shards(ref).total
+        if expected is not None and total != expected:
+            # Statistics of other images than the manifest lists would be compared as if they were its.
+            skipped = int(dist.all_reduce_sum(loader.skipped))
+            manifests = ", ".join(r for r in ref if r.endswith(".json")) or ", ".join(ref)
+            raise EvalError(f"{manifests}: the manifest records {expected} images, the reference pass read {total}"
+                            + (f" ({skipped} bad sample(s) skipped: data.on_error is skip)" if skipped else "")
+                            + f"; `distgen data verify {manifests}` checks the shards against it")
         if total < 2:
             raise EvalError(f"reference {ref}: {total} image(s); statistics need at least 2")
         stats = None
         if fid_layer is not None:
             if s1 is None:  # this rank's share was empty: zeros of the right size for the sums
-                d = self.extractor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))[fid_layer].shape[1]
+                d = self.extractor.dim(fid_layer)
                 s1 = torch.zeros(d, dtype=torch.float64, device=self.device)
                 s2 = torch.zeros(d, d, dtype=torch.float64, device=self.device)
             dev = "cuda" if dist.initialized() and torch.distributed.get_backend() == "nccl" else "cpu"
@@ -439,7 +431,9 @@ class Evaluator:
         ref = self.reference(data_cfg) if any(m in REFERENCE_METRICS for m in todo) else None
         if ref is not None:
             todo = self._active(todo)  # a stats file can rule out KID / PR
-            few = sample_count_problem([m for m in todo if m in REFERENCE_METRICS], ref.num)
+            # a statistics file of mu and sigma alone records no count: FID takes them as they are
+            few = sample_count_problem([m for m in todo if m in REFERENCE_METRICS], ref.num) \
+                if ref.num is not None else None
             if few:  # before any image is generated
                 raise EvalError(f"reference {ref.source or ', '.join(spec.ref)}: {few}")
         if getattr(family, "translator", False) and features is None:
@@ -480,6 +474,13 @@ class Evaluator:
         lay = self.extractor.layers
         out: dict = {}
         kw = dict(FIDELITY_KWARGS)
+        for layer, f in gen.items():  # an extractor whose weights overflow: no figure, rather than nan or a traceback
+            bad = int((~torch.isfinite(f)).flatten(1).any(1).sum()) if f.is_floating_point() else 0
+            if bad:
+                for m in todo:
+                    self.skipped[m] = (f"the extractor {self.extractor.name} ({self.extractor.weights}) gave NaN or "
+                                       f"infinite values in its {layer!r} output for {bad} of {len(f)} images")
+                return {}
         if "isc" in todo:
             r = isc_featuresdict_to_metric(gen, lay["isc"], **kw)
             out.update(isc_mean=r[KEY_METRIC_ISC_MEAN], isc_std=r[KEY_METRIC_ISC_STD])
@@ -494,7 +495,11 @@ class Evaluator:
             if ref.stats["mu"].shape != stats["mu"].shape:
                 raise EvalError(f"reference {ref.source}: statistics of dimension {ref.stats['mu'].shape[0]}, "
                                 f"the extractor gives {stats['mu'].shape[0]}")
-            out["fid"] = fid_statistics_to_metric(stats, ref.stats, False)[KEY_METRIC_FID]
+            try:
+                out["fid"] = fid_statistics_to_metric(stats, ref.stats, False)[KEY_METRIC_FID]
+            except np.linalg.LinAlgError as e:  # finite inputs, but the eigenvalues of their product did not converge
+                out["fid"] = math.nan
+                self.log(f"distgen eval: FID: {e}")
         if "kid" in todo:
             size = min(self.spec.kid_subset_size, len(gen[lay["kid"]]), len(ref.features[lay["kid"]]))
             if size < self.spec.kid_subset_size:
@@ -507,6 +512,14 @@ class Evaluator:
             out.update(precision=r[KEY_METRIC_PRECISION], recall=r[KEY_METRIC_RECALL], f_score=r[KEY_METRIC_F_SCORE])
         if self.extractor.name == DOMAIN and "logits" in gen:
             out.update(class_spread(gen["logits"]))
+        for m, keys in METRIC_KEYS.items():  # never a nan or inf figure: the metric is skipped, saying why
+            bad = [f"{k} {out[k]}" for k in keys if k in out and not math.isfinite(out[k])]
+            if bad:
+                for k in keys:
+                    out.pop(k, None)
+                self.skipped[m] = (f"came out {', '.join(bad)} (not finite) against the reference "
+                                   f"{ref.source if ref is not None and ref.source else self.spec.ref}: the "
+                                   f"extractor's features or the reference statistics are out of range")
         return {result_key(k, self.extractor.name): v for k, v in out.items()}  # fid -> fd_dinov2, ...
 
     # ---- bits per dimension

@@ -14,9 +14,10 @@ an in-memory copy of the plain tensors.
 from __future__ import annotations
 
 import io
-import json
 import os
+import re
 import socket
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from distgen import readback
 from distgen.data.shard import file_sha256
 from distgen.errors import EvalError
 
@@ -38,15 +40,63 @@ DOMAIN_FORMAT = "distgen-features/1"
 # Domain extractors that ship with distgen, by name (--feature-extractor fashion-mnist): everyone's figures
 # on the data set then come from the same feature space, as FID's do from the same InceptionV3 weights.
 BUNDLED = {"fashion-mnist": Path(__file__).resolve().parents[1] / "assets" / "fashion-mnist-domain.safetensors"}
+# Weights files distgen reads (DINOv2-g, the largest extractor, is 4.5 GB in float32): a file, and the tensors a
+# zip-format torch file unpacks to, are refused beyond this before they are read.
+MAX_WEIGHTS_BYTES = 8 << 30
+# A domain classifier's size: what fit-features writes (width 32 to 128, images of tens of pixels) with room,
+# small enough that no file makes distgen build more than a few hundred MB of network or activations.
+MAX_DOMAIN_WIDTH = 512
+MAX_DOMAIN_RESOLUTION = 1024
+MAX_DOMAIN_FILE_BYTES = 1 << 30
 
 
 class WeightsUnavailable(EvalError):
     """The feature extractor's weights are not here and cannot be fetched."""
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file, without running pickled code."""
+def unpickling_problem(e: Exception) -> str:
+    """What torch's weights-only loader refused, in a few words (its own message advises unpickling anyway)."""
+    pickled = re.search(r"Unsupported (?:global|class): (?:GLOBAL )?(\S+?)\.? ", str(e))
+    if pickled:
+        return f"it pickles {pickled.group(1)}"
+    if "Weights only load failed" in str(e):
+        return "it pickles objects"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def check_weights_size(path: Path, limit: int = MAX_WEIGHTS_BYTES) -> None:
+    """Refuse a weights file, or a zip-format one whose members unpack to more, beyond ``limit`` bytes (from the
+    file system and the zip headers: nothing is read or allocated yet)."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise EvalError(f"{path}: {size} bytes, more than distgen reads as weights ({limit})")
+        if path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                unpacked = sum(i.file_size for i in z.infolist())
+            if unpacked > limit:
+                raise EvalError(f"{path}: its members unpack to {unpacked} bytes, more than distgen reads as "
+                                f"weights ({limit})")
+    except FileNotFoundError:
+        raise EvalError(f"{path}: missing") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise EvalError(f"{path}: unreadable ({e})") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights with NaN or infinite values: every feature, and so every figure, would be NaN."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise EvalError(f"{path}: tensor(s) {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                        f"infinite values")
+
+
+def load_weights(path: Path, also: str = "") -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, without running pickled code. ``also``: other formats
+    the caller reads, for the message."""
     path = Path(path)
+    check_weights_size(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -54,9 +104,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EvalError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EvalError(f"{path}: not a weights file distgen can read ({unpickling_problem(e)}); it must be a "
+                        f"plain state dict (torch.save(model.state_dict())){',' if also else ' or'} safetensors{also}: "
+                        f"distgen does not unpickle other objects") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise EvalError(f"{path}: expected a state dict of tensors")
+    for k, v in state.items():
+        # a view of more elements than its storage (stride 0): a few bytes could describe a network of any size
+        if v.numel() * v.element_size() > v.untyped_storage().nbytes():
+            raise EvalError(f"{path}: {k}: a {list(v.shape)} tensor on a storage of {v.untyped_storage().nbytes()} "
+                            f"bytes (an expanded view); a weights file holds every element")
     return state
 
 
@@ -157,11 +214,38 @@ DOMAIN_ARCHS = {"cnn": DomainNet, "resnet": DomainResNet}
 
 
 def build_domain_net(info: dict) -> nn.Module:
-    """The network a fit-features file's ``info`` describes (files without ``arch`` are the first CNN)."""
-    arch = info.get("arch", "cnn")
-    if arch not in DOMAIN_ARCHS:
-        raise EvalError(f"feature-extractor file: unknown arch {arch!r} (this distgen knows {', '.join(DOMAIN_ARCHS)})")
-    return DOMAIN_ARCHS[arch](int(info["num_classes"]), int(info["width"]))
+    """The network a fit-features file's ``info`` (checked: :data:`DOMAIN_INFO`) describes (files without
+    ``arch`` are the first CNN)."""
+    return DOMAIN_ARCHS[info.get("arch", "cnn")](info["num_classes"], info["width"])
+
+
+def _width_problem(info: dict) -> Optional[str]:
+    if info.get("arch", "cnn") == "cnn" and info["width"] % 8:  # its GroupNorm(8, width)
+        return f"width: {info['width']} is not a multiple of 8, which the cnn arch needs"
+    return None
+
+
+_FD_ROW = readback.Obj({"what": readback.Str(1000), "short": readback.Str(100), "fd": readback.Num()}, extra=True)
+# The metadata `info` of a fit-features file (older files lack arch, channels and calibration). What builds the
+# network is bounded; the rest is printed beside every result, so it must be finite numbers and short text.
+DOMAIN_INFO = readback.Check(readback.Obj({
+    "arch": readback.Str(choices=tuple(DOMAIN_ARCHS)),
+    "num_classes": readback.Int(2, readback.MAX_CLASSES),
+    "width": readback.Int(1, MAX_DOMAIN_WIDTH),
+    "resolution": readback.Int(1, MAX_DOMAIN_RESOLUTION),
+    "channels": readback.Int(1, 4),
+    "test_accuracy": readback.Num(0, 1),
+    "test_images": readback.Int(0, readback.MAX_COUNT),
+    "kimg": readback.Num(0, 1e12),
+    "train": readback.List(readback.Str(), max_len=10_000),
+    "test": readback.List(readback.Str(), max_len=10_000),
+    "class_names": readback.Opt(readback.List(readback.Str(1000), max_len=readback.MAX_CLASSES)),
+    "calibration": readback.Opt(readback.Obj({"reference": readback.Str(1000),
+                                              "rows": readback.List(_FD_ROW, max_len=100, min_len=1),
+                                              "path": _FD_ROW, "weakest_ratio": readback.Num()}, extra=True)),
+    "fitted_with": readback.Str(),
+}, optional=("arch", "channels", "kimg", "train", "test", "class_names", "calibration", "fitted_with"), extra=True),
+    _width_problem)
 
 
 def uint8_to_input(x: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -188,20 +272,41 @@ def domain_file(spec: str | Path) -> Path:
 
 
 def read_domain_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and checked ``info`` of a fit-features file; the tensors' names and shapes are those of the
+    network ``info`` describes (compared on the meta device, before any of it is allocated) and finite."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: no such feature-extractor file (write one with `distgen eval fit-features`)")
+    size = path.stat().st_size
+    if size > MAX_DOMAIN_FILE_BYTES:
+        raise EvalError(f"{path}: {size} bytes, more than a feature-extractor file holds ({MAX_DOMAIN_FILE_BYTES})")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            if meta.get("format") != DOMAIN_FORMAT:
+                raise EvalError(f"{path}: not a distgen feature extractor (metadata format {DOMAIN_FORMAT} missing)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except EvalError:
+        raise
     except Exception as e:
         raise EvalError(f"{path}: not a safetensors feature-extractor file ({e})") from None
-    if meta.get("format") != DOMAIN_FORMAT:
-        raise EvalError(f"{path}: not a distgen feature extractor (metadata format {DOMAIN_FORMAT} missing)")
-    info = json.loads(meta["info"])
+    if "info" not in meta:
+        raise EvalError(f"{path}: its metadata lacks 'info' (what fit-features measured and the network's shape)")
+    where = readback.Where(path, "info")
+    info = DOMAIN_INFO.check(readback.parse_json(meta["info"], where, EvalError), where, EvalError)
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build_domain_net(info).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [f"{k} {list(got[k])} (expected {list(want[k])})" for k in want if k in got and got[k] != want[k]]
+        what = "; ".join(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                         for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+                         if keys)
+        raise EvalError(f"{path}: its tensors are not those of the network its info describes ({what})")
+    check_finite(tensors, path)
     return tensors, info
 
 
@@ -213,7 +318,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise EvalError(f"the {DOMAIN} feature extractor needs a weights file (--feature-extractor PATH)")
         tensors, info = read_domain_file(domain_file(feature_extractor_weights_path))
-        self.resolution = int(info["resolution"])
+        self.resolution = info["resolution"]
         self.info = info
         self.net = build_domain_net(info)
         self.net.load_state_dict(tensors)
@@ -267,12 +372,17 @@ class Extractor:
             weights = inception_weights(inception_weights_path)
             self.name, cls = INCEPTION, FeatureExtractorInceptionV3
             state = load_weights(weights)
+            check_finite(state, weights)
             buf = io.BytesIO()
             torch.save(state, buf)  # plain tensors we wrote ourselves: safe for torch-fidelity's loader
             buf.seek(0)
             path_arg = buf
         else:
             weights = domain_file(spec)
+            if not weights.is_file():
+                raise EvalError(f"--feature-extractor {spec}: no such file, and not an extractor's name (inception, "
+                                f"fashion-mnist, {', '.join(FOUNDATION_EXTRACTORS)}, or a file from distgen eval "
+                                f"fit-features)")
             self.name, cls = DOMAIN, DomainFeatureExtractor
             path_arg = str(weights)
         self.weights = weights
@@ -286,9 +396,22 @@ class Extractor:
             if layer not in cls.get_provided_features_list():
                 raise EvalError(f"feature layer {layer!r} is not provided by {self.name} "
                                 f"(it has {', '.join(cls.get_provided_features_list())})")
-        self.module = cls(self.name, self.features, feature_extractor_weights_path=path_arg)
+        try:
+            self.module = cls(self.name, self.features, feature_extractor_weights_path=path_arg)
+        except (RuntimeError, KeyError, ValueError) as e:  # torch-fidelity's InceptionV3 loads the tensors itself
+            if isinstance(e, EvalError):
+                raise
+            raise EvalError(f"{weights}: not {self.name} weights ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+                            ) from None
         self.module.requires_grad_(False).eval().to(device)
         self.device = torch.device(device)
+        self._dims: Optional[dict[str, int]] = None
+
+    def dim(self, layer: str) -> int:
+        """How many features ``layer`` gives per image (one pass of a blank image, the first time)."""
+        if self._dims is None:
+            self._dims = {k: v.shape[1] for k, v in self(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).items()}
+        return self._dims[layer]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

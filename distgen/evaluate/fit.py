@@ -25,11 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+from distgen import readback
 from distgen.config import DataConfig
-from distgen.evaluate.extractors import (DOMAIN_ARCHS, DOMAIN_FORMAT, EvalError, build_domain_net, describe_domain,
-                                         uint8_to_input)
+from distgen.evaluate.extractors import (DOMAIN_ARCHS, DOMAIN_FORMAT, MAX_DOMAIN_RESOLUTION, MAX_DOMAIN_WIDTH,
+                                         EvalError, build_domain_net, describe_domain, uint8_to_input)
 
 NOISE_SD = 25.0  # of 255: the issue's heavy-noise check
+# What fit-features takes from the training shards' manifest (a file that may come from anywhere): it sizes the
+# network's head and the images, and its class names go into the file and every evaluation's printout. The
+# resolution bound is the reader's (read_domain_file), so whatever is fitted can be read back.
+MANIFEST_META = readback.Obj({
+    "num_classes": readback.Int(0, readback.MAX_CLASSES),
+    "image_size": readback.Opt(readback.List(readback.Int(1, MAX_DOMAIN_RESOLUTION), min_len=2, max_len=2)),
+    "channels": readback.Opt(readback.Int(1, 4)),
+    "class_names": readback.Opt(readback.List(readback.Str(1000), max_len=readback.MAX_CLASSES)),
+}, optional=("num_classes", "image_size", "channels", "class_names"), extra=True)
 
 
 def _test_inputs(shards: list[str], test: Optional[list[str]]) -> list[str]:
@@ -151,8 +161,8 @@ def fit_features(shards: list[str], out: str | Path, *, test: Optional[list[str]
 
     from distgen.data import make_loader, resolve_shards
 
-    meta = resolve_shards(shards).meta
-    ncls = int(meta.get("num_classes") or 0)
+    meta = MANIFEST_META.check(resolve_shards(shards).meta, readback.Where(shards[0]), EvalError)
+    ncls = meta.get("num_classes") or 0
     if ncls < 2:
         raise EvalError(f"fit-features: {shards[0]} is not labelled with 2 or more classes (manifest num_classes)")
     if not meta.get("image_size"):
@@ -161,7 +171,10 @@ def fit_features(shards: list[str], out: str | Path, *, test: Optional[list[str]
         raise EvalError(f"fit-features: --arch {arch!r}: choose from {', '.join(DOMAIN_ARCHS)}")
     if calibration_images < 20:
         raise EvalError("fit-features: --calibration-images must be >= 20")
-    res, chans = int(meta["image_size"][0]), int(meta.get("channels") or 1)
+    if not (1 <= width <= MAX_DOMAIN_WIDTH and (arch != "cnn" or width % 8 == 0)):
+        raise EvalError(f"fit-features: --width {width}: from 1 to {MAX_DOMAIN_WIDTH}"
+                        + (" and a multiple of 8 for --arch cnn" if arch == "cnn" else ""))
+    res, chans = meta["image_size"][0], meta.get("channels") or 1
     test = _test_inputs(shards, test)
     cfg = DataConfig(resolution=res, channels=chans, labels=True, workers=workers, flip=False)
     torch.manual_seed(seed)

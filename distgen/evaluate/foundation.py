@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import pickle
-import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from functools import partial
@@ -89,7 +89,11 @@ def weights_file(name: str, configured: Optional[str] = None) -> Path:
 def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a TorchScript archive (OpenAI's CLIP ``.pt`` files) by dotted attribute name, read without
     executing anything in it: its ``data.pkl`` is unpickled with module objects as inert records, and only
-    tensor-rebuilding globals are allowed (``torch.jit.load`` would compile and run the archive's code)."""
+    tensor-rebuilding globals are allowed (``torch.jit.load`` would compile and run the archive's code).
+    The members' unpacked sizes are bounded first, and no tensor is rebuilt larger than its storage."""
+    from distgen.evaluate.extractors import check_weights_size
+
+    check_weights_size(Path(path))
     with zipfile.ZipFile(path) as z:
         pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
@@ -101,7 +105,12 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
             pass
 
         def rebuild(storage, offset, size, stride, *_):
-            return storage.as_strided(size, stride, offset).clone() if storage.numel() else storage.new_zeros(size)
+            if not torch.is_tensor(storage):
+                raise ValueError(f"a tensor rebuilt from a {type(storage).__name__}, not a storage")
+            n = math.prod(size)  # a view of more elements than its storage (stride 0) would clone into any size
+            if n > storage.numel():
+                raise ValueError(f"a tensor of {list(size)} on a storage of {storage.numel()} elements")
+            return storage.as_strided(size, stride, offset).clone() if n else storage.new_zeros(size)
 
         class Reader(pickle.Unpickler):
             def find_class(self, module, name):
@@ -119,6 +128,8 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
 
             def persistent_load(self, pid):
                 _, dtype, key, _location, numel = pid
+                if dtype not in STORAGE_DTYPES.values() or not isinstance(key, str) or not isinstance(numel, int):
+                    raise ValueError(f"a storage record {str(pid)[:100]} distgen does not read")
                 if key not in storages:
                     data = bytearray(z.read(f"{prefix}data/{key}"))
                     storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.zeros(0, dtype=dtype)
@@ -154,15 +165,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             scripted = any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
         if scripted:
             return read_torchscript_tensors(path)
-    try:
-        return load_weights(path)
-    except EvalError as e:
-        pickled = re.search(r"Unsupported (?:global|class): (?:GLOBAL )?(\S+?)\.? ", str(e))
-        why = (f"it pickles {pickled.group(1)}" if pickled else "it pickles objects" if "Weights only load failed"
-               in str(e) else str(e).split(": ", 1)[-1][:300])
-        raise EvalError(f"{path}: not a weights file distgen can read ({why}); it must be a plain state dict "
-                        f"(torch.save(model.state_dict())), safetensors or OpenAI's TorchScript archive: distgen "
-                        f"does not unpickle other objects") from None
+    return load_weights(path, also=" or OpenAI's TorchScript archive")
 
 
 def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
@@ -331,8 +334,14 @@ class ClipExtractor(FeatureExtractorCLIP):
             elif "visual.attnpool.c_proj.weight" in state:  # ResNet: embedding x width
                 state["text_projection"] = torch.zeros(1, state["visual.attnpool.c_proj.weight"].shape[0])
         try:
+            # Built on the meta device first: build_model sizes the network from shapes and key counts in the
+            # file, and a few small tensors could describe a huge one. On meta it costs nothing and its strict
+            # load_state_dict checks every shape, so the real one is no larger than the file's tensors.
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+                build_model(dict(state), self.feature_extractor_internal_dtype)
             self.model = build_model(state, self.feature_extractor_internal_dtype)
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
             raise EvalError(f"{path}: not {name} weights ({type(e).__name__}: {str(e)[:300]})") from None
         self.resolution = self.model.visual.input_resolution
         self.requires_grad_(False)
