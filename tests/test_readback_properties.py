@@ -525,3 +525,83 @@ def test_tar_shard(world, memory_limit, shards):
         world.check_untouched()
 
     prop()
+
+
+def test_reference_statistics_npz(world, memory_limit):
+    """``eval --ref FILE.npz``: arrays of other shapes, dtypes, non-finite or non-symmetric values, missing or extra
+    members, the file truncated or flipped. What it accepts is FID-ready: finite, symmetric, positive semi-definite
+    within the stated tolerance, of the extractor's dimension."""
+    import io
+
+    from distgen.errors import EvalError
+    from distgen.evaluate.refstats import covariance_problem, read_npz
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((20, 8)).astype(np.float32)
+    base = {"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False), "features": feats, "num": np.array(20)}
+
+    def mutate(arrays: dict, key: str, how: str) -> dict:
+        a = dict(arrays)
+        if key not in a or how == "drop":
+            a.pop(key, None)
+            return a
+        x = np.array(a[key], copy=True)
+        if how == "nan" and x.dtype.kind == "f" and x.size:
+            x.flat[0] = np.nan
+        elif how == "inf" and x.dtype.kind == "f" and x.size:
+            x.flat[-1] = np.inf
+        elif how == "transpose_skew" and x.ndim == 2 and x.size:
+            x[0, -1] += 1.0
+        elif how == "negative":
+            x = -x
+        elif how == "shape":
+            x = x.reshape(-1)[:, None] if x.ndim else np.zeros((3, 3))
+        elif how == "strings":
+            x = x.astype(str)
+        elif how == "ints":
+            x = x.astype(np.int8)
+        elif how == "complex":
+            x = x.astype(np.complex64)
+        elif how == "huge":
+            x = x * 1e30 if x.dtype.kind in "fiu" else x
+        elif how == "empty":
+            x = x[:0] if x.ndim else np.zeros(0)
+        a[key] = x
+        return a
+
+    @st.composite
+    def files(draw):
+        arrays = dict(base)
+        for _ in range(draw(st.integers(1, 3))):
+            arrays = mutate(arrays, draw(st.sampled_from(["mu", "sigma", "features", "num"])),
+                            draw(st.sampled_from(["drop", "nan", "inf", "transpose_skew", "negative", "shape",
+                                                  "strings", "ints", "complex", "huge", "empty"])))
+        if draw(st.booleans()):
+            arrays["extra"] = np.zeros(3)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        raw = buf.getvalue()
+        cut = draw(st.sampled_from(["whole", "whole", "truncate", "flip"]))
+        if cut == "truncate":
+            raw = raw[:draw(st.integers(0, len(raw)))]
+        elif cut == "flip":
+            i = draw(st.integers(0, len(raw) - 1))
+            raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1:]
+        return raw
+
+    @PROPERTY
+    @given(raw=files())
+    def prop(raw):
+        path = world.reset_owned() / "ref.npz"
+        path.write_bytes(raw)
+        got = outcome(lambda: read_npz(path, 8, log=lambda msg: None), (EvalError,), str(path))
+        if not isinstance(got, EvalError):
+            num, stats, f = got
+            if stats is not None:
+                assert stats["mu"].shape == (8,) and np.isfinite(stats["sigma"]).all()
+                assert covariance_problem(stats["sigma"]) is None
+            if f is not None:
+                assert f.shape[1] == 8 and np.isfinite(f).all()
+        world.check_untouched()
+
+    prop()
