@@ -229,5 +229,5 @@ def os_problem(e: OSError) -> str:
     """An OSError as ``path: what happened; what to do``, for the one line a command ends with."""
     where = e.filename if e.filename is not None else "a file"
     hint = _OS_HINTS.get(e.errno)
-    what = e.strerror or type(e).__name__
+    what = e.strerror or str(e) or type(e).__name__
     return f"{where}: {what}" + (f" ({hint})" if hint and hint != what.lower() else "")
