@@ -109,6 +109,9 @@ def write_text_durably(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+PARTIAL = ".distgen-partial"  # inside a folder atomic_dir is building or discarding: it may be removed
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Build a folder under a temporary name and publish it as ``final`` only when complete.
@@ -116,21 +119,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     Yields the temporary folder. On an exception inside the block the temporary folder is removed
     and ``final`` is left as it was; on success its contents are flushed to disk, an existing
     ``final`` is moved aside, the new one renamed into place, and only then the old one removed.
+    A leftover of a crash (``.<name>.tmp``, ``.<name>.old``) is removed only if it holds the
+    :data:`PARTIAL` mark distgen puts in such folders: a user's folder of that name is never deleted.
     """
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
     old = final.with_name(f".{final.name}.old")
     for leftover in (tmp, old):
-        if leftover.exists():
+        if leftover.exists() or leftover.is_symlink():
+            if leftover.is_symlink() or not (leftover / PARTIAL).is_file():
+                raise FileExistsError(errno.EEXIST, f"in the way of {final.name}, and not a folder distgen left "
+                                                    f"there (it lacks {PARTIAL}): move it away", str(leftover))
             shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
+    (tmp / PARTIAL).touch()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / PARTIAL).unlink()
     sync_tree(tmp)
     if final.exists():
+        (final / PARTIAL).touch()  # from here on, if a crash leaves it as .old, the next call may remove it
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_path(final.parent)

@@ -362,3 +362,27 @@ def test_a_full_or_read_only_disk_is_one_line_with_the_path_and_what_to_do(tmp_p
     else:
         assert last == (f"distgen: error: run.dir {fs}/run: cannot be written ({fs}/run: Read-only file system (the "
                         f"file system is read-only: write elsewhere))"), last
+
+
+def test_a_users_folder_named_like_a_temporary_one_is_never_deleted(tmp_path):
+    """atomic_dir (exports, ema outputs, best/) removes a crash's leftover .<name>.tmp / .<name>.old only when it
+    holds distgen's mark; a user's folder of that name stops the write instead."""
+    from distgen.checkpoint import PARTIAL, atomic_dir
+
+    final = tmp_path / "export"
+    mine = tmp_path / ".export.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a folder distgen left there"):
+        with atomic_dir(final) as tmp:
+            (tmp / "a").write_text("new")
+    assert (mine / "notes.txt").read_text() == "mine" and not final.exists()
+    mine.rename(tmp_path / "kept")
+    # a crash's leftovers (marked) are cleared; the result is complete, without the mark
+    for name in (".export.tmp", ".export.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / PARTIAL).touch()
+    with atomic_dir(final) as tmp:
+        (tmp / "a").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]
+    assert sorted(p.name for p in final.iterdir()) == ["a"]
