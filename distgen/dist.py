@@ -61,6 +61,15 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def seed_host_generators(seed: int, rank: int) -> None:
+    """Seed Python's ``random`` and numpy's global generator from (seed, rank)."""
+    import random
+
+    s = derive_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s)
+
+
 def free_port() -> int:
     """A TCP port free on this host now, for a local rendezvous (tests, benchmarks)."""
     import socket

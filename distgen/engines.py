@@ -153,6 +153,12 @@ class Engine:
 
                 plugins = {n: DeepSpeedPlugin() for n in trained_names}
         self._plugins = plugins
+        # Accelerate keeps one state per process; each run builds it afresh from the environment it finds (a
+        # DeepSpeed stage, a precision), keeping the process group (no public API does this).
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins)
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         self.zero_stage: Optional[int] = None
@@ -207,7 +213,9 @@ class Engine:
         self.acc.wait_for_everyone()
 
     def end(self) -> None:
-        self.acc.end_training()
+        """The run is over. The process group stays: the command leaves it as it ends (distgen.cli), and another
+        train() in this process (a sweep, a test matrix) trains in it."""
+        self.acc.wait_for_everyone()
 
     # ---- networks
     def prepare(self, nets: dict[str, torch.nn.Module], family, speed) -> dict[str, Trained]:
@@ -322,6 +330,7 @@ class Engine:
         if self.deepspeed:
             for n, t in trained.items():
                 t.model.save_checkpoint(str(ckpt.deepspeed_dir(tmp, n)), tag="state")
+                self._release_gathered(t)
 
     def flush(self, tmp: Path) -> None:
         """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
@@ -345,10 +354,28 @@ class Engine:
                 except Exception as e:  # a truncated or tampered DeepSpeed file (pickled code is refused)
                     raise CheckpointError(f"{ckpt.deepspeed_dir(folder, n)}: {ckpt.describe_failure(folder, e)}") \
                         from None
+                self._release_gathered(t)
             else:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:
             self.acc.scaler.load_state_dict(data.scaler)
+
+    def _release_gathered(self, t: Trained) -> None:
+        """ZeRO-3: partition the network's parameters again after DeepSpeed saved or loaded its checkpoint.
+
+        DeepSpeed ends both by all-gathering its "persistent" parameters (stage3_param_persistence_threshold:
+        those of at most 1e5 elements by default, all of a small network's) in float32, and leaves them gathered.
+        A training step leaves them partitioned instead (the EMA update, which every network ZeRO-3 trains has,
+        releases all it gathered), so the next forward fetches them through ZeRO-3's forward hooks, which gather
+        Linear/Conv weights in the torch_autocast dtype: bfloat16-valued copies. Autocast rounds float32 weights
+        to the same values, but ZeRO-3's memory-efficient linear (DeepSpeed's replacement of F.linear) adds the
+        bias uncast to inputs of more than 2 dims (a U-Net's attention projections): with the exact float32
+        biases a checkpoint left gathered, the step after a resume (or after any save) computed another loss than
+        the straight run's (by up to 2e-2), and training went on from there. Released here, the step after a
+        checkpoint runs as every other step does.
+        """
+        if self.zero_stage == 3:
+            t.model.empty_partition_cache()  # releases every parameter, the persistent ones included
 
     def engine_of(self, folder: Path) -> Optional[str]:
         """Why ``folder`` cannot be resumed by this engine (written under the other one), or None."""

@@ -71,6 +71,9 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     # ---- networks (the same initial weights on every rank), EMAs, engines
     run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), stop_at, global_batch, fast)
     torch.manual_seed(cfg.run.seed)
+    # Python's and numpy's generators too, per rank: a run started afresh or in a process that trained before
+    # (a sweep, a test matrix) has the same states, which every checkpoint records and a resume restores.
+    dist.seed_host_generators(cfg.run.seed, eng.rank)
     run.nets = {n: m.to(eng.device) for n, m in family.build_networks().items()}
     if not ckpt.checkpoint_folders(run.root) and type(family).data_init is not Family.data_init:
         # Data-dependent initialisation (Glow's actnorm) on a fresh run, before engines copy the weights

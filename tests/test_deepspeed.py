@@ -1,133 +1,111 @@
-"""DeepSpeed with mixed precision: every family under every ZeRO stage it does not refuse, in bf16; the
-precision comes from distgen's config; likelihoods keep float32 precision under autocast."""
+"""DeepSpeed with mixed precision: every family under ZeRO-2 and ZeRO-3 (unless refused) with 2 processes in bf16,
+resumed exactly; the precision comes from distgen's config; likelihoods keep float32 precision under autocast."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import REPO
 from distgen import checkpoint as ckpt
 from distgen.config import load_config
-from distgen.data import shard_source
 from distgen.families import DataInfo, build_family
 from distgen.sample import export
-from distgen.dist import free_port
-from test_train import ACCEL, launch, run
+from matrix import MODELS, data_sets, differences, launch_matrix, record_differences, straight_and_resumed
+from test_train import launch, run
 
-# Each family at its smallest, with the parts DeepSpeed has to cope with switched on: a GAN's two engines
-# and lazy R1, StyleGAN2's learned scalars (0-dim in the paper's code), BigGAN's attention scalar, the
-# autoencoder's discriminator, latent diffusion's frozen autoencoder, Glow's data-dependent init.
-MODELS = {
-    "diffusion": ({"family": "diffusion", "preset": "tiny", "sample_steps": 2}, 8),
-    "latent_diffusion": ({"family": "latent_diffusion", "preset": "tiny", "sample_steps": 2}, 16),
-    "autoencoder": ({"family": "autoencoder", "preset": "tiny", "disc_weight": 0.1}, 16),
-    "gan-mlp": ({"family": "gan", "arch": "mlp", "preset": "tiny"}, 8),
-    "gan-dcgan": ({"family": "gan", "arch": "dcgan", "preset": "tiny", "r1_gamma": 1.0, "r1_every": 2}, 16),
-    "gan-biggan": ({"family": "gan", "arch": "biggan", "preset": "tiny", "loss": "hinge"}, 16),
-    "gan-stylegan2": ({"family": "gan", "arch": "stylegan2", "preset": "tiny", "r1_gamma": 1.0, "r1_every": 2}, 16),
-    # ProGAN: blocks not yet grown take part through a zero term; the resume lands in the middle of a fade
-    # (4 images a step: step 1 at 4x4, step 2 at 8x8 with alpha 0.5); its default wgan-gp's penalty differentiates
-    # the critic through the plain module beside its engine's forwards
-    "gan-progan": ({"family": "gan", "arch": "progan", "preset": "tiny", "stable_kimg": 0.002,
-                    "fade_kimg": 0.004}, 16),
-    "vae": ({"family": "vae", "arch": "vae", "preset": "tiny"}, 8),
-    "hvae": ({"family": "vae", "arch": "hvae", "preset": "tiny"}, 8),
-    "pixelcnn": ({"family": "pixelcnn", "preset": "tiny"}, 8),
-    "glow": ({"family": "glow", "preset": "tiny"}, 8),
-    # PixelRNN's recurrence calls each LSTM's convolutions once a row / diagonal within one forward (ZeRO-3)
-    "pixelrnn": ({"family": "pixelrnn", "preset": "tiny", "arch": "diagonal_bilstm"}, 8),
-    "pix2pix": ({"family": "pix2pix", "preset": "tiny"}, 32),
-    "cyclegan": ({"family": "cyclegan", "preset": "tiny", "blocks": 1, "pool_size": 2}, 32),
-    # score models: the VE U-Net's frozen Fourier features; sliced score matching's double backward (NCSN levels)
-    "score-ve": ({"family": "score", "preset": "tiny", "sde": "ve", "sample_steps": 2, "n_steps_each": 1}, 8),
-    "score-ncsn-ssm": ({"family": "score", "preset": "tiny", "sde": "ncsn", "objective": "ssm", "num_scales": 2,
-                        "n_steps_each": 1}, 8),
-    # SGLD through the plain module beside the engine's one forward; JEM's logits on labelled data, spectral norm
-    "ebm": ({"family": "ebm", "preset": "tiny", "sgld_steps": 2, "buffer_size": 8, "sample_steps": 2}, 16),
-    "ebm-jem": ({"family": "ebm", "preset": "tiny", "jem": True, "spectral_norm": True, "sgld_steps": 2,
-                 "buffer_size": 8, "sample_steps": 2}, 16),
-    # FFJORD: Hutchinson's double backward through torchdiffeq's solve, and odeint_adjoint's own backward solve
-    "ffjord": ({"family": "ffjord", "preset": "tiny", "rtol": 0.01, "atol": 0.01}, 8),
-    "ffjord-adjoint": ({"family": "ffjord", "preset": "tiny", "rtol": 0.01, "atol": 0.01, "adjoint": True,
-                        "kinetic_energy": 0.01, "jacobian_norm": 0.01}, 8),
-}
 # What DeepSpeed cannot do, refused at start with the reason (engine_problem): one network outside its own
 # engine in another's phase under ZeRO-3's partitioned parameters, or a double backward through them (SSM,
 # FFJORD's trace estimate).
 REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 3), ("gan-stylegan2", 3),
            ("gan-progan", 3), ("pix2pix", 3), ("cyclegan", 3), ("score-ncsn-ssm", 3), ("ebm", 3), ("ebm-jem", 3),
            ("ffjord", 3), ("ffjord-adjoint", 3)}
+STAGES = (2, 3)
+STEPS, STOP = 4, 2
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory, fm_test_shards):
-    """Every model of MODELS under ZeRO-1, 2 and 3 in bf16, one process: a step, a checkpoint, then a
-    resume for a second step. All in one `accelerate launch` (tests/scripts/ds_matrix.py)."""
-    from diffusers import AutoencoderKL
-
-    from distgen.families.autoencoder import autoencoder_kwargs
-
+    """Every model of MODELS under ZeRO-2 and ZeRO-3 in bf16 with 2 processes (parameters, gradients and optimizer
+    states really partitioned): 4 steps straight, and 2 steps then a resume to 4. All in one `accelerate launch`
+    (tests/scripts/train_matrix.py), each run's stage from the environment its engine is built in."""
     root = tmp_path_factory.mktemp("ds-matrix")
-    torch.manual_seed(0)
-    AutoencoderKL(**autoencoder_kwargs("tiny", 1, 16), scaling_factor=0.7).save_pretrained(root / "ae")
-    # the translators' data: the paired edges task, and two class domains
-    shard_source("fashion-mnist:edges", root / "edges", "test", 5000)
-    shard_source("fashion-mnist:classes=Sneaker/Ankle boot", root / "boots", "test", 1000)
-    data = {"pix2pix": {"train": [str(root / "edges" / "test.manifest.json")]},
-            "cyclegan": {"train": [str(root / "boots" / "testA.manifest.json")],
-                         "train_b": [str(root / "boots" / "testB.manifest.json")]}}
-    spec = []
-    for stage, (name, (model, res)) in itertools.product((1, 2, 3), MODELS.items()):
-        model = {**model, **({"autoencoder": str(root / "ae")} if name == "latent_diffusion" else {})}
-        cfg = {"run": {"dir": str(root / f"{name}-z{stage}"), "seed": 1}, "model": model,
-               "data": {"train": [str(fm_test_shards)], "resolution": res, "resize": "stretch", "workers": 0,
-                        "shuffle_buffer": 50, **data.get(name, {})},
-               "train": {"batch_size": 4, "total_kimg": 1, "log_every": 1, "checkpoint_every": 100,
-                         "sample_every": 0, "sample_num": 1, "mixed_precision": "bf16"},
-               "ema": {"halflife_kimg": [0.05], "rampup": None}}
-        path = root / f"{name}-z{stage}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        spec.append({"name": name, "config": str(path), "stage": stage, "steps": 2})
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run([*ACCEL, "--config_file", "configs/accelerate/zero2.yaml", "--num_processes", "1", "--main_process_port",
-         str(free_port()), str(REPO / "tests/scripts/ds_matrix.py"), str(root / "spec.json"), str(root / "out.json")],
-        env, timeout=900)
-    return {r["name"] + f"-z{r['stage']}": r for r in json.loads((root / "out.json").read_text())}
+    data = data_sets(root, fm_test_shards)
+    # ZeRO-2 first: once a ZeRO-3 engine exists, DeepSpeed keeps F.linear replaced by its own for the process
+    spec = [straight_and_resumed(root, name, data, STEPS, STOP, {"mixed_precision": "bf16"}, tag=f"-z{stage}",
+                                 env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)})
+            for stage, name in itertools.product(STAGES, MODELS)]
+    return root, launch_matrix(spec, root, 2, "configs/accelerate/zero2.yaml", timeout=1800)
 
 
-@pytest.mark.parametrize("name,stage", list(itertools.product(MODELS, (1, 2, 3))))
-def test_every_family_trains_in_bf16_under_every_zero_stage_it_does_not_refuse(matrix, name, stage, tmp_path):
-    rec = matrix[f"{name}-z{stage}"]
-    run_dir = Path(yaml.safe_load(Path(rec["config"]).read_text())["run"]["dir"])
+@pytest.mark.parametrize("name,stage", list(itertools.product(MODELS, STAGES)))
+def test_every_family_trains_and_resumes_exactly_in_bf16_under_zero_2_and_3_it_does_not_refuse(matrix, name, stage,
+                                                                                               tmp_path):
+    root, results = matrix
+    rec = results[f"{name}-z{stage}"]
+    a, b = root / f"{name}-z{stage}-a", root / f"{name}-z{stage}-b"
     if (name, stage) in REFUSED:
         assert len(rec["calls"]) == 1 and rec["calls"][0]["error"].startswith(f"DeepSpeed ZeRO-{stage}: ")
-        assert not (run_dir / "checkpoints").exists()  # refused before any compute
+        assert not (a / "checkpoints").exists()  # refused before any compute
         return
-    assert [c.get("rc") for c in rec["calls"]] == [0, 0], rec["calls"]
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2]  # the second call resumed from the first's checkpoint
+    assert [c.get("rc") for c in rec["calls"]] == [0, 0, 0], rec["calls"]
+    last = f"checkpoints/step-{STEPS:08d}"
+    # one engine per trained network (a GAN's D and G, the autoencoder's and its discriminator, ...)
+    nets = {"gan": {"D", "G"}, "autoencoder": {"ae", "disc"}, "pix2pix": {"D", "G"}, "cyclegan": {"D", "G"}}
+    trained = {p.name for p in (a / last / "deepspeed").iterdir()}
+    assert trained == nets.get(MODELS[name][0]["family"], trained) and len(trained) >= 1, trained
+    # exact resume under ZeRO: DeepSpeed's partitioned optimizer states, the weights and EMAs, bit for bit
+    assert differences(a / last, b / last) == []
+    assert record_differences(a, b, STOP) == []
+    recs = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
     # every step finite (a lazy phase that did not run in a record's interval logs null)
     assert recs[-1]["nonfinite_total"] == 0 and all(math.isfinite(r["loss"]) for r in recs), recs
     assert all(math.isfinite(v) for r in recs for k, v in r.items() if k.startswith("loss/") and v is not None)
-    cps = ckpt.checkpoint_folders(run_dir / "checkpoints")
-    assert [p.name for p in cps] == ["step-00000001", "step-00000002"] and (cps[-1] / "deepspeed").is_dir()
     # the EMA (float32, as under DDP: DeepSpeed's autocast leaves the weights in float32) samples and exports
-    ema = ckpt.load_tensors(next(cps[-1].glob("ema0-*.safetensors")))
+    ema = ckpt.load_tensors(next((b / last).glob("ema0-*.safetensors")))
     assert all(t.dtype in (torch.float32, torch.int64, torch.bool) and torch.isfinite(t.float()).all()
                for t in ema.values())
-    assert (run_dir / "samples" / "step-00000002.png").is_file()
+    assert (b / "samples" / f"step-{STEPS:08d}.png").is_file()
     if name not in ("autoencoder", "latent_diffusion"):  # those two calibrate on 2048 images: slow, tested elsewhere
-        assert (export(run_dir, tmp_path / "export") / "distgen.json").is_file()
+        assert (export(b, tmp_path / "export") / "distgen.json").is_file()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_deepspeed_state_with_pickled_code_is_refused_not_run(matrix, tmp_path, env_with_repo):
+    """DeepSpeed reads its own files with weights_only=False; distgen hands it a reader that refuses pickled code.
+    A copy of the ZeRO-2 run with its model states replaced by a payload that would create a file: the resume
+    stops on it, and the file is never created (the same payload does create it when loaded the unsafe way)."""
+    import shutil
+
+    root, _ = matrix
+    evil = tmp_path / "evil"
+    shutil.copytree(root / "diffusion-z2-b", evil)
+    cfg = yaml.safe_load((root / "diffusion-z2-b.yaml").read_text())
+    cfg["run"]["dir"] = str(evil)
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(cfg))
+    state = evil / "checkpoints" / f"step-{STEPS:08d}" / "deepspeed" / "unet" / "state"
+    model_file = next(state.glob("mp_rank_*_model_states.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Evil(str(marker))}, model_file)
+    bad = run(launch(2, "configs/accelerate/zero2.yaml") + ["train", str(tmp_path / "evil.yaml"),
+                                                             f"train.max_steps={STEPS + 1}"], env_with_repo, check=False)
+    assert "Weights only load failed" in bad.stdout + bad.stderr, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert not marker.exists()
+    kept = evil / "checkpoints" / f"step-{STEPS:08d}.damaged"  # set aside whole, the run fell back to step 2
+    torch.load(kept / model_file.relative_to(state.parent.parent.parent), weights_only=False)  # the payload is live
+    assert marker.exists()
 
 
 def test_a_deepspeed_file_that_contradicts_train_mixed_precision_is_refused(tmp_path, fm_test_shards,
@@ -153,9 +131,42 @@ def test_a_deepspeed_file_that_contradicts_train_mixed_precision_is_refused(tmp_
                                           ("diffusion", {"num_train_timesteps": 20, "sample_steps": 2}),
                                           ("score", {"sde": "vp", "ode_tol": 0.01})])
 def test_bits_per_dim_keeps_its_precision_under_bf16_autocast(family, extra):
-    """The likelihood maths runs in float32 whatever the network's precision: on the same weights and
-    images, bits/dim under bf16 autocast is within 0.01 of float32's."""
+    """The likelihood maths runs in float32 whatever the network's precision. Under bf16 autocast the ops autocast
+    lowers (convolutions, matmuls, attention) round to bf16 (unit roundoff 2^-8), and how far that moves bits/dim
+    depends on the weights (broad untrained mixtures move little, sharp trained ones much), so no bound on
+    |bf16 - float32| follows from the maths. What does: the same log-likelihood run again in float32 with each of
+    those ops returning the bf16 value it gave under autocast gives every later op the very inputs it had. Maths
+    in float32 then computes the same float32 values, to the bit; maths run in bf16 would differ by up to 2^-8
+    relative (bits/dim off by ~0.02 at 5 bits/dim). The score family's likelihood turns autocast off: there the
+    two runs are one float32 computation, equal to the bit without replaying anything."""
+    import contextlib
+
+    from torch.overrides import TorchFunctionMode
+
     from test_eval import _fm_images
+
+    F = torch.nn.functional
+    lowered = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.linear, torch.matmul,
+               torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
+               torch.einsum, F.scaled_dot_product_attention}
+
+    class Replay(TorchFunctionMode):
+        """Record the lowered ops' outputs (``outs`` empty), or hand them back in the same order."""
+
+        def __init__(self, outs: list):
+            super().__init__()
+            self.outs, self.replay, self.i = outs, bool(outs), 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func not in lowered:
+                return out
+            if not self.replay:
+                self.outs.append(out)
+                return out
+            was, self.i = self.outs[self.i], self.i + 1
+            assert was.shape == out.shape, (func, was.shape, out.shape)
+            return was.to(out.dtype) if was.dtype == torch.bfloat16 else out  # float32 as it was: keep the graph
 
     x, _ = _fm_images(16)
     x = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None].float(), size=16, mode="area").round()
@@ -164,16 +175,20 @@ def test_bits_per_dim_keeps_its_precision_under_bf16_autocast(family, extra):
     fam = build_family(cfg.model, DataInfo(16, 1, 10))
     torch.manual_seed(0)
     nets = {k: v.eval() for k, v in fam.build_networks().items()}
+    outs = []
 
-    def bpd(bf16: bool) -> float:
+    def bpd(bf16: bool) -> torch.Tensor:
         gens = [torch.Generator().manual_seed(i) for i in range(len(x))]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        replay = Replay(outs) if family != "score" else contextlib.nullcontext()  # hooks slow its ODE tenfold
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), replay:
             logp = fam.log_likelihood(nets, x.to(torch.uint8), None, gens)
         assert logp.dtype in (torch.float32, torch.float64)
-        return float(-logp.double().mean() / (16 * 16 * math.log(2)))
+        return -logp.double() / (16 * 16 * math.log(2))
 
-    plain, low = bpd(False), bpd(True)
-    assert np.isfinite(plain) and abs(low - plain) <= 0.01, (plain, low)
+    low = bpd(True)
+    assert family == "score" or any(o.dtype == torch.bfloat16 for o in outs)  # the networks did run in bf16
+    same_inputs = bpd(False)
+    assert torch.isfinite(low).all() and torch.equal(low, same_inputs), (low - same_inputs).abs().max()
 
 
 def test_learned_scalars_load_from_checkpoints_that_stored_them_0_dim():

@@ -147,27 +147,15 @@ def test_an_image_is_the_same_whatever_else_is_in_its_batch():
 
 # ---------------------------------------------------------------- training as users run it
 
-def test_two_process_resume_is_exact_replay_buffers_included(tmp_path, fm_test_shards, env):
-    """10 steps straight == 7 steps, stop, resume to 10 (2 processes): weights, EMA, and each rank's buffer."""
-    model = {"spectral_norm": True}
-    over = {"train": {"log_every": 2}}  # the record at step 10 covers steps 9 and 10, after the resume
-    straight, resumed = (ebm_config(tmp_path / x, fm_test_shards, model, **over) for x in "ab")
-    run(launch(2) + ["train", str(straight)], env)
-    run(launch(2) + ["train", str(resumed), "train.max_steps=7"], env)
-    cp7 = tmp_path / "b" / "run" / "checkpoints" / "step-00000007"
-    bufs = [weights(cp7, f"family-{r}.safetensors")["buffer"] for r in (0, 1)]
-    assert bufs[0].shape == (32, 1, 16, 16) and not torch.equal(bufs[0], bufs[1])  # each rank its own
-    second = run(launch(2) + ["train", str(resumed)], env)
-    assert "resumed from" in second.stdout and "(step 7" in second.stdout
-    a, b = (tmp_path / x / "run" / "checkpoints" / "step-00000010" for x in "ab")
-    for name in ("E.safetensors", "ema0-E.safetensors", "family-0.safetensors", "family-1.safetensors"):
-        wa, wb = weights(a, name), weights(b, name)
-        assert wa.keys() == wb.keys()
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, name
-    ra, rb = records(tmp_path / "a" / "run"), records(tmp_path / "b" / "run")
-    pace = ("samples_per_s", "eta_s")
-    assert {k: v for k, v in ra[-1].items() if k not in pace} == {k: v for k, v in rb[-1].items() if k not in pace}
-    assert 0 <= ra[-1]["E/saturation"] <= 1 and math.isfinite(ra[-1]["E/gap"])
+def test_each_rank_keeps_its_own_replay_buffer(trained):
+    """The shared 2-process EBM run (its exact resume, buffers included, is test_resume's): a buffer per rank in
+    every checkpoint, each its own; the logged saturation and energy gap sane."""
+    root, _ = trained
+    cp = root / "ebm-a" / "checkpoints" / "step-00000006"
+    bufs = [weights(cp, f"family-{r}.safetensors")["buffer"] for r in (0, 1)]
+    assert bufs[0].shape == (8, 1, 16, 16) and not torch.equal(bufs[0], bufs[1])
+    last = records(root / "ebm-a")[-1]
+    assert 0 <= last["E/saturation"] <= 1 and math.isfinite(last["E/gap"])
 
 
 def test_jem_trains_exports_classifies_and_samples_the_same_with_any_process_count(tmp_path, fm_test_shards,

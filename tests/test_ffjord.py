@@ -19,7 +19,7 @@ from distgen.families.base import DataInfo
 from distgen.families.ffjord import FFJORDFamily
 from distgen.families.ode import exact_divergence, hutchinson_divergence, per_image
 from distgen.sample import SampleError, likelihood_options, load_ema
-from test_likelihood import _bpd_direct, resume_matches_straight
+from test_likelihood import _bpd_direct
 from test_train import family_config, launch, run
 
 
@@ -192,14 +192,12 @@ def ffjord_config(tmp_path, manifest, model=None, **over):
     return family_config(tmp_path, manifest, sections, over)
 
 
-def test_two_process_training_resumes_exactly_exports_samples_alike_and_scores_bits_per_dim(tmp_path, fm_test_shards,
-                                                                                            env):
-    """10 steps straight == 7, stop, resume to 10 with 2 processes (weights, EMA, optimizer), the function
-    evaluations logged; the export samples the same images with 1 and 2 processes; `distgen eval --metrics
-    bpd` gives the direct sum over a small test split with the exact trace and with Hutchinson's 2 probes."""
-    config = lambda d: ffjord_config(d, fm_test_shards)  # noqa: E731
-    resume_matches_straight(2, tmp_path, config, env, ["ffjord.safetensors", "ema0-ffjord.safetensors"], ["ffjord"])
-    run_dir = tmp_path / "a" / "run"
+def test_training_logs_its_solves_exports_samples_alike_and_scores_bits_per_dim(tmp_path, fm_test_shards, env):
+    """10 steps (its exact resume with 2 processes is test_resume's), the function evaluations logged; the export
+    samples the same images with 1 and 2 processes; `distgen eval --metrics bpd` gives the direct sum over a small
+    test split with the exact trace and with Hutchinson's 2 probes."""
+    assert cli_main(["train", str(ffjord_config(tmp_path, fm_test_shards)), "train.max_steps=10"]) == 0
+    run_dir = tmp_path / "run"
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [5, 10] and all(math.isfinite(r["loss"]) for r in recs)
     # every step solves 3 blocks (tiny: 8x8, after the squeeze, the last scale), each >= 2 evaluations choosing
@@ -238,9 +236,33 @@ def test_two_process_training_resumes_exactly_exports_samples_alike_and_scores_b
                                **({"probes": 2} if extra else {}))
         assert got[trace]["bpd"] == pytest.approx(want, rel=1e-6) and 0 < want < 30
     assert got["hutchinson"]["bpd_probes"] == 2 and "bpd_probes" not in got["exact"]
-    # the same images, the same dequantisation: the estimate is near the exact figure (each image's error is
-    # v^T M v - tr M over 384 dimensions, averaged; far below a bit per dimension)
-    assert abs(got["exact"]["bpd"] - got["hutchinson"]["bpd"]) < 0.5
+    # The same images, the same dequantisation: the two differ by Hutchinson's error alone, bounded from the
+    # exported weights. Block b (D_b dimensions, time T_b) adds tr M, M = int_0^T_b J dt along a path z(t) no probe
+    # changes; a Rademacher probe v gives v^T M v, of variance 2 sum_{i != j} S_ij^2 <= 2 ||M||_F^2 <= 2 D_b ||M||_2^2
+    # (S = (M + M^T) / 2), and ||M||_2 <= T_b L_b, L_b a Lipschitz constant of the dynamics in z: the product over
+    # its layers of (sum over kernel taps of ||W_tap||_2) x (largest gate sigmoid(a t + b) on [0, T_b]); softplus
+    # is 1-Lipschitz, the time terms do not depend on z. With 2 probes an image and block, bits/dim (the mean over
+    # n images of D = 64 dimensions) has a standard deviation <= sqrt(n sum_b D_b (T_b L_b)^2) / (n D ln 2), and
+    # by Chebyshev a correct estimator lands beyond 10 of them for at most 1% of probe draws. The solves' own
+    # error at rtol 0.01 is left out: dynamics with T_b L_b < 0.1 barely move z (against rtol 1e-8, ~1e-9 here).
+    net, shape, k, var = nets["ffjord"], (1, 8, 8), 0, 0.0
+    for op in net.plan:
+        if op == "squeeze":
+            shape = (shape[0] * 4, shape[1] // 2, shape[2] // 2)
+        elif op == "split":
+            shape = (shape[0] // 2, *shape[1:])
+        else:
+            cnf, lip = net.cnfs[k], 1.0
+            assert cnf.net.layers[0].conv.in_channels == shape[0]
+            for layer in cnf.net.layers:
+                w, a, b = (t.detach().double() for t in (layer.conv.weight, layer.gate.weight[:, 0], layer.gate.bias))
+                taps = sum(torch.linalg.matrix_norm(w[:, :, i, j], 2)
+                           for i in range(w.shape[2]) for j in range(w.shape[3]))
+                lip *= float(taps) * float(torch.sigmoid(torch.maximum(b, a * cnf.time_length + b)).max())
+            assert cnf.time_length * lip < 0.1
+            var, k = var + math.prod(shape) * (cnf.time_length * lip) ** 2, k + 1
+    sd = math.sqrt(len(xs) * var) / (len(xs) * 64 * math.log(2))
+    assert k == len(net.cnfs) and abs(got["exact"]["bpd"] - got["hutchinson"]["bpd"]) <= 10 * sd, (got, sd)
 
 
 def test_the_adjoint_gives_the_gradients_of_backpropagation_through_the_solver():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from distgen import phema
 from distgen.ema import PowerEMA, exp_to_std, std_to_exp
-from test_train import launch, run, tiny_config, weights
+from test_train import run, tiny_config, weights
 
 PY = [sys.executable, "-m", "distgen"]
 
@@ -101,29 +100,6 @@ def test_reconstruction_matches_a_directly_tracked_ema_and_exports_load(tmp_path
     assert max(float((rec05[k] - tracked[f"unet/0/{k}"]).abs().max()) for k in direct) < 1e-6
     run(PY + ["sample", str(out / "sigma-0.075"), "--num", "2", "--out", str(tmp_path / "s.npz")], env_with_repo)
     assert np.load(tmp_path / "s.npz")["x"].shape[0] == 2
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_power_emas_and_snapshots_resume_exactly(nproc, tmp_path, fm_test_shards, env_with_repo):
-    """20 steps straight == 13 steps (checkpoints at 10 and 13), the step-13 one lost as to a kill -9, resume
-    from 10 to 20: the snapshots the stopped run took after step 10 are dropped and taken again, and the
-    power EMAs and every snapshot equal the straight run's."""
-    over = {"train": {"total_kimg": 0.16 * nproc}, "ema": {"snapshot_kimg": 0.016 * nproc}}  # 20 steps, every 2
-    a, b = power_config(tmp_path / "a", fm_test_shards, **over), power_config(tmp_path / "b", fm_test_shards, **over)
-    run(launch(nproc) + ["train", str(a)], env_with_repo)
-    run(launch(nproc) + ["train", str(b), "train.max_steps=13"], env_with_repo)
-    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints" / "step-00000013")
-    second = run(launch(nproc) + ["train", str(b)], env_with_repo)
-    assert "(step 10," in second.stdout and "EMA snapshot(s) after" in second.stdout
-    ra, rb = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    ia, ib = phema.read_index(ra), phema.read_index(rb)
-    assert [e["nimg"] for e in ia] == [e["nimg"] for e in ib] == [16 * nproc * i for i in range(1, 11)]
-    for ea, eb in zip(ia, ib):  # (not the files' hashes: safetensors writes its metadata in a hash map's order)
-        ta, tb = load_file(ra / "ema-snapshots" / ea["file"]), load_file(rb / "ema-snapshots" / eb["file"])
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), ea["file"]
-    for name in ("ema0-unet.safetensors", "ema1-unet.safetensors"):
-        wa, wb = weights(ra / "checkpoints" / "step-00000020", name), weights(rb / "checkpoints" / "step-00000020", name)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_shards, env_with_repo, capsys):

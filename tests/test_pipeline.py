@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from distgen.config import DataConfig
 from distgen.data import DataError, Slice, make_loader, partition, resolve_shards
@@ -113,22 +117,78 @@ def test_training_is_infinite_and_shuffled(fm_test_shards, tmp_path):
     assert keys[:20] != sorted(keys[:20])
 
 
-def test_resize_crop_and_flip(fm_test_shards):
-    cfg = DataConfig(resolution=16, channels=1, workers=0)
-    b = next(iter(make_loader(str(fm_test_shards), cfg, batch_size=8, mode="eval")))
-    assert b["image"].shape == (8, 1, 16, 16) and b["image"].dtype == torch.float32
-    assert b["label"].dtype == torch.long and b["label"].shape == (8,)
-    # Flips: the same stream with and without flip differs only by mirrored images.
-    kw = dict(batch_size=64, mode="train", seed=3)
-    plain = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0), **kw)))
-    flip = next(iter(make_loader(str(fm_test_shards), DataConfig(resolution=28, workers=0, flip=True), **kw)))
-    by_key = {k: x for k, x in zip(plain["key"], plain["image"])}
-    mirrored = same = 0
+def _pil(a, res, box=None, resample=Image.LANCZOS):
+    """The reference: PIL's own crop and resample of one uint8 HxW array."""
+    im = Image.fromarray(a)
+    return np.asarray((im.crop(box) if box else im).resize((res, res), resample))
+
+
+def test_resize_crop_and_flip(fm_test_shards, tmp_path):
+    from distgen.data import write_shards
+
+    m = json.loads(fm_test_shards.read_text())
+    m["shards"], m["total"] = m["shards"][3:], 1000  # one shard, 1000 images
+    shutil.copy(fm_test_shards.parent / "test-000003.tar", tmp_path)
+    (tmp_path / "small.json").write_text(json.dumps(m))
+    small = str(tmp_path / "small.json")
+    cfg = DataConfig(resolution=28, channels=1, workers=0)
+    stored = {k: x for b in make_loader(small, cfg, batch_size=1000, mode="eval", as_float=False)
+              for k, x in zip(b["key"], b["image"])}  # 28 x 28 as stored: nothing resampled
+    assert len(stored) == 1000
+    fm = torch.stack([stored[k] for k in sorted(stored)[:5]])[:, 0].numpy()
+
+    # Non-square images from real ones: 28 high x 43 wide (and the transpose), whose centre crop starts at
+    # (43 - 28) // 2 = 7, rounding down the half pixel (a crop rounding up, or not centred, differs).
+    wide = np.concatenate([fm[:4], fm[1:, :, :15]], axis=2)
+    for name, x, box in (("wide", wide, (7, 0, 35, 28)), ("tall", wide.transpose(0, 2, 1).copy(), (0, 7, 28, 35))):
+        np.savez(tmp_path / f"{name}.npz", x=x)
+        write_shards(f"npz:{tmp_path / name}.npz", tmp_path / name, "test")
+
+        def read(res, resize="center_crop"):
+            cfg = DataConfig(resolution=res, channels=1, workers=0, resize=resize)
+            b = next(iter(make_loader(str(tmp_path / name / "test.manifest.json"), cfg, batch_size=8, mode="eval",
+                                      as_float=False)))
+            assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 1, res, res)
+            return b["image"][:, 0].numpy()
+
+        # At the crop's own size nothing is resampled: the exact centre pixels.
+        left, top, right, bottom = box
+        assert np.array_equal(read(28), x[:, top:bottom, left:right])
+        # Smaller (Lanczos, antialiased) and larger than the image (bicubic), as _to_resolution documents; on these
+        # images the other filter gives other pixels, so a swapped filter fails.
+        for res, filt, other in ((16, Image.LANCZOS, Image.BICUBIC), (64, Image.BICUBIC, Image.LANCZOS)):
+            want = np.stack([_pil(a, res, box, filt) for a in x])
+            assert np.array_equal(read(res), want)
+            assert not np.array_equal(want, np.stack([_pil(a, res, box, other) for a in x]))
+        # Stretch: the whole image, no crop.
+        assert np.array_equal(read(16, "stretch"), np.stack([_pil(a, 16) for a in x]))
+    # Square images resampled the same way, as floats in [-1, 1].
+    b = next(iter(make_loader(small, DataConfig(resolution=16, channels=1, workers=0), batch_size=8, mode="eval")))
+    assert b["image"].dtype == torch.float32 and b["label"].dtype == torch.long and b["label"].shape == (8,)
+    want = torch.stack([torch.tensor(_pil(stored[k][0].numpy(), 16), dtype=torch.float64) for k in b["key"]])
+    # x * (1 / 127.5) - 1 in float32: three roundings of relative size 2^-24 on values of at most 2: within 1e-6.
+    assert (b["image"][:, 0].double() - (want / 127.5 - 1)).abs().max() < 1e-6
+
+    # Flips: every image of a training stream is exactly the stored image or exactly its mirror, and never
+    # mirrored without data.flip.
+    kw = dict(batch_size=256, mode="train", seed=3, as_float=False)
+    cfg = DataConfig(resolution=28, channels=1, workers=0, shuffle_buffer=100)
+    plain = next(iter(make_loader(small, cfg, **kw)))
+    assert all(torch.equal(x, stored[k]) for k, x in zip(plain["key"], plain["image"]))
+    flip = next(iter(make_loader(small, dataclasses.replace(cfg, flip=True), **kw)))
+    n = mirrored = same = 0
     for k, x in zip(flip["key"], flip["image"]):
-        if k in by_key:
-            same += torch.equal(x, by_key[k])
-            mirrored += torch.equal(x, by_key[k].flip(-1)) and not torch.equal(x, by_key[k])
-    assert mirrored > 0
+        if torch.equal(stored[k], stored[k].flip(-1)):
+            continue  # a symmetric image tells nothing
+        n += 1
+        same += torch.equal(x, stored[k])
+        mirrored += torch.equal(x, stored[k].flip(-1))
+    assert n >= 250 and same + mirrored == n  # nothing but the image or its exact mirror
+    # Each image is mirrored with probability 1/2, independently: mirrored ~ Binomial(n, 1/2). Hoeffding:
+    # P(|mirrored - n/2| >= t) <= 2 exp(-2 t^2 / n); t = sqrt(n ln(2e6) / 2) (about 2.7 sqrt(n), 43 for n = 256)
+    # makes that at most 1e-6, so a correct flip fails this for at most one seed in a million, while a
+    # flip with probability 1/4 or 3/4 (mean n/4 = 64 away from n/2, 3 standard deviations past t) fails it.
+    assert abs(mirrored - n / 2) < math.sqrt(n * math.log(2e6) / 2), (mirrored, n)
 
 
 def test_shuffle_keeps_every_item():

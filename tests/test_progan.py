@@ -147,30 +147,20 @@ def progan_config(tmp_path, manifest, nproc, **model):
     return family_config(tmp_path, manifest, sections, {})
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_in_a_fade_and_across_growth_is_exact(nproc, tmp_path, fm_test_shards, env_with_repo, capsys):
-    """20 steps straight == 12 steps (stopped in the fade), resumed across the boundary to 8x8: same weights,
-    optimizer-free checks of the growth state; then export and `distgen sample` from the 1-process run."""
-    # 2 processes also exercise per-resolution batch sizes: 4 images per process at 4x4, 8 at 8x8
-    model = {"batch_sizes": [4]} if nproc == 2 else {}
-    straight = progan_config(tmp_path / "a", fm_test_shards, nproc, **model)
-    resumed = progan_config(tmp_path / "b", fm_test_shards, nproc, **model)
-    run(launch(nproc) + ["train", str(straight)], env_with_repo)
-    run(launch(nproc) + ["train", str(resumed), "train.max_steps=12"], env_with_repo)
-    second = run(launch(nproc) + ["train", str(resumed)], env_with_repo)
-    assert "resumed from" in second.stdout and "(step 12" in second.stdout
-    a, b = (tmp_path / d / "run" / "checkpoints" for d in "ab")
-    for name in ("G.safetensors", "D.safetensors", "ema0-G.safetensors"):
-        wa, wb = weights(a / "step-00000020", name), weights(b / "step-00000020", name)
-        assert wa.keys() == wb.keys()
-        assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-6, name
-    # The growth state: after 12 steps, 7 of the fade's 10 are done; at the end the network is at 8x8.
-    n = 8 * nproc
-    stopped = ckpt.read_meta(b / "step-00000012")["family_state"]
-    assert stopped["nimg"] == 12 * n and stopped["res"] == 8 and stopped["alpha"] == pytest.approx(0.7)
+def test_growth_fade_and_frozen_blocks_follow_the_schedule_and_the_export_samples(tmp_path, fm_test_shards,
+                                                                                     env_with_repo, capsys):
+    """20 steps: 5 stable at 4x4, a fade of 10 into 8x8, then 8x8 (the exact resume across a fade, with 2 processes
+    and per-resolution batch sizes, is test_resume's): the growth state in the checkpoints and the logged means,
+    blocks not yet run unchanged; then export and `distgen sample`."""
+    straight = progan_config(tmp_path / "a", fm_test_shards, 1)
+    run(launch(1) + ["train", str(straight)], env_with_repo)
+    a = tmp_path / "a" / "run" / "checkpoints"
+    # The growth state: after 10 steps, 5 of the fade's 10 are done; at the end the network is at 8x8.
+    n = 8
+    mid = ckpt.read_meta(a / "step-00000010")["family_state"]
+    assert mid["nimg"] == 10 * n and mid["res"] == 8 and mid["alpha"] == pytest.approx(0.5)
     end = ckpt.read_meta(a / "step-00000020")["family_state"]
     assert end["nimg"] == 20 * n and (end["res"], end["alpha"]) == (8, 1.0)
-    assert ckpt.read_meta(b / "step-00000020")["family_state"] == end
     recs = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     # logged interval means: steps 1-6 at 4x4 (the fade's start, alpha 0 at 8x8, is the 4x4 network), steps 7-15
     # fading with alpha .1, .2, .., .9, steps 16-20 at 8x8
@@ -184,8 +174,6 @@ def test_resume_in_a_fade_and_across_growth_is_exact(nproc, tmp_path, fm_test_sh
     assert torch.equal(raw["to_rgb.1.weight"], ema["to_rgb.1.weight"])
     assert not torch.equal(raw["conv4.weight"], ema["conv4.weight"])
     assert ema["growth"].tolist() == [4.0, 1.0]
-    if nproc == 2:
-        return
 
     # export: the EMA generator with its growth state; `distgen sample` draws 8x8 images from it, the same as
     # from the run folder, and refuses --truncation

@@ -19,7 +19,7 @@ from distgen.families.base import DataInfo, PhaseNets
 from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
 from distgen.families.score import LIKELIHOOD_EPS, Score, sliced_score_matching
 from distgen.sample import SampleError, likelihood_options, load_ema, sampling_options
-from test_likelihood import _bpd_direct, resume_matches_straight
+from test_likelihood import _bpd_direct
 from test_train import family_config, launch, run
 
 
@@ -246,18 +246,16 @@ def score_config(tmp_path, manifest, model=None, **over):
     return family_config(tmp_path, manifest, sections, over)
 
 
-def test_two_process_training_resumes_exactly_and_samples_alike_with_one_or_two_processes(tmp_path, fm_test_shards,
-                                                                                          env):
-    """VE SDE, denoising score matching: 10 steps straight == 7, stop, resume to 10 (weights, EMA, optimizer);
-    then `distgen sample` with 2 processes writes the images that 1 process writes."""
-    config = lambda d: score_config(d, fm_test_shards)  # noqa: E731
-    a, _ = resume_matches_straight(2, tmp_path, config, env, ["unet.safetensors", "ema0-unet.safetensors"], ["unet"])
-    recs = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
-    assert (tmp_path / "a" / "run" / "samples" / "step-00000010.png").is_file()  # the end-of-run grid (pc)
+def test_two_processes_sample_what_one_process_samples(trained, tmp_path, env):
+    """The shared VE / denoising-score-matching run (2 processes; its exact resume is test_resume's): finite
+    losses, an end-of-run grid, and `distgen sample` with 2 processes writes the images 1 process writes."""
+    root, _ = trained
+    run_dir = root / "score-ve-a"
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all(math.isfinite(r["loss"]) for r in recs)
+    assert (run_dir / "samples" / "step-00000006.png").is_file()  # the end-of-run grid (pc)
     from distgen.sample import sample_command
 
-    run_dir = tmp_path / "a" / "run"
     assert sample_command(str(run_dir), 9, str(tmp_path / "one.npz"), seed=2, options={"sampler": "langevin"}) == 0
     run(launch(2) + ["sample", str(run_dir), "--num", "9", "--seed", "2", "--sampler", "langevin",
                      "--out", str(tmp_path / "two.npz")], env)

@@ -110,13 +110,18 @@ def test_cifar10_folder_and_archive(tmp_path, as_archive):
 def test_cifar10_refuses_code_in_pickles(tmp_path):
     d = _write_cifar(tmp_path / "src")
 
-    class Evil:
+    marker = tmp_path / "pwned"
+
+    class Evil:  # unpickled, it creates the marker file
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))
 
     (d / "data_batch_2").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
-    with pytest.raises(DataError, match=r"data_batch_2.*refusing to load builtins.print"):
+    with pytest.raises(DataError, match=r"data_batch_2.*refusing to load io.open"):
         write_shards(f"cifar10:{d}", tmp_path / "out", "train")
+    assert not marker.exists()
+    pickle.loads((d / "data_batch_2").read_bytes())[b"data"].close()  # the payload does run when unpickled
+    assert marker.exists()
 
 
 def test_folder_with_classes_and_flat(tmp_path):

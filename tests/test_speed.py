@@ -1,5 +1,5 @@
 """The speed switches (train.compile, channels_last, optimizer_impl) and the step without host reads:
-the same training with them as without, exact resume with all of them on, and a non-finite step still
+the same training with them as without (exact resume with all of them on is test_resume's), and a non-finite step still
 skipped, counted and stopped on once the loop no longer reads the loss back every step."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distgen import checkpoint as ckpt
+from distgen.cli import main as cli_main
 from distgen.config import load_config
 from distgen.families import build_family
 from distgen.families.base import DataInfo
@@ -35,23 +36,31 @@ def close(a: dict, b: dict, rtol: float) -> bool:
 
 
 @pytest.mark.parametrize("family", ["diffusion", "gan"])
-def test_compile_trains_as_eager_does(family, tmp_path, fm_test_shards, env_with_repo):
-    """Ten logged steps with every network compiled against the same run eager: the first step's loss
-    is the same computation reassociated by the compiler (float32 rounding, ~1e-6 relative); Adam's
-    normalised steps keep later weights within a few rounding units of each other, so each loss stays
-    within 1e-4."""
+def test_compile_trains_as_eager_does(family, tmp_path, fm_test_shards, capsys):
+    """Ten logged steps with every network compiled against the same run eager: the same weights, batches and
+    noise, the compiler reordering float32 sums. Reassociating a sum of n float32 terms moves it by at most
+    (n - 1) 2^-24 sum |x_i| (Higham, Accuracy and Stability of Numerical Algorithms, eq. 4.4); the losses' terms
+    are non-negative (squared errors, hinge terms) and n <= 2^13 (8 x 784 squared errors; the networks' own sums
+    are shorter), so a loss, and a gradient relative to its own terms, moves by at most 2^-11. Adam's step
+    lr m/(sqrt(v) + eps) passes a relative change of the gradients on as at most twice that relative change of the
+    step, except where a gradient sits at rounding level and may flip sign, where the loss's slope is itself at
+    rounding level; the steps moved the loss by about its own size (Adam's early steps are sign steps), so they
+    add at most 2 x 2^-11 of it. Each loss stays within 3 x 2^-11 < 2^-9 of eager's. (The GAN's mean scores,
+    loss/G, D/real and D/fake, sum terms of both signs, for which no relative bound follows: not compared.)"""
     runs = {}
     for compiled in (False, True):
         sub = tmp_path / str(compiled)
         over = {"train": {"max_steps": 10, "log_every": 1, "checkpoint_every": 100}}
         cfg = (gan_config(sub, fm_test_shards, {"arch": "mlp", "loss": "hinge"}, **over) if family == "gan"
                else tiny_config(sub, fm_test_shards, **over))
-        r = run(PY + ["train", str(cfg), f"train.compile={str(compiled).lower()}"], env_with_repo)
+        assert cli_main(["train", str(cfg), f"train.compile={str(compiled).lower()}"]) == 0  # in this process
         nets = "D, G" if family == "gan" else "unet"
-        assert (f"speed: compile {nets} (mode default)" if compiled else "speed: compile off") in r.stdout
+        assert (f"speed: compile {nets} (mode default)" if compiled else "speed: compile off") in capsys.readouterr().out
         runs[compiled] = losses_by_step(sub / "run")
     assert sorted(runs[True]) == list(range(1, 11))
-    assert close(runs[True], runs[False], rtol=1e-4), (runs[True], runs[False])
+    keys = {"loss", "loss/D"}  # the hinge loss's terms relu(1 -+ D) are non-negative, as squared errors are
+    runs = {c: {s: {k: v for k, v in r.items() if k in keys} for s, r in steps.items()} for c, steps in runs.items()}
+    assert all(r for r in runs[False].values()) and close(runs[True], runs[False], rtol=2 ** -9), runs
 
 
 def test_networks_a_regulariser_differentiates_twice_are_not_compiled():
@@ -82,25 +91,6 @@ def test_channels_last_is_off_under_deepspeed_and_refused_when_asked_for():
     on = load_config(None, ["train.channels_last=true"])
     with pytest.raises(TrainingError, match=r"^train\.channels_last: DeepSpeed"):
         resolve(on.train, torch.device("cpu"), family, ["unet"], deepspeed=True)
-
-
-def test_resume_with_every_switch_on_is_exact(tmp_path, fm_test_shards, env_with_repo):
-    """20 steps straight == 13 steps, stop, resume to 20, with compile, channels_last and fused AdamW:
-    weights, EMAs and optimizer states equal to the bit."""
-    switches = ["train.compile=true", "train.channels_last=true", "train.optimizer_impl=fused"]
-    over = {"train": {"total_kimg": 0.16, "checkpoint_every": 10, "log_every": 5}}
-    a, b = tiny_config(tmp_path / "a", fm_test_shards, **over), tiny_config(tmp_path / "b", fm_test_shards, **over)
-    run(PY + ["train", str(a)] + switches, env_with_repo)
-    run(PY + ["train", str(b), "train.max_steps=13"] + switches, env_with_repo)
-    second = run(PY + ["train", str(b)] + switches, env_with_repo)
-    assert "(step 13," in second.stdout and "channels_last on, AdamW fused" in second.stdout
-    ca, cb = (t / "run" / "checkpoints" / "step-00000020" for t in (tmp_path / "a", tmp_path / "b"))
-    for name in ("unet.safetensors", "ema0-unet.safetensors", "ema1-unet.safetensors"):
-        wa, wb = weights(ca, name), weights(cb, name)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
-    oa, ob = ckpt.load_state(ca / "optim-unet.pt"), ckpt.load_state(cb / "optim-unet.pt")
-    for k, st in oa["state"].items():
-        assert all(torch.equal(st[n], ob["state"][k][n]) for n in st)
 
 
 def probe(tmp_path, cfg: Path, nan_steps: str, *overrides: str) -> dict:

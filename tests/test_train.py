@@ -130,30 +130,6 @@ def test_one_process_run_folder_export_and_sampling(tmp_path, fm_test_shards, en
     assert a.shape == (5, 28, 28, 1) and a.dtype == np.uint8 and np.array_equal(a, b)
 
 
-def test_two_processes_resume_is_exact(tmp_path, fm_test_shards, env_with_repo):
-    """2N steps straight == N steps, stop, resume to 2N: same weights (1e-6) and same logged losses."""
-    straight = tiny_config(tmp_path / "a", fm_test_shards)
-    resumed = tiny_config(tmp_path / "b", fm_test_shards)
-    run(launch(2) + ["train", str(straight)], env_with_repo)
-    first = run(launch(2) + ["train", str(resumed), "train.max_steps=10"], env_with_repo)
-    assert "2 process(es)" in first.stdout and "20 steps" in first.stdout
-    # A checkpoint cut off mid-write: a later step folder without meta.json, and a temporary folder.
-    root = tmp_path / "b" / "run" / "checkpoints"
-    (root / "step-00000015").mkdir()
-    (root / "step-00000015" / "unet.safetensors").write_bytes(b"partial")
-    (root / ".tmp-step-00000016").mkdir()
-    second = run(launch(2) + ["train", str(resumed)], env_with_repo)
-    assert f"resumed from {root / 'step-00000010'} (step 10" in second.stdout
-    a = weights(tmp_path / "a" / "run" / "checkpoints" / "step-00000020")
-    b = weights(root / "step-00000020")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    ea = weights(tmp_path / "a" / "run" / "checkpoints" / "step-00000020", "ema1-unet.safetensors")
-    eb = weights(root / "step-00000020", "ema1-unet.safetensors")
-    assert max((ea[k] - eb[k]).abs().max().item() for k in ea) <= 1e-6
-    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
-    assert len(la) == 4 and la == lb
-
-
 def test_sampling_with_two_processes_writes_the_same_files(tmp_path, fm_test_shards, env_with_repo):
     cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.08})
     run(launch(1) + ["train", str(cfg)], env_with_repo)
@@ -169,43 +145,6 @@ def test_sampling_with_two_processes_writes_the_same_files(tmp_path, fm_test_sha
     assert len({one[i].tobytes() for i in range(37)}) == 37  # every image its own seed
 
 
-def test_deepspeed_zero2_two_processes_with_resume(tmp_path, fm_test_shards, env_with_repo):
-    cfg = tiny_config(tmp_path, fm_test_shards, train={"total_kimg": 0.16, "mixed_precision": "bf16"})
-    ds = launch(2, "configs/accelerate/zero2.yaml")
-    first = run(ds + ["train", str(cfg), "train.max_steps=5"], env_with_repo)
-    assert "ZeRO-2" in first.stdout and "2 process(es)" in first.stdout and "mixed precision bf16" in first.stdout
-    root = tmp_path / "run" / "checkpoints"
-    assert (root / "step-00000005" / "deepspeed" / "unet").is_dir()
-
-    # A tampered DeepSpeed file with pickled code is refused, not executed.
-    import shutil
-
-    evil_run = tmp_path / "evil"
-    shutil.copytree(tmp_path / "run", evil_run)
-    model_file = next((evil_run / "checkpoints" / "step-00000005" / "deepspeed" / "unet" / "state").glob("mp_rank_*_model_states.pt"))
-    marker = tmp_path / "pwned"
-    torch.save({"module": _Evil(str(marker))}, model_file)
-    bad = run(ds + ["train", str(cfg), f"run.dir={evil_run}"], env_with_repo, check=False)
-    assert bad.returncode != 0 and "Weights only load failed" in bad.stderr
-    assert not marker.exists()
-
-    second = run(ds + ["train", str(cfg)], env_with_repo)
-    assert "resumed from" in second.stdout and "done at step 10" in second.stdout
-    meta = ckpt.read_meta(root / "step-00000010")
-    assert meta["step"] == 10 and all(np.isfinite(losses(tmp_path / "run")))
-    out = tmp_path / "export"
-    run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-
-
-class _Evil:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo):
     cfg = tiny_config(tmp_path, fm_test_shards, train={"mixed_precision": "bf16", "grad_accum": 2, "total_kimg": 0.08},
                       model={"prediction": "v_prediction", "beta_schedule": "cosine"})
@@ -218,16 +157,24 @@ def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo)
 
 def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
     """Under ZeRO-3 parameters are sharded; the EMA (full copy on every rank) must still follow them."""
-    ddp = tiny_config(tmp_path / "ddp", fm_test_shards, train={"total_kimg": 0.08})
-    z3 = tiny_config(tmp_path / "z3", fm_test_shards, train={"total_kimg": 0.08})
+    ddp = tiny_config(tmp_path / "ddp", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
+    z3 = tiny_config(tmp_path / "z3", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
     run(launch(2) + ["train", str(ddp)], env_with_repo)
     r = run(launch(2, "configs/accelerate/zero3.yaml") + ["train", str(z3)], env_with_repo)
     assert "ZeRO-3" in r.stdout
     a = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     b = weights(tmp_path / "z3" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
-    init = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the EMA did move
+    # Step 5 moved the EMA from its step-4 value by EDM's half-life update: ema_5 = beta ema_4 + (1 - beta) raw_5,
+    # beta = 0.5 ** (16 / 500) (global batch 2 x 8, ema.halflife_kimg 0.5, no ramp-up); a frozen EMA, or another
+    # beta, fails. float32 (s -= (1 - beta) (s - p)): four roundings of relative 2^-24, each of a value at most
+    # |ema_4| + |raw_5|, so within 2^-22 (|ema_4| + |raw_5|).
+    start = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000004", "ema1-unet.safetensors")
+    raw = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005")
+    beta = 0.5 ** (16 / 500)
+    for k in a:
+        s, r = start[k].double(), raw[k].double()
+        assert ((a[k].double() - (beta * s + (1 - beta) * r)).abs() <= 2 ** -22 * (s.abs() + r.abs())).all(), k
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, fm_test_shards, env_with_repo):

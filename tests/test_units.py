@@ -80,13 +80,18 @@ def test_checkpoint_finalize_prunes_and_ignores_partial(tmp_path):
 
 
 def test_state_files_refuse_pickled_code(tmp_path):
-    class Evil:
+    marker = tmp_path / "pwned"
+
+    class Evil:  # unpickled, it creates the marker file
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))
 
     torch.save({"state": Evil()}, tmp_path / "optim-x.pt")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         ckpt.load_state(tmp_path / "optim-x.pt")
+    assert not marker.exists()
+    torch.load(tmp_path / "optim-x.pt", weights_only=False)["state"].close()  # the payload does run when loaded
+    assert marker.exists()
 
 
 def test_train_state_round_trips_through_meta_json(tmp_path):

@@ -47,13 +47,21 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+def _float32(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """16-bit tensors (a network's outputs under bf16/fp16 autocast) in float32, wider ones as they are: the
+    densities and KLs below are likelihood maths, which runs in float32 whatever the network's precision."""
+    return [t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in ts]
+
+
 def gaussian_log_density(z, mean, logs) -> torch.Tensor:
     """log N(z; mean, exp(logs)^2), summed per sample."""
+    z, mean, logs = _float32(z, mean, logs)
     return (-0.5 * (LOG2PI + 2 * logs + (z - mean) ** 2 * torch.exp(-2 * logs))).flatten(1).sum(1)
 
 
 def gaussian_kl(qm, qlogs, pm, plogs) -> torch.Tensor:
     """KL(N(qm, e^qlogs) || N(pm, e^plogs)) in closed form, summed per sample."""
+    qm, qlogs, pm, plogs = _float32(qm, qlogs, pm, plogs)
     return (plogs - qlogs + 0.5 * (torch.exp(2 * qlogs) + (qm - pm) ** 2) * torch.exp(-2 * plogs) - 0.5).flatten(1).sum(1)
 
 

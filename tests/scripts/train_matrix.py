@@ -1,0 +1,41 @@
+"""Many short trainings in one launch (run it under `accelerate launch`, any number of processes and engine).
+
+    train_matrix.py SPEC.json OUT.json
+
+SPEC lists runs: {"name", "calls": [{"config": YAML path, "overrides": [...], "env": {...}}, ...]}. Each call is
+one `distgen train` of that config, in this process: Accelerate, DeepSpeed and the process group start once
+instead of once per call (what keeps the suite's matrices of families x engines x stages within its time). A
+run's calls stop at the first that fails. OUT gets, per run, each call's return code, or its distgen error, or
+its crash (traceback), and its seconds.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+from distgen.config import load_config
+from distgen.errors import ERRORS
+from distgen.train import train
+
+spec, out = json.load(open(sys.argv[1])), sys.argv[2]
+results = []
+for item in spec:
+    rec = {"name": item["name"], "calls": []}
+    for call in item["calls"]:
+        os.environ.update(call.get("env", {}))  # e.g. ACCELERATE_DEEPSPEED_ZERO_STAGE, read by each run's engine
+        t0 = time.time()
+        try:
+            rec["calls"].append({"rc": train(load_config(call["config"], call.get("overrides", []))),
+                                 "s": round(time.time() - t0, 1)})
+        except ERRORS as e:
+            rec["calls"].append({"error": str(e), "s": round(time.time() - t0, 1)})
+            break
+        except Exception:
+            rec["calls"].append({"crash": traceback.format_exc()[-3000:]})
+            break
+    results.append(rec)
+    print(f"train_matrix: {item['name']}: {rec['calls']}"[:300], flush=True)
+rank = int(os.environ.get("RANK", "0"))
+json.dump(results, open(out if rank == 0 else f"{out}.rank{rank}", "w"), indent=1)

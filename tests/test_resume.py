@@ -1,0 +1,179 @@
+"""Exact resume, one harness for every family, process count and engine: N steps straight against the same run
+stopped part-way (between periodic checkpoints, so the data stream's position is restored too) and resumed to N.
+The final checkpoints must be the same bit for bit: weights, EMAs, optimizer and scaler states, the family's own
+state (ADA's accumulators, ProGAN's growth, CycleGAN's histories, the EBM's buffers), every rank's RNG states; and
+so must every logged record and every post-hoc EMA snapshot. DeepSpeed's ZeRO stages go through the same comparison
+in test_deepspeed.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from distgen import checkpoint as ckpt
+from distgen import phema
+from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, differences, launch_matrix, \
+    record_differences, records, straight_and_resumed
+from test_train import launch
+
+ONE_PROCESS = ("diffusion", "gan-dcgan", "cyclegan", "ebm", "glow", "diffusion-fast")
+LAST = f"checkpoints/step-{STEPS:08d}"
+
+
+def snapshot_differences(a: Path, b: Path) -> list[str]:
+    """Post-hoc EMA snapshots of two runs: the same sample counts, and each file's tensors bit for bit (not the
+    files' hashes: safetensors writes its metadata in a hash map's order)."""
+    from safetensors.torch import load_file
+
+    ia, ib = phema.read_index(a), phema.read_index(b)
+    if [e["nimg"] for e in ia] != [e["nimg"] for e in ib]:
+        return [f"snapshots at {[e['nimg'] for e in ia]} and {[e['nimg'] for e in ib]}"]
+    out = []
+    for ea, eb in zip(ia, ib):
+        ta, tb = (load_file(str(r / phema.SNAPSHOT_DIR / e["file"])) for r, e in ((a, ea), (b, eb)))
+        if ta.keys() != tb.keys() or not all(ta[k].equal(tb[k]) for k in ta):
+            out.append(ea["file"])
+    return out
+
+
+def _check(root: Path, rec: dict, run: str) -> None:
+    assert [c.get("rc") for c in rec["calls"]] == [0, 0, 0], rec["calls"]
+    a, b = root / f"{run}-a", root / f"{run}-b"
+    assert differences(a / LAST, b / LAST) == []
+    assert record_differences(a, b, STOP) == []
+
+
+@pytest.mark.parametrize("name", [*MODELS, *(v for v in VARIANTS if v not in ONE_PROCESS)])
+def test_two_processes_resume_exactly(trained, name):
+    root, results = trained
+    _check(root, results[name], name)
+    if name == "diffusion-power":
+        a, b = root / f"{name}-a", root / f"{name}-b"
+        assert len(phema.read_index(a)) == STEPS and snapshot_differences(a, b) == []
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, fm_test_shards):
+    root = tmp_path_factory.mktemp("resume-1p")
+    data = data_sets(root, fm_test_shards)
+    spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in ONE_PROCESS]
+    return root, launch_matrix(spec, root, 1, "configs/accelerate/ddp.yaml")
+
+
+@pytest.mark.parametrize("name", ONE_PROCESS)
+def test_one_process_resumes_exactly(one_process, name):
+    root, results = one_process
+    _check(root, results[name], name)
+    if name == "diffusion-fast":  # the run was made with every switch on
+        train = yaml.safe_load((root / f"{name}-b" / "config.yaml").read_text())["train"]
+        assert (train["compile"], train["channels_last"], train["optimizer_impl"]) == (True, True, "fused")
+
+
+def _own_copy(root: Path, run: str, run_dir: Path) -> Path:
+    """The config of ``run`` (a shared run), training into ``run_dir`` instead."""
+    c = yaml.safe_load((root / f"{run}.yaml").read_text())
+    c["run"]["dir"] = str(run_dir)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(c))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own, so a process
+    group does not hold them all)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        out.add(q)
+        todo += children.get(q, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_run_killed_mid_step_resumes_exactly(trained, tmp_path):
+    """kill -9 of the whole process tree (the launcher and both ranks) while step 5 or its snapshot runs, after the
+    periodic checkpoint at step 4: the resume drops the snapshot taken after it (written by the killed run),
+    takes it again, and ends as the uninterrupted run did, bit for bit."""
+    root, _ = trained
+    run_dir = tmp_path / "run"
+    cfg = _own_copy(root, "diffusion-power-a", run_dir)
+    cmd = launch(2) + ["train", str(cfg), f"train.max_steps={STEPS}"]
+    p = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:  # until the snapshot after step 4's checkpoint exists
+            if (run_dir / "checkpoints" / "step-00000004").is_dir() and len(phema.read_index(run_dir, False)) >= 5:
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before it could be killed"
+        tree = _descendants(p.pid)
+        assert len(tree) >= 3  # the launcher and two ranks
+        for q in tree:
+            os.kill(q, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        for q in _descendants(p.pid) if p.poll() is None else ():
+            os.kill(q, signal.SIGKILL)
+    deadline = time.time() + 30
+    while any(_alive(q) for q in tree) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(q) for q in tree), "a process of the killed run survived"
+    assert ckpt.read_meta(run_dir / "checkpoints" / "step-00000004")["step"] == 4
+    assert not (run_dir / LAST).exists()
+    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "(step 4," in r.stdout and "EMA snapshot(s) after" in r.stdout
+    straight = root / "diffusion-power-a"
+    assert differences(straight / LAST, run_dir / LAST) == []
+    assert snapshot_differences(straight, run_dir) == []
+    assert [s for s in records(run_dir)] == list(range(1, STEPS + 1))
+
+
+def test_another_process_count_continues_the_run_and_says_so(trained, tmp_path, capsys):
+    """What distgen promises when a requeued job gets another process count: the run goes on from the checkpoint
+    (weights, EMAs, optimizer state, samples seen), with the new global batch, and says it is not the count that
+    wrote the checkpoint. Not exact: the data streams and the batch differ."""
+    from distgen.cli import main as cli
+
+    root, _ = trained
+    run_dir = tmp_path / "run"
+    cfg = _own_copy(root, "diffusion-a", run_dir)
+    r = subprocess.run(launch(2) + ["train", str(cfg), f"train.max_steps={STOP}"], env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli(["train", str(cfg), f"train.max_steps={STEPS}"]) == 0  # one process, in this one
+    assert "was written by 2 process(es), resuming with 1" in capsys.readouterr().out
+    meta = ckpt.read_meta(run_dir / LAST)
+    assert meta["world_size"] == 1 and meta["step"] == STEPS
+    assert meta["nimg"] == STOP * 4 * 2 + (STEPS - STOP) * 4  # 3 steps of 8 images, then 3 of 4
+    assert [r["kimg"] for r in records(run_dir).values()][STOP - 1:] == [0.024, 0.028, 0.032, 0.036]
+    opt = ckpt.load_state(run_dir / LAST / "optim-unet.pt")
+    assert all(int(s["step"]) == STEPS for s in opt["state"].values())  # Adam went on counting its steps
