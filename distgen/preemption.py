@@ -8,7 +8,9 @@ requeued. Inside the loop the flag becomes a checkpoint and the same exit.
 
 A step that never comes (a hung file system, a stuck collective) must not keep the job alive: a second
 signal outside a checkpoint save, or :data:`GRACE_ENV` seconds (default 300) after the first with no save
-under way, ends the process at once with the same exit status, the newest checkpoint left as it is.
+under way, ends the process at once with the same exit status, the newest checkpoint left as it is. A
+signal within :data:`DUPLICATE_S` of the first is the same one delivered twice, not a second: SLURM signals
+every process of a step and torch's launcher forwards the signal to its workers as well.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Iterator, Optional
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 GRACE_ENV = "DISTGEN_SIGNAL_GRACE"  # seconds from a signal to the exit, when no checkpoint is being saved
+DUPLICATE_S = 5.0  # a signal this soon after the first is its copy (scheduler and launcher both deliver it)
 
 
 class Preemption:
@@ -35,13 +38,14 @@ class Preemption:
         self.flag = False
         self.signum: Optional[int] = None
         self._saving = 0
+        self._first = 0.0
 
     def _handler(self, signum, frame):
         if self.flag:
-            if not self._saving:
+            if not self._saving and time.monotonic() - self._first >= DUPLICATE_S:
                 _exit_now(f"a second signal ({signal.Signals(signum).name}) before the checkpoint")
-            return  # a save under way finishes, then the loop exits
-        self.flag, self.signum = True, signum
+            return  # a copy of the first, or a save under way that finishes before the loop exits
+        self.flag, self.signum, self._first = True, signum, time.monotonic()
         grace = _grace()
         threading.Thread(target=self._watchdog, args=(grace,), name="distgen-signal-watchdog", daemon=True).start()
 
