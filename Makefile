@@ -10,9 +10,9 @@ PIP := $(PY) -m pip --quiet
 # upgrading .venv and seeing `make test` pass.
 LOCK := requirements.lock
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-PYTEST_ARGS ?= --durations=30
+PYTEST_ARGS ?= --durations=20
 
-.PHONY: setup sysdeps demo test lock clean
+.PHONY: setup sysdeps demo test test-fast lock clean
 
 setup: $(VENV)/.installed
 
@@ -48,8 +48,13 @@ sysdeps:
 demo: setup sysdeps
 	$(VENV)/bin/distgen demo
 
+# The full suite (what .ci/run calls).
 test: setup sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: the in-process checks, without the tests that launch processes or train (marker e2e).
+test-fast: setup sysdeps
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/shards .pytest_cache

@@ -55,7 +55,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def domain_features(tmp_path_factory, fm_test_shards):
     """A tiny domain extractor (`distgen eval fit-features`, ResNet of width 8, 8 kimg) fitted once per session on
-    the test split's shards, its accuracy and calibration taken on 500 other test images. Returns (file, stdout)."""
+    the test split's shards (made for other tests anyway: no shards to write for it), its accuracy and calibration
+    taken on 500 images of the train split, which it never sees. Returns (file, stdout)."""
     import itertools
     import subprocess
     import sys
@@ -65,14 +66,30 @@ def domain_features(tmp_path_factory, fm_test_shards):
     from distgen.data.sources import open_source
 
     root = tmp_path_factory.mktemp("domain")
-    items = list(itertools.islice(open_source("fashion-mnist", "test").items(), 5000, 5500))
-    np.savez(root / "small-test.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
-    write_shards(f"npz:{root / 'small-test.npz'}", root / "small-test", "test", samples_per_shard=250)
+    items = list(itertools.islice(open_source("fashion-mnist", "train").items(), 500))
+    np.savez(root / "held-out.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
+    write_shards(f"npz:{root / 'held-out.npz'}", root / "held-out", "test", samples_per_shard=250)
     out = root / "fm-features.safetensors"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "distgen", "eval", "fit-features", str(fm_test_shards), str(out),
                         "--kimg", "8", "--lr", "5e-3", "--width", "8", "--calibration-images", "500",
-                        "--test", str(root / "small-test" / "test.manifest.json")],
+                        "--test", str(root / "held-out" / "test.manifest.json")],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return out, r.stdout
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, fm_test_shards):
+    """Every family of tests/matrix.py MODELS (and VARIANTS) trained with 2 processes (DDP) in one launch,
+    each twice: 6 steps
+    straight (``<name>-a``) and 3 steps then a resume to 6 (``<name>-b``). Made once per pytest run: the exact-
+    resume harness (test_resume.py) compares them, and the families' tests sample, export and evaluate their
+    ``-a`` run folders. Returns (root, {name: the launch's record})."""
+    from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, launch_matrix, straight_and_resumed
+
+    root = tmp_path_factory.mktemp("trained")
+    data = data_sets(root, fm_test_shards)
+    spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in [*MODELS, *VARIANTS]
+            if n != "diffusion-fast"]
+    return root, launch_matrix(spec, root, 2, "configs/accelerate/ddp.yaml")

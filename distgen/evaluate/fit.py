@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,6 +51,35 @@ def _test_inputs(shards: list[str], test: Optional[list[str]]) -> list[str]:
         if sibling.is_file() and sibling != Path(shards[0]):
             return [str(sibling)]
     raise EvalError("fit-features: no test split to report accuracy on; pass --test SHARDS|MANIFEST")
+
+
+def _file_identity(url: str):
+    """What makes two shard names one file: device and inode (a link, another spelling of the path), else the
+    resolved path; a ``pipe:`` command as written."""
+    if url.startswith("pipe:"):
+        return url
+    try:
+        st = os.stat(url)
+    except OSError:
+        return str(Path(url).resolve())
+    return (st.st_dev, st.st_ino)
+
+
+def check_held_out(shards: list[str], test: list[str]) -> None:
+    """Refuse ``test`` shards that are training shards (the same manifest, the same files, or links to them):
+    accuracy and calibration measured on training images would flatter the extractor."""
+    from distgen.data import resolve_shards
+
+    train = {_file_identity(u): u for u in resolve_shards(shards).urls}
+    held = resolve_shards(test).urls
+    shared = [(u, train[_file_identity(u)]) for u in held if _file_identity(u) in train]
+    if shared:
+        first, as_train = shared[0]
+        raise EvalError(f"fit-features: --test {' '.join(test)} overlaps the training shards {' '.join(shards)}: "
+                        f"{len(shared)} of its {len(held)} shard file(s) are training shards ({first}"
+                        + (f", as {as_train}" if as_train != first else "")
+                        + "); test accuracy and calibration must come from images the classifier is not trained on: "
+                          "pass a held-out split")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
@@ -176,6 +206,7 @@ def fit_features(shards: list[str], out: str | Path, *, test: Optional[list[str]
                         + (" and a multiple of 8 for --arch cnn" if arch == "cnn" else ""))
     res, chans = meta["image_size"][0], meta.get("channels") or 1
     test = _test_inputs(shards, test)
+    check_held_out(shards, test)  # before any training
     cfg = DataConfig(resolution=res, channels=chans, labels=True, workers=workers, flip=False)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
