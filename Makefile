@@ -11,6 +11,9 @@ PIP := $(PY) -m pip --quiet
 LOCK := requirements.lock
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?= --durations=20
+# Two workers on 2 cores: much of a test is a subprocess starting or waiting for its peer. A test file stays on one
+# worker (its module-scoped runs made once); session-wide runs are made once (tests/conftest.py made_once).
+XDIST := -n 2 --dist loadfile
 
 .PHONY: setup sysdeps demo test test-fast lock clean
 
@@ -50,11 +53,11 @@ demo: setup sysdeps
 
 # The full suite (what .ci/run calls).
 test: setup sysdeps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The edit-test loop: the in-process checks, without the tests that launch processes or train (marker e2e).
 test-fast: setup sysdeps
-	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/shards .pytest_cache

@@ -141,6 +141,31 @@ def newest_ema_checkpoint(run_dir: Path) -> tuple[Path, tuple]:
     return cp, got
 
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _pickled_weights(folder: Path) -> list[Path]:
+    """Files of an export folder (and its sub-folders, one level) that hold weights as pickles: a diffusers
+    ``*.bin`` or a torch ``.pt``, which from_pretrained would unpickle where a .safetensors is missing."""
+    found = [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern))
+             if p.suffix in PICKLED_SUFFIXES and p.is_file()]
+    return found
+
+
+@contextmanager
+def _quiet_diffusers():
+    """diffusers logs a failed from_pretrained at error level before raising: the error distgen raises is the one
+    line the user sees."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
 def load_ema(path: str | Path, device: str | torch.device = "cpu"):
     """(family, EMA networks, config) from a run folder (newest checkpoint that loads) or an export folder."""
     path = Path(path)
@@ -148,10 +173,16 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
         cfg, info = read_export_meta(path)
         family = _build(cfg, info, path / EXPORT_META)
         try:
-            nets = family.load_export(path)
+            with _quiet_diffusers():
+                nets = family.load_export(path)
         except (SampleError, ConfigError):
             raise
         except Exception as e:  # missing or damaged weight files, a bad sub-config
+            pickled = _pickled_weights(path)
+            if pickled:  # say why the file that is there was not read
+                raise SampleError(f"{pickled[0]}: a pickled weights file, which distgen does not load (unpickling can "
+                                  f"run code); the export's networks are read from .safetensors files alone "
+                                  f"({ckpt.describe_failure(path, e)})") from None
             raise SampleError(f"{path}: the export's networks do not load ({ckpt.describe_failure(path, e)})") from None
     elif (path / "meta.json").is_file():  # one checkpoint folder (or run_dir/best)
         try:

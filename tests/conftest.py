@@ -21,6 +21,30 @@ def pytest_configure(config):
         )
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder ``make(folder)`` fills once per pytest run. Under pytest-xdist (`make test` runs 2 workers, one
+    test file to a worker) every worker has its own session, so the first to get here makes it in the run's shared
+    temporary folder under a file lock and the others wait for it, then read it (pytest-xdist's own recipe for
+    session fixtures). A failed make leaves no folder that passes for made."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    import shutil
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder; each worker's basetemp is inside it
+    folder, done = shared / name, shared / f"{name}.made"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fm_test_shards(tmp_path_factory) -> Path:
     """Fashion-MNIST's 10000 test images in 4 shards (3000, 3000, 3000, 1000). Returns the manifest."""
@@ -65,18 +89,20 @@ def domain_features(tmp_path_factory, fm_test_shards):
 
     from distgen.data.sources import open_source
 
-    root = tmp_path_factory.mktemp("domain")
-    items = list(itertools.islice(open_source("fashion-mnist", "train").items(), 500))
-    np.savez(root / "held-out.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
-    write_shards(f"npz:{root / 'held-out.npz'}", root / "held-out", "test", samples_per_shard=250)
-    out = root / "fm-features.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "distgen", "eval", "fit-features", str(fm_test_shards), str(out),
-                        "--kimg", "8", "--lr", "5e-3", "--width", "8", "--calibration-images", "500",
-                        "--test", str(root / "held-out" / "test.manifest.json")],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return out, r.stdout
+    def make(root: Path) -> None:
+        items = list(itertools.islice(open_source("fashion-mnist", "train").items(), 500))
+        np.savez(root / "held-out.npz", x=np.stack([i[0] for i in items]), y=np.array([i[1] for i in items]))
+        write_shards(f"npz:{root / 'held-out.npz'}", root / "held-out", "test", samples_per_shard=250)
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        r = subprocess.run([sys.executable, "-m", "distgen", "eval", "fit-features", str(fm_test_shards),
+                            str(root / "fm-features.safetensors"), "--kimg", "8", "--lr", "5e-3", "--width", "8",
+                            "--calibration-images", "500", "--test", str(root / "held-out" / "test.manifest.json")],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        (root / "stdout.txt").write_text(r.stdout)
+
+    root = made_once(tmp_path_factory, "domain", make)
+    return root / "fm-features.safetensors", (root / "stdout.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +112,14 @@ def trained(tmp_path_factory, fm_test_shards):
     straight (``<name>-a``) and 3 steps then a resume to 6 (``<name>-b``). Made once per pytest run: the exact-
     resume harness (test_resume.py) compares them, and the families' tests sample, export and evaluate their
     ``-a`` run folders. Returns (root, {name: the launch's record})."""
-    from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, launch_matrix, straight_and_resumed
+    from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, launch_matrix, read_matrix, \
+        straight_and_resumed
 
-    root = tmp_path_factory.mktemp("trained")
-    data = data_sets(root, fm_test_shards)
-    spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in [*MODELS, *VARIANTS]
-            if n != "diffusion-fast"]
-    return root, launch_matrix(spec, root, 2, "configs/accelerate/ddp.yaml")
+    def make(root: Path) -> None:
+        data = data_sets(root, fm_test_shards)
+        spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in [*MODELS, *VARIANTS]
+                if n != "diffusion-fast"]
+        launch_matrix(spec, root, 2, "configs/accelerate/ddp.yaml")
+
+    root = made_once(tmp_path_factory, "trained", make)
+    return root, read_matrix(root)

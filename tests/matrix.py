@@ -130,6 +130,11 @@ def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, t
            str(root / "out.json")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert r.returncode == 0 and (root / "out.json").is_file(), r.stdout[-3000:] + r.stderr[-5000:]
+    return read_matrix(root)
+
+
+def read_matrix(root: Path) -> dict:
+    """What launch_matrix returned for ``root``: {name: record}."""
     return {rec["name"]: rec for rec in json.loads((root / "out.json").read_text())}
 
 

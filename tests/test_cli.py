@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # runs the console script in subprocesses (make test-fast leaves these out)
 
 
 def distgen_exe() -> str:

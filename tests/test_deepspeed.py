@@ -18,6 +18,8 @@ from distgen.sample import export
 from matrix import MODELS, data_sets, differences, launch_matrix, record_differences, straight_and_resumed
 from test_train import launch, run
 
+pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]  # 2-process ZeRO-2/3 trainings (make test-fast leaves these out)
+
 # What DeepSpeed cannot do, refused at start with the reason (engine_problem): one network outside its own
 # engine in another's phase under ZeRO-3's partitioned parameters, or a double backward through them (SSM,
 # FFJORD's trace estimate).

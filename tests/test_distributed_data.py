@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from distgen.dist import free_port
+
+pytestmark = pytest.mark.e2e  # 2 real processes (make test-fast leaves these out)
 
 
 def test_two_ranks_see_each_key_once_in_eval_and_differ_in_training(fm_test_shards, tmp_path, env_with_repo):

@@ -147,6 +147,7 @@ def test_an_image_is_the_same_whatever_else_is_in_its_batch():
 
 # ---------------------------------------------------------------- training as users run it
 
+@pytest.mark.e2e
 def test_each_rank_keeps_its_own_replay_buffer(trained):
     """The shared 2-process EBM run (its exact resume, buffers included, is test_resume's): a buffer per rank in
     every checkpoint, each its own; the logged saturation and energy gap sane."""
@@ -158,6 +159,7 @@ def test_each_rank_keeps_its_own_replay_buffer(trained):
     assert 0 <= last["E/saturation"] <= 1 and math.isfinite(last["E/gap"])
 
 
+@pytest.mark.e2e
 def test_jem_trains_exports_classifies_and_samples_the_same_with_any_process_count(tmp_path, fm_test_shards,
                                                                                    env, one_thread):
     cfg = ebm_config(tmp_path, fm_test_shards, {"jem": True}, data={"labels": True},
@@ -204,6 +206,7 @@ def test_jem_trains_exports_classifies_and_samples_the_same_with_any_process_cou
     assert any(torch.allclose(x[0], b, atol=0.011 * 5) for b in buf)
 
 
+@pytest.mark.e2e
 def test_diverging_energies_stop_the_run_naming_the_last_good_checkpoint(tmp_path, fm_test_shards, env):
     cfg = ebm_config(tmp_path, fm_test_shards, {"diverge_energy": 1e-4},
                      train={"log_every": 4, "checkpoint_every": 2})

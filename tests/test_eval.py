@@ -161,6 +161,7 @@ def float32_tolerance(net, *example) -> float:
     return 2.0 ** -24 * sums.total
 
 
+@pytest.mark.e2e
 def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env_with_repo, monkeypatch):
     import torch_fidelity
     import torch_fidelity.metrics
@@ -229,6 +230,7 @@ def domain(domain_features):
     return domain_features[0]
 
 
+@pytest.mark.e2e
 def test_fit_features_reports_its_accuracy_and_calibration(domain_features):
     from distgen.evaluate.extractors import read_domain_file
 
@@ -344,6 +346,7 @@ def test_real_images_read_at_another_size_are_at_the_floor_against_themselves(do
                "training read them" in line for line in logs), logs
 
 
+@pytest.mark.e2e
 def test_domain_features_give_fd_kid_pr_and_the_cache_follows_the_shards(setup, domain, env_with_repo, tmp_path):
     ref_dir = tmp_path / "ref"
     x, _ = _fm_images(60, offset=200)
@@ -368,6 +371,7 @@ def test_domain_features_give_fd_kid_pr_and_the_cache_follows_the_shards(setup, 
     assert third["ref_cache"] == "miss" and third["fid"] != pytest.approx(first["fid"], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_without_inception_weights_evaluation_says_so(setup, env_with_repo, tmp_path):
     env = {**env_with_repo, "TORCH_HOME": str(tmp_path / "torch-home")}
     env.pop("DISTGEN_INCEPTION_WEIGHTS", None)
@@ -383,6 +387,7 @@ def test_without_inception_weights_evaluation_says_so(setup, env_with_repo, tmp_
     assert r.returncode == 1 and f"{missing} (from eval.inception_weights) does not exist" in r.stdout
 
 
+@pytest.mark.e2e
 def test_bits_per_dim_is_exact_over_ranks_and_matches_a_direct_sum(setup, env_with_repo, tmp_path):
     from distgen.families.diffusion import Diffusion
     from distgen.sample import load_ema
@@ -407,6 +412,7 @@ def test_bits_per_dim_is_exact_over_ranks_and_matches_a_direct_sum(setup, env_wi
     assert 0 < one["bpd"] < 16
 
 
+@pytest.mark.e2e
 def test_periodic_evaluation_during_training_keeps_the_best(setup, domain, fm_test_shards, env_with_repo, tmp_path):
     cfg = tiny_config(tmp_path, fm_test_shards, model={"num_train_timesteps": 20, "sample_steps": 2},
                       train={"total_kimg": 0.16, "checkpoint_every": 10})

@@ -103,6 +103,7 @@ def _compare(name, setup, weights, env, tmp_path, tf_weights=None):
             assert res[key] == pytest.approx(tf[tf_key], rel=1e-4), (key, res[key], tf[tf_key])
 
 
+@pytest.mark.e2e
 def test_dinov2_equals_torch_fidelity_with_1_and_2_processes(setup, weights, env_with_repo, tmp_path, monkeypatch):
     # torch-fidelity builds DINOv2 only through torch.hub.load (download + the repository's code): here it gets
     # distgen's model with the same weights, so its own resize, normalisation and metrics run around it.
@@ -112,6 +113,7 @@ def test_dinov2_equals_torch_fidelity_with_1_and_2_processes(setup, weights, env
     _compare("dinov2-vit-s-14", setup, weights, env_with_repo, tmp_path)
 
 
+@pytest.mark.e2e
 def test_clip_equals_torch_fidelity_with_1_and_2_processes(setup, weights, env_with_repo, tmp_path):
     # torch-fidelity reads the TorchScript archive with torch.jit.load; distgen the safetensors copy
     _compare("clip-vit-b-32", setup, weights, env_with_repo, tmp_path, tf_weights=str(weights["clip_jit"]))

@@ -192,6 +192,7 @@ def ffjord_config(tmp_path, manifest, model=None, **over):
     return family_config(tmp_path, manifest, sections, over)
 
 
+@pytest.mark.e2e
 def test_training_logs_its_solves_exports_samples_alike_and_scores_bits_per_dim(tmp_path, fm_test_shards, env):
     """10 steps (its exact resume with 2 processes is test_resume's), the function evaluations logged; the export
     samples the same images with 1 and 2 processes; `distgen eval --metrics bpd` gives the direct sum over a small

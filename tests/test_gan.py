@@ -193,6 +193,7 @@ NPROC = {"mlp-minimax-conditional-infogan": 1, "dcgan-wgan-clip": 2, "dcgan-wgan
 
 
 @pytest.mark.parametrize("name,nproc", list(NPROC.items()))
+@pytest.mark.e2e
 def test_each_network_and_loss_trains(name, nproc, tmp_path, fm_test_shards, env_with_repo):
     model = MATRIX[name]
     cfg = gan_config(tmp_path, fm_test_shards, model)
@@ -218,6 +219,7 @@ def test_each_network_and_loss_trains(name, nproc, tmp_path, fm_test_shards, env
     assert (cp / "optim-G.pt").is_file() and (cp / "optim-D.pt").is_file() and (cp / "ema0-G.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_path, fm_test_shards, env_with_repo,
                                                                           capsys, domain_features):
     model = {"arch": "stylegan2", "loss": "nonsaturating", "conditional": True}

@@ -15,6 +15,8 @@ from test_gan import records
 from test_likelihood import lik_config
 from test_train import launch, run, weights
 
+pytestmark = pytest.mark.e2e  # trains autoencoders and latent diffusion (make test-fast leaves these out)
+
 AE_RES = 16
 
 

@@ -28,6 +28,7 @@ GRID = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # the 256 pixel value
 
 # ---------------------------------------------------------------- the discretised logistic mixture
 
+@pytest.mark.e2e
 def test_the_logistic_mixture_sums_to_one_over_the_256_values_of_a_pixel():
     torch.manual_seed(0)
     # grey: 40 pixels of random mixtures, from sharp to flat, means inside and outside [-1, 1]
@@ -69,6 +70,7 @@ def test_pixel_sampling_draws_the_modelled_distribution():
     assert hits >= 0.85, hits  # each channel leaves its bin with probability 2 / (1 + e^4.3) = 2.7%
 
 
+@pytest.mark.e2e
 def test_pixelcnn_is_causal_and_sees_every_earlier_pixel():
     torch.manual_seed(0)
     for channels, classes in ((1, 0), (3, 4)):
@@ -134,6 +136,7 @@ def test_glow_inverts_and_its_log_determinant_is_the_jacobians():
     assert torch.allclose(cold[0], cold[3], atol=1e-6) and not torch.allclose(cold[0], cold[1], atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_actnorm_initialisation_is_the_same_on_two_processes_and_uses_the_global_batch(tmp_path):
     mp.spawn(init_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
@@ -196,6 +199,7 @@ def _bpd_direct(family, nets, x, labels, per_shard, seed=0, **options):
 
 
 @pytest.mark.parametrize("family", list(NETS))
+@pytest.mark.e2e
 def test_one_process_run_exports_samples_and_reports_bits_per_dim(family, tmp_path, fm_test_shards, env_with_repo):
     model = {**NETS[family], "conditional": True}
     cfg = lik_config(tmp_path, fm_test_shards, model, train={"total_kimg": 0.08})

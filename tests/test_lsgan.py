@@ -11,6 +11,8 @@ from distgen.families.gan import losses
 from test_gan import gan_config, records
 from test_train import launch, run
 
+pytestmark = pytest.mark.e2e  # trains (make test-fast leaves these out)
+
 
 def test_lsgan_losses_are_the_papers_formula():
     g = torch.Generator().manual_seed(0)

@@ -22,6 +22,8 @@ from distgen.onnx_export import ONNX_META, SAMPLER, write_onnx
 from test_eval import SumLengths
 from test_train import family_config, launch, run
 
+pytestmark = pytest.mark.e2e  # exports and runs onnxruntime in subprocesses (make test-fast leaves these out)
+
 # The sampler runs under this guard: importing torch or distgen (or anything under them) fails.
 GUARD = """
 import runpy, sys

@@ -69,6 +69,7 @@ def power_config(path, manifest, **over):
     return tiny_config(path, manifest, **sections)
 
 
+@pytest.mark.e2e
 def test_reconstruction_matches_a_directly_tracked_ema_and_exports_load(tmp_path, fm_test_shards, env_with_repo):
     """Run A tracks widths 0.05 and 0.10 with snapshots every 2 steps; run B, the same training (same seed:
     an EMA does not touch the trained weights), tracks 0.075 directly. Reconstructing 0.075 from A's
@@ -102,6 +103,7 @@ def test_reconstruction_matches_a_directly_tracked_ema_and_exports_load(tmp_path
     assert np.load(tmp_path / "s.npz")["x"].shape[0] == 2
 
 
+@pytest.mark.e2e
 def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_shards, env_with_repo, capsys):
     from distgen.cli import main
     from distgen.config import ConfigError, load_config
@@ -143,6 +145,7 @@ def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, fm_test_s
         load_config(str(cfg), ["ema.kind=halflife"])
 
 
+@pytest.mark.e2e
 def test_sweep_writes_a_table_a_plot_and_the_best_export(tmp_path, fm_test_shards, env_with_repo):
     from distgen.data import write_shards
     from distgen.evaluate.extractors import write_random_inception

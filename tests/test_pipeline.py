@@ -48,6 +48,7 @@ def test_partition_nested_is_still_exact():
 
 
 @pytest.mark.parametrize("world,workers", [(1, 2), (2, 2), (3, 1), (5, 2)])
+@pytest.mark.e2e
 def test_eval_pass_is_exact_across_ranks_and_workers(fm_test_shards, world, workers):
     cfg = DataConfig(resolution=28, channels=1, workers=workers)
     all_keys, counts = [], []
@@ -61,6 +62,7 @@ def test_eval_pass_is_exact_across_ranks_and_workers(fm_test_shards, world, work
     assert max(counts) - min(counts) <= workers  # balanced across ranks
 
 
+@pytest.mark.e2e
 def test_eval_with_fewer_shards_than_workers_and_no_manifest(fm_test_shards, tmp_path):
     # A brace pattern gives no counts: whole shards are dealt out, still exact.
     pattern = str(fm_test_shards.parent / "test-{000000..000003}.tar")
@@ -218,6 +220,7 @@ def test_channel_mismatch_with_config_is_refused(fm_test_shards):
         make_loader(str(fm_test_shards), DataConfig(channels=3), batch_size=4, mode="eval")
 
 
+@pytest.mark.e2e
 def test_process_exits_with_live_workers_and_workers_survive_foreign_sigterm(fm_test_shards, env_with_repo):
     """Workers ignore a scheduler's SIGTERM but still end when their parent shuts down."""
     import subprocess

@@ -125,6 +125,7 @@ def rnn_config(tmp_path, manifest, arch, **over):
     return lik_config(tmp_path, manifest, {"family": "pixelrnn", "arch": arch}, **over)
 
 
+@pytest.mark.e2e
 def test_two_processes_sample_what_one_process_samples(trained, tmp_path, env):
     """The shared Diagonal BiLSTM run (2 processes; its exact resume is test_resume's): losses in bits/dim; its
     export samples the same images with 1 and 2 processes, at a temperature."""
@@ -154,7 +155,10 @@ def test_one_process_row_lstm_run_exports_samples_and_reports_bits_per_dim(tmp_p
     fam, nets, _ = load_ema(out)
     assert nets["pixelrnn"].arch == "row_lstm"
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < r["loss"] < 16 for r in recs) and recs[-1]["loss"] < recs[0]["loss"]
+    # below 8 bits/dim, the uniform code of 256 values (where an untrained softmax starts): it learned. (Whether
+    # the last batch's loss is below the first's, within a run this short, is noise.)
+    late = [r["loss"] for r in recs[len(recs) // 2:]]
+    assert all(0 < r["loss"] < 16 for r in recs) and sum(late) / len(late) < 8, [r["loss"] for r in recs]
     # temperature 0: no noise in the draws, so every seed gives the same image
     cold = generate(fam, nets, 3, seed=0, options={"temperature": 0.0})
     assert np.array_equal(cold[0][0], cold[1][0]) and np.array_equal(cold[0][0], cold[2][0])

@@ -147,6 +147,7 @@ def progan_config(tmp_path, manifest, nproc, **model):
     return family_config(tmp_path, manifest, sections, {})
 
 
+@pytest.mark.e2e
 def test_growth_fade_and_frozen_blocks_follow_the_schedule_and_the_export_samples(tmp_path, fm_test_shards,
                                                                                      env_with_repo, capsys):
     """20 steps: 5 stable at 4x4, a fade of 10 into 8x8, then 8x8 (the exact resume across a fade, with 2 processes

@@ -82,6 +82,7 @@ def test_installed_versions_are_the_locked_ones():
 
 
 # ----------------------------------------------------------------------------- skipped data, counted
+@pytest.mark.e2e
 def test_skipped_samples_are_counted_and_recorded(base):
     recs = [json.loads(l) for l in (base["run"] / "metrics.jsonl").read_text().splitlines()]
     totals = [r["skipped_samples_total"] for r in recs]
@@ -230,6 +231,7 @@ def _evil_optimizer_state(path: Path, marker: Path) -> None:
     torch.save({"state": Evil()}, path)
 
 
+@pytest.mark.e2e
 def test_damaged_checkpoints_are_named_and_the_run_falls_back(base, tmp_path):
     run_dir, cfg = _copy(base, tmp_path)
     root = run_dir / "checkpoints"
@@ -262,6 +264,7 @@ def test_damaged_checkpoints_are_named_and_the_run_falls_back(base, tmp_path):
     assert steps == [5, 10]  # from the base run up to step 2: none; then this run's
 
 
+@pytest.mark.e2e
 def test_no_fresh_start_over_checkpoints_that_do_not_load(base, tmp_path):
     run_dir, cfg = _copy(base, tmp_path)
     root = run_dir / "checkpoints"
@@ -278,6 +281,7 @@ def test_no_fresh_start_over_checkpoints_that_do_not_load(base, tmp_path):
     assert _tree(run_dir) == before  # no checkpoint replaced, metrics.jsonl and latest as they were
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_changed_model_config_unless_allowed(base, tmp_path):
     run_dir, cfg = _copy(base, tmp_path)
     before = _tree(run_dir)
@@ -296,6 +300,7 @@ def test_resume_refuses_a_changed_model_config_unless_allowed(base, tmp_path):
     assert "done at step 12" in r.stdout
 
 
+@pytest.mark.e2e
 def test_a_finished_run_ends_again_at_once_touching_nothing(base, tmp_path):
     run_dir, cfg = _copy(base, tmp_path)
     before = _tree(run_dir)
@@ -311,6 +316,7 @@ def _signal_handlers(pid: int) -> int:
     return 0
 
 
+@pytest.mark.e2e
 def test_a_signal_during_start_up_exits_for_requeue_and_leaves_the_checkpoints(base, tmp_path):
     run_dir, cfg = _copy(base, tmp_path)
     before = _tree(run_dir / "checkpoints")
@@ -349,6 +355,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.e2e
 def test_loader_workers_die_with_their_parent(base, fm_test_shards):
     proc = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(fm_test_shards)], env=base["env"],
                             stdout=subprocess.PIPE, text=True)

@@ -23,6 +23,8 @@ from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, differences,
     record_differences, records, straight_and_resumed
 from test_train import launch
 
+pytestmark = pytest.mark.e2e  # the shared runs and real kills (make test-fast leaves these out)
+
 ONE_PROCESS = ("diffusion", "gan-dcgan", "cyclegan", "ebm", "glow", "diffusion-fast")
 LAST = f"checkpoints/step-{STEPS:08d}"
 

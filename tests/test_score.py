@@ -163,6 +163,7 @@ def test_the_ode_likelihood_is_the_gaussians_closed_form(sde):
     ("ncsn", "langevin", {"num_scales": 10, "sigma_max": 1.0, "n_steps_each": 50, "step_size": 2e-5}),  # NCSN's
     ("ve", "pc", {"num_scales": 100}), ("vp", "pc", {"num_scales": 100}),
     ("subvp", "pc", {"num_scales": 100, "predictor": "euler_maruyama"}), ("vp", "ode", {"ode_tol": 1e-4})])
+@pytest.mark.e2e
 def test_every_sampler_draws_gaussian_data_given_its_exact_score(sde, sampler, model):
     """Data N(0, diag(var)) and the exact perturbed score: 800 images have the data's mean and variances (5
     standard errors). A corrector step scaled by each image's own score norm fails this (up to 2x the variance)."""
@@ -246,6 +247,7 @@ def score_config(tmp_path, manifest, model=None, **over):
     return family_config(tmp_path, manifest, sections, over)
 
 
+@pytest.mark.e2e
 def test_two_processes_sample_what_one_process_samples(trained, tmp_path, env):
     """The shared VE / denoising-score-matching run (2 processes; its exact resume is test_resume's): finite
     losses, an end-of-run grid, and `distgen sample` with 2 processes writes the images 1 process writes."""
@@ -263,6 +265,7 @@ def test_two_processes_sample_what_one_process_samples(trained, tmp_path, env):
     assert one.shape == (9, 8, 8, 1) and np.array_equal(one, two)
 
 
+@pytest.mark.e2e
 def test_one_process_sliced_score_matching_run_exports_and_reports_bits_per_dim(tmp_path, fm_test_shards, env):
     """sub-VP SDE trained by sliced score matching; the export (a diffusers U-Net folder) samples with the ODE
     and `distgen eval --metrics bpd --probes 2` gives the direct sum over a small test split."""

@@ -33,6 +33,7 @@ def _eval_all(manifest, **cfg):
     return images, labels, keys, loader
 
 
+@pytest.mark.e2e
 def test_train_split_manifest_total_is_60000(tmp_path):
     m = write_shards("fashion-mnist", tmp_path, "train", samples_per_shard=25000)
     assert m["total"] == 60000
@@ -51,6 +52,7 @@ def test_train_split_manifest_total_is_60000(tmp_path):
         "train-000000.tar", "train-000001.tar", "train-000002.tar", "train.manifest.json"]
 
 
+@pytest.mark.e2e
 def test_sharding_is_byte_identical(tmp_path, fm_test_shards):
     write_shards("fashion-mnist", tmp_path, "test", samples_per_shard=3000)
     for name in ["test-000000.tar", "test-000003.tar", "test.manifest.json"]:

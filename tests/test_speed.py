@@ -36,6 +36,7 @@ def close(a: dict, b: dict, rtol: float) -> bool:
 
 
 @pytest.mark.parametrize("family", ["diffusion", "gan"])
+@pytest.mark.e2e
 def test_compile_trains_as_eager_does(family, tmp_path, fm_test_shards, capsys):
     """Ten logged steps with every network compiled against the same run eager: the same weights, batches and
     noise, the compiler reordering float32 sums. Reassociating a sum of n float32 terms moves it by at most
@@ -102,6 +103,7 @@ def probe(tmp_path, cfg: Path, nan_steps: str, *overrides: str) -> dict:
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.e2e
 def test_a_nonfinite_step_updates_nothing_without_host_reads(impl, tmp_path, fm_test_shards):
     """NaN losses at steps 3 and 4 of a real run, read back only at the step-8 record: those two steps
     change no weight, no EMA and no optimizer step count; the others do; the record counts 2 and averages
@@ -121,6 +123,7 @@ def test_a_nonfinite_step_updates_nothing_without_host_reads(impl, tmp_path, fm_
     assert rec["step"] == 8 and rec["nonfinite_total"] == 2 and rec["loss"] > 0
 
 
+@pytest.mark.e2e
 def test_a_nonfinite_streak_found_at_the_record_stops_the_run(tmp_path, fm_test_shards):
     """max_nonfinite=3, NaN from step 7 on, records every 5 steps and a checkpoint at step 5: the streak is
     read at step 10 (4 in a row), the run stops there naming the step-5 checkpoint, whose weights are finite."""
@@ -137,6 +140,7 @@ def test_a_nonfinite_streak_found_at_the_record_stops_the_run(tmp_path, fm_test_
     assert rec["step"] == 10 and rec["nonfinite_total"] == 4
 
 
+@pytest.mark.e2e
 def test_gpu_throughput_benchmark_runs_on_cpu_with_a_tiny_preset(tmp_path, fm_test_shards, env_with_repo):
     r = run([sys.executable, str(REPO / "benchmarks/gpu_throughput.py"), "--preset", "tiny", "--batch", "8",
              "--steps", "4", "--warmup", "2", "--manifest", str(fm_test_shards), "--resolution", "28",

@@ -16,6 +16,8 @@ from distgen.cli import main as cli_main
 from distgen.config import load_config
 from test_train import family_config, launch, run, weights
 
+pytestmark = pytest.mark.e2e  # trains and launches translators (make test-fast leaves these out)
+
 
 @pytest.fixture(scope="module")
 def edges(tmp_path_factory) -> Path:

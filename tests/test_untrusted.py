@@ -175,6 +175,7 @@ def _tiny(tmp_path: Path, manifest: Path, run_dir: Path, **train) -> Path:
     return cfg
 
 
+@pytest.mark.e2e
 def test_train_refuses_a_folder_it_did_not_make(tmp_path, fm_test_shards):
     """Case 5: run.dir= an existing folder lost its config.yaml and metrics.jsonl records without a word."""
     mine = tmp_path / "mine"
@@ -193,6 +194,7 @@ def test_train_refuses_a_folder_it_did_not_make(tmp_path, fm_test_shards):
     assert _tree(tmp_path) == after_cfg
 
 
+@pytest.mark.e2e
 def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_path, fm_test_shards):
     """Case 5: two trainers on one run folder interleaved their checkpoints. The second is refused, told who
     holds the folder; after the holder is killed (SIGKILL: no clean-up runs) the next trainer takes over."""
@@ -224,6 +226,7 @@ def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_pat
     assert "resumed from" in r.stdout and "done at step 8" in r.stdout
 
 
+@pytest.mark.e2e
 def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_test_shards):
     run_dir = tmp_path / ("x" * 300) / "run"
     cfg = _tiny(tmp_path, fm_test_shards, run_dir)
@@ -236,6 +239,7 @@ def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_t
 
 # ----------------------------------------------------------------------------- signals
 @pytest.mark.parametrize("how", ["watchdog", "duplicate", "second-signal"])
+@pytest.mark.e2e
 def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, how):
     """A step stuck on its data (a pipe that never delivers) still ends within the grace period, or at once on a
     second signal, with the requeue status; without them it would wait for good. A copy of the first signal
@@ -278,6 +282,7 @@ def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, ho
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.e2e
 def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_shards):
     run_dir = tmp_path / "run"
     cfg = _tiny(tmp_path, fm_test_shards, run_dir)
@@ -308,6 +313,7 @@ def tiny_run(tmp_path_factory, fm_test_shards):
 
 
 @pytest.mark.parametrize("command, delay", [("sample", 1.0), ("sample", 4.0), ("export", 4.0)])
+@pytest.mark.e2e
 def test_ctrl_c_during_sample_or_export_ends_with_one_line_and_no_half_written_output(tiny_run, tmp_path, command,
                                                                                        delay):
     """Whenever it lands (start-up, loading, sampling, writing), Ctrl-C ends the command with one line and 130,
@@ -352,6 +358,7 @@ def tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["full", "read-only"])
+@pytest.mark.e2e
 def test_a_full_or_read_only_disk_is_one_line_with_the_path_and_what_to_do(tmp_path, fm_test_shards, tmpfs, case):
     fs = tmpfs("1M", ro=case == "read-only")
     cfg = _tiny(tmp_path, fm_test_shards, fs / "run")
@@ -391,3 +398,45 @@ def test_a_users_folder_named_like_a_temporary_one_is_never_deleted(tmp_path):
         (tmp / "a").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]
     assert sorted(p.name for p in final.iterdir()) == ["a"]
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_pickled_bin_in_an_export_is_refused_without_running_it(tiny_run, tmp_path, capsys):
+    """diffusers' from_pretrained falls back to a pickled diffusion_pytorch_model.bin where the .safetensors is
+    missing; distgen reads exports from .safetensors alone: a .bin with a payload is named and never unpickled,
+    beside the good file or in its place."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    export = tmp_path / "export"
+    assert cli(["export", str(tiny_run), str(export)]) == 0
+    unet = export / "unet"
+    good = unet / "diffusion_pytorch_model.safetensors"
+    marker = tmp_path / "ran"
+    torch.save({**load_file(good), "x": _Payload(marker)}, unet / "diffusion_pytorch_model.bin")
+    torch.load(unet / "diffusion_pytorch_model.bin", weights_only=False)["x"].close()  # the payload is real
+    assert marker.exists()
+    marker.unlink()
+    capsys.readouterr()
+    # beside the good file: the export samples, from the safetensors
+    assert cli(["sample", str(export), "--num", "2", "--out", str(tmp_path / "a.npz")]) == 0
+    assert not marker.exists()
+    # in its place: refused by name, first line, nothing run
+    shutil.move(good, tmp_path / "kept.safetensors")
+    capsys.readouterr()
+    assert cli(["sample", str(export), "--num", "2", "--out", str(tmp_path / "b.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(f"distgen: error: {unet / 'diffusion_pytorch_model.bin'}: a pickled weights "
+                                          f"file, which distgen does not load"), err
+    assert not marker.exists() and not (tmp_path / "b.npz").exists()

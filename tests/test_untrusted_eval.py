@@ -266,6 +266,7 @@ def run_dir(tmp_path_factory, shards):
     return root / "run"
 
 
+@pytest.mark.e2e
 def test_the_command_line_prints_one_error_line_and_exits_2(run_dir, tmp_path, capsys):
     from distgen.cli import main
 
@@ -280,6 +281,7 @@ def test_the_command_line_prints_one_error_line_and_exits_2(run_dir, tmp_path, c
 
 
 # --------------------------------------------------------------------------- 2. the reference cache
+@pytest.mark.e2e
 def test_a_cache_that_fails_any_check_is_ignored_recomputed_and_said_in_one_line(shards, tmp_path):
     cache = tmp_path / "cache"
     first = evaluator(shards, cache_dir=str(cache))

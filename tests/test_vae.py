@@ -87,6 +87,7 @@ def test_every_update_held_leaves_the_initial_weights(tmp_path, fm_test_shards):
     assert w.keys() == ema.keys() and all(torch.equal(w[k], ema[k]) for k in w)
 
 
+@pytest.mark.e2e
 def test_export_sampling_bits_per_dim_reconstructions_and_interpolation(tmp_path, fm_test_shards, env_with_repo):
     """A trained hierarchical VAE through the commands users run, and the bound's two forms on it."""
     hvae = {"family": "vae", "arch": "hvae", "free_bits": 0.05, "kl_warmup_kimg": 0.04}
