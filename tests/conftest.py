@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # 2 workers on 2 cores: one thread each, in the worker and in the processes it starts. Two torch thread
+        # pools on one core spin against each other and slow small convolutions several times over.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file():
         raise pytest.UsageError(
             f"{FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist (make test does)"
