@@ -289,12 +289,16 @@ def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_sha
     hold = tmp_path / "hold"
     hold.touch()
     p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), "DISTGEN_TEST_HOLD":
-                         str(hold)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         str(hold), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
         if "holding after the periodic checkpoint" in line:
             break
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+        p.send_signal(signal.SIGABRT)
+        pytest.fail("train did not end within 60 s of SIGINT; its threads:\n" + p.communicate(timeout=60)[1][-8000:])
     assert p.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("distgen: interrupted (SIGINT): train")
     ckpts = run_dir / "checkpoints"
