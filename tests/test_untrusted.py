@@ -32,6 +32,12 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def _as_from_a_terminal() -> None:
+    """preexec_fn: SIGINT at its default, as in a shell. (A library in the test process may have set it to be
+    ignored, and an ignored SIGINT is inherited: the child's Ctrl-C would then do nothing.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _limited(mem_bytes: int):
     """preexec_fn: a child process that may use at most ``mem_bytes`` of address space."""
     return lambda: resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
@@ -289,7 +295,8 @@ def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_sha
     hold = tmp_path / "hold"
     hold.touch()
     p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), "DISTGEN_TEST_HOLD":
-                         str(hold), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         str(hold), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_as_from_a_terminal)
     for line in p.stdout:
         if "holding after the periodic checkpoint" in line:
             break
@@ -326,7 +333,7 @@ def test_ctrl_c_during_sample_or_export_ends_with_one_line_and_no_half_written_o
     args = ["sample", str(tiny_run), "--num", "4000", "--out", str(out)] if command == "sample" else \
         ["export", str(tiny_run), str(out)]
     p = subprocess.Popen([sys.executable, "-m", "distgen", *args], env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
