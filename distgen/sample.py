@@ -147,9 +147,8 @@ PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 def _pickled_weights(folder: Path) -> list[Path]:
     """Files of an export folder (and its sub-folders, one level) that hold weights as pickles: a diffusers
     ``*.bin`` or a torch ``.pt``, which from_pretrained would unpickle where a .safetensors is missing."""
-    found = [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern))
-             if p.suffix in PICKLED_SUFFIXES and p.is_file()]
-    return found
+    return [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern))
+            if p.suffix in PICKLED_SUFFIXES and p.is_file()]
 
 
 @contextmanager

@@ -411,16 +411,6 @@ def test_a_users_folder_named_like_a_temporary_one_is_never_deleted(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["a"]
 
 
-class _Payload:
-    """Unpickling this runs code: it creates the file ``marker``."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_a_pickled_bin_in_an_export_is_refused_without_running_it(tiny_run, tmp_path, capsys):
     """diffusers' from_pretrained falls back to a pickled diffusion_pytorch_model.bin where the .safetensors is
     missing; distgen reads exports from .safetensors alone: a .bin with a payload is named and never unpickled,
@@ -430,12 +420,14 @@ def test_a_pickled_bin_in_an_export_is_refused_without_running_it(tiny_run, tmp_
     import torch
     from safetensors.torch import load_file
 
+    from test_untrusted_eval import Payload
+
     export = tmp_path / "export"
     assert cli(["export", str(tiny_run), str(export)]) == 0
     unet = export / "unet"
     good = unet / "diffusion_pytorch_model.safetensors"
     marker = tmp_path / "ran"
-    torch.save({**load_file(good), "x": _Payload(marker)}, unet / "diffusion_pytorch_model.bin")
+    torch.save({**load_file(good), "x": Payload(marker)}, unet / "diffusion_pytorch_model.bin")
     torch.load(unet / "diffusion_pytorch_model.bin", weights_only=False)["x"].close()  # the payload is real
     assert marker.exists()
     marker.unlink()
