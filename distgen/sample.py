@@ -25,6 +25,7 @@ from distgen.config import Config, build_config, to_dict
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
 from distgen.ownership import EXPORT_MARKER as EXPORT_META, check_output_folder
+from distgen.families.capabilities import Calibrates, Interpolates, Likelihood, Translates, checked_options, offers
 
 BLOCK = 16  # images per forward pass; part of what makes results independent of world size
 
@@ -230,10 +231,9 @@ def write_export(folder: Path, family, nets: dict, cfg: Config, data_info: dict,
     """The family's standard format and export.json into ``folder`` (the caller makes it appear atomically)."""
     for n in nets.values():
         n.eval().requires_grad_(False)
-    n_cal = getattr(family, "calibration_images", 0)
-    if n_cal:
+    if offers(family, Calibrates):
         # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
-        family.calibrate(nets, _first_images(cfg, n_cal))
+        family.calibrate(nets, _first_images(cfg, family.calibration_images))
     folder.mkdir(parents=True, exist_ok=True)
     family.export(nets, folder)
     (folder / EXPORT_META).write_text(json.dumps({
@@ -271,7 +271,9 @@ def sampling_options(family, options: dict) -> dict:
 def likelihood_options(family, options: dict) -> dict:
     """The set bits/dim options (``--iw-samples``), checked against those ``family`` takes."""
     try:
-        return family.check_likelihood_options(options)
+        if offers(family, Likelihood):
+            return family.check_likelihood_options(options)
+        return checked_options(options, (), f"the {family.name} family's likelihood takes no option")
     except ValueError as e:
         raise SampleError(str(e)) from None
 
@@ -285,7 +287,7 @@ def iter_blocks(family, nets, num: int, *, seed: int = 0, options: Optional[dict
     Blocks of BLOCK consecutive indices are dealt round-robin to the ranks, and
     image i is drawn from a generator seeded by (seed, i).
     """
-    ncls = getattr(family, "num_classes", 0)
+    ncls = family.num_classes
     for b in range(rank, math.ceil(num / BLOCK), world):
         idx = list(range(b * BLOCK, min((b + 1) * BLOCK, num)))
         gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
@@ -377,7 +379,7 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
     family, nets, cfg = load_ema(path, device)
     if interpolate is not None:
         return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)
-    if family.translator:
+    if offers(family, Translates):
         raise SampleError(f"{path}: the {family.name} family translates images rather than sampling them: "
                           f"pass --input IMAGE|FOLDER|SHARDS")
     options = sampling_options(family, options or {})
@@ -400,7 +402,7 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
 
 def _interpolate_command(family, nets, cfg: Config, files: tuple[str, str], num: int, outp: Path, device) -> int:
     """``num`` images on the latent path from one image file to the other (rank 0 does the work)."""
-    if not hasattr(family, "interpolate"):
+    if not offers(family, Interpolates):
         raise SampleError(f"--interpolate: model.family {cfg.model.family!r} has no latent interpolation")
     if num < 2:
         raise SampleError(f"--interpolate: --num is the number of images on the path, at least 2, got {num}")

@@ -26,9 +26,10 @@ from distgen.ema import EMASet
 from distgen.engines import Engine, Trained
 from distgen.errors import TrainingError
 from distgen.ownership import take_run_folder
-from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, build_family
+from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, StepContext, build_family
 from distgen.preemption import EXIT_PREEMPTED
 from distgen.runlog import RunLog, Tally, interval_means
+from distgen.families.capabilities import Translates, offers
 
 
 def train(cfg: Config, allow_config_change: bool = False) -> int:
@@ -114,7 +115,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     cursor = DataCursor(lambda start: make_train_loader(
         cfg.data, batch_size=tc.batch_size, rank=eng.rank, world=eng.world, seed=cfg.run.seed, start_step=start,
         pin_memory=eng.device.type == "cuda"), start=state.data_start_step, skip=state.data_skip)
-    if family.translator and eng.main:  # the grids translate the same inputs every time
+    if offers(family, Translates) and eng.main:  # the grids translate the same inputs every time
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
     log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main, shown=family.progress_scalars)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
@@ -341,7 +342,8 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
         torch.manual_seed(dist.derive_seed(cfg.run.seed, eng.rank, state.step, index, micro, 1))
         with t.acc.accumulate(t.model):
             with eng.autocast(t):
-                per_sample, extras = run.family.loss(phase.name, view, batch, noise)
+                per_sample, extras = run.family.loss(StepContext(phase.name, state.step, state.nimg, micro), view, batch,
+                                                     noise)
             loss = per_sample.float().mean()  # the reduction in float32 whatever the precision
             finite = torch.isfinite(loss.detach())
             run.tally.add(phase.name, loss, extras, finite)

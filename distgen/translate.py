@@ -20,6 +20,7 @@ from distgen import dist
 from distgen.data.sources import IMAGE_SUFFIXES  # what a folder: source shards, a folder input translates
 from distgen.errors import SampleError
 from distgen.sample import BLOCK  # images per forward pass, as sampling
+from distgen.families.capabilities import Translates, offers
 
 
 def input_side(meta: dict, direction: str) -> str:
@@ -112,7 +113,7 @@ def translate_command(path: str, inputs: str, out: str, *, direction: Optional[s
     if dist.is_main():
         check_output(out)
     family, nets, cfg = load_ema(path, device)
-    if not getattr(family, "translator", False):
+    if not offers(family, Translates):
         raise SampleError(f"--input: model.family {cfg.model.family!r} samples from noise and translates nothing; "
                           f"drop --input and give --num")
     try:

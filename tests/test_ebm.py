@@ -15,8 +15,9 @@ from distgen.cli import main as cli_main
 from distgen.config import load_config
 from distgen.config.core import ConfigError
 from distgen.config.models import EBMConfig
-from distgen.families.base import DataInfo, PhaseNets
+from distgen.families.base import DataInfo, PhaseNets, StepContext
 from distgen.families.ebm import EBM, EnergyNet, cd_loss, chain_starts, energy, sgld
+from distgen.families.capabilities import Classifies, offers
 from test_train import family_config, launch, run, weights
 
 INFO = DataInfo(16, 1, 10)
@@ -80,7 +81,7 @@ def test_the_loss_is_contrastive_divergence_plus_the_energy_regulariser_plus_jem
         nets = fam.build_networks()
         real = torch.rand(4, 1, 16, 16) * 2 - 1
         labels = torch.tensor([3, -1, 0, 9])  # -1: unlabelled, no cross-entropy
-        loss, extras = fam.loss("E", PhaseNets(nets, nets), {"image": real, "label": labels},
+        loss, extras = fam.loss(StepContext("E"), PhaseNets(nets, nets), {"image": real, "label": labels},
                                 torch.Generator().manual_seed(5))
         with torch.no_grad():
             # the same draws again: the buffer was made from the generator first, then the slots
@@ -95,7 +96,7 @@ def test_the_loss_is_contrastive_divergence_plus_the_energy_regulariser_plus_jem
                 want = want + ce
         assert torch.allclose(loss, want, atol=1e-5)
         assert set(extras) == {"e_real", "e_fake", "gap", "saturation"} | ({"ce", "acc"} if jem else set())
-        assert hasattr(fam, "classify") == jem  # the accuracy metric asks hasattr
+        assert offers(fam, Classifies) == jem  # the accuracy metric asks offers()
 
 
 def test_the_health_rule_names_what_diverged():
@@ -124,7 +125,7 @@ def test_bad_values_are_refused_naming_the_field(tmp_path, fm_test_shards):
     fam = EBM(EBMConfig(preset="tiny", buffer_size=2), INFO)
     nets = fam.build_networks()
     with pytest.raises(ConfigError, match=r"^model.buffer_size: must be >= train.batch_size \(4\)"):
-        fam.loss("E", PhaseNets(nets, nets), {"image": torch.zeros(4, 1, 16, 16)}, torch.Generator())
+        fam.loss(StepContext("E"), PhaseNets(nets, nets), {"image": torch.zeros(4, 1, 16, 16)}, torch.Generator())
     assert fam.engine_problem(3).startswith("the SGLD chains run the energy network outside its engine")
     assert fam.engine_problem(2) is None
     for opts, flag in (({"steps": 0}, "--steps"), ({"step_size": 0.0}, "--step-size"),

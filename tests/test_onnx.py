@@ -19,6 +19,7 @@ from PIL import Image
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
 from distgen.onnx_export import ONNX_META, SAMPLER, write_onnx
+from distgen.families.capabilities import Translates, offers
 from test_eval import SumLengths
 from test_train import family_config, launch, run
 
@@ -125,7 +126,7 @@ def test_every_graph_equals_its_module_and_the_standalone_sampler_draws_images(f
                 assert o.shape == w.shape
                 assert np.abs(o - w).max() <= tol * np.abs(w).max(), (graph.name, n, tol)
     out = tmp_path / "png"
-    if fam.translator:
+    if offers(fam, Translates):
         x = np.random.default_rng(0).integers(0, 256, (3, res, res), dtype=np.uint8)
         (tmp_path / "in").mkdir()
         for i, img in enumerate(x):

@@ -15,10 +15,11 @@ import torch
 from distgen.cli import main as cli_main
 from distgen.config import load_config
 from distgen.config.core import ConfigError
-from distgen.families.base import DataInfo, PhaseNets
+from distgen.families.base import DataInfo, PhaseNets, StepContext
 from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
 from distgen.families.score import LIKELIHOOD_EPS, Score, sliced_score_matching
 from distgen.sample import SampleError, likelihood_options, load_ema, sampling_options
+from distgen.families.capabilities import Likelihood, missing, offers
 from test_likelihood import _bpd_direct
 from test_train import family_config, launch, run
 
@@ -64,7 +65,7 @@ def test_denoising_score_matching_targets_minus_noise_over_sigma(sde):
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     # the conditional score grad log N(xt; m x0, std^2) = -z / std is the target: zero loss
     net = Gaussian(fam, fam.to_model(x0).double(), 0.0)
-    loss = lambda n: fam.loss("score", PhaseNets({"unet": n}, {"unet": n}), {"image": x0},  # noqa: E731
+    loss = lambda n: fam.loss(StepContext("score"), PhaseNets({"unet": n}, {"unet": n}), {"image": x0},  # noqa: E731
                               torch.Generator().manual_seed(3))[0]
     per = loss(net)
     assert per.shape == (6,) and per.abs().max() < 1e-3
@@ -226,7 +227,9 @@ def test_bad_values_are_refused_naming_the_field():
         assert flag in str(e.value), str(e.value)
     assert sampling_options(ncsn, {"step_size": 1e-5, "steps": 10}) == {"step_size": 1e-5, "steps": 10}
     assert likelihood_options(vp, {"probes": 4, "iw_samples": None}) == {"probes": 4}
-    assert ncsn.likelihood is None and vp.likelihood == "bound"  # bits/dim is skipped for NCSN's discrete levels
+    # bits/dim is skipped for NCSN's discrete levels
+    assert not offers(ncsn, Likelihood) and offers(vp, Likelihood) and vp.likelihood == "bound"
+    assert missing(ncsn, Likelihood) == "the score family supplies no log-likelihood as an NCSN (sde ve or vp has one)"
     with pytest.raises(ValueError, match="sde ncsn has discrete noise levels"):
         ncsn.log_likelihood({}, torch.zeros(1, 1, 8, 8, dtype=torch.uint8), None, [torch.Generator()])
     assert family("ve", objective="ssm").compile_problem("unet") and family("ve").compile_problem("unet") is None

@@ -9,10 +9,11 @@ __all__ = ["METRICS", "EvalError", "EvalSpec", "Evaluator", "WeightsUnavailable"
 def spec_from_config(cfg, **overrides) -> EvalSpec:
     """An :class:`EvalSpec` from a run's Config (its eval section; reference default data.train)."""
     from distgen.families import FAMILIES
+    from distgen.families.capabilities import Translates, offers
 
     e = cfg.eval
     ref, test = list(e.ref or cfg.data.train), list(cfg.data.eval)
-    if FAMILIES[cfg.model.family].translator:
+    if offers(FAMILIES[cfg.model.family], Translates):
         # Translations of the test inputs against the target domain's test images: for a paired set its other
         # side (the same shards), for an unpaired one the other domain's shards
         a, b = list(cfg.data.eval), list(cfg.data.eval_b)

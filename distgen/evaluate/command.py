@@ -9,6 +9,7 @@ from typing import Optional
 from distgen import dist
 from distgen.errors import EvalError
 from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_config
+from distgen.families.capabilities import Translates, offers
 
 NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
@@ -52,7 +53,7 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
                                       extractor_weights=extractor_weights,
                                       cache_dir=cache_dir, direction=direction)
-    if getattr(family, "translator", False):
+    if offers(family, Translates):
         try:
             spec.direction = family.check_direction(direction)
         except ValueError as e:

@@ -43,6 +43,7 @@ from distgen.config.schema import FOUNDATION_EXTRACTORS, METRICS, result_key, sa
 from distgen.evaluate import refstats
 from distgen.evaluate.extractors import DOMAIN, EvalError, Extractor, WeightsUnavailable, describe_domain
 from distgen.evaluate.refstats import CACHE_FORMAT
+from distgen.families.capabilities import Classifies, Likelihood, Reconstructs, Translates, missing, offers
 
 FEATURE_METRICS = ("fid", "kid", "isc", "prc")
 REFERENCE_METRICS = ("fid", "kid", "prc")
@@ -436,7 +437,7 @@ class Evaluator:
                 if ref.num is not None else None
             if few:  # before any image is generated
                 raise EvalError(f"reference {ref.source or ', '.join(spec.ref)}: {few}")
-        if getattr(family, "translator", False) and features is None:
+        if offers(family, Translates) and features is None:
             if todo or self._active(["paired", "target_class"]):
                 gen, extra = self.translated(family, nets, data_cfg)
                 res.update(extra)
@@ -449,8 +450,8 @@ class Evaluator:
             if dist.is_main():
                 res.update(self._metrics(todo, gen, ref))
         for m in ("paired", "target_class"):
-            if m in spec.metrics and not getattr(family, "translator", False):
-                self.skipped[m] = f"the {family.name} family translates nothing (pix2pix and CycleGAN do)"
+            if m in spec.metrics and not offers(family, Translates):
+                self.skipped[m] = missing(family, Translates)
         if "bpd" in spec.metrics:
             res.update(self.bpd(family, nets, data_cfg))
         if "recon" in spec.metrics:
@@ -525,8 +526,8 @@ class Evaluator:
     # ---- bits per dimension
     def bpd(self, family, nets, data_cfg) -> dict:
         """Bits per dimension of the test split: -log2 p(x) / (C H W), summed over every image once."""
-        if getattr(family, "likelihood", None) is None:
-            self.skipped["bpd"] = f"the {family.name} family supplies no log-likelihood"
+        if not offers(family, Likelihood):
+            self.skipped["bpd"] = missing(family, Likelihood)
             return {}
         nll, n = 0.0, 0
         with torch.no_grad():
@@ -564,8 +565,8 @@ class Evaluator:
         """Mean PSNR and SSIM of the family's reconstructions of the test split."""
         from distgen.sample import to_uint8
 
-        if not hasattr(family, "reconstruct"):
-            self.skipped["recon"] = f"the {family.name} family does not reconstruct images"
+        if not offers(family, Reconstructs):
+            self.skipped["recon"] = missing(family, Reconstructs)
             return {}
         psnr_sum, ssim_sum, n = 0.0, 0.0, 0
         with torch.no_grad():
@@ -584,8 +585,8 @@ class Evaluator:
     # ---- classification (JEM)
     def accuracy(self, family, nets, data_cfg) -> dict:
         """Top-1 accuracy of the family's classifier on the labelled test split, every image once."""
-        if not hasattr(family, "classify"):
-            self.skipped["accuracy"] = f"the {family.name} family does not classify images"
+        if not offers(family, Classifies):
+            self.skipped["accuracy"] = missing(family, Classifies)
             return {}
         right, n = 0, 0
         with torch.no_grad():

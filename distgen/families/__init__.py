@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distgen.families.autoencoder import Autoencoder
-from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets
+from distgen.families.base import DataInfo, Family, OptimSettings, Phase, PhaseNets, StepContext
 from distgen.families.diffusion import Diffusion
 from distgen.families.ebm import EBM
 from distgen.families.ffjord import FFJORDFamily
@@ -39,4 +39,4 @@ def build_family(cfg, data: DataInfo) -> Family:
     return FAMILIES[cfg.family](cfg, data)
 
 
-__all__ = ["FAMILIES", "DataInfo", "Family", "OptimSettings", "Phase", "PhaseNets", "build_family"]
+__all__ = ["FAMILIES", "DataInfo", "Family", "OptimSettings", "Phase", "PhaseNets", "StepContext", "build_family"]

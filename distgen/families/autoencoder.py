@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import AutoencoderConfig
 from distgen.families.base import Family, Phase
+from distgen.families.capabilities import Calibrates, ExportsDiffusers, ExportsOnnx, Reconstructs
 
 # Encoder / decoder sizes. Each level after the first halves the image: f = 2 ** (levels - 1).
 PRESETS: dict[str, dict] = {
@@ -93,13 +93,12 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-class Autoencoder(Family):
+class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffusers):
     name = "autoencoder"
     config_cls = AutoencoderConfig
 
     def __init__(self, cfg: AutoencoderConfig, data):
         super().__init__(cfg, data)
-        self.nimg = 0  # images trained on: when the adversarial term starts (family state)
         self.scaling_factor = None  # set from the data by calibrate() before an export
 
     def build_networks(self):
@@ -127,33 +126,33 @@ class Autoencoder(Family):
                     "or ZeRO-2, or disc_weight 0")
         return None
 
-    def state_dict(self):
-        return {"nimg": self.nimg}
-
     def load_state_dict(self, state):
-        self.nimg = int(state.get("nimg", 0))
+        # Checkpoints written before the step context kept a second count of images here; the run's own
+        # count (meta.json's nimg, passed to loss as ctx.nimg) replaces it.
+        super().load_state_dict({k: v for k, v in state.items() if k != "nimg"})
 
-    def _adversarial(self) -> bool:
-        return self.cfg.disc_weight > 0 and self.nimg >= self.cfg.disc_start_kimg * 1000
+    def _adversarial(self, nimg: int) -> bool:
+        """Whether the adversarial term is on for a step that starts after ``nimg`` images."""
+        return self.cfg.disc_weight > 0 and nimg >= self.cfg.disc_start_kimg * 1000
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
+        phase = ctx.phase
         x = batch["image"]
         if phase == "disc":
             with torch.no_grad():
                 fake, _ = nets["ae"](x, generator)
             real_logits, fake_logits = nets["disc"](x), nets["disc"](fake)
-            on = 1.0 if self._adversarial() else 0.0  # before the start the discriminator is not trained
+            on = 1.0 if self._adversarial(ctx.nimg) else 0.0  # before the start the discriminator is not trained
             hinge = F.relu(1 - real_logits).mean(dim=(1, 2, 3)) + F.relu(1 + fake_logits).mean(dim=(1, 2, 3))
             return on * hinge, {"real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
         rec, kl = nets["ae"](x, generator)
         err = (rec - x).abs() if self.cfg.recon == "l1" else (rec - x) ** 2
         loss = err.flatten(1).sum(1) + self.cfg.kl_weight * kl
         extras = {"recon_l1": (rec - x).detach().abs().mean(), "kl": kl.detach().mean()}
-        if self._adversarial():
+        if self._adversarial(ctx.nimg):
             g = -nets["disc"](rec).mean(dim=(1, 2, 3))
             loss = loss + self.cfg.disc_weight * g * x[0].numel()  # the same per-pixel scale as the sums
             extras["g_adv"] = g.detach().mean()
-        self.nimg += x.shape[0] * dist.world_size()
         return loss, extras
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distgen import readback as rb
+from distgen.families.capabilities import checked_options
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,18 @@ class OptimSettings:
     beta_power: float = 1.0
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """Where training stands when a phase's loss is taken: ``phase``, the step (``step`` steps done before it),
+    the samples drawn before it over all ranks (``nimg``, the run's count, which a checkpoint records once) and
+    the micro-step of gradient accumulation."""
+
+    phase: str
+    step: int = 0
+    nimg: int = 0
+    micro: int = 0
+
+
 class PhaseNets(dict):
     """Networks by name as one phase sees them.
 
@@ -69,22 +82,27 @@ class PhaseNets(dict):
 
 
 class Family:
-    """Base class of a model family. Subclasses set ``name`` and ``config_cls``."""
+    """Base class of a model family. Subclasses set ``name`` and ``config_cls``.
+
+    Every family implements the core: ``build_networks``, ``phases``, ``loss``, ``sample``, ``export`` and
+    ``load_export`` (and ``state_dict`` / ``load_state_dict`` when it keeps state that is not weights). The
+    other methods here are hooks with defaults that a family overrides where it needs to. What a family may
+    offer beyond the core (bits/dim, reconstruction, translation, ONNX...) it declares by inheriting a class of
+    :mod:`distgen.families.capabilities`.
+    """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    # "exact" or "bound" when log_likelihood is implemented (bits/dim evaluation), else None
-    likelihood: ClassVar[Optional[str]] = None
     # The data a batch carries: "images" (``image``), "paired" (``a`` and ``b`` from paired shards) or
     # "unpaired" (``a`` from data.train, ``b`` from data.train_b, drawn independently)
     data_layout: ClassVar[str] = "images"
-    # A translator maps input images (``translate``) instead of sampling from noise
-    translator: ClassVar[bool] = False
     # Logged scalars (``<phase>/<name>``) that progress lines show beside the loss (FFJORD's function evaluations)
     progress_scalars: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, data: DataInfo):
         self.cfg, self.data = cfg, data
+        # Classes sample() takes labels of (0: unconditional); a conditional family sets it from data.num_classes
+        self.num_classes = 0
 
     # -- networks and phases
     def build_networks(self) -> dict[str, nn.Module]:
@@ -122,6 +140,11 @@ class Family:
         away): the run stops as after ``train.max_nonfinite`` non-finite steps, naming the last good checkpoint."""
         return None
 
+    def capabilities_off(self) -> dict[type, str]:
+        """Capabilities (:mod:`distgen.families.capabilities`) this family declares that its configuration
+        switches off, each with why, e.g. ``{Likelihood: "as an NCSN (sde ve or vp has one)"}``."""
+        return {}
+
     def after_step(self, phase: str, raw: dict[str, nn.Module]) -> None:
         """Called after ``phase``'s optimizer step with the plain modules (e.g. WGAN's weight clipping)."""
 
@@ -143,10 +166,11 @@ class Family:
             raise ValueError(f"the {self.name} family keeps no per-rank state, the checkpoint holds {sorted(state)}")
 
     # -- training
-    def loss(self, phase: str, nets: PhaseNets, batch: dict, generator: torch.Generator
+    def loss(self, ctx: "StepContext", nets: PhaseNets, batch: dict, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-sample loss of ``phase`` (shape [B]) and extra scalars to log (averaged over the
-        logging interval and the ranks, written as ``<phase>/<name>``). The loop reduces the loss."""
+        """Per-sample loss of phase ``ctx.phase`` (shape [B]) and extra scalars to log (averaged over the
+        logging interval and the ranks, written as ``<phase>/<name>``). The loop reduces the loss. A schedule
+        (a KL warm-up, ProGAN's growth) is a function of ``ctx``: no family counts steps or images itself."""
         raise NotImplementedError
 
     # -- sampling and export
@@ -161,7 +185,7 @@ class Family:
     def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options that are set, or a ValueError naming any this family does not take or whose value
         it cannot sample with (checked before any image is drawn)."""
-        given = _checked_options(options, self.sample_options, f"the {self.name} family takes no sampling option")
+        given = checked_options(options, self.sample_options, f"the {self.name} family takes no sampling option")
         self.validate_sample_options(given)
         return given
 
@@ -171,26 +195,6 @@ class Family:
         if t is not None and t < 0:
             raise ValueError(f"--temperature: must be >= 0, got {t}")
 
-    # Keyword options of log_likelihood() (``distgen eval`` flags, e.g. a VAE's --iw-samples); others are refused.
-    likelihood_options: ClassVar[tuple[str, ...]] = ()
-
-    def check_likelihood_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The log-likelihood options that are set, or a ValueError naming any this family does not take."""
-        return _checked_options(options, self.likelihood_options,
-                                f"the {self.name} family's likelihood takes no option")
-
-    def log_likelihood(self, nets: dict[str, nn.Module], images: torch.Tensor, labels: Optional[torch.Tensor],
-                       generators: list[torch.Generator], **options) -> torch.Tensor:
-        """log p(x) in nats per image (or a lower bound) of uint8 NCHW ``images``, discrete pixel values.
-
-        One generator per image for anything stochastic (dequantisation noise, posterior samples).
-        A family that reconstructs images also defines ``reconstruct(nets, images, generators)``
-        (float NCHW on [-1, 1]), which the ``recon`` metric (PSNR / SSIM) uses; one that classifies (JEM)
-        defines ``classify(nets, images)`` (class logits of float NCHW images on [-1, 1]), which the
-        ``accuracy`` metric uses.
-        """
-        raise NotImplementedError(f"the {self.name} family has no log-likelihood")
-
     def export(self, nets: dict[str, nn.Module], out_dir: Path) -> None:
         """Write ``nets`` (EMA weights) in the family's standard format."""
         raise NotImplementedError
@@ -198,26 +202,6 @@ class Family:
     def load_export(self, out_dir: Path) -> dict[str, nn.Module]:
         """Networks back from :meth:`export`, loaded without running pickled code."""
         raise NotImplementedError
-
-    # ONNX export (``distgen export --format onnx``, distgen/onnx_export.py)
-    def onnx_graphs(self, nets: dict[str, nn.Module]) -> list:
-        """The :class:`distgen.onnx_export.OnnxGraph` s a standalone sampler needs (EMA ``nets``, eval mode)."""
-        raise NotImplementedError(f"model.family {self.name}: no ONNX export yet")
-
-    def onnx_sampler(self, nets: dict[str, nn.Module]) -> dict:
-        """How ``sample_onnx.py`` draws images from those graphs: ``{"kind": ..., ...}`` (JSON-able)."""
-        raise NotImplementedError(f"model.family {self.name}: no ONNX export yet")
-
-
-def _checked_options(options: dict[str, Any], allowed, refusal: str) -> dict[str, Any]:
-    """The options that are set, or a ValueError ``<refusal> --a, --b (it takes: ...)`` naming those set but not
-    ``allowed``, as command-line flags."""
-    given = {k: v for k, v in options.items() if v is not None}
-    bad = sorted(set(given) - set(allowed))
-    if bad:
-        flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
-        raise ValueError(f"{refusal} {flags(bad)} (it takes: {flags(allowed) or 'none'})")
-    return given
 
 
 def save_module(out_dir: str | Path, stem: str, module: nn.Module, spec: dict) -> None:

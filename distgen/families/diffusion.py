@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from distgen.config.core import ConfigError
 from distgen.config.models import DiffusionConfig
 from distgen.families.base import DataInfo, Family, Phase
+from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood
 from distgen.families.likelihoods import discretized_gaussian_log_prob
 
 # Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
@@ -54,7 +55,7 @@ def make_sampler(name: str, train_scheduler):
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
-class Diffusion(Family):
+class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     name = "diffusion"
     config_cls = DiffusionConfig
 
@@ -101,7 +102,7 @@ class Diffusion(Family):
         """The sampler's output as images on [-1, 1] (latent diffusion decodes it)."""
         return x.clamp(-1, 1)
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         x0 = self.clean(nets, batch, generator)
         b = x0.shape[0]
         t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=x0.device, generator=generator)

@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from distgen.config.core import ConfigError
 from distgen.config.models import EBMConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.capabilities import Classifies, ExportsOnnx
 
 # first stage's channels and residual blocks per stage (3 stages: width x 1, 2, 4)
 PRESETS: dict[str, dict] = {
@@ -128,7 +129,7 @@ def eval_mode(net: nn.Module):
         net.train(was)
 
 
-class EBM(Family):
+class EBM(Family, Classifies, ExportsOnnx):
     name = "ebm"
     config_cls = EBMConfig
     sample_options = ("steps", "step_size", "from_buffer")
@@ -139,9 +140,11 @@ class EBM(Family):
             if data.num_classes < 2:
                 raise ConfigError(f"model.jem: JEM needs labelled data with 2 or more classes (the training "
                                   f"manifest lists {data.num_classes}); set jem false or shard labelled data")
-            self.classify = self._classify  # only a JEM classifies: the accuracy metric checks hasattr
         self.classes = data.num_classes if cfg.jem else 0
         self.buffer: Optional[torch.Tensor] = None  # this rank's replay buffer [buffer_size, C, H, W], float32
+
+    def capabilities_off(self):
+        return {} if self.cfg.jem else {Classifies: "unless model.jem"}
 
     # ---- networks and phases
     def net_kwargs(self) -> dict:
@@ -206,7 +209,8 @@ class EBM(Family):
         return self.buffer
 
     # ---- training
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
+        phase = ctx.phase
         if phase != "E":
             raise ValueError(f"unknown ebm phase {phase!r}")
         c, g = self.cfg, generator
@@ -243,8 +247,8 @@ class EBM(Family):
             raise ConfigError("model.jem: the batch carries no labels (set data.labels=true)")
         return batch["label"].to(batch["image"].device)
 
-    # ---- classification (JEM): the logits of p(y | x); set as self.classify only when model.jem
-    def _classify(self, nets, images):
+    # ---- classification (JEM): the logits of p(y | x); offered only when model.jem
+    def classify(self, nets, images):
         net = nets["E"]
         with eval_mode(net):
             return net(images.to(next(net.parameters()).device)).float()

@@ -33,6 +33,7 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import FFJORDConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.capabilities import ExportsOnnx, Likelihood
 from distgen.families.glow import squeeze, unsqueeze
 from distgen.families.ode import dequantize, exact_divergence, hutchinson_divergence, per_image, rk45
 
@@ -261,7 +262,7 @@ class FFJORD(nn.Module):
 
 # ---------------------------------------------------------------- the family
 
-class FFJORDFamily(Family):
+class FFJORDFamily(Family, Likelihood, ExportsOnnx):
     name = "ffjord"
     config_cls = FFJORDConfig
     likelihood = "bound"  # uniform dequantisation: E[log p(y)] - D log 256 <= log P(x)
@@ -302,7 +303,7 @@ class FFJORDFamily(Family):
     def compile_problem(self, network):
         return "FFJORD's loss differentiates Hutchinson's vector-Jacobian product in the weights (a double backward)"
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         x = batch["image"]
         u = torch.rand(x.shape, device=x.device, generator=generator)
         y = (((x.float() + 1) * 127.5).round() + u) / 256  # back onto the 256-value grid, then dequantised

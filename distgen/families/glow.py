@@ -29,6 +29,7 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GlowConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.capabilities import ExportsOnnx, Likelihood
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -300,7 +301,7 @@ def dequantize(x255: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the family
 
-class GlowFamily(Family):
+class GlowFamily(Family, Likelihood, ExportsOnnx):
     name = "glow"
     config_cls = GlowConfig
     likelihood = "bound"  # uniform dequantisation: E[log p(y)] - D log 256 <= log P(x)
@@ -344,7 +345,7 @@ class GlowFamily(Family):
         u = torch.rand(x.shape, device=x.device)  # the global RNG, seeded alike on every rank
         nets["glow"].data_init(self._dequantized(x, u), self._labels(batch.get("label"), x.device))
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         x = batch["image"]
         u = torch.rand(x.shape, device=x.device, generator=generator)
         logp = nets["glow"](self._dequantized(x, u), self._labels(batch.get("label"), x.device))

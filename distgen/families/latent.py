@@ -20,6 +20,7 @@ import torch
 from distgen.config.core import ConfigError
 from distgen.config.models import LatentDiffusionConfig
 from distgen.families.autoencoder import downsampling, load_autoencoder
+from distgen.families.capabilities import Likelihood
 from distgen.families.diffusion import Diffusion, scheduler_kwargs
 
 
@@ -38,7 +39,9 @@ def draw_latents(moments: torch.Tensor, scaling_factor: float, generator) -> tor
 class LatentDiffusion(Diffusion):
     name = "latent_diffusion"
     config_cls = LatentDiffusionConfig
-    likelihood = None  # the bound of pixel diffusion does not carry over through a decoder
+
+    def capabilities_off(self):
+        return {Likelihood: "in latent space (the bound of pixel diffusion does not carry over through a decoder)"}
 
     def scheduler_config(self) -> dict:
         return {**scheduler_kwargs(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]

@@ -28,6 +28,7 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import PixelCNNConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families.capabilities import ExportsOnnx, Likelihood
 from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
                                          logistic_mixture_sample)
 
@@ -204,7 +205,7 @@ class _Progress:
 
 
 
-class PixelCNN(Family):
+class PixelCNN(Family, Likelihood, ExportsOnnx):
     name = "pixelcnn"
     config_cls = PixelCNNConfig
     likelihood = "exact"
@@ -237,7 +238,7 @@ class PixelCNN(Family):
             raise ValueError("a class-conditional model needs the labels of the images it scores")
         return labels
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         # back onto the 256-value grid (a resize can leave values between)
         x = ((batch["image"] + 1) * 127.5).round() / 127.5 - 1
         labels = self._labels(batch.get("label"))

@@ -33,6 +33,7 @@ from torch import nn
 
 from distgen.config.models import PixelRNNConfig
 from distgen.families.base import Family, Phase, load_module, save_module
+from distgen.families.capabilities import ExportsOnnx, Likelihood
 from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
                                          logistic_mixture_sample)
 from distgen.families.pixelcnn import _Progress
@@ -177,7 +178,7 @@ class PixelRNNNet(nn.Module):
 
 # ---------------------------------------------------------------- the family
 
-class PixelRNN(Family):
+class PixelRNN(Family, Likelihood, ExportsOnnx):
     name = "pixelrnn"
     config_cls = PixelRNNConfig
     likelihood = "exact"
@@ -199,7 +200,7 @@ class PixelRNN(Family):
     # its forward and keeps them while the recurrence calls it again (tests/test_deepspeed.py runs 1, 2 and 3).
     # compile_problem: none (no double backward); the unrolled recurrence compiles slowly for large images.
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         # back onto the 256-value grid (a resize can leave values between)
         x = ((batch["image"] + 1) * 127.5).round() / 127.5 - 1
         params = nets["pixelrnn"](x)

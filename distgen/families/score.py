@@ -33,6 +33,7 @@ import torch
 from distgen.config.core import ConfigError
 from distgen.config.models import ScoreConfig
 from distgen.families.base import DataInfo, Family, Phase
+from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood
 from distgen.families.diffusion import PRESETS as DIFFUSION_PRESETS
 from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
 
@@ -112,7 +113,7 @@ def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) 
     return (v * jv).flatten(1).sum(1) + 0.5 * s.pow(2).flatten(1).sum(1)
 
 
-class Score(Family):
+class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     name = "score"
     config_cls = ScoreConfig
     num_classes = 0  # unconditional
@@ -124,8 +125,16 @@ class Score(Family):
             raise ConfigError(f"data.resolution: the {cfg.preset} score U-Net halves the image {halvings} time(s), "
                               f"so the side must be a multiple of {2 ** halvings}, got {data.resolution}")
         self.sde = SDE(cfg)
-        # NCSN's discrete levels have no probability-flow ODE: no bits/dim (evaluation skips the metric)
-        self.likelihood = None if cfg.sde == "ncsn" else "bound"
+
+    likelihood = "bound"
+
+    def capabilities_off(self):
+        off = {}
+        if self.cfg.sde == "ncsn":  # discrete levels have no probability-flow ODE
+            off[Likelihood] = "as an NCSN (sde ve or vp has one)"
+        if not (self.sde.ve and self.data.channels == 3):  # the export is then the U-Net alone
+            off[ExportsDiffusers] = "for this model (diffusers has pipelines for RGB VE score models only)"
+        return off
 
     # -- networks
     def unet_kwargs(self) -> dict:
@@ -171,7 +180,7 @@ class Score(Family):
         return -unet(x, 999 * t.float()).sample.float() / std.view(-1, 1, 1, 1)
 
     # -- training
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         x0 = self.to_model(batch["image"])
         b, dev = x0.shape[0], x0.device
         if self.cfg.sde == "ncsn":
@@ -336,7 +345,7 @@ class Score(Family):
         to pixel units: log P(x) >= E_u log p(y) - D log(256 / data range). Every draw comes from the
         image's generator: dequantisation first, then the probes.
         """
-        if self.likelihood is None:
+        if self.cfg.sde == "ncsn":
             raise ValueError("sde ncsn has discrete noise levels and no probability-flow ODE: no log-likelihood "
                              "(train sde ve, vp or subvp for bits/dim)")
         unet = nets["unet"]

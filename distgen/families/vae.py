@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import VAEConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
+from distgen.families import capabilities as cap
 from distgen.families.likelihoods import (discretized_gaussian_log_prob, logistic_mixture_log_prob,
                                          logistic_mixture_mode, logistic_mixture_params)
 
@@ -295,7 +295,7 @@ class HierarchicalVAE(nn.Module):
 ARCHS = {"vae": ConvVAE, "hvae": HierarchicalVAE}
 
 
-class VAEFamily(Family):
+class VAEFamily(Family, cap.Likelihood, cap.Reconstructs, cap.Interpolates, cap.ExportsOnnx):
     name = "vae"
     config_cls = VAEConfig
     likelihood = "bound"
@@ -307,7 +307,6 @@ class VAEFamily(Family):
             raise ConfigError(f"data.resolution: the VAEs halve the image twice, so it must be a multiple of 4, "
                               f"got {data.resolution}")
         self.lik = Likelihood(cfg.likelihood, data.channels, cfg.nr_mix)
-        self.nimg = 0  # images trained on, for the KL warm-up (family state: a resume continues the ramp)
 
     def net_kwargs(self) -> dict:
         return dict(channels=self.data.channels, resolution=self.data.resolution,
@@ -319,17 +318,17 @@ class VAEFamily(Family):
     def phases(self):
         return [Phase("elbo", "vae")]
 
-    def state_dict(self):
-        return {"nimg": self.nimg}
-
     def load_state_dict(self, state):
-        self.nimg = int(state.get("nimg", 0))
+        # Checkpoints written before the step context kept a second count of images here; the run's own
+        # count (meta.json's nimg, passed to loss as ctx.nimg) replaces it.
+        super().load_state_dict({k: v for k, v in state.items() if k != "nimg"})
 
-    def kl_weight(self) -> float:
-        ramp = min(1.0, self.nimg / (self.cfg.kl_warmup_kimg * 1000)) if self.cfg.kl_warmup_kimg > 0 else 1.0
+    def kl_weight(self, nimg: int) -> float:
+        """The KL term's weight for a step that starts after ``nimg`` images (the warm-up's ramp)."""
+        ramp = min(1.0, nimg / (self.cfg.kl_warmup_kimg * 1000)) if self.cfg.kl_warmup_kimg > 0 else 1.0
         return self.cfg.beta * ramp
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
         x = self.lik.target(batch["image"])
         res = nets["vae"](x, generator)
         rec = -self.lik.log_prob(x, res["out"])
@@ -340,8 +339,7 @@ class VAEFamily(Family):
             kl_term = torch.where(active, kls, torch.full_like(kls, self.cfg.free_bits)).sum(1)
         else:
             kl_term = kls.sum(1)
-        w = self.kl_weight()
-        self.nimg += x.shape[0] * dist.world_size()
+        w = self.kl_weight(ctx.nimg)
         dims = x[0].numel() * math.log(2)
         return (rec + w * kl_term) / dims, {"recon_bpd": rec.detach().mean() / dims,
                                             "kl_bpd": kls.detach().sum(1).mean() / dims, "kl_weight": w}

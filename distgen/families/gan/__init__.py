@@ -35,6 +35,7 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GANConfig
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
+from distgen.families.capabilities import ExportsOnnx
 from distgen.families.gan import basic, biggan, progan, stylegan2
 from distgen.families.gan.augment import ADA, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
@@ -64,7 +65,7 @@ class Critic(nn.Module):
         return logits, (self.q(h) if self.q is not None else None)
 
 
-class GAN(Family):
+class GAN(Family, ExportsOnnx):
     name = "gan"
     config_cls = GANConfig
     sample_options = ("truncation",)
@@ -290,7 +291,8 @@ class GAN(Family):
         return augment(x, self.ops, 1.0 if self.ada is None else self.ada.p, g)
 
     # ---- the phases' losses: one method per phase, looked up by name
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
+        phase = ctx.phase
         losses = {"D": self._d_loss, "D_r1": self._r1_loss, "G": self._g_loss, "G_pl": self._pl_loss}
         if phase not in losses:
             raise ValueError(f"unknown GAN phase {phase!r}")

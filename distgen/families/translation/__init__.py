@@ -11,13 +11,14 @@ one batch of each domain drawn independently (``data.train`` and ``data.train_b`
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgen.families.base import Family, Phase
+from distgen.families.capabilities import ExportsOnnx, Translates
 
 DIRECTIONS = ("AtoB", "BtoA")
 
@@ -53,11 +54,9 @@ def l1_per_sample(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.float() - y.float()).abs().flatten(1).mean(1)
 
 
-class Translator(Family):
+class Translator(Family, Translates, ExportsOnnx):
     """What pix2pix and CycleGAN share: no sampling from noise, translation in one or two directions."""
 
-    translator: ClassVar[bool] = True
-    directions: ClassVar[tuple[str, ...]] = ("AtoB",)
     data_layout: ClassVar[str] = "paired"  # or "unpaired" (data.train = A, data.train_b = B)
 
     # Networks "G" (the generator, or CycleGAN's pair) and "D" (the discriminator(s)), one phase each; the EMA
@@ -78,17 +77,6 @@ class Translator(Family):
     def sample(self, nets, generators, *, labels=None, **options):
         raise ValueError(f"the {self.name} family translates images rather than sampling them: "
                          f"distgen sample EXPORT --input IMAGE|FOLDER|SHARDS")
-
-    def check_direction(self, direction: Optional[str]) -> str:
-        d = direction or "AtoB"
-        if d not in self.directions:
-            raise ValueError(f"--direction: the {self.name} family translates {' and '.join(self.directions)}, "
-                             f"not {d}")
-        return d
-
-    def translate(self, nets, images: torch.Tensor, direction: str = "AtoB") -> torch.Tensor:
-        """Float NCHW images in [-1, 1] of the input domain -> their translations (float, [-1, 1])."""
-        raise NotImplementedError
 
     def onnx_graphs(self, nets):
         from distgen.onnx_export import OnnxGraph

@@ -88,7 +88,8 @@ class CycleGAN(Translator):
             prefix = f"pool_{k}."
             p.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
+        phase = ctx.phase
         a, b = batch["a"], batch["b"]
         c, kind = self.cfg, self.cfg.loss
         if phase == "D":

@@ -46,7 +46,8 @@ class Pix2Pix(Translator):
         D = PatchDiscriminator(2 * self.data.channels, **PRESETS["patch"][c.preset], layers=c.d_layers, norm=c.norm)
         return {"G": UNetGenerator(**self.generator_kwargs()), "D": D}
 
-    def loss(self, phase, nets, batch, generator):
+    def loss(self, ctx, nets, batch, generator):
+        phase = ctx.phase
         a, b = batch["a"], batch["b"]
         kind = self.cfg.loss
         if phase == "D":
