@@ -10,7 +10,7 @@ from pathlib import Path
 from distgen.config import DataConfig
 from distgen.data import make_loader, manifest_path, write_shards
 from distgen.data.bench import run_bench
-from distgen.data.shard import read_manifest
+from distgen.data.manifest import read_manifest
 
 DATA_DIR = Path("data/fashion-mnist")
 
