@@ -39,7 +39,7 @@ class FirstBatches(torch.utils.data.IterableDataset):
 
 def child(kind: str, n: int, shards: list, batch_size: int) -> None:
     from distgen.data.bench import bench_inputs, bench_loader, raw_images
-    from distgen.data.pipeline import Loader
+    from distgen.data.loader import Loader
 
     urls, res, chans = bench_inputs(shards)
     if kind == "raw":

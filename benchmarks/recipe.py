@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distgen.data.shard import read_manifest  # noqa: E402
+from distgen.data.manifest import read_manifest  # noqa: E402
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 from distgen.evaluate.extractors import BUNDLED  # noqa: E402
 

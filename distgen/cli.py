@@ -220,7 +220,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from distgen.data.shard import verify_manifest
+    from distgen.data.verify import verify_manifest
 
     v = verify_manifest(args.manifest, decode=args.decode)
     print(f"{args.manifest}: {v.shards} shard(s), {v.samples} samples, {v.bytes / 2**20:.1f} MiB: sizes, sha256 "

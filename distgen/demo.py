@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from distgen.assets import asset
 from distgen.config import DataConfig
 from distgen.data import make_loader, manifest_path, write_shards
 from distgen.data.bench import run_bench
-from distgen.data.shard import read_manifest
+from distgen.data.manifest import read_manifest
 
 DATA_DIR = Path("data/fashion-mnist")
 
@@ -30,7 +31,10 @@ def ensure_shards(out: Path = DATA_DIR) -> dict[str, Path]:
     return paths
 
 
-CONFIG = "configs/fashion_mnist_diffusion.yaml"
+# Packaged copies of configs/fashion_mnist_diffusion.yaml and configs/accelerate/ddp.yaml: `distgen demo` runs
+# from any folder, without the source tree (its data/ and runs/ go in the current folder).
+CONFIG = str(asset("demo", "fashion_mnist_diffusion.yaml"))
+DDP_CONFIG = str(asset("accelerate", "ddp.yaml"))
 RUN_DIR = Path("runs/demo")
 EXPORT_DIR = Path("runs/demo-export")
 GRID = Path("runs/demo-samples.png")
@@ -55,7 +59,7 @@ def demo() -> int:
     run_bench([str(paths["train"])], workers=(1, 2), batch_size=256, seconds=2.0, repeats=1)
 
     exe = [sys.executable, "-m", "distgen"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG,
               "--num_processes", "2", "-m", "distgen"]
     # A finished run folder says so and stops at once: re-running is cheap. The export replaces its own earlier one.
     _step("train (2 CPU processes, DDP over gloo)", launch + ["train", CONFIG, f"run.dir={RUN_DIR}"])

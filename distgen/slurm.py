@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from distgen.assets import asset
 
 
 class SlurmError(RuntimeError):
@@ -94,7 +94,7 @@ def rendezvous(env: Optional[dict] = None) -> Rendezvous:
 def train_command(config: str, overrides: list[str], procs_per_machine: int, rdv: Rendezvous) -> list[str]:
     """One machine's ``accelerate launch ... -m distgen train CONFIG`` of a multi-machine job."""
     return [sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "configs/accelerate/multinode.yaml"),
+            "--config_file", str(asset("accelerate", "multinode.yaml")),  # packaged: no source tree needed
             "--num_machines", str(rdv.num_machines), "--machine_rank", str(rdv.machine_rank),
             "--main_process_ip", rdv.main_host, "--main_process_port", str(rdv.port),
             "--num_processes", str(rdv.num_machines * procs_per_machine),

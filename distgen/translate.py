@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distgen import dist
-from distgen.data.sources import IMAGE_SUFFIXES  # what a folder: source shards, a folder input translates
+from distgen.data.sources.folders import IMAGE_SUFFIXES  # what a folder: source shards, a folder input translates
 from distgen.errors import SampleError
 from distgen.sample import BLOCK  # images per forward pass, as sampling
 from distgen.families.capabilities import Translates, offers
@@ -50,7 +50,7 @@ def _read_file(path: Path, data_cfg) -> torch.Tensor:
     """An image file as uint8 CHW at the model's channels and resolution (resized as the training data was)."""
     from PIL import Image, UnidentifiedImageError
 
-    from distgen.data.pipeline import fit_image
+    from distgen.data.decode import fit_image
 
     from distgen.data.pixels import to_8bit
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distgen.data import write_shards
-from distgen.data.sources import FASHION_MNIST_DIR
+from distgen.data.sources.fashion_mnist import FASHION_MNIST_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -156,7 +156,7 @@ def test_write_shards_is_atomic_when_source_fails(tmp_path):
 
 
 def test_write_shards_failing_midway_keeps_the_previous_shards(tmp_path):
-    from distgen.data.sources import Source
+    from distgen.data.sources.base import Source
 
     np.savez(tmp_path / "ok.npz", x=np.zeros((3, 4, 4), np.uint8))
     write_shards(f"npz:{tmp_path / 'ok.npz'}", tmp_path / "o", "train", samples_per_shard=1)

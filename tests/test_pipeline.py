@@ -16,7 +16,7 @@ from PIL import Image
 
 from distgen.config import DataConfig
 from distgen.data import DataError, Slice, make_loader, partition, resolve_shards
-from distgen.data.pipeline import shuffle
+from distgen.data.reading import shuffle
 
 
 def _keys(loader):
@@ -248,7 +248,8 @@ print("alive", len(workers))
 
 
 def test_slices_read_the_same_samples_by_seek_by_learnt_index_and_through_a_pipe(fm_test_shards, tmp_path):
-    from distgen.data.pipeline import _SAMPLE_POS, ErrorPolicy, read_tar
+    from distgen.data.policy import ErrorPolicy
+    from distgen.data.reading import _SAMPLE_POS, read_tar
 
     shard = str(fm_test_shards.parent / "test-000001.tar")
     whole = [s["__key__"] for s in read_tar([Slice(f"pipe:cat {shard}", 0, 3000)], ErrorPolicy())]

@@ -431,7 +431,7 @@ def _read_all(manifest: Path):
     """What training and evaluation do with a manifest: resolve it, verify it, read every sample once."""
     from distgen.config import DataConfig
     from distgen.data import make_loader
-    from distgen.data.shard import verify_manifest
+    from distgen.data.verify import verify_manifest
 
     verify_manifest(manifest, decode=True)
     loader = make_loader(str(manifest), DataConfig(resolution=28, channels=1, workers=0), batch_size=5, mode="eval")
@@ -472,7 +472,8 @@ def test_tar_shard(world, memory_limit, shards):
     """A shard's bytes flipped (its header checksum then recomputed, half the time, so the parser goes past it),
     truncated, or given a PAX header of arbitrary records: read as training and evaluation read it."""
     from distgen.data import ErrorPolicy, Slice
-    from distgen.data.pipeline import DecodeSpec, decode, read_tar
+    from distgen.data.decode import DecodeSpec, decode
+    from distgen.data.reading import read_tar
     from distgen.errors import DataError
 
     raw = (shards / "train-000000.tar").read_bytes()

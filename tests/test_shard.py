@@ -14,7 +14,7 @@ from PIL import Image
 
 from distgen.config import DataConfig
 from distgen.data import DataError, make_loader, write_shards
-from distgen.data.sources import FASHION_MNIST_DIR, _read_idx
+from distgen.data.sources.fashion_mnist import FASHION_MNIST_DIR, _read_idx
 from pathlib import Path
 
 

@@ -21,8 +21,9 @@ from distgen.data import (
     DataError, Loader, UnpairedLoader, make_loader, make_train_loader, read_layout, resolve_shards, shard_source,
     write_shards,
 )
-from distgen.data.pipeline import random_flip
-from distgen.data.sources import FASHION_MNIST_DIR, Source, _read_idx, edge_map
+from distgen.data.decode import random_flip
+from distgen.data.sources.base import Source
+from distgen.data.sources.fashion_mnist import FASHION_MNIST_DIR, _read_idx, edge_map
 
 RNG = np.random.default_rng(0)
 

@@ -26,7 +26,8 @@ from distgen.cli import main as cli
 from distgen.config import DataConfig
 from distgen.data import DataError, make_loader, resolve_shards, write_shards
 from distgen.data.pixels import to_8bit
-from distgen.data.shard import read_manifest, write_samples
+from distgen.data.manifest import read_manifest
+from distgen.data.shard import write_samples
 from distgen.data.tario import MAX_HEADER, TarFormatError, iter_entries, iter_members
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from distgen.config import DataConfig
-from distgen.data.pipeline import IMAGE_EXTS, make_loader, open_image, resolve_shards
+from distgen.data.decode import IMAGE_EXTS, open_image
+from distgen.data.loader import make_loader
+from distgen.data.manifest import resolve_shards
 from distgen.data.tario import iter_members
 
 

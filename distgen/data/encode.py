@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from distgen.data.errors import DataError
-from distgen.data.pipeline import make_loader, resolve_shards
+from distgen.data.loader import make_loader
+from distgen.data.manifest import resolve_shards
 from distgen.data.shard import file_sha256, write_samples
 
 

@@ -1,7 +1,7 @@
 """Every stored pixel format into the 8-bit grey (``L``) or colour (``RGB``) images distgen trains on.
 
 One function, :func:`to_8bit`, used when sharding a folder (:mod:`distgen.data.sources`) and when decoding
-shards (:mod:`distgen.data.pipeline`), so an image means the same thing on both paths. Pillow's own
+shards (:mod:`distgen.data.decode`), so an image means the same thing on both paths. Pillow's own
 ``convert("L")`` clips 16-bit values (almost every pixel of a 16-bit photo becomes 255) and drops alpha,
 leaving whatever colour transparent pixels happen to hold; here:
 

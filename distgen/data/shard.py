@@ -1,4 +1,5 @@
-"""Write webdataset tar shards and their manifest (``distgen data shard``).
+"""Writing: webdataset tar shards and their manifest (``distgen data shard``); reading a manifest back is
+:mod:`distgen.data.manifest`, checking shards against it :mod:`distgen.data.verify`.
 
 Shards are byte-for-byte deterministic: members are written in a fixed order
 with fixed mtime, owner and mode, and PNG encoding is lossless and stable.
@@ -10,33 +11,23 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
 from distgen.data.errors import DataError
-from distgen.data.sources import DOMAINS, LAYOUTS, Source, open_source, shard_jobs
-from distgen.data.tario import count_samples
-from distgen.readback import (
-    MAX_BYTES, MAX_CLASSES, MAX_COUNT, Check, Int, List, MiB, Num, Obj, Opt, RelPath, Schema, Str, inside,
-    read_json,
-)
-
-MANIFEST_FORMAT = "distgen-shards/1"
+from distgen.data.manifest import MANIFEST_FORMAT, manifest_path
+from distgen.data.sources import open_source, shard_jobs
+from distgen.data.sources.base import Source
 
 
 def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def manifest_path(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"{split}.manifest.json"
 
 
 def file_sha256(path: Path) -> str:
@@ -193,153 +184,3 @@ def write_samples(
     tmpm.write_text(json.dumps(full, indent=2) + "\n")
     os.replace(tmpm, mp)
     return full
-
-
-# --------------------------------------------------------------------------- reading a manifest back
-MAX_SIDE = 1 << 16  # a stored image's height or width: 4 gigapixels at most
-MAX_SHARD_SAMPLES = (1 << 32) - 1  # a sample's number in its shard is the low 32 bits of the loader's "index"
-MAX_SHARDS = 10_000_000
-_SHA256 = Str(pattern=r"[0-9a-f]{64}")
-_SHARD = Obj({"name": Str(), "count": Int(0, MAX_SHARD_SAMPLES), "size": Int(0, MAX_BYTES), "sha256": _SHA256},
-             optional=("size", "sha256"))
-# Every key a writer puts in a manifest (write_shards, a Source's extra, encode_shards), with its type and bounds.
-MANIFEST = Obj({
-    "format": Str(choices=(MANIFEST_FORMAT,)),
-    "source": Str(),
-    "split": Str(max_len=200),
-    "total": Int(1, MAX_COUNT),
-    "layout": Str(choices=LAYOUTS),
-    "kind": Str(choices=("images", "latents")),
-    "image_size": Opt(List(Int(1, MAX_SIDE), min_len=2, max_len=2)),
-    "channels": Opt(Check(Int(1, 3), lambda c: None if c != 2 else "2 is not a channel count distgen stores (1 or 3)")),
-    "num_classes": Int(0, MAX_CLASSES),
-    "class_names": List(Str(max_len=1000), max_len=MAX_CLASSES),
-    "task": Opt(Str()),
-    "domain": Str(choices=DOMAINS),
-    "source_class": Obj({"index": Int(0, MAX_CLASSES - 1), "name": Str(max_len=1000)}),
-    "latent_shape": List(Int(1, MAX_SIDE), min_len=3, max_len=3),
-    "autoencoder": Obj({"path": Str(), "weights_sha256": _SHA256, "scaling_factor": Num()}),
-    "shards": List(_SHARD, min_len=1, max_len=MAX_SHARDS),
-}, optional=("source", "split", "layout", "kind", "image_size", "channels", "num_classes", "class_names", "task",
-             "domain", "source_class", "latent_shape", "autoencoder"))
-
-
-class _Manifest(Schema):
-    """The format first (another JSON file is named as such), then :data:`MANIFEST`, every shard name
-    (:func:`manifest_shard_path`), and what the keys say against each other (:func:`_manifest_problem`)."""
-
-    def check(self, value, where, error):
-        if not isinstance(value, dict) or value.get("format") != MANIFEST_FORMAT:
-            self.fail(where, error, f"not a distgen manifest (format {MANIFEST_FORMAT})")
-        m = MANIFEST.check(value, where, error)
-        for i, s in enumerate(m["shards"]):
-            manifest_shard_path(Path(where.file), i, s["name"])
-        problem = _manifest_problem(m)
-        if problem:
-            self.fail(where, error, problem)
-        return m
-
-
-def _manifest_problem(m: dict) -> Optional[str]:
-    """What the keys of a manifest say against each other, or None."""
-    counted = sum(s["count"] for s in m["shards"])
-    if m["total"] != counted:
-        return f"total {m['total']} is not the sum of the shards' counts ({counted})"
-    n = m.get("num_classes")
-    if n is not None and "class_names" in m and len(m["class_names"]) != n:
-        return f"num_classes is {n} but class_names lists {len(m['class_names'])}"
-    if n is not None and "source_class" in m and m["source_class"]["index"] >= n:
-        return f"source_class.index {m['source_class']['index']} is not one of the {n} classes"
-    if m.get("layout") == "domain" and "domain" not in m:
-        return "layout domain needs a domain, A or B"
-    if m.get("kind") == "latents" and "latent_shape" not in m:
-        return "latent shards (kind latents) need their latent_shape"
-    names = set()
-    for i, s in enumerate(m["shards"]):
-        if s["name"] in names:
-            return f"shards[{i}].name {s['name']!r} is listed twice (its samples would count twice)"
-        names.add(s["name"])
-    return None
-
-
-def manifest_shard_path(manifest: Path, i: int, name: Any) -> Path:
-    """Where shard ``i`` named ``name`` in ``manifest`` lies, or a DataError.
-
-    A manifest is data, often downloaded with the shards: it names files relative to its own folder and
-    nothing else. No absolute path, no ``..``, no ``pipe:`` (a shell command), no URL scheme and no link
-    that leads out of the folder: what runs or reaches out is only ever what the user typed.
-    """
-    where = f"{manifest}: shards[{i}].name"
-    try:
-        RelPath().check(name, where, DataError)
-    except DataError:
-        raise DataError(f"{where} {name!r}: a manifest names its shards as files relative to its own folder (no "
-                        f"absolute path, '..', pipe: command or URL)") from None
-    return inside(manifest.parent, name, where, DataError)
-
-
-def read_manifest(path: Path) -> dict:
-    """A manifest, read through :mod:`distgen.readback` and checked (:data:`MANIFEST`, total = the sum of the
-    counts, class names, shard names inside its folder), or a DataError naming the file and the key."""
-    return read_json(Path(path), _Manifest(), error=DataError, max_bytes=256 * MiB, what="manifest")
-
-
-@dataclass
-class Verified:
-    """What ``distgen data verify`` checked and found as recorded."""
-
-    shards: int
-    bytes: int
-    samples: int  # counted in the tar headers: equal to the manifest's total
-    decoded: Optional[str] = None  # with decode: what decoding checked, in words
-
-
-def verify_manifest(manifest: str | Path, decode: bool = False) -> Verified:
-    """Check every shard of ``manifest`` against the manifest (``distgen data verify``): size, sha256 and
-    sample count (from the tar headers) of each, and with ``decode`` every sample decoded as training decodes
-    it (images against the recorded size and channels, labels against the classes, latents against their shape).
-
-    The manifest itself is checked as every reader checks it (:func:`read_manifest`: total = the sum of the
-    counts). Returns what was checked when all match; else a DataError whose first line names the manifest
-    and whose next lines name every shard that is missing or differs, and the first bad sample of each.
-    """
-    from distgen.data.pipeline import check_shard, manifest_spec, sample_key
-
-    path = Path(manifest)
-    m = read_manifest(path)
-    spec = manifest_spec(m) if decode else None
-    problems, size_total, samples, failed = [], 0, 0, 0
-    for i, s in enumerate(m["shards"]):
-        shard = manifest_shard_path(path, i, s["name"])
-        before = len(problems)
-        if not shard.is_file():
-            problems.append(f"{shard}: missing")
-            failed += 1
-            continue
-        size = shard.stat().st_size
-        size_total += size
-        if "sha256" not in s:
-            problems.append(f"{shard}: the manifest records no sha256 to check it against")
-        elif "size" in s and s["size"] != size:
-            problems.append(f"{shard}: {size} bytes, the manifest records {s['size']}")
-        elif file_sha256(shard) != s["sha256"]:
-            problems.append(f"{shard}: sha256 differs from the manifest's (the shard changed or is corrupt)")
-        try:
-            with open(shard, "rb") as f:
-                n = count_samples(f, sample_key)
-        except (OSError, ValueError) as e:  # TarFormatError, and a member name without an extension
-            n = None
-            problems.append(f"{shard}: not a readable tar ({e})")
-        if n is not None:
-            samples += n
-            if n != s["count"]:
-                problems.append(f"{shard}: holds {n} samples, the manifest records {s['count']}")
-            elif decode:
-                bad, first = check_shard(str(shard), s["count"], i, spec)
-                if bad:
-                    problems.append(f"{shard}: {bad} bad sample(s), the first: {first}")
-        failed += len(problems) > before
-    if problems:
-        raise DataError(f"{path}: {failed} of {len(m['shards'])} shard(s) do not match the manifest:\n  "
-                        + "\n  ".join(problems))
-    return Verified(len(m["shards"]), size_total, samples, spec.describe() if decode else None)

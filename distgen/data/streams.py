@@ -2,7 +2,7 @@
 
 A ``pipe:`` command runs through the shell, so it is only ever taken from what the user wrote (the
 command line or their own config): manifests name local files relative to themselves (see
-:func:`distgen.data.pipeline.resolve_shards`). Other URL schemes (``http://``, ``s3://``, ...) go to
+:func:`distgen.data.manifest.resolve_shards`). Other URL schemes (``http://``, ``s3://``, ...) go to
 webdataset's ``gopen``. Our own pipe reader exists to report a failing command in words: the
 command, its exit status or signal, and the last line it wrote to stderr.
 """

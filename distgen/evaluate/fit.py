@@ -129,7 +129,7 @@ def calibrate(features: Callable[[torch.Tensor], torch.Tensor], test: torch.Tens
     with the same resampling: what scoring such a model's samples at the data's stored size would cost, and
     why distgen scores them at the model's size instead (see ``Evaluator._resize_path``). ``ref``: the test
     images' features, when the caller already has them."""
-    from distgen.data.pipeline import resize_batch
+    from distgen.data.decode import resize_batch
 
     ref = features(test) if ref is None else ref
     stats = fid_features_to_statistics(ref)
