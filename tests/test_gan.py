@@ -229,7 +229,7 @@ def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_pa
     run(launch(1) + ["export", str(tmp_path / "run"), str(out)], env_with_repo)
     # The export's own JSON rebuilds the generator: the EMA weights of the newest checkpoint, buffers included.
     spec = json.loads((out / "generator_config.json").read_text())
-    g = ARCHS[spec["arch"]][0](**spec["kwargs"])
+    g = ARCHS[spec["arch"]].generator(**spec["kwargs"])
     g.load_state_dict(load_file(str(out / "generator.safetensors")))
     ema = weights(ckpt.checkpoint_folders(tmp_path / "run" / "checkpoints")[-1], "ema0-G.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in g.state_dict().items()) and "w_avg" in "".join(ema)

@@ -156,12 +156,15 @@ def test_growth_fade_and_frozen_blocks_follow_the_schedule_and_the_export_sample
     straight = progan_config(tmp_path / "a", fm_test_shards, 1)
     run(launch(1) + ["train", str(straight)], env_with_repo)
     a = tmp_path / "a" / "run" / "checkpoints"
-    # The growth state: after 10 steps, 5 of the fade's 10 are done; at the end the network is at 8x8.
+    # The growth state: the run's count of images (meta.json's nimg, the growth's clock) and the stage the last
+    # step trained at. Step 10 ran after 9 steps' images, 4 of the fade's 10 done; at the end the network is at 8x8.
     n = 8
-    mid = ckpt.read_meta(a / "step-00000010")["family_state"]
-    assert mid["nimg"] == 10 * n and mid["res"] == 8 and mid["alpha"] == pytest.approx(0.5)
-    end = ckpt.read_meta(a / "step-00000020")["family_state"]
-    assert end["nimg"] == 20 * n and (end["res"], end["alpha"]) == (8, 1.0)
+    meta = ckpt.read_meta(a / "step-00000010")
+    mid = meta["family_state"]
+    assert meta["nimg"] == 10 * n and mid["res"] == 8 and mid["alpha"] == pytest.approx(0.4)
+    meta = ckpt.read_meta(a / "step-00000020")
+    end = meta["family_state"]
+    assert meta["nimg"] == 20 * n and (end["res"], end["alpha"]) == (8, 1.0) and "nimg" not in end
     recs = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     # logged interval means: steps 1-6 at 4x4 (the fade's start, alpha 0 at 8x8, is the 4x4 network), steps 7-15
     # fading with alpha .1, .2, .., .9, steps 16-20 at 8x8

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from distgen.config.core import check
+from distgen.config.gan_archs import GAN_ARCHS, check_arch_fields
 from distgen.config.schema import ModelConfig
 
 # The differentiable augmentations a GAN may use (implemented in distgen.families.gan.augment).
@@ -75,6 +76,10 @@ class AutoencoderConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class GANConfig(ModelConfig):
+    """The GAN family's section: the shared fields, then each arch's own (flat keys, as configs write them).
+    Which fields belong to which arch, and their checks, is declared by the arch in
+    :mod:`distgen.config.gan_archs`: a field that switches on another arch's feature is refused."""
+
     family: str = "gan"
     arch: Literal["mlp", "dcgan", "biggan", "stylegan2", "progan"] = "dcgan"
     preset: Literal["tiny", "small", "paper"] = "small"
@@ -83,13 +88,6 @@ class GANConfig(ModelConfig):
     # weight of the critic's drift penalty eps x D(x_real)^2 (ProGAN's wgan_epsilon, keeping scores near 0);
     # null: 0.001 for progan with wgan-gp, as its paper, else 0
     drift: Optional[float] = None
-    # ProGAN's growth (Karras et al. 2018), counted in training images: per doubling from 4x4, fade_kimg fading
-    # the new block in, then stable_kimg at its resolution (the paper: 600 + 600); 0 + 0: no growth
-    stable_kimg: float = 600.0
-    fade_kimg: float = 600.0
-    # ProGAN: images per process per step at 4x4, 8x8, ... (the first so many of train.batch_size's batch;
-    # () or a shorter list: train.batch_size at the rest)
-    batch_sizes: tuple[int, ...] = ()
     d_steps: int = 1  # discriminator steps per generator step
     d_lr_scale: float = 1.0  # two time-scale rule (Heusel et al. 2017): D's lr = train.lr x this
     g_lr_scale: float = 1.0
@@ -97,13 +95,6 @@ class GANConfig(ModelConfig):
     clip: float = 0.01  # WGAN's weight clipping bound
     r1_gamma: float = 0.0  # R1 weight gamma (0: off); the penalty is gamma / 2 x ||grad D(x)||^2
     r1_every: int = 16  # lazy R1: every this many steps, scaled by it (1: every step)
-    pl_weight: float = 0.0  # path-length regularisation weight (StyleGAN2; 2 in the paper; 0: off)
-    pl_every: int = 4
-    pl_decay: float = 0.01  # the running mean of path lengths moves by this fraction a step
-    style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
-    ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
-    spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
-    attn_res: Optional[int] = None  # BigGAN: self-attention at this resolution (0: none; null: the preset's)
     conditional: bool = False  # class labels into G and D (needs labelled data)
     info_categorical: int = 0  # InfoGAN: categories of one categorical code (0: none)
     info_continuous: int = 0  # InfoGAN: continuous codes, uniform in [-1, 1]
@@ -114,10 +105,28 @@ class GANConfig(ModelConfig):
     ada_interval: int = 4  # discriminator steps between p updates
     ada_kimg: float = 500.0  # p can move 0 -> 1 in this many thousand real images
     truncation: Optional[float] = None  # default at sampling: psi in W (stylegan2) or the z threshold (others)
+    # -- mlp / dcgan
+    spectral_norm: bool = False  # spectral norm in D for mlp / dcgan (BigGAN always has it in G and D)
+    # -- biggan
+    ortho_weight: float = 0.0  # BigGAN's orthogonal regularisation beta (1e-4 in the paper; 0: off)
+    attn_res: Optional[int] = None  # BigGAN: self-attention at this resolution (0: none; null: the preset's)
+    # -- stylegan2
+    pl_weight: float = 0.0  # path-length regularisation weight (StyleGAN2; 2 in the paper; 0: off)
+    pl_every: int = 4
+    pl_decay: float = 0.01  # the running mean of path lengths moves by this fraction a step
+    style_mixing: float = 0.9  # StyleGAN2: probability of mixing two latents in a training image
+    # -- progan
+    # ProGAN's growth (Karras et al. 2018), counted in training images: per doubling from 4x4, fade_kimg fading
+    # the new block in, then stable_kimg at its resolution (the paper: 600 + 600); 0 + 0: no growth
+    stable_kimg: float = 600.0
+    fade_kimg: float = 600.0
+    # ProGAN: images per process per step at 4x4, 8x8, ... (the first so many of train.batch_size's batch;
+    # () or a shorter list: train.batch_size at the rest)
+    batch_sizes: tuple[int, ...] = ()
     sampling_fields = ("truncation",)
 
     def validate(self, path: str) -> None:
-        for name in ("d_steps", "r1_every", "pl_every", "ada_interval"):
+        for name in ("d_steps", "r1_every", "ada_interval"):
             check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("d_lr_scale", "g_lr_scale", "clip", "ada_kimg"):
             check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -125,41 +134,24 @@ class GANConfig(ModelConfig):
                      "info_categorical", "info_continuous"):
             check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.info_categorical != 1, f"{path}.info_categorical", "a categorical code needs >= 2 categories")
-        check(0 <= self.style_mixing <= 1, f"{path}.style_mixing", "must be in [0, 1]")
-        check(0 < self.pl_decay <= 1, f"{path}.pl_decay", "must be in (0, 1]")
         check(0 <= self.ada_target <= 1, f"{path}.ada_target", "must be in [0, 1]")
-        check(self.pl_weight == 0 or self.arch == "stylegan2", f"{path}.pl_weight",
-              f"path-length regularisation needs arch stylegan2, not {self.arch}")
-        check(self.ortho_weight == 0 or self.arch == "biggan", f"{path}.ortho_weight",
-              f"orthogonal regularisation is BigGAN's (arch biggan), not {self.arch}'s")
-        check(not self.spectral_norm or self.arch in ("mlp", "dcgan"), f"{path}.spectral_norm",
-              "applies to mlp / dcgan (biggan always has it; stylegan2 does not use it)")
         bad = [o for o in self.augment_ops if o not in AUGMENT_OPS]
         check(not bad, f"{path}.augment_ops", f"unknown op(s) {bad}; choose from {', '.join(AUGMENT_OPS)}")
-        check(self.attn_res is None or self.arch == "biggan", f"{path}.attn_res",
-              f"sets BigGAN's self-attention (arch biggan), not {self.arch}'s")
-        check(self.truncation is None or self.truncation > 0 or self.arch == "stylegan2", f"{path}.truncation",
-              "the z threshold must be > 0")
-        check(self.truncation is None or self.arch != "progan", f"{path}.truncation",
-              "ProGAN (arch progan) has no truncation trick; leave it null")
         check(self.drift is None or self.drift >= 0, f"{path}.drift", f"must be >= 0 or null, got {self.drift}")
-        for name in ("stable_kimg", "fade_kimg"):
-            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
-        check(all(b >= 1 for b in self.batch_sizes), f"{path}.batch_sizes", f"must be >= 1, got {self.batch_sizes}")
-        check(not self.batch_sizes or self.arch == "progan", f"{path}.batch_sizes",
-              f"per-resolution batch sizes are ProGAN's (arch progan), not {self.arch}'s")
+        # The arch's own fields and checks, and no field that switches on another arch's feature
+        check_arch_fields(self, path)
 
     @property
     def loss_kind(self) -> str:
         """The loss in use: ``loss``, or the arch's default when it is null."""
-        return self.loss or ("wgan-gp" if self.arch == "progan" else "nonsaturating")
+        return self.loss or GAN_ARCHS[self.arch].default_loss
 
     @property
     def drift_weight(self) -> float:
-        """The drift penalty's weight: ``drift``, or ProGAN's 0.001 with wgan-gp when it is null."""
+        """The drift penalty's weight: ``drift``, or the arch's with wgan-gp (ProGAN's 0.001) when it is null."""
         if self.drift is not None:
             return self.drift
-        return 0.001 if self.arch == "progan" and self.loss_kind == "wgan-gp" else 0.0
+        return GAN_ARCHS[self.arch].wgan_gp_drift if self.loss_kind == "wgan-gp" else 0.0
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distgen.config.core import ConfigError
 from distgen.config.models import AutoencoderConfig
 from distgen.families.base import Family, Phase
 from distgen.families.capabilities import Calibrates, ExportsDiffusers, ExportsOnnx, Reconstructs
+from distgen.families.gan.losses import d_fake_term, d_real_term, g_term
 
 # Encoder / decoder sizes. Each level after the first halves the image: f = 2 ** (levels - 1).
 PRESETS: dict[str, dict] = {
@@ -143,14 +143,15 @@ class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffuser
                 fake, _ = nets["ae"](x, generator)
             real_logits, fake_logits = nets["disc"](x), nets["disc"](fake)
             on = 1.0 if self._adversarial(ctx.nimg) else 0.0  # before the start the discriminator is not trained
-            hinge = F.relu(1 - real_logits).mean(dim=(1, 2, 3)) + F.relu(1 + fake_logits).mean(dim=(1, 2, 3))
+            hinge = (d_real_term("hinge", real_logits).mean(dim=(1, 2, 3))
+                     + d_fake_term("hinge", fake_logits).mean(dim=(1, 2, 3)))
             return on * hinge, {"real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
         rec, kl = nets["ae"](x, generator)
         err = (rec - x).abs() if self.cfg.recon == "l1" else (rec - x) ** 2
         loss = err.flatten(1).sum(1) + self.cfg.kl_weight * kl
         extras = {"recon_l1": (rec - x).detach().abs().mean(), "kl": kl.detach().mean()}
         if self._adversarial(ctx.nimg):
-            g = -nets["disc"](rec).mean(dim=(1, 2, 3))
+            g = g_term("hinge", nets["disc"](rec)).mean(dim=(1, 2, 3))
             loss = loss + self.cfg.disc_weight * g * x[0].numel()  # the same per-pixel scale as the sums
             extras["g_adv"] = g.detach().mean()
         return loss, extras

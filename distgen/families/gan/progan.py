@@ -4,9 +4,10 @@ Variation"): the paper's generator and discriminator (G_paper / D_paper of tkarr
 Both networks are built at the full resolution from the start, so that optimizers and engines see one fixed
 parameter set, and run only the blocks of the current resolution ``res``. While a new block fades in, its
 output is blended with the previous resolution's by ``alpha`` (0: the previous resolution alone, upsampled;
-1: the new block alone). The growth schedule (``res``, ``alpha`` as a function of the images seen) belongs to
-the GAN family (:func:`growth`); the generator keeps the state it was last run at in its ``growth`` buffer, so
-that its EMA copy and an export sample at the resolution they were trained to.
+1: the new block alone). The growth schedule (``res``, ``alpha`` as a function of the images seen, :func:`growth`)
+is run by the ProGAN arch of the GAN family (:class:`distgen.families.gan.archs.ProGAN`) from the step context's
+count; the generator keeps the state it was last run at in its ``growth`` buffer, so that its EMA copy and an
+export sample at the resolution they were trained to.
 
 Blocks that are not run take part in the graph through a zero-weighted term: DDP (without unused-parameter
 search) then finds a gradient, zero, for every parameter, and Adam leaves a parameter with zero gradients from

@@ -7,6 +7,9 @@ domain, L1/PSNR/SSIM against paired ground truth, the target-class share) call.
 
 Batches carry ``a`` and ``b`` (float NCHW in [-1, 1]): the two sides of each pair (paired shards), or
 one batch of each domain drawn independently (``data.train`` and ``data.train_b``).
+
+The adversarial losses, weighed as the reference implementation weighs them, are the GAN family's
+(:func:`distgen.families.gan.losses.patch_d_loss`, :func:`~distgen.families.gan.losses.patch_g_loss`).
 """
 
 from __future__ import annotations
@@ -14,40 +17,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distgen.families.base import Family, Phase
 from distgen.families.capabilities import ExportsOnnx, Translates
 
 DIRECTIONS = ("AtoB", "BtoA")
-
-
-def adversarial_d(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """The discriminator's loss per sample from its patch logits on real and fake images, as the
-    reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix) weighs it: half the sum of the real
-    and the fake terms ("we divide the objective by 2 while optimizing D", Isola et al. 2017), each a
-    mean over the patches. ``lsgan`` is then Mao et al.'s 1/2 (D(x) - 1)^2 + 1/2 D(G(z))^2."""
-    if kind == "lsgan":
-        r, f = (real.float() - 1).square(), fake.float().square()
-    elif kind == "nonsaturating":
-        r, f = F.softplus(-real.float()), F.softplus(fake.float())
-    else:
-        raise ValueError(f"unknown translation GAN loss {kind!r}; choose lsgan or nonsaturating")
-    return 0.5 * (r.flatten(1).mean(1) + f.flatten(1).mean(1))
-
-
-def adversarial_g(kind: str, fake: torch.Tensor) -> torch.Tensor:
-    """The generator's adversarial loss per sample (mean over patches): (D(G(x)) - 1)^2 for lsgan, the
-    non-saturating -log sigmoid D(G(x)) otherwise; unhalved, as the reference weighs it against its
-    L1 / cycle terms (whose lambdas, 100 and 10, assume this scale)."""
-    if kind == "lsgan":
-        g = (fake.float() - 1).square()
-    elif kind == "nonsaturating":
-        g = F.softplus(-fake.float())
-    else:
-        raise ValueError(f"unknown translation GAN loss {kind!r}; choose lsgan or nonsaturating")
-    return g.flatten(1).mean(1)
 
 
 def l1_per_sample(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import CycleGANConfig
 from distgen.families.base import DataInfo, load_module, save_module
-from distgen.families.translation import Translator, adversarial_d, adversarial_g, l1_per_sample
+from distgen.families.gan.losses import patch_d_loss, patch_g_loss
+from distgen.families.translation import Translator, l1_per_sample
 from distgen.families.translation.networks import (PRESETS, ImagePool, PatchDiscriminator, ResnetGenerator,
                                                    paper_blocks)
 
@@ -100,14 +101,14 @@ class CycleGAN(Translator):
             D = nets["D"]
             ra, rb = D(a, b)  # two passes, as the reference (real and fake apart)
             fa, fb = D(fake_a, fake_b)
-            loss_a, loss_b = adversarial_d(kind, ra, fa), adversarial_d(kind, rb, fb)
+            loss_a, loss_b = patch_d_loss(kind, ra, fa), patch_d_loss(kind, rb, fb)
             return loss_a + loss_b, {"d_a": loss_a.detach().mean(), "d_b": loss_b.detach().mean()}
         if phase == "G":
             idt = c.identity_weight > 0
             out = nets["G"](a, b, cycle=True, identity=idt)
             D = nets["D"]
-            adv_b = adversarial_g(kind, D.b(out["fake_b"]))  # G_AB fools D_B
-            adv_a = adversarial_g(kind, D.a(out["fake_a"]))
+            adv_b = patch_g_loss(kind, D.b(out["fake_b"]))  # G_AB fools D_B
+            adv_a = patch_g_loss(kind, D.a(out["fake_a"]))
             cyc_a, cyc_b = l1_per_sample(out["rec_a"], a), l1_per_sample(out["rec_b"], b)
             loss = adv_a + adv_b + c.cycle_weight * (cyc_a + cyc_b)
             extras = {"adv_a": adv_a.detach().mean(), "adv_b": adv_b.detach().mean(),

@@ -17,7 +17,8 @@ import torch
 from distgen.config.core import ConfigError
 from distgen.config.models import Pix2PixConfig
 from distgen.families.base import DataInfo, load_module, save_module
-from distgen.families.translation import Translator, adversarial_d, adversarial_g, l1_per_sample
+from distgen.families.gan.losses import patch_d_loss, patch_g_loss
+from distgen.families.translation import Translator, l1_per_sample
 from distgen.families.translation.networks import PRESETS, PatchDiscriminator, UNetGenerator
 
 
@@ -57,14 +58,14 @@ class Pix2Pix(Translator):
             # Two passes, as the reference (its norm layers see real and fake pairs apart)
             r = D(torch.cat([a, b], 1))
             f = D(torch.cat([a, fake.to(a.dtype)], 1))
-            loss = adversarial_d(kind, r, f)
+            loss = patch_d_loss(kind, r, f)
             r, f = r.detach().float().flatten(1).mean(1), f.detach().float().flatten(1).mean(1)
             t = 0.5 if kind == "lsgan" else 0.0  # the decision threshold between the real and fake targets
             return loss, {"real": r.mean(), "fake": f.mean(),
                           "acc": 0.5 * ((r > t).float().mean() + (f < t).float().mean())}
         if phase == "G":
             fake = nets["G"](a)
-            adv = adversarial_g(kind, nets["D"](torch.cat([a, fake], 1)))
+            adv = patch_g_loss(kind, nets["D"](torch.cat([a, fake], 1)))
             l1 = l1_per_sample(fake, b)
             return adv + self.cfg.l1_weight * l1, {"adv": adv.detach().mean(), "l1": l1.detach().mean()}
         raise ValueError(f"unknown pix2pix phase {phase!r}")
