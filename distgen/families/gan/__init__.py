@@ -35,7 +35,7 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GANConfig
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
-from distgen.families.capabilities import ExportsOnnx
+from distgen.families.capabilities import ExportsOnnx, OnnxGraph
 from distgen.families.gan import basic, biggan, progan, stylegan2
 from distgen.families.gan.augment import ADA, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, path_lengths, r1_penalty
@@ -433,8 +433,6 @@ class GAN(Family, ExportsOnnx):
         return {"G": load_module(out_dir, "generator", build)}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         style = self.cfg.arch == "stylegan2"
         inputs = {"z": torch.randn(2, self.z_dim)}
         docs = {"z": f"[batch, {self.z_dim}] float32: {self.noise_dim} N(0, 1) values"
