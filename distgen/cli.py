@@ -328,7 +328,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from distgen.sample import export
+    from distgen.export.native import export
 
     out = export(args.run_dir, args.out_dir, force=args.force, fmt=args.format)
     print(f"distgen: exported the EMA weights of {args.run_dir} -> {out}")

@@ -155,12 +155,12 @@ def take_run_folder(folder: Path, main: bool, agree: Callable[[Any], list]) -> R
 
 
 # --------------------------------------------------------------------------- outputs of export and ema
-EXPORT_MARKER = "distgen.json"
+EXPORT_MARKER = "distgen.json"  # distgen.export.meta.EXPORT_META: that module is imported only to read one
 EMA_MARKER = "posthoc.json"
 
 
 def _export_marker_ok(folder: Path) -> bool:
-    from distgen.sample import read_export_meta
+    from distgen.export.meta import read_export_meta
 
     try:
         read_export_meta(folder)

@@ -1,4 +1,4 @@
-"""``distgen sample`` and ``distgen export``: EMA weights out of a run, images out of weights.
+"""``distgen sample``: EMA weights out of a run or an export (:mod:`distgen.export`), images out of weights.
 
 Image ``i`` is drawn from its own generator seeded by (seed, i), and images
 are computed in fixed blocks of consecutive indices dealt round-robin to the
@@ -7,7 +7,6 @@ ranks, so the files are the same whatever the number of processes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,12 +19,11 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
-from distgen import readback as rb
-from distgen.config import Config, build_config, to_dict
+from distgen.config import Config
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
-from distgen.ownership import EXPORT_MARKER as EXPORT_META, check_output_folder
-from distgen.families.capabilities import Calibrates, Interpolates, Likelihood, Translates, checked_options, offers
+from distgen.export.meta import EXPORT_META, data_info, load_config, read_export_meta
+from distgen.families.capabilities import Interpolates, Likelihood, Translates, checked_options, offers
 
 BLOCK = 16  # images per forward pass; part of what makes results independent of world size
 
@@ -72,40 +70,6 @@ def _replacing(path: Path):
         tmp.unlink(missing_ok=True)
 
 
-def _load_config(d: Any, where: Path) -> Config:
-    if not isinstance(d, dict):
-        raise SampleError(f"{where}: 'config' must be a mapping of config sections, got {type(d).__name__}")
-    try:
-        return build_config(d)
-    except Exception as e:
-        raise SampleError(f"{where}: the stored config does not load ({e})") from None
-
-
-EXPORT_FORMAT = "distgen-export/1"
-# distgen.json of an export (exports before "format" existed lack it, and still load)
-EXPORT_SCHEMA = rb.Obj({"format": rb.Str(choices=(EXPORT_FORMAT,)), "family": rb.Str(max_len=64),
-                        "data_info": rb.DATA_INFO, "config": rb.CONFIG, "source": rb.Anything()},
-                       optional=("format", "family", "source"))
-
-
-def read_export_meta(folder: Path) -> tuple[Config, DataInfo]:
-    """An export's ``distgen.json``: its config and data geometry, or a SampleError naming the file and key."""
-    path = folder / EXPORT_META
-    meta = rb.read_json(path, EXPORT_SCHEMA, error=SampleError, max_bytes=4 * rb.MiB, what="distgen.json")
-    cfg = _load_config(meta["config"], path)
-    return cfg, _data_info(meta["data_info"], cfg, path)
-
-
-def _data_info(d: dict, cfg: Config, where: Path) -> DataInfo:
-    """A checked ``data_info`` (readback.DATA_INFO) that must describe the data its config does."""
-    info = DataInfo(**d)
-    if (info.resolution, info.channels) != (cfg.data.resolution, cfg.data.channels):
-        raise SampleError(f"{where}: data_info: {info.resolution}x{info.resolution}x{info.channels} images, but its "
-                          f"config's data section says {cfg.data.resolution}x{cfg.data.resolution}x"
-                          f"{cfg.data.channels}")
-    return info
-
-
 def _build(cfg: Config, info: DataInfo, where: Path):
     try:
         return build_family(cfg.model, info)
@@ -117,8 +81,8 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
     """(config, family, networks with their EMA weights, meta.json) of one checkpoint folder, or an error
     naming its file."""
     meta = ckpt.read_meta(folder, ckpt.EMA_KEYS)
-    cfg = _load_config(meta["config"], folder / "meta.json")
-    family = _build(cfg, _data_info(meta["data_info"], cfg, folder / "meta.json"), folder / "meta.json")
+    cfg = load_config(meta["config"], folder / "meta.json")
+    family = _build(cfg, data_info(meta["data_info"], cfg, folder / "meta.json"), folder / "meta.json")
     nets = family.build_networks()
     for n in family.ema_networks():
         nets[n].load_state_dict(ckpt.load_tensors(ckpt.ema_file(folder, 0, n)))
@@ -196,64 +160,6 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
     for n in nets.values():
         n.to(device).eval().requires_grad_(False)
     return family, nets, cfg
-
-
-EXPORT_FORMATS = ("native", "onnx")
-
-
-def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "native") -> Path:
-    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format; with
-    ``fmt="onnx"`` also the ONNX graphs, ``onnx.json`` and the standalone ``sample_onnx.py`` beside them.
-
-    The export is built in a temporary folder beside ``out_dir`` and swapped in only when complete.
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise SampleError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
-    out = check_output_folder(run_dir, Path(out_dir), force)
-    cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
-    with ckpt.atomic_dir(out) as tmp:
-        write_export(tmp, family, nets, cfg, meta["data_info"],
-                     {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0})
-        if fmt == "onnx":
-            from distgen.onnx_export import OnnxExportError, write_onnx
-
-            try:
-                write_onnx(tmp, family, nets)
-            except (OnnxExportError, NotImplementedError) as e:
-                raise SampleError(f"{out}: {e}") from None
-    return out
-
-
-def write_export(folder: Path, family, nets: dict, cfg: Config, data_info: dict, source: dict) -> None:
-    """The family's standard format and export.json into ``folder`` (the caller makes it appear atomically)."""
-    for n in nets.values():
-        n.eval().requires_grad_(False)
-    if offers(family, Calibrates):
-        # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
-        family.calibrate(nets, _first_images(cfg, family.calibration_images))
-    folder.mkdir(parents=True, exist_ok=True)
-    family.export(nets, folder)
-    (folder / EXPORT_META).write_text(json.dumps({
-        "format": EXPORT_FORMAT, "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
-
-
-def _first_images(cfg: Config, n: int) -> torch.Tensor:
-    """The first ``n`` images of ``data.train`` in shard order (float NCHW on [-1, 1]), the same on every call."""
-    from distgen.data import make_loader
-
-    loader = make_loader(cfg.data.train, cfg.data, batch_size=min(n, 256), mode="eval", rank=0, world=1)
-    out, got = [], 0
-    for batch in loader:
-        out.append(batch["image"])
-        got += len(batch["image"])
-        if got >= n:
-            break
-    if not out:
-        raise SampleError(f"data.train {cfg.data.train}: no images to calibrate the export with")
-    return torch.cat(out)[:n]
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -14,7 +14,7 @@ import yaml
 from distgen import checkpoint as ckpt
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
-from distgen.sample import export
+from distgen.export.native import export
 from matrix import MODELS, data_sets, differences, launch_matrix, record_differences, straight_and_resumed
 from test_train import launch, run
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from distgen.sample import _first_images, export, generate, load_ema
+from distgen.export.native import _first_images, export
+from distgen.sample import generate, load_ema
 from test_gan import records
 from test_likelihood import lik_config
 from test_train import launch, run, weights

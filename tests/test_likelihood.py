@@ -17,7 +17,8 @@ from distgen.dist import free_port
 from distgen.families import likelihoods as L
 from distgen.families.pixelcnn import PixelCNN, PixelCNNConfig, PixelCNNpp
 from distgen.families.glow import Glow, squeeze
-from distgen.sample import SampleError, export, generate, likelihood_options, load_ema, sampling_options
+from distgen.export.native import export
+from distgen.sample import SampleError, generate, likelihood_options, load_ema, sampling_options
 from glow_ranks import init_on_rank
 from test_gan import records
 from test_train import family_config, launch, run, weights

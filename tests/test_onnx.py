@@ -18,7 +18,7 @@ from PIL import Image
 
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
-from distgen.onnx_export import ONNX_META, SAMPLER, write_onnx
+from distgen.export.onnx import ONNX_META, SAMPLER, write_onnx
 from distgen.families.capabilities import Translates, offers
 from test_eval import SumLengths
 from test_train import family_config, launch, run

@@ -271,7 +271,7 @@ def test_snapshot_index_json(world, memory_limit):
 
 
 def _export_meta() -> dict:
-    from distgen.sample import EXPORT_FORMAT
+    from distgen.export.meta import EXPORT_FORMAT
 
     return {"format": EXPORT_FORMAT, "family": "gan", "data_info": {"resolution": 32, "channels": 1, "num_classes": 0},
             "config": _config_dict(), "source": {"checkpoint": "runs/x/checkpoints/step-00000010", "step": 10}}
@@ -279,7 +279,7 @@ def _export_meta() -> dict:
 
 def test_export_distgen_json_and_force(world, memory_limit):
     """distgen.json decides whether `export --force` may replace a folder: read, and the decision, are checked."""
-    from distgen.sample import read_export_meta
+    from distgen.export.meta import read_export_meta
 
     @PROPERTY
     @given(raw=json_bytes(_export_meta(), world))
@@ -319,7 +319,7 @@ def test_ema_posthoc_json_and_force(world, memory_limit):
 def test_onnx_json(world, memory_limit):
     """onnx.json is read by the standalone sample_onnx.py (numpy + onnxruntime, no distgen): it exits naming the
     file, or hands back checked data."""
-    from distgen import onnx_sampler
+    from distgen.export import sample_onnx
 
     base = {"format": "distgen-onnx/1", "family": "diffusion", "graphs": {"unet": {
         "file": "unet.onnx", "format": "onnx", "inputs": [{"name": "x", "doc": "[batch, 1, 32, 32] float32"}],
@@ -333,7 +333,7 @@ def test_onnx_json(world, memory_limit):
         path = world.reset_owned() / "onnx.json"
         path.write_bytes(raw)
         try:
-            meta = onnx_sampler.read_meta(path)
+            meta = sample_onnx.read_meta(path)
         except SystemExit as e:
             assert str(e.code).startswith(str(path)), e.code
         else:

@@ -284,7 +284,8 @@ def test_class_conditional_training_guidance_and_export(tmp_path, fm_test_shards
     run(launch(1) + base + ["--guidance", "3", "--out", str(tmp_path / "g3.npz")], env_with_repo)
     g3 = np.load(tmp_path / "g3.npz")
     assert list(g3["y"]) == [i % 10 for i in range(12)]  # labels cycle over the classes
-    from distgen.sample import export, generate, load_ema
+    from distgen.export.native import export
+    from distgen.sample import generate, load_ema
 
     g1 = generate(*load_ema(tmp_path / "run")[:2], 12, options={"steps": 3})  # guidance 1, in this process
     assert not np.array_equal(np.stack([g1[i][0] for i in range(12)]), g3["x"])  # guidance changes the images

@@ -13,7 +13,8 @@ from distgen import checkpoint as ckpt
 from distgen.data import write_shards
 from distgen.evaluate.core import psnr, ssim
 from distgen.families.vae import gaussian_kl, gaussian_log_density
-from distgen.sample import export, generate, load_ema, to_uint8
+from distgen.export.native import export
+from distgen.sample import generate, load_ema, to_uint8
 from test_gan import records
 from test_likelihood import RES, lik_config
 from test_train import launch, run, weights

@@ -44,7 +44,8 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                  direction: Optional[str] = None) -> int:
     from accelerate import PartialState
 
-    from distgen.sample import EXPORT_META, likelihood_options, load_ema, sampling_options
+    from distgen.export.meta import EXPORT_META
+    from distgen.sample import likelihood_options, load_ema, sampling_options
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     family, nets, cfg = load_ema(path, state.device)

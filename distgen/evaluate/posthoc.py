@@ -34,7 +34,8 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
     from accelerate import PartialState
 
     from distgen.ownership import check_output_folder
-    from distgen.sample import newest_ema_checkpoint, sampling_options, write_export
+    from distgen.export.native import write_export
+    from distgen.sample import newest_ema_checkpoint, sampling_options
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():

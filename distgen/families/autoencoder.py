@@ -21,7 +21,7 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import AutoencoderConfig
 from distgen.families.base import Family, Phase
-from distgen.families.capabilities import Calibrates, ExportsDiffusers, ExportsOnnx, Reconstructs
+from distgen.families.capabilities import Calibrates, ExportsDiffusers, ExportsOnnx, OnnxGraph, Reconstructs
 from distgen.families.gan.losses import d_fake_term, d_real_term, g_term
 
 # Encoder / decoder sizes. Each level after the first halves the image: f = 2 ** (levels - 1).
@@ -191,14 +191,11 @@ class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffuser
         return {"ae": KLAutoencoder(load_autoencoder(out_dir, where=str(out_dir)))}
 
     def onnx_graphs(self, nets):
-        from distgen.families.latent import _DecoderGraph
-        from distgen.onnx_export import OnnxGraph
-
         ae = nets["ae"].ae
         c, r = self.data.channels, self.data.resolution
         lc, side = ae.config.latent_channels, r // downsampling(ae)
         latent = f"[batch, {lc}, {side}, {side}] float32"
-        return [OnnxGraph("decoder", _DecoderGraph(ae), {"latents": torch.randn(2, lc, side, side)}, ["image"],
+        return [OnnxGraph("decoder", DecoderGraph(ae), {"latents": torch.randn(2, lc, side, side)}, ["image"],
                           {"latents": f"{latent} latents (unscaled: a posterior sample, not x scaling factor)",
                            "image": f"[batch, {c}, {r}, {r}] float32 on [-1, 1] (clamped)"}),
                 OnnxGraph("encoder", _EncoderGraph(ae), {"image": torch.rand(2, c, r, r) * 2 - 1},
@@ -213,6 +210,18 @@ class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffuser
         # as distgen sample: N(0, I) latents decoded (the autoencoder has no prior of its own)
         return {"kind": "decoder", "graph": "decoder", "shape": [ae.config.latent_channels, side, side],
                 "scaling_factor": self.scaling_factor, "num_classes": 0}
+
+
+class DecoderGraph(nn.Module):
+    """An AutoencoderKL's decoder: latents -> images clamped to [-1, 1] (this family's
+    ONNX graph, and the latent diffusion family's last one)."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, latents):
+        return self.ae.decode(latents).sample.float().clamp(-1, 1)
 
 
 class _EncoderGraph(nn.Module):

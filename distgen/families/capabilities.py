@@ -11,6 +11,7 @@ likelihood, an EBM classifies only as JEM): the family says so, and why, in ``Fa
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -123,14 +124,36 @@ class Calibrates(Capability):
         raise NotImplementedError
 
 
+@dataclass
+class OnnxGraph:
+    """One graph a family describes for its ONNX export: ``module(**inputs)`` returns a tensor or a tuple
+    matching ``outputs``.
+
+    ``inputs`` maps each input's name to an example (batch first, batch >= 2) and ``docs`` each input's and
+    output's name to what it means; ``static`` names inputs without a batch axis (e.g. a scalar temperature).
+    :mod:`distgen.export.onnx` writes and checks it.
+    """
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    docs: dict[str, str]
+    static: tuple[str, ...] = ()
+
+    def batched(self, name: str) -> bool:
+        """Whether input ``name`` has the dynamic batch axis (0-dim inputs never do)."""
+        return name not in self.static and self.inputs[name].dim() > 0
+
+
 class ExportsOnnx(Capability):
     """ONNX graphs and a standalone numpy sampler (``distgen export --format onnx``). The family describes its
-    graphs; :mod:`distgen.export` writes them."""
+    graphs (:class:`OnnxGraph`); :mod:`distgen.export.onnx` writes them."""
 
     column = "ONNX"
     lacking = "has no ONNX export yet"
 
-    def onnx_graphs(self, nets: dict[str, nn.Module]) -> list:
+    def onnx_graphs(self, nets: dict[str, nn.Module]) -> list[OnnxGraph]:
         """The graphs a standalone sampler needs (EMA ``nets``, eval mode)."""
         raise NotImplementedError
 
@@ -139,11 +162,27 @@ class ExportsOnnx(Capability):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class DiffusersPipeline:
+    """A diffusers pipeline that distgen ships because diffusers has none that fits (class labels with
+    classifier-free guidance, a latent decoder): ``pipeline`` names its class in :mod:`distgen.export.pipelines`,
+    ``components`` the modules it is saved with (``unet``, ``scheduler``, ``vae``)."""
+
+    pipeline: str
+    components: dict[str, Any] = field(default_factory=dict)
+
+
 class ExportsDiffusers(Capability):
     """The native export is a diffusers pipeline folder (``DiffusionPipeline.from_pretrained`` loads it)."""
 
     column = "diffusers"
     lacking = "exports no diffusers pipeline"
+
+    def diffusers_pipeline(self, nets: dict[str, nn.Module]) -> Optional[DiffusersPipeline]:
+        """The pipeline distgen ships for this model, which :mod:`distgen.export` saves with its code beside it
+        (named in ``model_index.json``) instead of calling :meth:`Family.export`; None (the default): the
+        family's ``export`` writes a stock diffusers pipeline itself."""
+        return None
 
 
 # The table's columns, in order

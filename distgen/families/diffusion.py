@@ -9,8 +9,6 @@ classifier-free guidance (Ho & Salimans 2022) works at sampling time.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +17,8 @@ import torch.nn.functional as F
 from distgen.config.core import ConfigError
 from distgen.config.models import DiffusionConfig
 from distgen.families.base import DataInfo, Family, Phase
-from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood
+from distgen.families.capabilities import DiffusersPipeline, ExportsDiffusers, ExportsOnnx, Likelihood, OnnxGraph
+from distgen.families.denoising import denoise
 from distgen.families.likelihoods import discretized_gaussian_log_prob
 
 # Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
@@ -152,16 +151,9 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
             if labels is None:
                 labels = torch.tensor([i % self.num_classes for i in range(n)])
             labels = labels.to(device)
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(x, t)
-            if self.num_classes and g != 1.0:
-                null = torch.full_like(labels, self.null_class)
-                out = unet(torch.cat([xin, xin]), t, class_labels=torch.cat([labels, null])).sample
-                cond, uncond = out.chunk(2)
-                out = uncond + g * (cond - uncond)
-            else:
-                out = unet(xin, t, class_labels=labels).sample
-            x = sched.step(out, t, x, generator=generators).prev_sample
+        else:
+            labels = None
+        x = denoise(unet, sched, x, labels, self.null_class, g, generator=generators)
         return self.finish(nets, x)
 
     likelihood = "bound"
@@ -220,16 +212,17 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     def export(self, nets, out_dir):
         from diffusers import DDPMPipeline
 
+        if self.diffusers_pipeline(nets) is not None:
+            raise NotImplementedError(f"the {self.name} family's export is distgen's own diffusers pipeline, "
+                                      f"written by distgen.export (diffusers_pipeline)")
         # A standard diffusers pipeline folder: DiffusionPipeline.from_pretrained(out_dir) runs it.
         DDPMPipeline(unet=nets["unet"], scheduler=self.scheduler).save_pretrained(out_dir, safe_serialization=True)
-        if self.num_classes:
-            # DDPMPipeline cannot pass class labels: ship a small pipeline that can, and name it
-            # in model_index.json so from_pretrained picks it up from the folder.
-            out = Path(out_dir)
-            shutil.copy(Path(__file__).with_name("class_conditional_pipeline.py"), out / "class_conditional_pipeline.py")
-            index = json.loads((out / "model_index.json").read_text())
-            index["_class_name"] = ["class_conditional_pipeline", "ClassConditionalDDPMPipeline"]
-            (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def diffusers_pipeline(self, nets):
+        # DDPMPipeline cannot pass class labels: a class-conditional model ships a small pipeline that can
+        if not self.num_classes:
+            return None
+        return DiffusersPipeline("ClassConditionalDDPMPipeline", {"unet": nets["unet"], "scheduler": self.scheduler})
 
     def load_export(self, out_dir):
         from diffusers import UNet2DModel
@@ -238,8 +231,6 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return {"unet": unet}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         shape = self.noise_shape(nets, 2)
         inputs = {"x": torch.randn(shape), "t": torch.tensor([999, 10]) % self.cfg.num_train_timesteps}
         space = "latents x scaling factor" if nets.get("ae") is not None else "images on [-1, 1]"

@@ -35,7 +35,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from distgen.config.core import ConfigError
 from distgen.config.models import EBMConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
-from distgen.families.capabilities import Classifies, ExportsOnnx
+from distgen.families.capabilities import Classifies, ExportsOnnx, OnnxGraph
+from distgen.families.graphs import InputGradient
 
 # first stage's channels and residual blocks per stage (3 stages: width x 1, 2, 4)
 PRESETS: dict[str, dict] = {
@@ -298,8 +299,6 @@ class EBM(Family, Classifies, ExportsOnnx):
             save_tensors(Path(out_dir) / BUFFER_FILE, {"buffer": self.buffer})
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import InputGradient, OnnxGraph
-
         c, r = self.data.channels, self.data.resolution
         x = torch.rand(2, c, r, r) * 2 - 1
         net = nets["E"].eval()  # spectral norm's power iteration does not step in eval mode

@@ -33,7 +33,7 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import FFJORDConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
-from distgen.families.capabilities import ExportsOnnx, Likelihood
+from distgen.families.capabilities import ExportsOnnx, Likelihood, OnnxGraph
 from distgen.families.glow import squeeze, unsqueeze
 from distgen.families.ode import dequantize, exact_divergence, hutchinson_divergence, per_image, rk45
 
@@ -365,8 +365,6 @@ class FFJORDFamily(Family, Likelihood, ExportsOnnx):
         return {"ffjord": load_module(out_dir, self.EXPORT, lambda spec: FFJORD(**spec["kwargs"]))}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         net = nets["ffjord"]
         graphs = []
         for k, (cnf, shape) in enumerate(zip(net.cnfs, net.cnf_shapes)):

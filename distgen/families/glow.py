@@ -29,7 +29,8 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GlowConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
-from distgen.families.capabilities import ExportsOnnx, Likelihood
+from distgen.families.capabilities import ExportsOnnx, Likelihood, OnnxGraph
+from distgen.families.graphs import latent_docs, split_flat
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -384,8 +385,6 @@ class GlowFamily(Family, Likelihood, ExportsOnnx):
         return {"glow": load_module(out_dir, self.EXPORT, lambda spec: Glow(**spec["kwargs"]))}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph, latent_docs
-
         shapes = [tuple(s) for s in nets["glow"].z_shapes]
         total = sum(math.prod(s) for s in shapes)
         r, c = self.data.resolution, self.data.channels
@@ -416,7 +415,5 @@ class _ReverseGraph(nn.Module):
                     m.frozen_inverse = torch.linalg.inv(m.weight().double())
 
     def forward(self, eps, temperature, labels=None):
-        from distgen.onnx_export import split_flat
-
         y = self.glow.decode(labels=labels, eps=split_flat(eps, self.shapes), temperature=temperature)
         return torch.floor((y + 0.5) * 256).clamp(0, 255) / 127.5 - 1

@@ -11,16 +11,14 @@ classifier-free guidance are the pixel family's; samples are decoded at the end.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from distgen.config.core import ConfigError
 from distgen.config.models import LatentDiffusionConfig
-from distgen.families.autoencoder import downsampling, load_autoencoder
-from distgen.families.capabilities import Likelihood
+from distgen.families.autoencoder import DecoderGraph, downsampling, load_autoencoder
+from distgen.families.capabilities import DiffusersPipeline, Likelihood, OnnxGraph
 from distgen.families.diffusion import Diffusion, scheduler_kwargs
 
 
@@ -95,19 +93,11 @@ class LatentDiffusion(Diffusion):
         ae = nets["ae"]
         return ae.decode(x / ae.config.scaling_factor).sample.clamp(-1, 1)
 
-    def export(self, nets, out_dir):
+    def diffusers_pipeline(self, nets):
         """A diffusers folder: ``DiffusionPipeline.from_pretrained(out_dir)`` loads the autoencoder, the U-Net and
         the scheduler into ``LatentDiffusionPipeline`` (shipped in the folder), which decodes to images."""
-        from distgen.families.latent_pipeline import LatentDiffusionPipeline
-
-        out = Path(out_dir)
-        pipe = LatentDiffusionPipeline(vae=nets["ae"], unet=nets["unet"], scheduler=self.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        # the pipeline's code travels with the folder, named in model_index.json for from_pretrained
-        shutil.copy(Path(__file__).with_name("latent_pipeline.py"), out / "latent_pipeline.py")
-        index = json.loads((out / "model_index.json").read_text())
-        index["_class_name"] = ["latent_pipeline", "LatentDiffusionPipeline"]
-        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return DiffusersPipeline("LatentDiffusionPipeline",
+                                 {"vae": nets["ae"], "unet": nets["unet"], "scheduler": self.scheduler})
 
     def load_export(self, out_dir):
         from diffusers import UNet2DModel
@@ -117,12 +107,10 @@ class LatentDiffusion(Diffusion):
                 "ae": load_autoencoder(out / "vae", where=str(out))}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         ae = nets["ae"]
         c, side = nets["unet"].config.in_channels, nets["unet"].config.sample_size
         r = self.data.resolution
-        decoder = OnnxGraph("decoder", _DecoderGraph(ae), {"latents": torch.randn(2, c, side, side)}, ["image"],
+        decoder = OnnxGraph("decoder", DecoderGraph(ae), {"latents": torch.randn(2, c, side, side)}, ["image"],
                             {"latents": f"[batch, {c}, {side}, {side}] float32 latents (already divided by the "
                                         f"scaling factor)",
                              "image": f"[batch, {self.data.channels}, {r}, {r}] float32 on [-1, 1] (clamped)"})
@@ -131,14 +119,3 @@ class LatentDiffusion(Diffusion):
     def onnx_sampler(self, nets):
         return {**super().onnx_sampler(nets), "decoder": "decoder",
                 "scaling_factor": float(nets["ae"].config.scaling_factor)}
-
-
-class _DecoderGraph(torch.nn.Module):
-    """An AutoencoderKL's decoder: latents -> images clamped to [-1, 1]."""
-
-    def __init__(self, ae):
-        super().__init__()
-        self.ae = ae
-
-    def forward(self, latents):
-        return self.ae.decode(latents).sample.float().clamp(-1, 1)

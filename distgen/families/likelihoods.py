@@ -94,19 +94,27 @@ def _uniform(generators: list[torch.Generator], n: int, device) -> torch.Tensor:
 
 def logistic_mixture_sample(params: torch.Tensor, nr_mix: int, channels: int,
                             generators: list[torch.Generator], temperature: float = 1.0) -> torch.Tensor:
-    """One pixel per image from the mixture at that pixel: params [B, P] -> values [B, C] on the 256-value grid.
+    """One pixel per image from the mixture at that pixel: params [B, P] -> values [B, C] on the 256-value grid,
+    from nr_mix + C uniforms of each image's generator (:func:`logistic_mixture_draw`)."""
+    return logistic_mixture_draw(params, nr_mix, channels, _uniform(generators, nr_mix + channels, params.device),
+                                 temperature)
+
+
+def logistic_mixture_draw(params: torch.Tensor, nr_mix: int, channels: int, u: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """The mixture's draw for uniforms u [B, nr_mix + C] in (0, 1), float64.
 
     A component is drawn (Gumbel-max), then channel after channel a logistic
     sample rounded to its bin: exactly the discretised distribution of
     :func:`logistic_mixture_log_prob`, with later channels' means built from the drawn values.
     ``temperature`` T divides the component logits and multiplies the logistic noise (T = 1: the model's
     distribution; T = 0: the most likely component's means, rounded). The draws use the same uniforms
-    whatever T, so an image changes smoothly with T.
+    whatever T, so an image changes smoothly with T. The standalone ONNX sampler's numpy port
+    (``logistic_mixture_draw`` in :mod:`distgen.export.sample_onnx`) is tested equal to it.
     """
     b = params.shape[0]
     logits, means, log_scales, coeffs = (t[..., 0, 0] for t in _split(params.float()[:, :, None, None], channels,
                                                                        nr_mix))
-    u = _uniform(generators, nr_mix + channels, params.device)
     logits = logits.double()
     if temperature == 0:
         k = logits.argmax(1)

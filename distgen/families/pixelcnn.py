@@ -28,7 +28,7 @@ from torch import nn
 from distgen.config.core import ConfigError
 from distgen.config.models import PixelCNNConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
-from distgen.families.capabilities import ExportsOnnx, Likelihood
+from distgen.families.capabilities import ExportsOnnx, Likelihood, OnnxGraph
 from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
                                          logistic_mixture_sample)
 
@@ -305,8 +305,6 @@ class _NetworkGraph(nn.Module):
 def autoregressive_graph(net: nn.Module, data: DataInfo, num_classes: int, takes_labels: bool = True):
     """The ONNX graph of a network whose output at pixel i depends on the pixels before i only (PixelCNN++,
     PixelRNN): ``sample_onnx.py`` fills the image pixel by pixel, one call per pixel."""
-    from distgen.onnx_export import OnnxGraph
-
     c, r = data.channels, data.resolution
     inputs = {"image": torch.rand(2, c, r, r) * 2 - 1}
     docs = {"image": f"[batch, {c}, {r}, {r}] float32 on the 256 values of [-1, 1]; the output at pixel i "

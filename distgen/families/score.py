@@ -33,9 +33,10 @@ import torch
 from distgen.config.core import ConfigError
 from distgen.config.models import ScoreConfig
 from distgen.families.base import DataInfo, Family, Phase
-from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood
+from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood, OnnxGraph
 from distgen.families.diffusion import PRESETS as DIFFUSION_PRESETS
 from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
+from distgen.families.sde import SAMPLE_EPS, SDE
 
 # Network presets. paper: NCSN++ / DDPM++ "deep" (Song et al. 2021, CIFAR-10): 4 resolutions of
 # 128-256-256-256 channels, 8 residual blocks each, attention at 16 px, dropout 0.1 (~100M parameters).
@@ -52,52 +53,8 @@ NCSNPP_BLOCKS = dict(down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D",
                      up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
                      mid_block_scale_factor=math.sqrt(2))
 SAMPLERS = {"ncsn": ("langevin", "pc"), "ve": ("langevin", "pc", "ode"), "vp": ("pc", "ode"), "subvp": ("pc", "ode")}
-# Where sampling stops (score_sde: 1e-5 for VE, 1e-3 for VP; ncsn's last level is t = 0) and likelihoods start.
-SAMPLE_EPS = {"ncsn": 0.0, "ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
-LIKELIHOOD_EPS = 1e-5
+LIKELIHOOD_EPS = 1e-5  # where likelihoods start (sampling stops at sde.SAMPLE_EPS)
 TRAIN_EPS = 1e-5  # continuous training times are U(TRAIN_EPS, 1)
-
-
-class SDE:
-    """dx = f(x, t) dt + g(t) dw on t in [0, 1], its Gaussian marginals N(m(t) x0, std(t)^2 I) and prior
-    (Song et al. 2021, appendix B). sde ncsn is the VE SDE seen only at t = i / (L - 1), its L levels."""
-
-    def __init__(self, cfg: ScoreConfig):
-        self.kind, self.cfg = cfg.sde, cfg
-        self.ve = cfg.sde in ("ncsn", "ve")
-        self.log_ratio = math.log(cfg.sigma_max / cfg.sigma_min)
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.cfg.sigma_min * torch.exp(t * self.log_ratio)
-
-    def _log_mean(self, t):
-        return -0.25 * t ** 2 * (self.cfg.beta_max - self.cfg.beta_min) - 0.5 * t * self.cfg.beta_min
-
-    def beta(self, t):
-        return self.cfg.beta_min + t * (self.cfg.beta_max - self.cfg.beta_min)
-
-    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """m(t) and std(t), each [B]; expm1 keeps std exact near t = 0 (sub-VP's std is ~ t there)."""
-        if self.ve:
-            return torch.ones_like(t), self.sigma(t)
-        lm = self._log_mean(t)
-        var_or_std = -torch.expm1(2 * lm)  # VP: the variance 1 - m^2; sub-VP: its std is 1 - m^2
-        return torch.exp(lm), (var_or_std.sqrt() if self.kind == "vp" else var_or_std)
-
-    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, g): the drift f(x, t) = a(t) x and the diffusion g(t), each [B]."""
-        if self.ve:
-            return torch.zeros_like(t), self.sigma(t) * math.sqrt(2 * self.log_ratio)
-        b = self.beta(t)
-        g2 = b if self.kind == "vp" else b * -torch.expm1(4 * self._log_mean(t))
-        return -0.5 * b, g2.sqrt()
-
-    def prior_std(self) -> float:
-        return self.cfg.sigma_max if self.ve else 1.0
-
-    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
-        s, d = self.prior_std(), z[0].numel()
-        return -0.5 * d * math.log(2 * math.pi * s * s) - z.flatten(1).pow(2).sum(1) / (2 * s * s)
 
 
 def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -244,74 +201,13 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return self.cfg.n_steps_each if self.cfg.n_steps_each is not None else (5 if sampler == "langevin" else 1)
 
     def langevin(self, unet, x, generators, levels: int, eps: float) -> torch.Tensor:
-        """Annealed Langevin dynamics (NCSN, Algorithm 1): at level i, n steps of size eps sigma_i^2 / sigma_L^2;
-        then NCSNv2's denoising step x + sigma_L^2 s(x, sigma_L). x starts uniform on [0, 1], as in the papers."""
-        ts = torch.linspace(1, 0, levels, device=x.device)
-        sigma_l = self.cfg.sigma_min
-        for t in ts:
-            tt = t.expand(len(x))
-            step = eps * (float(self.sde.sigma(t)) / sigma_l) ** 2
-            for _ in range(self._n_steps("langevin")):
-                z = per_image("randn", generators, x.shape[1:], x.device)
-                x = x + step * self.score(unet, x, tt) + math.sqrt(2 * step) * z
-        if self.cfg.denoise:
-            x = x + sigma_l ** 2 * self.score(unet, x, torch.zeros(len(x), device=x.device))
-        return x
-
-    def _grid(self, n: int, i: int) -> float:
-        """The i-th of n sampling times, t_0 = eps (ncsn: 0, its last level) up to t_{n-1} = 1."""
-        eps = SAMPLE_EPS[self.cfg.sde]
-        return eps + (1 - eps) * i / (n - 1)
-
-    def _vp_beta(self, n: int, i: int) -> float:
-        """beta_i of step i of n: 1 - m(t_i)^2 / m(t_{i-1})^2, the VP transition's exact variance. score_sde's
-        linspace(beta_min / n, beta_max / n, n) is its first-order form, which exceeds 1 for n < beta_max."""
-        lm = lambda t: self.sde._log_mean(torch.tensor(t, dtype=torch.float64))  # noqa: E731
-        prev = lm(self._grid(n, i - 1)) if i > 0 else torch.tensor(0.0, dtype=torch.float64)
-        return float(-torch.expm1(2 * (lm(self._grid(n, i)) - prev)))
-
-    def _reverse_diffusion(self, unet, x, n: int, i: int):
-        """Reverse-diffusion predictor at step i of n (Song et al. 2021, eq. 46): (mean, noise scale G)."""
-        dev = x.device
-        tt = torch.full((len(x),), self._grid(n, i), device=dev)
-        s = self.score(unet, x, tt)
-        if self.sde.ve:  # SMLD's discretisation: G_i^2 = sigma_i^2 - sigma_{i-1}^2, sigma_{-1} = 0
-            prev = float(self.sde.sigma(torch.tensor(self._grid(n, i - 1)))) if i > 0 else 0.0
-            g2 = float(self.sde.sigma(torch.tensor(self._grid(n, i)))) ** 2 - prev ** 2
-            return x + g2 * s, math.sqrt(g2)
-        if self.cfg.sde == "vp":  # the paper's eq. 47: (2 - sqrt(1 - beta_i)) x + beta_i s + sqrt(beta_i) z
-            b = self._vp_beta(n, i)
-            return (2 - math.sqrt(1 - b)) * x + b * s, math.sqrt(b)
-        a, g = (float(v) for v in self.sde.coefficients(tt[:1].double()))  # sub-VP: Euler-Maruyama's f dt, g sqrt(dt)
-        return x - (a * x - g * g * s) / n, g / math.sqrt(n)
+        """Annealed Langevin dynamics (:meth:`SDE.langevin`) from x, each image's noise from its generator."""
+        return self.sde.langevin(lambda y, t: self.score(unet, y, t), x, _noise(generators, x), levels, eps,
+                                 self._n_steps("langevin"))
 
     def pc(self, unet, x, generators, n: int) -> torch.Tensor:
-        """Predictor-corrector sampling (Song et al. 2021, Algorithm 1): n steps from t = 1 down to eps, each a
-        Langevin corrector (n_steps_each steps at model.snr) and a predictor; returns the last step's mean when
-        model.denoise.
-
-        The corrector's step is 2 alpha (snr std(t))^2: the paper's 2 alpha (snr |z| / |s|)^2 with the norms'
-        ratio at its value for the perturbed data, std(t) (score_sde's "ald" corrector). The paper's code takes
-        the norms' batch means, which would tie an image to its batch; an image's own norms would make the step
-        depend on where the chain is, and bias it (twice the variance on a Gaussian, tests/test_score.py)."""
-        dev = x.device
-        mean = x
-        for i in range(n - 1, -1, -1):
-            tt = torch.full((len(x),), self._grid(n, i), device=dev)
-            alpha = 1.0 if self.sde.ve else 1 - self._vp_beta(n, i)  # score_sde's corrector scaling for VP
-            step = 2 * alpha * (self.cfg.snr * float(self.sde.marginal(tt[:1].double())[1])) ** 2
-            for _ in range(self._n_steps("pc")):
-                z = per_image("randn", generators, x.shape[1:], dev)
-                x = x + step * self.score(unet, x, tt) + math.sqrt(2 * step) * z
-            z = per_image("randn", generators, x.shape[1:], dev)
-            if self.cfg.predictor == "reverse_diffusion":
-                mean, g = self._reverse_diffusion(unet, x, n, i)
-                x = mean + g * z
-            else:  # Euler-Maruyama on the reverse SDE with dt = -1 / n
-                a, g = (v.view(-1, 1, 1, 1) for v in self.sde.coefficients(tt))
-                mean = x - (a * x - g ** 2 * self.score(unet, x, tt)) / n
-                x = mean + g * math.sqrt(1 / n) * z
-        return mean if self.cfg.denoise else x
+        """Predictor-corrector sampling (:meth:`SDE.pc`) in n steps from x, each image's noise from its generator."""
+        return self.sde.pc(lambda y, t: self.score(unet, y, t), x, _noise(generators, x), n, self._n_steps("pc"))
 
     def ode_drift(self, unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The probability-flow ODE's dx/dt = f(x, t) - g(t)^2 s(x, t) / 2."""
@@ -329,7 +225,7 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         eps = SAMPLE_EPS[self.cfg.sde]
         x = rk45(f, x.double().flatten(1), 1.0, eps, self.cfg.ode_tol).view(shape).float()
         if self.cfg.denoise:
-            x, _ = self._reverse_diffusion(unet, x, self.cfg.num_scales, 0)
+            x, _ = self.sde.reverse_diffusion(lambda y, t: self.score(unet, y, t), x, self.cfg.num_scales, 0)
         return x
 
     # -- likelihood
@@ -391,8 +287,6 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return {"unet": UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         c, r = self.data.channels, self.data.resolution
         space = "[0, 1] pixels" if self.sde.ve else "[-1, 1] pixels"
         return [OnnxGraph("score", _ScoreGraph(self, nets["unet"]),
@@ -411,6 +305,11 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
                 "snr": c.snr, "predictor": c.predictor, "denoise": c.denoise, "sample_eps": SAMPLE_EPS[c.sde],
                 "sigma_min": c.sigma_min, "sigma_max": c.sigma_max, "beta_min": c.beta_min,
                 "beta_max": c.beta_max, "num_classes": 0}
+
+
+def _noise(generators, x: torch.Tensor):
+    """The samplers' noise: N(0, I) like x, each image's row from its own generator."""
+    return lambda: per_image("randn", generators, x.shape[1:], x.device)
 
 
 class _ScoreGraph(torch.nn.Module):

@@ -32,6 +32,8 @@ from distgen.config.core import ConfigError
 from distgen.config.models import VAEConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
 from distgen.families import capabilities as cap
+from distgen.families.capabilities import OnnxGraph
+from distgen.families.graphs import latent_docs, split_flat
 from distgen.families.likelihoods import (discretized_gaussian_log_prob, logistic_mixture_log_prob,
                                          logistic_mixture_mode, logistic_mixture_params)
 
@@ -404,8 +406,6 @@ class VAEFamily(Family, cap.Likelihood, cap.Reconstructs, cap.Interpolates, cap.
         return {"vae": load_module(out_dir, self.EXPORT, lambda spec: ARCHS[spec["arch"]](**spec["kwargs"]))}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph, latent_docs
-
         shapes = [tuple(s) for s in nets["vae"].latent_shapes()]
         total = sum(math.prod(s) for s in shapes)
         r, c = self.data.resolution, self.data.channels
@@ -431,8 +431,6 @@ class _DecoderGraph(nn.Module):
         self.vae, self.lik, self.shapes = vae, lik, shapes
 
     def forward(self, eps, temperature):
-        from distgen.onnx_export import split_flat
-
         return self.lik.mean(self.vae.sample(split_flat(eps, self.shapes), temperature)).float()
 
 

@@ -34,7 +34,7 @@ from distgen import dist
 from distgen.config.core import ConfigError
 from distgen.config.models import GANConfig
 from distgen.families.base import DataInfo, Family, OptimSettings, Phase, load_module, save_module
-from distgen.families.capabilities import ExportsOnnx
+from distgen.families.capabilities import ExportsOnnx, OnnxGraph
 from distgen.families.gan.archs import ARCHS, Arch
 from distgen.families.gan.augment import ADA, augment
 from distgen.families.gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty
@@ -249,8 +249,6 @@ class GAN(Family, ExportsOnnx):
         return {"G": load_module(out_dir, "generator", build)}
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         lat, psi = self.latents, self.arch.config.truncation == "psi"
         inputs = {"z": torch.randn(2, lat.dim)}
         docs = {"z": f"[batch, {lat.dim}] float32: {lat.noise_dim} N(0, 1) values"

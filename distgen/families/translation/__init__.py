@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distgen.families.base import Family, Phase
-from distgen.families.capabilities import ExportsOnnx, Translates
+from distgen.families.capabilities import ExportsOnnx, OnnxGraph, Translates
 
 DIRECTIONS = ("AtoB", "BtoA")
 
@@ -54,8 +54,6 @@ class Translator(Family, Translates, ExportsOnnx):
                          f"distgen sample EXPORT --input IMAGE|FOLDER|SHARDS")
 
     def onnx_graphs(self, nets):
-        from distgen.onnx_export import OnnxGraph
-
         c, r = self.data.channels, self.data.resolution
         return [OnnxGraph(d, _TranslateGraph(self, nets, d), {"image": torch.rand(2, c, r, r) * 2 - 1},
                           ["translation"],

@@ -1,9 +1,11 @@
 """`distgen export RUN OUT --format onnx`: the graphs a sampler needs as ONNX, plus a standalone sampler.
 
-A family lists its graphs with :meth:`Family.onnx_graphs` (each a small wrapper module with named, documented
-inputs and outputs; the first axis of every batched input is dynamic) and describes how to draw images from them
-with :meth:`Family.onnx_sampler` (a JSON-able dict read by ``sample_onnx.py``, which this module copies into the
-export: numpy + onnxruntime only, no torch, no distgen).
+A family lists its graphs with :meth:`ExportsOnnx.onnx_graphs` (each an
+:class:`~distgen.families.capabilities.OnnxGraph`: a small wrapper module with named, documented inputs and outputs;
+the first axis of every batched input is dynamic) and describes how to draw images from them with
+:meth:`ExportsOnnx.onnx_sampler` (a JSON-able dict read by ``sample_onnx.py``, the file
+:mod:`distgen.export.sample_onnx` that this module copies into the export: numpy + onnxruntime only, no torch,
+no distgen).
 
 Every graph is checked when it is written: onnxruntime's outputs must equal the PyTorch module's on the
 example inputs at two batch sizes (float32, within :data:`RTOL` relative to the output's scale), so a graph that
@@ -17,14 +19,14 @@ import contextlib
 import io
 import json
 import logging
-import math
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from distgen.families.capabilities import OnnxGraph
 
 OPSET = 18  # ONNX opset of every graph; onnxruntime >= 1.14 runs it
 RTOL = 1e-4  # |onnx - torch| <= RTOL * (1 + max|torch|): the checks' tolerance, float32
@@ -34,26 +36,6 @@ SAMPLER = "sample_onnx.py"
 
 class OnnxExportError(RuntimeError):
     """A graph could not be written or does not compute what the PyTorch module computes."""
-
-
-@dataclass
-class OnnxGraph:
-    """One graph: ``module(**inputs)`` returns a tensor or a tuple matching ``outputs``.
-
-    ``inputs`` maps each input's name to an example (batch first, batch >= 2) and ``docs`` each input's and
-    output's name to what it means; ``static`` names inputs without a batch axis (e.g. a scalar temperature).
-    """
-
-    name: str
-    module: nn.Module
-    inputs: dict[str, torch.Tensor]
-    outputs: list[str]
-    docs: dict[str, str]
-    static: tuple[str, ...] = ()
-
-    def batched(self, name: str) -> bool:
-        """Whether input ``name`` has the dynamic batch axis (0-dim inputs never do)."""
-        return name not in self.static and self.inputs[name].dim() > 0
 
 
 def onnx_versions() -> dict:
@@ -154,68 +136,6 @@ def write_onnx(folder: Path, family, nets: dict[str, nn.Module]) -> dict:
         else:
             entry.update(file=path.name, format="onnx", max_abs_diff=_check(g, path))
         meta["graphs"][g.name] = entry
-    shutil.copy(Path(__file__).with_name("onnx_sampler.py"), folder / SAMPLER)
+    shutil.copy(Path(__file__).with_name(SAMPLER), folder / SAMPLER)
     (folder / ONNX_META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def split_flat(eps: torch.Tensor, shapes: list) -> list[torch.Tensor]:
-    """[B, sum of sizes] -> one [B, *shape] tensor per shape: a graph takes all of an image's latent noise as
-    one input, so a sampler draws one vector per image whatever the number of groups or levels."""
-    out, at = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        out.append(eps[:, at:at + size].reshape(eps.shape[0], *shape))
-        at += size
-    return out
-
-
-def latent_docs(shapes: list, what: str) -> str:
-    total = sum(math.prod(s) for s in shapes)
-    return (f"[batch, {total}] float32 N(0, 1) noise: the {what} {', '.join(str(list(s)) for s in shapes)}, "
-            f"each flattened in C order and concatenated")
-
-
-def _conv_input_grad(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
-                     groups, mask):
-    """aten.convolution_backward when only the input's gradient is asked for: the transposed convolution of
-    the output's gradient. ONNX has no convolution_backward; it has ConvTranspose."""
-    if transposed or mask[1] or mask[2] or inp.dim() != 4:
-        raise NotImplementedError("only a 2-D convolution's input gradient is written as a transposed convolution")
-    k = weight.shape[2:]
-    pad = [inp.shape[2 + i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
-           for i in range(2)]
-    return torch.nn.functional.conv_transpose2d(grad_out, weight, None, stride, padding, pad, groups, dilation), None, None
-
-
-class InputGradient(nn.Module):
-    """``fn(module, x)`` -> (value [B], d value.sum() / dx), as one graph ONNX can express.
-
-    An ONNX graph has no autograd, so the backward pass is traced into plain operators: ``make_fx`` with
-    symbolic shapes (the batch stays dynamic) and the core ATen decompositions, the convolutions' input
-    gradients written as transposed convolutions. The module's weights are traced as inputs and held here
-    as buffers, so the exporter makes them the graph's constants. Langevin samplers (EBMs) need this.
-    """
-
-    def __init__(self, module: nn.Module, fn, example: torch.Tensor):
-        super().__init__()
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        names = list(state)
-
-        def traced(x, *tensors):
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                value = fn(lambda y: torch.func.functional_call(module, dict(zip(names, tensors)), (y,)), x)
-                return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-        table = {**torch._decomp.core_aten_decompositions(), torch.ops.aten.convolution_backward.default: _conv_input_grad}
-        tensors = [state[n].detach() for n in names]
-        self.graph = make_fx(traced, decomposition_table=table, tracing_mode="symbolic")(example, *tensors)
-        self.n = len(tensors)
-        for i, t in enumerate(tensors):
-            self.register_buffer(f"w{i}", t.clone())
-
-    def forward(self, image):
-        return tuple(self.graph(image, *[getattr(self, f"w{i}") for i in range(self.n)]))

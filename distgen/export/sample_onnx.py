@@ -147,6 +147,22 @@ def _diffusion_timesteps(train_steps: int, steps: int) -> np.ndarray:
     return (np.arange(steps) * ratio).round()[::-1].astype(np.int64)
 
 
+def guided(ex: Export, x: np.ndarray, t: np.ndarray, labels, null_class: int, g: float) -> np.ndarray:
+    """The U-Net's prediction (float64) at x and timesteps t; for class labels and a guidance weight other than
+    1, uncond + g (cond - uncond) with the null class's pass (classifier-free guidance: the numpy port of
+    distgen/families/denoising.py's guided_prediction, both passes in one batch of 2B)."""
+    if labels is not None and g != 1.0:
+        null = np.full_like(labels, null_class)
+        out = ex.run("unet", x=np.concatenate([x, x]).astype(np.float32), t=np.concatenate([t, t]),
+                     labels=np.concatenate([labels, null]))[0].astype(np.float64)
+        cond, uncond = out[:len(x)], out[len(x):]
+        return uncond + g * (cond - uncond)
+    feed = {"x": x.astype(np.float32), "t": t}
+    if labels is not None:
+        feed["labels"] = labels
+    return ex.run("unet", **feed)[0].astype(np.float64)
+
+
 def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
     """DDPM (ancestral, fixed-small variance) or DDIM (eta 0) over the training schedule's alphas, as diffusers'
     DDPMScheduler / DDIMScheduler step; classifier-free guidance for class-conditional models."""
@@ -165,18 +181,7 @@ def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
     labels = _labels(s, idx, opts) if s["num_classes"] else None
     g = s["guidance"] if opts.guidance is None else opts.guidance
     for t in ts:
-        tt = np.full(len(x), t, dtype=np.int64)
-        if labels is not None and g != 1.0:
-            null = np.full_like(labels, s["num_classes"])
-            out = ex.run("unet", x=np.concatenate([x, x]).astype(np.float32), t=np.concatenate([tt, tt]),
-                         labels=np.concatenate([labels, null]))[0].astype(np.float64)
-            cond, uncond = out[:len(x)], out[len(x):]
-            out = uncond + g * (cond - uncond)
-        else:
-            feed = {"x": x.astype(np.float32), "t": tt}
-            if labels is not None:
-                feed["labels"] = labels
-            out = ex.run("unet", **feed)[0].astype(np.float64)
+        out = guided(ex, x, np.full(len(x), t, dtype=np.int64), labels, s["num_classes"], g)
         prev = t - T // steps
         a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else 1.0)
         if s["prediction"] == "epsilon":
@@ -222,13 +227,20 @@ def sample_latent_noise(ex: Export, rngs, idx, opts) -> np.ndarray:
 def logistic_mixture_sample(params: np.ndarray, nr_mix: int, channels: int, rngs, temperature: float = 1.0
                             ) -> np.ndarray:
     """One pixel per image from PixelCNN++'s discretised logistic mixture: params [B, P] -> values [B, C] on
-    the 256-value grid. A component by Gumbel-max, then channel by channel a logistic draw rounded to its bin,
-    later channels' means moved by the earlier channels' drawn values. ``temperature`` T divides the logits
-    and scales the logistic noise (T = 0: the likeliest component's means)."""
+    the 256-value grid, from nr_mix + C uniforms of each image's generator (:func:`logistic_mixture_draw`)."""
+    u = np.clip(np.stack([rng.random(nr_mix + channels) for rng in rngs]), 1e-12, None)
+    return logistic_mixture_draw(params, nr_mix, channels, u, temperature)
+
+
+def logistic_mixture_draw(params: np.ndarray, nr_mix: int, channels: int, u: np.ndarray, temperature: float = 1.0
+                          ) -> np.ndarray:
+    """The mixture's draw for uniforms u [B, nr_mix + C] in (0, 1): a component by Gumbel-max, then channel by
+    channel a logistic draw rounded to its bin, later channels' means moved by the earlier channels' drawn
+    values. ``temperature`` T divides the logits and scales the logistic noise (T = 0: the likeliest
+    component's means). The numpy port of distgen/families/likelihoods.py's logistic_mixture_draw."""
     b, m, c = len(params), nr_mix, channels
     logits, rest = params[:, :m], params[:, m:].reshape(b, -1, m)
     means, log_scales, coeffs = rest[:, :c], np.maximum(rest[:, c:2 * c], -7.0), np.tanh(rest[:, 2 * c:])
-    u = np.clip(np.stack([rng.random(m + c) for rng in rngs]), 1e-12, None)
     k = logits.argmax(1) if temperature == 0 else (logits / temperature - np.log(-np.log(u[:, :m]))).argmax(1)
     rows = np.arange(b)
     x = np.zeros((b, c))
@@ -268,7 +280,8 @@ def sample_decoder(ex: Export, rngs, idx, opts) -> np.ndarray:
 
 
 class SDE:
-    """The score family's SDEs (Song et al. 2021): marginal std(t), drift and diffusion coefficients."""
+    """The score family's SDEs (Song et al. 2021): marginal std(t), drift and diffusion coefficients (the numpy
+    port of distgen/families/sde.py)."""
 
     def __init__(self, s: dict):
         self.s, self.kind = s, s["sde"]
@@ -297,7 +310,7 @@ class SDE:
 
 def sample_score(ex: Export, rngs, idx, opts) -> np.ndarray:
     """Score models: annealed Langevin dynamics (NCSN) or predictor-corrector sampling (score SDEs), the
-    update rules of distgen's score family (distgen/families/score.py), in float64."""
+    update rules of distgen's score family (SDE.langevin and SDE.pc in distgen/families/sde.py), in float64."""
     s = ex.spec
     sde, shape = SDE(s), tuple(s["shape"])
     sampler = opts.sampler or s["sampler"]
@@ -440,7 +453,7 @@ def sample_sgld(ex: Export, rngs, idx, opts) -> np.ndarray:
     return x.astype(np.float32)
 
 
-# Dormand-Prince 5(4), scipy's RK45 tableau (as distgen/families/ode.py)
+# Dormand-Prince 5(4), scipy's RK45 tableau: the numpy port of distgen/families/ode.py's rk45
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
       (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
