@@ -17,8 +17,6 @@ runs the network once per pixel, a batch at a time.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from typing import Optional
 
 import torch
@@ -31,6 +29,7 @@ from distgen.families.base import DataInfo, Family, Phase, load_module, save_mod
 from distgen.families.capabilities import ExportsOnnx, Likelihood, OnnxGraph
 from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
                                          logistic_mixture_sample)
+from distgen.families.progress import PixelProgress
 
 # nr_resnet gated blocks per resolution, nr_filters channels, nr_mix logistics; paper: the CIFAR-10 model (2.92 bits/dim)
 PRESETS: dict[str, dict] = {
@@ -175,35 +174,6 @@ class PixelCNNpp(nn.Module):
 
 # ---------------------------------------------------------------- the family
 
-class _Progress:
-    """Rank 0's progress through the pixels: a bar on a terminal, a line every 30 s in batch logs."""
-
-    def __init__(self, desc: str, total: int):
-        from distgen import dist
-
-        self.desc, self.total, self.done = desc, total, 0
-        self.on = dist.is_main()
-        self.bar = None
-        if self.on and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="px", leave=False)
-        self.t0 = self.last = time.time()
-
-    def update(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.on and time.time() - self.last >= 30:
-            self.last = time.time()
-            print(f"{self.desc}: {self.done}/{self.total} pixels, {self.last - self.t0:.0f}s", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 
 class PixelCNN(Family, Likelihood, ExportsOnnx):
     name = "pixelcnn"
@@ -266,7 +236,7 @@ class PixelCNN(Family, Likelihood, ExportsOnnx):
         # Rows below i cannot change row i's output: a pass needs the rows up to i only, rounded up
         # to a multiple of 4 for the two halvings.
         rows = [min(r, 4 * math.ceil((i + 1) / 4)) for i in range(r)]
-        progress = _Progress(f"PixelCNN++ sampling {n} image(s)", r * r)
+        progress = PixelProgress(f"PixelCNN++ sampling {n} image(s)", r * r)
         for i in range(r):
             for j in range(r):
                 params = net(x[:, :, :rows[i]], labels)[:, :, i, j]

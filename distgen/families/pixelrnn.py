@@ -36,7 +36,7 @@ from distgen.families.base import Family, Phase, load_module, save_module
 from distgen.families.capabilities import ExportsOnnx, Likelihood
 from distgen.families.likelihoods import (logistic_mixture_log_prob, logistic_mixture_params,
                                          logistic_mixture_sample)
-from distgen.families.pixelcnn import _Progress
+from distgen.families.progress import PixelProgress
 
 # layers LSTM layers of hidden units, nr_mix logistics; paper: the CIFAR-10 models (12 layers of 128 units;
 # the paper's softmax there, a 10-component mixture here as in PixelCNN++)
@@ -222,7 +222,7 @@ class PixelRNN(Family, Likelihood, ExportsOnnx):
         device = next(net.parameters()).device
         n, c, r = len(generators), self.data.channels, self.data.resolution
         x = torch.zeros(n, c, r, r, device=device)
-        progress = _Progress(f"PixelRNN sampling {n} image(s)", r * r)
+        progress = PixelProgress(f"PixelRNN sampling {n} image(s)", r * r)
         for i in range(r):
             for j in range(r):
                 params = net(x[:, :, :i + 1])[:, :, i, j]
