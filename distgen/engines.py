@@ -25,6 +25,7 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
+from distgen.durable import sync_tree
 from distgen.errors import CheckpointError, TrainingError
 
 AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
@@ -335,7 +336,7 @@ class Engine:
     def flush(self, tmp: Path) -> None:
         """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
         if self.deepspeed:
-            ckpt.sync_tree(tmp / "deepspeed")
+            sync_tree(tmp / "deepspeed")
             self.barrier()
 
     def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
