@@ -30,6 +30,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def print0(*values: Any, sep: str = " ", end: str = "\n", file=None) -> None:
+    """``print`` on rank 0 only, flushed at once: what every rank would say alike is said once, and a log read
+    while the run goes on (or after a crash) has it. Messages carry their own prefix (``distgen: ...``)."""
+    if is_main():
+        print(*values, sep=sep, end=end, file=file, flush=True)
+
+
 def init_from_env(backend: str = "gloo") -> None:
     """Join the process group described by torchrun-style env vars (no-op if world 1 or done)."""
     if not initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -12,7 +12,6 @@ Snapshots of such EMAs let :mod:`distgen.phema` reconstruct any other width afte
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Iterable, Optional
@@ -21,15 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def _gathered(params: list[nn.Parameter]):
-    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full
-    tensors for the update (read-only; ``modifier_rank=None`` writes nothing back)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+from distgen.engines_deepspeed import gathered
 
 
 class HalfLifeEMA:
@@ -63,7 +54,7 @@ class HalfLifeEMA:
         # updates applied (a skipped step's not): counted on the device when ``keep`` decides there
         self.optimization_step = self.optimization_step + (keep.long() if keep is not None else 1)
         one_minus_decay = 1 - self.get_decay(self.optimization_step)
-        with _gathered(params):
+        with gathered(params):
             live = [(s, p) for s, p in zip(self.shadow_params, params) if p.requires_grad]
             frozen = [(s, p) for s, p in zip(self.shadow_params, params) if not p.requires_grad]
             if frozen:

@@ -25,7 +25,9 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
-from distgen.errors import CheckpointError, TrainingError
+from distgen.durable import sync_tree
+from distgen.engines_deepspeed import DeepSpeedInternals, check_version
+from distgen.errors import TrainingError
 
 AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 _PRECISION_KEYS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16"}
@@ -82,19 +84,6 @@ def set_deepspeed_precision(ds_cfg: dict, mixed_precision: str) -> None:
         ds_cfg["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPE[mixed_precision]}
     else:
         ds_cfg.pop("torch_autocast", None)
-
-
-def loss_scale(engine) -> Optional[float]:
-    """The dynamic loss scale of a DeepSpeed engine under fp16 (None without one). A step whose scale
-    comes out lower than it went in was skipped for an overflow: that is the scaler's only reason to back off."""
-    opt = getattr(engine, "optimizer", None)
-    for scaler in (getattr(opt, "torch_autocast_gradscaler", None), getattr(engine, "torch_autocast_z0_gradscaler", None)):
-        if scaler is not None and scaler.is_enabled():
-            return float(scaler.get_scale())
-    ls = getattr(opt, "loss_scaler", None)  # DeepSpeed's own fp16 mode
-    if ls is not None and getattr(ls, "dynamic", False):
-        return float(ls.cur_scale)
-    return None
 
 
 class Trained:
@@ -162,12 +151,14 @@ class Engine:
         self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins)
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         self.zero_stage: Optional[int] = None
+        self._ds: Optional[DeepSpeedInternals] = None  # DeepSpeed's internals, under DeepSpeed
         if tc.mixed_precision == "fp16" and self.acc.device.type == "cpu":
             raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         if self.deepspeed:
             self._configure_deepspeed(family)
 
     def _configure_deepspeed(self, family) -> None:
+        check_version()  # the DeepSpeed release distgen's use of its internals was written for, or a named error
         tc = self.tc
         for plugin in (self._plugins or {self.names[0]: self.acc.state.deepspeed_plugin}).values():
             ds_cfg = plugin.deepspeed_config
@@ -182,6 +173,7 @@ class Engine:
         problem = family.engine_problem(self.zero_stage)
         if problem:
             raise TrainingError(f"DeepSpeed ZeRO-{self.zero_stage}: {problem}")
+        self._ds = DeepSpeedInternals(self.zero_stage)
 
     # ---- where this process stands
     @property
@@ -236,12 +228,10 @@ class Engine:
                 acc = self.acc if i == 0 else Accelerator(**self._acc_kw)
             model, opt = acc.prepare(nets[name], opt)
             if self.deepspeed:
-                _use_safe_checkpoint_engine(model)
-                raw = acc.unwrap_model(model)
-            else:
-                # DDP's module directly: accelerate's unwrap_model imports DeepSpeed (a second) to test for it
-                raw = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-            trained[name] = Trained(name, acc, model, opt, o.lr_scale, raw)
+                self._ds.adopt(model)
+            # The engine trains the module it was given in place (DDP's and DeepSpeed's .module are nets[name]):
+            # that module is the plain one the loop, the EMAs and the checkpoints use.
+            trained[name] = Trained(name, acc, model, opt, o.lr_scale, nets[name])
         return trained
 
     # ---- a micro-step
@@ -267,9 +257,9 @@ class Engine:
             return bad
         if dist.all_reduce_sum(int(bool(bad))) > 0:
             return torch.ones_like(bad)
-        scale = loss_scale(t.model) if self.tc.mixed_precision == "fp16" else None
+        scale = self._ds.loss_scale(t.model) if self.tc.mixed_precision == "fp16" else None
         t.acc.backward(loss)
-        if scale is not None and loss_scale(t.model) < scale:
+        if scale is not None and self._ds.loss_scale(t.model) < scale:
             tally.count("overflow_total", 1)  # the scaler found inf/nan and skipped the step
         return bad
 
@@ -329,13 +319,12 @@ class Engine:
         """Every rank: DeepSpeed's own partitioned states (nothing under DDP)."""
         if self.deepspeed:
             for n, t in trained.items():
-                t.model.save_checkpoint(str(ckpt.deepspeed_dir(tmp, n)), tag="state")
-                self._release_gathered(t)
+                self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
 
     def flush(self, tmp: Path) -> None:
         """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
         if self.deepspeed:
-            ckpt.sync_tree(tmp / "deepspeed")
+            sync_tree(tmp / "deepspeed")
             self.barrier()
 
     def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
@@ -348,34 +337,11 @@ class Engine:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler."""
         for n, t in trained.items():
             if self.deepspeed:
-                try:
-                    t.model.load_checkpoint(str(ckpt.deepspeed_dir(folder, n)), tag="state",
-                                            load_lr_scheduler_states=False)
-                except Exception as e:  # a truncated or tampered DeepSpeed file (pickled code is refused)
-                    raise CheckpointError(f"{ckpt.deepspeed_dir(folder, n)}: {ckpt.describe_failure(folder, e)}") \
-                        from None
-                self._release_gathered(t)
+                self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
             else:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:
             self.acc.scaler.load_state_dict(data.scaler)
-
-    def _release_gathered(self, t: Trained) -> None:
-        """ZeRO-3: partition the network's parameters again after DeepSpeed saved or loaded its checkpoint.
-
-        DeepSpeed ends both by all-gathering its "persistent" parameters (stage3_param_persistence_threshold:
-        those of at most 1e5 elements by default, all of a small network's) in float32, and leaves them gathered.
-        A training step leaves them partitioned instead (the EMA update, which every network ZeRO-3 trains has,
-        releases all it gathered), so the next forward fetches them through ZeRO-3's forward hooks, which gather
-        Linear/Conv weights in the torch_autocast dtype: bfloat16-valued copies. Autocast rounds float32 weights
-        to the same values, but ZeRO-3's memory-efficient linear (DeepSpeed's replacement of F.linear) adds the
-        bias uncast to inputs of more than 2 dims (a U-Net's attention projections): with the exact float32
-        biases a checkpoint left gathered, the step after a resume (or after any save) computed another loss than
-        the straight run's (by up to 2e-2), and training went on from there. Released here, the step after a
-        checkpoint runs as every other step does.
-        """
-        if self.zero_stage == 3:
-            t.model.empty_partition_cache()  # releases every parameter, the persistent ones included
 
     def engine_of(self, folder: Path) -> Optional[str]:
         """Why ``folder`` cannot be resumed by this engine (written under the other one), or None."""
@@ -383,55 +349,3 @@ class Engine:
             how = "under DeepSpeed" if not self.deepspeed else "without DeepSpeed"
             return f"{folder}: written {how}; resume it with the engine it was written with"
         return None
-
-
-def _use_safe_checkpoint_engine(engine) -> None:
-    """Make DeepSpeed read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
-        engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
-
-
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor types DeepSpeed puts in its checkpoint files (checked by the ZeRO tests)."""
-    out = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        out += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        out.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        out.append(fragment_address)
-    except ImportError:
-        pass
-    return out
-
-
-def safe_checkpoint_engine(base):
-    """DeepSpeed's torch checkpoint engine ``base``, reading with ``weights_only=True``.
-
-    DeepSpeed reads its own files with ``weights_only=False``, which would run any pickled code a
-    tampered checkpoint holds. This engine allows tensors, plain data and the few DeepSpeed value types
-    above, nothing else.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def __init__(self, base: TorchCheckpointEngine):  # noqa: D107 - adopts the configured engine's settings
-            self.__dict__.update(base.__dict__)
-
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return SafeTorchCheckpointEngine(base)

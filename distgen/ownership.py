@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from distgen import readback as rb
+from distgen.durable import write_text_durably
 from distgen.errors import SampleError, TrainingError
 
 RUN_MARKER = "distgen-run.json"
@@ -68,8 +69,6 @@ def claim_run_folder(folder: Path) -> None:
                             f"one it made. Choose another run.name / run.dir")
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / RUN_MARKER).is_file() or not _marker_ok(folder):
-        from distgen.checkpoint import write_text_durably
-
         write_text_durably(folder / RUN_MARKER, json.dumps({"format": RUN_FORMAT, "created": _now()}) + "\n")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from distgen import checkpoint as ckpt
 from distgen import readback as rb
+from distgen.durable import fsync_path, write_text_durably
 from distgen.ema import std_to_exp
 from distgen.data.shard import file_sha256
 from distgen.errors import SampleError
@@ -111,7 +112,7 @@ def read_index(run_dir: Path, must_exist: bool = True) -> list[dict]:
 
 
 def _write_index(folder: Path, entries: list[dict]) -> None:
-    ckpt.write_text_durably(folder / INDEX, json.dumps({"snapshots": entries}, indent=1) + "\n")
+    write_text_durably(folder / INDEX, json.dumps({"snapshots": entries}, indent=1) + "\n")
 
 
 def write_snapshot(run_dir: Path, emas: dict, step: int, nimg: int, dtype: str) -> Path:
@@ -142,9 +143,9 @@ def write_snapshot(run_dir: Path, emas: dict, step: int, nimg: int, dtype: str) 
     tmp = folder / f".{path.name}.tmp"
     save_file(tensors, str(tmp), metadata={"step": str(step), "nimg": str(nimg), "stds": json.dumps(stds),
                                            "networks": json.dumps(sorted(emas)), "dtype": dtype})
-    ckpt.fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    ckpt.fsync_path(folder)
+    fsync_path(folder)
     entries = [e for e in read_index(run_dir, must_exist=False) if e["nimg"] != nimg]
     entries.append({"file": path.name, "step": step, "nimg": nimg, "stds": stds, "size": path.stat().st_size,
                     "sha256": file_sha256(path), "dtype": dtype})

@@ -140,8 +140,8 @@ class RunLog:
                     out.write(json.dumps(rec) + "\n")
         if torn:
             shown = ", ".join(map(str, torn[:10])) + (f" and {len(torn) - 10} more" if len(torn) > 10 else "")
-            print(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
-                  f"(line {shown}; a torn write)", flush=True)
+            dist.print0(f"distgen: {self.path}: dropped {len(torn)} line(s) that are not whole records "
+                        f"(line {shown}; a torn write)")
         os.replace(tmp, self.path)
 
     def _write(self, rec: dict) -> None:
@@ -179,8 +179,8 @@ class RunLog:
         if self.tty:
             self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
         else:
-            print(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
-                  f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}", flush=True)
+            dist.print0(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
+                        f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}")
 
     def record_eval(self, rec: dict) -> None:
         """An evaluation's metrics: metrics.jsonl and TensorBoard (eval/<name>), and a line on stdout."""
@@ -193,7 +193,7 @@ class RunLog:
         if self.tty:
             self.bar.write(msg)
         else:
-            print(msg, flush=True)
+            dist.print0(msg)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -12,9 +12,8 @@ import dataclasses
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -22,12 +21,15 @@ from distgen import checkpoint as ckpt
 from distgen import dist, phema, preemption, speed
 from distgen.config import Config, model_changes, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
+from distgen.durable import write_text_durably
 from distgen.ema import EMASet
-from distgen.engines import Engine, Trained
+from distgen.engines import Engine
 from distgen.errors import TrainingError
+from distgen.loop_state import DataCursor, Run, TrainState
 from distgen.ownership import take_run_folder
 from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, StepContext, build_family
 from distgen.preemption import EXIT_PREEMPTED
+from distgen.previews import ema_view, preview_batch, sample_grid
 from distgen.runlog import RunLog, Tally, interval_means
 from distgen.families.capabilities import Translates, offers
 
@@ -61,13 +63,12 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     global_batch = tc.batch_size * eng.world * tc.grad_accum
     total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
-    if eng.main:
-        print(to_yaml(cfg), end="")
-        print(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
-              f"{tc.mixed_precision}")
-        print(f"distgen: speed: {fast.describe()}")
-        print(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
-              f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg", flush=True)
+    dist.print0(to_yaml(cfg), end="")
+    dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
+                f"{tc.mixed_precision}")
+    dist.print0(f"distgen: speed: {fast.describe()}")
+    dist.print0(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
+                f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
 
     # ---- networks (the same initial weights on every rank), EMAs, engines
     run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), stop_at, global_batch, fast)
@@ -89,7 +90,6 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast)
-    run.raw = {n: run.trained[n].raw if n in run.trained else m for n, m in run.nets.items()}
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
 
@@ -97,24 +97,23 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     latest, state = resume(run, allow_config_change)
     if latest is not None and state.finished_at(stop_at):
         # A run that already ended (a job requeued after its final checkpoint, say) ends again at once.
-        if eng.main:
-            print(f"distgen: {run.dir} already finished at step {state.step} ({state.nimg / 1000:.1f} kimg); "
-                  "nothing to do")
+        dist.print0(f"distgen: {run.dir} already finished at step {state.step} ({state.nimg / 1000:.1f} kimg); "
+                    "nothing to do")
         eng.end()
         return 0
     if eng.main:  # written once the checkpoint to resume from is known to load and to fit this config
         run.dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_durably(run.dir / "config.yaml", to_yaml(cfg))
+        write_text_durably(run.dir / "config.yaml", to_yaml(cfg))
         if latest is not None:
-            print(f"distgen: resumed from {latest} (step {state.step}, {state.nimg / 1000:.1f} kimg)")
+            dist.print0(f"distgen: resumed from {latest} (step {state.step}, {state.nimg / 1000:.1f} kimg)")
         dropped = phema.drop_snapshots_after(run.dir, state.nimg)  # a stopped run's, taken again from here
         if dropped:
-            print(f"distgen: {dropped} EMA snapshot(s) after {state.nimg / 1000:.1f} kimg set to be taken again")
+            dist.print0(f"distgen: {dropped} EMA snapshot(s) after {state.nimg / 1000:.1f} kimg set to be taken again")
 
     # ---- the data stream, where the checkpoint left it; logs; evaluation
     cursor = DataCursor(lambda start: make_train_loader(
         cfg.data, batch_size=tc.batch_size, rank=eng.rank, world=eng.world, seed=cfg.run.seed, start_step=start,
-        pin_memory=eng.device.type == "cuda"), start=state.data_start_step, skip=state.data_skip)
+        pin_memory=eng.device.type == "cuda"), tc.checkpoint_every, start=state.data_start_step, skip=state.data_skip)
     if offers(family, Translates) and eng.main:  # the grids translate the same inputs every time
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
     log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main, shown=family.progress_scalars)
@@ -123,9 +122,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     last_good = latest
     if agreed(preempt.flag):
         # The signal came during start-up: nothing new to save; the newest checkpoint stays as it is.
-        if eng.main:
-            print(f"distgen: signal received during start-up, before step {state.step + 1}; no checkpoint "
-                  f"written; exiting with {EXIT_PREEMPTED} (requeue)", flush=True)
+        dist.print0(f"distgen: signal received during start-up, before step {state.step + 1}; no checkpoint "
+                    f"written; exiting with {EXIT_PREEMPTED} (requeue)")
         log.close()
         return EXIT_PREEMPTED
 
@@ -141,7 +139,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
             # ---- records, and what ends or interrupts the run. The step's counters and losses stay on the
             # device (run.tally) and are read only here, at a record, a checkpoint or a signal.
             record = state.step % tc.log_every == 0 or state.step == stop_at
-            periodic = state.step % tc.checkpoint_every == 0 and state.step < stop_at
+            periodic = cursor.due(state.step) and state.step < stop_at
             signalled = agreed(preempt.flag) and state.step < stop_at  # at the last step the run just ends below
             diverged = False
             if record or periodic or signalled:
@@ -156,14 +154,13 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
                 raise TrainingError(f"{why} (step {state.step}); stopping without saving: {where}")
             if signalled:
                 path = save_checkpoint(run, state, cursor, "preempted")
-                if eng.main:
-                    print(f"\ndistgen: signal received: checkpoint {path} written at step {state.step}; "
-                          f"exiting with {EXIT_PREEMPTED} (requeue)")
+                dist.print0(f"\ndistgen: signal received: checkpoint {path} written at step {state.step}; "
+                            f"exiting with {EXIT_PREEMPTED} (requeue)")
                 return EXIT_PREEMPTED
 
             # ---- periodic checkpoint (none in a non-finite streak: the last one stays the last good one),
-            # after which the data stream restarts, in a straight run as in a resumed one
-            if periodic and state.counters["nonfinite_run"] == 0:
+            # after which the data stream restarts, in a straight run as in a resumed one (the cursor's rule)
+            if periodic and cursor.boundary(state.step, state.counters["nonfinite_run"]):
                 last_good = save_checkpoint(run, state, cursor, "periodic")
                 cursor.restart(state.step)
                 preemption.hold_for_test(preempt, "periodic")
@@ -180,118 +177,10 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     preemption.hold_for_test(preempt, "final")
     grid = sample_grid(run, f"step-{state.step:08d}")
     count_skips(run, state, cursor)
-    if eng.main:
-        print_summary(run, state, final, grid)
+    print_summary(run, state, final, grid)
     eng.barrier()
     eng.end()
     return 0
-
-
-# --------------------------------------------------------------------------- the run's state
-def new_counters() -> dict:
-    return {"nonfinite_total": 0, "nonfinite_run": 0, "overflow_total": 0, "skipped_updates_total": 0,
-            "skipped_samples_total": 0}
-
-
-@dataclass
-class TrainState:
-    """Where a run stands: exactly what a checkpoint's meta.json records of it, so that saving is
-    :meth:`to_meta` and resuming :meth:`from_meta`."""
-
-    step: int = 0
-    nimg: int = 0  # samples drawn (a non-finite step's included)
-    data_start_step: int = 0  # the data stream was last (re)started at this step...
-    data_skip: int = 0  # ...and this many of its batches were drawn (0 at a periodic checkpoint)
-    counters: dict = field(default_factory=new_counters)
-    interval: dict = field(default_factory=dict)  # "<phase>/<name>" -> [sum, count] since the last record
-    best: Optional[dict] = None  # the best evaluation so far: metric, value, step
-    reason: Optional[str] = None  # why the checkpoint it came from was written: periodic, preempted, end
-
-    def to_meta(self) -> dict:
-        return {"step": self.step, "nimg": self.nimg, "data_start_step": self.data_start_step,
-                "data_skip": self.data_skip, "counters": dict(self.counters), "interval": dict(self.interval),
-                "best": self.best}
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "TrainState":
-        return cls(step=meta["step"], nimg=meta["nimg"], data_start_step=meta["data_start_step"],
-                   data_skip=meta.get("data_skip", 0), counters={**new_counters(), **meta["counters"]},
-                   interval=dict(meta["interval"]), best=meta.get("best"), reason=meta.get("reason"))
-
-    def advance(self, global_batch: int) -> None:
-        """One step done. ``nimg`` counts the samples drawn, a skipped step's too: the learning-rate and EMA
-        schedules follow the step count without reading back whether each step was finite."""
-        self.step += 1
-        self.nimg += global_batch
-
-    def finished_at(self, stop_at: int) -> bool:
-        """Did this state come from the final checkpoint of a run that ends at ``stop_at``?"""
-        return self.reason == "end" and self.step >= stop_at
-
-
-class DataCursor:
-    """The training stream and where it stands: the step it was (re)started at and the batches drawn since.
-
-    Every periodic checkpoint restarts the stream (:meth:`restart`), seeded by (seed, rank, step), in the
-    straight run as in one resumed from that checkpoint; a checkpoint between those (a signal, the end)
-    records :meth:`position`, and a resume draws the batches already used (``skip``). So a resumed run sees
-    exactly the batches of the uninterrupted one.
-    """
-
-    def __init__(self, make: Callable[[int], "object"], start: int = 0, skip: int = 0):
-        self._make = make
-        self._skipped_before = 0  # bad samples skipped by the streams before this one (data.on_error=skip)
-        self.loader = None
-        self.restart(start)
-        for _ in range(skip):
-            self.next()
-
-    def restart(self, step: int) -> None:
-        if self.loader is not None:
-            self._skipped_before += self.loader.skipped
-        self.loader = self._make(step)
-        self._batches = iter(self.loader)
-        self.start, self.drawn = step, 0
-
-    def next(self) -> dict:
-        batch = next(self._batches)
-        self.drawn += 1
-        return batch
-
-    def position(self) -> tuple[int, int]:
-        """(the step the stream started at, batches drawn from it)."""
-        return self.start, self.drawn
-
-    @property
-    def skipped(self) -> int:
-        """Bad samples all of this process's streams have skipped (data.on_error=skip)."""
-        return self._skipped_before + self.loader.skipped
-
-
-@dataclass
-class Run:
-    """What every part of a run shares: its config, engine, family and networks (set as they are built)."""
-
-    cfg: Config
-    eng: Engine
-    family: Family
-    phases: list[Phase]
-    info: DataInfo
-    dir: Path
-    stop_at: int
-    global_batch: int
-    speed: speed.Speed
-    nets: dict = field(default_factory=dict)  # plain modules by name
-    raw: dict = field(default_factory=dict)  # the same, unwrapped from their engine
-    trained: dict[str, Trained] = field(default_factory=dict)
-    emas: dict[str, EMASet] = field(default_factory=dict)
-    skips_reported: int = 0  # this process's skipped samples already in the counters
-    preview: Optional[dict] = None  # a translator's grid inputs (rank 0)
-    tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
-
-    @property
-    def root(self) -> Path:
-        return self.dir / "checkpoints"
 
 
 # --------------------------------------------------------------------------- one step, one phase
@@ -314,7 +203,7 @@ def train_step(run: Run, state: TrainState, cursor: DataCursor, lr_mult: float) 
     run.tally.end_step(bad)
     for n, e in run.emas.items():
         keep = ~(bad | held[n]) if n in held else ~bad
-        e.update(list(run.trained[n].model.parameters()), state.nimg, run.global_batch, network=run.raw[n],
+        e.update(list(run.trained[n].model.parameters()), state.nimg, run.global_batch, network=run.nets[n],
                  keep=keep)
 
 
@@ -329,7 +218,7 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
     cfg, eng, tc = run.cfg, run.eng, run.cfg.train
     t = run.trained[phase.network]
     t.train_only_this(list(run.trained.values()))
-    view = PhaseNets({n: t.model if n == phase.network else run.raw[n] for n in run.nets}, run.raw)
+    view = PhaseNets({n: t.model if n == phase.network else run.nets[n] for n in run.nets}, run.nets)
     for g in t.opt.param_groups:
         g["lr"] = tc.lr * t.lr_scale * lr_mult
     noise, held = torch.Generator(device=eng.device), None
@@ -354,7 +243,7 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
             if t.acc.sync_gradients:
                 # After the optimizer step, skipped or not: WGAN's clipping of weights that did not move
                 # changes nothing.
-                run.family.after_step(phase.name, run.raw)
+                run.family.after_step(phase.name, run.nets)
     return bad, held
 
 
@@ -374,10 +263,8 @@ def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str
 
 def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str, tmp: Path) -> Path:
     eng, tc = run.eng, run.cfg.train
-    # Where the data stream stands: a periodic checkpoint (or one at a step where the straight run would
-    # have written one, e.g. the end) restarts it at its step; any other notes the batches drawn.
-    boundary = reason == "periodic" or (state.step % tc.checkpoint_every == 0 and state.counters["nonfinite_run"] == 0)
-    state.data_start_step, state.data_skip = (state.step, 0) if boundary else cursor.position()
+    # Where the data stream stands: restarted at this step by a resume, or the batches drawn (the cursor's rule)
+    state.data_start_step, state.data_skip = cursor.checkpoint_position(state.step, state.counters["nonfinite_run"])
     if eng.main:
         if tmp.exists():
             shutil.rmtree(tmp)  # distgen's own temporary folder (.tmp-step-*), never a user's
@@ -391,7 +278,7 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
         meta = {**state.to_meta(), "world_size": eng.world, "reason": reason, "ema_steps": ema_steps,
                 "family_state": run.family.state_dict(), "family": run.family.name, "data_info": to_dict(run.info),
                 "config": to_dict(run.cfg)}
-        ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.raw))
+        ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.nets))
     ckpt.save_rng(tmp, eng.rank)
     if keeps_rank_state(run.family):
         ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
@@ -421,7 +308,7 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
                          family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets))
         eng.load(run.trained, folder, data)
         for n, tensors in data.weights.items():
-            load_weights(run.raw[n], tensors, ckpt.weights_file(folder, n))
+            load_weights(run.nets[n], tensors, ckpt.weights_file(folder, n))
         run.family.load_state_dict(meta.get("family_state", {}))
         run.family.load_rank_state(data.family_rank)
         for n, e in run.emas.items():
@@ -431,15 +318,15 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
         return meta
 
     latest, meta = ckpt.load_newest(run.root, load, main=eng.main, failed_anywhere=agreed, set_aside_damaged=True,
-                                    log=lambda msg: print(msg, flush=True))
+                                    log=dist.print0)
     if latest is None:
         return None, TrainState()
-    if eng.main:
-        if meta["world_size"] != eng.world:
-            print(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with {eng.world}")
-        changed = model_changes(meta["config"], cfg)
-        if changed:
-            print(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
+    if meta["world_size"] != eng.world:
+        dist.print0(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with "
+                    f"{eng.world}")
+    changed = model_changes(meta["config"], cfg)
+    if changed:
+        dist.print0(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
     return latest, TrainState.from_meta(meta)
 
 
@@ -484,53 +371,13 @@ def count_skips(run: Run, state: TrainState, cursor: DataCursor) -> None:
     run.skips_reported = local
 
 
-def ema_view(run: Run) -> dict:
-    """The networks as sampling sees them: primary EMAs, and the frozen ones (an autoencoder) as they are."""
-    return {**run.raw, **{n: e.materialize(0) for n, e in run.emas.items()}}
-
-
-def sample_grid(run: Run, tag: str) -> Optional[Path]:
-    """Rank 0: a grid of ``train.sample_num`` images from the EMA weights, image i from seed i."""
-    if not run.eng.main:
-        return None
-    from distgen.sample import save_grid
-
-    if run.preview is not None:  # a translator: rows of inputs, translations (and targets)
-        with torch.no_grad():
-            images, nrow = run.family.preview(ema_view(run), run.preview)
-        return save_grid(images, run.dir / "samples" / f"{tag}.png", nrow=nrow)
-    gens = [torch.Generator(device=run.eng.device).manual_seed(i) for i in range(run.cfg.train.sample_num)]
-    with torch.no_grad():
-        images = run.family.sample(ema_view(run), gens)
-    return save_grid(images, run.dir / "samples" / f"{tag}.png")
-
-
-def preview_batch(cfg: Config, num: int, device) -> dict:
-    """A translator's grid inputs: the first ``num`` (at most 16) samples of data.eval (else data.train) in
-    shard order, ``a`` and ``b`` (a pair's two sides, or the first images of each domain)."""
-    n = min(num, 16)
-    data = dataclasses.replace(cfg.data, workers=0, flip=False)
-
-    def first(inputs) -> dict:
-        return next(iter(make_loader(list(inputs), data, batch_size=n, mode="eval")))
-
-    if cfg.data.train_b:  # unpaired: each domain's own shards
-        a = first(cfg.data.eval or cfg.data.train)["image"]
-        b = first(cfg.data.eval_b or cfg.data.train_b)["image"]
-        k = min(len(a), len(b))
-        return {"a": a[:k].to(device), "b": b[:k].to(device)}
-    batch = first(cfg.data.eval or cfg.data.train)
-    return {"a": batch["a"].to(device), "b": batch["b"].to(device)}
-
-
 def make_evaluator(cfg: Config, eng: Engine):
     """The periodic evaluator, or None when every asked-for metric has to be skipped (training goes on)."""
     from distgen.evaluate import Evaluator, spec_from_config
 
     evaluator = Evaluator(spec_from_config(cfg), eng.device)
-    if eng.main:
-        for m, why in evaluator.skipped.items():
-            print(f"distgen: eval: {m} will be skipped: {why}")
+    for m, why in evaluator.skipped.items():
+        dist.print0(f"distgen: eval: {m} will be skipped: {why}")
     return None if all(m in evaluator.skipped for m in cfg.eval.metrics) else evaluator
 
 
@@ -552,21 +399,26 @@ def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
 
 
 def print_summary(run: Run, state: TrainState, final: Path, grid: Optional[Path]) -> None:
-    print(f"distgen: done at step {state.step} ({state.nimg / 1000:.1f} kimg)")
+    """Rank 0: where everything is."""
+    if not run.eng.main:
+        return
+    dist.print0(f"distgen: done at step {state.step} ({state.nimg / 1000:.1f} kimg)")
     if state.counters["skipped_samples_total"]:
-        print(f"distgen: {state.counters['skipped_samples_total']} bad input sample(s) skipped in this run "
-              f"(data.on_error=skip; skipped_samples_total in metrics.jsonl)")
-    print(f"distgen: run folder  {run.dir}")
-    print(f"distgen: checkpoint  {final}")
-    print(f"distgen: metrics     {run.dir / 'metrics.jsonl'} (TensorBoard: {run.dir / 'tensorboard'})")
+        dist.print0(f"distgen: {state.counters['skipped_samples_total']} bad input sample(s) skipped in this run "
+                    f"(data.on_error=skip; skipped_samples_total in metrics.jsonl)")
+    dist.print0(f"distgen: run folder  {run.dir}")
+    dist.print0(f"distgen: checkpoint  {final}")
+    dist.print0(f"distgen: metrics     {run.dir / 'metrics.jsonl'} (TensorBoard: {run.dir / 'tensorboard'})")
     if grid:
-        print(f"distgen: samples     {grid}")
+        dist.print0(f"distgen: samples     {grid}")
     snapshots = phema.read_index(run.dir, must_exist=False)
     if snapshots:
-        print(f"distgen: EMA snapshots {len(snapshots)} in {run.dir / phema.SNAPSHOT_DIR} (distgen ema {run.dir} ...)")
+        dist.print0(f"distgen: EMA snapshots {len(snapshots)} in {run.dir / phema.SNAPSHOT_DIR} "
+                    f"(distgen ema {run.dir} ...)")
     if state.best:
         b = state.best
-        print(f"distgen: best        {run.dir / 'best'} ({b['metric']} {b['value']:.5g} at step {b['step']})")
+        dist.print0(f"distgen: best        {run.dir / 'best'} ({b['metric']} {b['value']:.5g} at step "
+                    f"{b['step']})")
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -200,9 +200,9 @@ def zero3_real_elements(state_dir: Path, rank: int) -> dict[int, torch.Tensor]:
 
 def _load_raw(path: Path):
     """An optimizer, scaler or DeepSpeed state, loaded as distgen loads it (no pickled code)."""
-    from distgen.engines import _deepspeed_safe_globals
+    from distgen.engines_deepspeed import safe_globals as deepspeed_types
 
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_types()):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from conftest import REPO
 from distgen import checkpoint as ckpt
+from distgen import durable
 from distgen.cli import main as cli
 from distgen.data import DataError, make_loader, resolve_shards, write_shards
 from distgen.data.tario import iter_entries
@@ -417,7 +418,7 @@ def test_checkpoint_files_and_folders_reach_the_disk_before_the_rename(tmp_path,
     ckpt.save_state(tmp / "optim-net.pt", {"step": torch.tensor(7)})
     (tmp / "deepspeed").mkdir()
     (tmp / "deepspeed" / "shard.pt").write_bytes(b"written by an engine")
-    ckpt.sync_tree(tmp / "deepspeed")
+    durable.sync_tree(tmp / "deepspeed")
     ckpt.save_rng(tmp, 0)
     ckpt.write_meta(tmp, {"step": 7})
     final = ckpt.finalize(root, 7, keep=2)
@@ -432,10 +433,10 @@ def test_checkpoint_files_and_folders_reach_the_disk_before_the_rename(tmp_path,
 
 def test_atomic_dir_leaves_nothing_half_written(tmp_path):
     final = tmp_path / "best"
-    with ckpt.atomic_dir(final) as d:
+    with durable.atomic_dir(final) as d:
         (d / "a.txt").write_text("one")
     with pytest.raises(RuntimeError):
-        with ckpt.atomic_dir(final) as d:
+        with durable.atomic_dir(final) as d:
             (d / "a.txt").write_text("two")
             raise RuntimeError("crash mid-write")
     assert (final / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen.config import TrainConfig
 from distgen.ema import EMASet, HalfLifeEMA
-from distgen.train import DataCursor, TrainState, lr_factor
+from distgen.loop_state import DataCursor, TrainState
+from distgen.train import lr_factor
 
 
 def test_lr_schedule():
@@ -116,16 +118,59 @@ def test_data_cursor_restarted_or_resumed_gives_the_uninterrupted_batches(fm_tes
     make = lambda start: make_loader(str(fm_test_shards), cfg, batch_size=4, mode="train", seed=3,  # noqa: E731
                                      start_step=start)
     keys = lambda cursor, n: [k for _ in range(n) for k in cursor.next()["key"]]  # noqa: E731
-    straight = DataCursor(make)
+    straight = DataCursor(make, 10)
     first = keys(straight, 3)
     straight.restart(10)  # a periodic checkpoint at step 10
     assert straight.position() == (10, 0)
     after = keys(straight, 5)
     assert straight.position() == (10, 5)
-    assert keys(DataCursor(make, start=10), 5) == after  # as a run resumed from that checkpoint draws them
-    assert keys(DataCursor(make), 5)[:12] == first and first != after[:12]  # another start, another stream
-    resumed = DataCursor(make, start=10, skip=2)  # a checkpoint taken 2 batches after the restart
+    assert keys(DataCursor(make, 10, start=10), 5) == after  # as a run resumed from that checkpoint draws them
+    assert keys(DataCursor(make, 10), 5)[:12] == first and first != after[:12]  # another start, another stream
+    resumed = DataCursor(make, 10, start=10, skip=2)  # a checkpoint taken 2 batches after the restart
     assert resumed.position() == (10, 2) and keys(resumed, 3) == after[8:]
+
+
+class _Loader:
+    """A stream of numbered batches from ``start``, as make_train_loader's for a data-stream restart."""
+
+    skipped = 0
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return ({"n": self.start * 100 + i} for i in range(10 ** 6))
+
+
+def test_the_data_cursor_alone_says_where_the_stream_restarts_and_what_a_checkpoint_records():
+    """The rule both the loop (restart after a periodic checkpoint) and every checkpoint (the position it records)
+    follow: a step that is a multiple of train.checkpoint_every with no non-finite streak is a boundary, where
+    the straight run restarts its stream; a checkpoint there records (step, 0), any other the batches drawn."""
+    cursor = DataCursor(_Loader, 4)
+    for _ in range(3):
+        cursor.next()
+    assert [s for s in range(13) if cursor.due(s)] == [0, 4, 8, 12]
+    assert cursor.boundary(8, nonfinite_run=0) and not cursor.boundary(8, nonfinite_run=2)
+    assert not cursor.boundary(7, nonfinite_run=0)
+    assert cursor.checkpoint_position(8, 0) == (8, 0)  # periodic, or the end / a signal at such a step
+    assert cursor.checkpoint_position(7, 0) == (0, 3)  # mid-stream: the batches to draw again
+    assert cursor.checkpoint_position(8, 1) == (0, 3)  # in a streak no periodic checkpoint, no restart
+    # A run resumed from either position draws what the straight run draws next.
+    cursor.restart(8)
+    assert cursor.next() == DataCursor(_Loader, 4, start=8).next()
+    mid = DataCursor(_Loader, 4, start=8, skip=1)
+    assert mid.position() == (8, 1) and mid.next() == cursor.next()
+
+
+def test_the_loop_and_the_checkpoint_writer_ask_the_cursor_for_the_boundary():
+    """No second copy of the boundary rule in the loop (the one that drifted would break exact resume)."""
+    from pathlib import Path
+
+    import distgen.train
+
+    src = Path(distgen.train.__file__).read_text()
+    assert "% tc.checkpoint_every" not in src and 'nonfinite_run"] == 0' not in src
+    assert "cursor.boundary(" in src and "cursor.checkpoint_position(" in src
 
 
 def test_the_checkpoint_reader_names_the_file_a_folder_lacks(tmp_path):
@@ -143,3 +188,16 @@ def test_the_checkpoint_reader_names_the_file_a_folder_lacks(tmp_path):
         with pytest.raises(ckpt.CheckpointError, match=f"^{moved}: missing from the checkpoint"):
             read()
         (tmp_path / "aside").rename(moved)
+
+
+def test_print0_prints_on_rank_0_only_flushed(capsys, monkeypatch):
+    from distgen import dist
+
+    monkeypatch.setenv("RANK", "1")
+    dist.print0("distgen: not here")
+    monkeypatch.setenv("RANK", "0")
+    dist.print0("distgen: here", end="")
+    dist.print0("distgen: to stderr", file=sys.stderr)
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("distgen: here", "distgen: to stderr\n")
+

@@ -390,7 +390,7 @@ def test_a_full_or_read_only_disk_is_one_line_with_the_path_and_what_to_do(tmp_p
 def test_a_users_folder_named_like_a_temporary_one_is_never_deleted(tmp_path):
     """atomic_dir (exports, ema outputs, best/) removes a crash's leftover .<name>.tmp / .<name>.old only when it
     holds distgen's mark; a user's folder of that name stops the write instead."""
-    from distgen.checkpoint import PARTIAL, atomic_dir
+    from distgen.durable import PARTIAL, atomic_dir
 
     final = tmp_path / "export"
     mine = tmp_path / ".export.tmp"

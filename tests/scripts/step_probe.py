@@ -47,7 +47,7 @@ class HostReads:
 
 def snapshot(run):
     with torch.no_grad():
-        weights = [p.detach().clone() for m in run.raw.values() for p in m.parameters()]
+        weights = [p.detach().clone() for m in run.nets.values() for p in m.parameters()]
         emas = [s.clone() for e in run.emas.values() for ema in e.emas for s in ema.shadow_params]
         steps = [st["step"].clone() for t in run.trained.values() for st in t.opt.state.values() if "step" in st]
     return weights, emas, steps

@@ -1,0 +1,170 @@
+"""Every use distgen makes of DeepSpeed's internals, in one place, for the DeepSpeed release it was written and
+tested against (:data:`TESTED_VERSION`, the one requirements.lock pins).
+
+The rest of distgen uses DeepSpeed through Accelerate and the engine's public methods only; what it needs beyond
+them (the fp16 loss scale, a checkpoint reader that refuses pickled code, releasing ZeRO-3's gathered parameters,
+ZeRO-3's gathered view for the EMA) reads or replaces attributes that DeepSpeed may rename or drop in any release.
+A DeepSpeed engine is therefore built only under the tested release (:func:`check_version`): another one fails by
+name at start, not with an AttributeError mid-run or, worse, a silently inexact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from distgen import checkpoint as ckpt
+from distgen.errors import CheckpointError, TrainingError
+
+TESTED_VERSION = "0.19.8"  # requirements.lock's deepspeed (tests/test_units.py checks they agree)
+ALLOW_ENV = "DISTGEN_ALLOW_UNTESTED_DEEPSPEED"  # =1: build the engine under another release anyway
+
+
+def installed_version() -> str:
+    """The installed DeepSpeed's version, from its package metadata (no import of DeepSpeed)."""
+    from importlib.metadata import version
+
+    return version("deepspeed")
+
+
+def _release(v: str) -> tuple[int, ...]:
+    """``0.19.8`` of ``0.19.8``, ``0.19.8+cu124`` or ``0.19.8.post1``: the numbered release, builds aside."""
+    m = re.match(r"\d+(\.\d+)*", v.strip())
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def version_problem(installed: Optional[str] = None) -> Optional[str]:
+    """Why a DeepSpeed engine is not built under the installed DeepSpeed (None under the tested release, or
+    when :data:`ALLOW_ENV` is set)."""
+    installed = installed_version() if installed is None else installed
+    if _release(installed) == _release(TESTED_VERSION) or os.environ.get(ALLOW_ENV, "") == "1":
+        return None
+    return (f"DeepSpeed {installed} is installed, but distgen reads DeepSpeed internals (loss scale, checkpoint "
+            f"reader, ZeRO-3 parameter release) as of DeepSpeed {TESTED_VERSION} only: install "
+            f"deepspeed=={TESTED_VERSION} (requirements.lock), or set {ALLOW_ENV}=1 to train with {installed} "
+            f"untested (exact resume unchecked)")
+
+
+def check_version() -> None:
+    """A TrainingError naming the installed and the tested release, where they differ (see :func:`version_problem`)."""
+    problem = version_problem()
+    if problem:
+        raise TrainingError(problem)
+
+
+class DeepSpeedInternals:
+    """What distgen does with a DeepSpeed engine beyond its public API, for one run's ZeRO stage."""
+
+    def __init__(self, zero_stage: Optional[int]):
+        self.zero_stage = zero_stage
+
+    def adopt(self, engine) -> None:
+        """A freshly prepared engine: read its checkpoints with torch.load(weights_only=True) (no pickled code)."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+            engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
+
+    @staticmethod
+    def loss_scale(engine) -> Optional[float]:
+        """The dynamic loss scale of a DeepSpeed engine under fp16 (None without one). A step whose scale
+        comes out lower than it went in was skipped for an overflow: that is the scaler's only reason to back off."""
+        opt = getattr(engine, "optimizer", None)
+        for scaler in (getattr(opt, "torch_autocast_gradscaler", None),
+                       getattr(engine, "torch_autocast_z0_gradscaler", None)):
+            if scaler is not None and scaler.is_enabled():
+                return float(scaler.get_scale())
+        ls = getattr(opt, "loss_scaler", None)  # DeepSpeed's own fp16 mode
+        if ls is not None and getattr(ls, "dynamic", False):
+            return float(ls.cur_scale)
+        return None
+
+    def save(self, engine, folder: Path) -> None:
+        """Every rank: the engine's partitioned model and optimizer states into ``folder``."""
+        engine.save_checkpoint(str(folder), tag="state")
+        self._release_gathered(engine)
+
+    def load(self, engine, folder: Path, checkpoint: Path) -> None:
+        """Every rank: the states :meth:`save` wrote into ``folder`` (of the checkpoint folder ``checkpoint``) back
+        into the engine, or a CheckpointError naming the folder."""
+        try:
+            engine.load_checkpoint(str(folder), tag="state", load_lr_scheduler_states=False)
+        except Exception as e:  # a truncated or tampered DeepSpeed file (pickled code is refused)
+            raise CheckpointError(f"{folder}: {ckpt.describe_failure(checkpoint, e)}") from None
+        self._release_gathered(engine)
+
+    def _release_gathered(self, engine) -> None:
+        """ZeRO-3: partition the network's parameters again after DeepSpeed saved or loaded its checkpoint.
+
+        DeepSpeed ends both by all-gathering its "persistent" parameters (stage3_param_persistence_threshold:
+        those of at most 1e5 elements by default, all of a small network's) in float32, and leaves them gathered.
+        A training step leaves them partitioned instead (the EMA update, which every network ZeRO-3 trains has,
+        releases all it gathered), so the next forward fetches them through ZeRO-3's forward hooks, which gather
+        Linear/Conv weights in the torch_autocast dtype: bfloat16-valued copies. Autocast rounds float32 weights
+        to the same values, but ZeRO-3's memory-efficient linear (DeepSpeed's replacement of F.linear) adds the
+        bias uncast to inputs of more than 2 dims (a U-Net's attention projections): with the exact float32
+        biases a checkpoint left gathered, the step after a resume (or after any save) computed another loss than
+        the straight run's (by up to 2e-2), and training went on from there. Released here, the step after a
+        checkpoint runs as every other step does.
+        """
+        if self.zero_stage == 3:
+            engine.empty_partition_cache()  # releases every parameter, the persistent ones included
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full
+    tensors for the update (read-only; ``modifier_rank=None`` writes nothing back)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def safe_globals() -> list:
+    """The non-tensor types DeepSpeed puts in its checkpoint files (checked by the ZeRO tests)."""
+    out = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    except ImportError:
+        pass
+    return out
+
+
+def safe_checkpoint_engine(base):
+    """DeepSpeed's torch checkpoint engine ``base``, reading with ``weights_only=True``.
+
+    DeepSpeed reads its own files with ``weights_only=False``, which would run any pickled code a
+    tampered checkpoint holds. This engine allows tensors, plain data and the few DeepSpeed value types
+    above, nothing else.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self, base: TorchCheckpointEngine):  # noqa: D107 - adopts the configured engine's settings
+            self.__dict__.update(base.__dict__)
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine(base)
