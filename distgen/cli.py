@@ -13,6 +13,7 @@
     distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
     distgen data verify MANIFEST [--decode]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
+    distgen families [--json]
     distgen demo
 """
 
@@ -167,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--seconds", type=float, default=3.0, help="length of each timed run")
     b.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
+
+    fa = sub.add_parser("families", help="the table of model families x capabilities (bits/dim, recon, ONNX, ZeRO "
+                                         "stages, ...), from the code")
+    fa.add_argument("--json", action="store_true", help="the table as JSON, for tools")
 
     sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
     return p
@@ -354,6 +359,13 @@ def cmd_ema(args) -> int:
                        baseline=args.baseline, eval_kw=kw, options=_sampling(args))
 
 
+def cmd_families(args) -> int:
+    from distgen.families.table import json_table, text_table
+
+    print(json_table() if args.json else text_table(), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from distgen.demo import demo
 
@@ -385,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ema(args)
         if args.cmd == "data":
             return {"shard": cmd_shard, "encode": cmd_encode, "verify": cmd_verify, "bench": cmd_bench}[args.data_cmd](args)
+        if args.cmd == "families":
+            return cmd_families(args)
         if args.cmd == "demo":
             return cmd_demo(args)
     except ERRORS as e:

@@ -51,15 +51,15 @@ class Images(torch.utils.data.Dataset):
 GATHERED = """
 import sys
 from safetensors.torch import save_file
-import distgen.evaluate.core as core
+import distgen.evaluate.passes as passes
 from distgen.cli import main
-out, real, seen = sys.argv[1], core.gather_in_order, []
+out, real, seen = sys.argv[1], passes.gather_in_order, []
 def gather_in_order(index, feats):
     got = real(index, feats)
     if got is not None:
         seen.append(got)
     return got
-core.gather_in_order = gather_in_order
+passes.gather_in_order = gather_in_order
 rc = main(sys.argv[2:])
 if seen:
     save_file({f"{i}/{k}": v.contiguous() for i, got in enumerate(seen) for k, v in got.items()}, out)

@@ -119,7 +119,7 @@ def test_pix2pix_trains_exports_translates_and_is_scored(tmp_path, edges, env_wi
 
     from distgen.data import write_shards
     from distgen.data.sources import open_source
-    from distgen.evaluate.core import psnr
+    from distgen.evaluate.recon import psnr
 
     source = open_source("fashion-mnist:edges", "test")
     write_shards(replace(source, count=PAIRS, items=lambda: islice(source.items(), PAIRS)), tmp_path / "pairs",

@@ -147,10 +147,10 @@ def test_a_figure_that_comes_out_not_finite_is_skipped_saying_why(tmp_path, monk
     assert res["skipped"]["fid"] == (f"the extractor distgen-domain ({BUNDLED['fashion-mnist']}) gave NaN or "
                                      f"infinite values in its 'features' output for 1 of 12 images")
     # finite features whose FID still is not a number (here: a computation that overflows) are skipped too
-    import distgen.evaluate.core as core
+    import distgen.evaluate.fidelity as fidelity
 
-    real = core.fid_statistics_to_metric
-    monkeypatch.setattr(core, "fid_statistics_to_metric", lambda *a: {k: v * math.inf for k, v in real(*a).items()})
+    real = fidelity.fid_statistics_to_metric
+    monkeypatch.setattr(fidelity, "fid_statistics_to_metric", lambda *a: {k: v * math.inf for k, v in real(*a).items()})
     res = evaluator(tmp_path / "ok.npz").run(features=generated())
     assert "fid" not in res and res["skipped"]["fid"].startswith(
         f"came out fid inf (not finite) against the reference {tmp_path / 'ok.npz'}")

@@ -11,7 +11,7 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen.data import write_shards
-from distgen.evaluate.core import psnr, ssim
+from distgen.evaluate.recon import psnr, ssim
 from distgen.families.vae import gaussian_kl, gaussian_log_density
 from distgen.export.native import export
 from distgen.sample import generate, load_ema, to_uint8

@@ -1,7 +1,9 @@
 """Evaluation: torch-fidelity metrics across ranks, reference caches, bits/dim, domain features."""
 
-from distgen.evaluate.core import METRICS, EvalSpec, Evaluator, parse_metrics
-from distgen.evaluate.extractors import EvalError, WeightsUnavailable
+from distgen.errors import EvalError
+from distgen.evaluate.core import METRICS, Evaluator
+from distgen.evaluate.spec import EvalSpec, parse_metrics
+from distgen.evaluate.weights import WeightsUnavailable
 
 __all__ = ["METRICS", "EvalError", "EvalSpec", "Evaluator", "WeightsUnavailable", "parse_metrics", "spec_from_config"]
 

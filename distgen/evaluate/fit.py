@@ -127,8 +127,8 @@ def calibrate(features: Callable[[torch.Tensor], torch.Tensor], test: torch.Tens
     sd 25, blurred, blocky, the class nearest to the whole (the hardest single class to tell apart), and (apart,
     not a goal) the test images read at the next power-of-two size as training reads them and brought back
     with the same resampling: what scoring such a model's samples at the data's stored size would cost, and
-    why distgen scores them at the model's size instead (see ``Evaluator._resize_path``). ``ref``: the test
-    images' features, when the caller already has them."""
+    why distgen scores them at the model's size instead (see ``ReferenceLoader.resize_path`` in
+    :mod:`distgen.evaluate.reference`). ``ref``: the test images' features, when the caller already has them."""
     from distgen.data.decode import resize_batch
 
     ref = features(test) if ref is None else ref

@@ -41,6 +41,7 @@ from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
 
 from distgen.config.schema import FOUNDATION_EXTRACTORS
 from distgen.errors import EvalError
+from distgen.evaluate.weights import WeightsUnavailable, check_weights_size, load_weights
 
 # torch hub names -> (embed_dim, depth, num_heads, ffn): dinov2/models/vision_transformer.py's vit_small ...
 # vit_giant2 with dinov2/hub/backbones.py's settings (patch 14, 518 px, LayerScale 1.0, no registers)
@@ -69,8 +70,6 @@ def official(name: str) -> tuple[str, list[str]]:
 def weights_file(name: str, configured: Optional[str] = None) -> Path:
     """The local weights file of a DINOv2 / CLIP extractor: ``configured``, else torch hub's cache
     ($TORCH_HOME/hub/checkpoints). Never downloads; raises WeightsUnavailable saying what to fetch."""
-    from distgen.evaluate.extractors import WeightsUnavailable
-
     url, names = official(name)
     if configured:
         if not Path(configured).is_file():
@@ -91,8 +90,6 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
     executing anything in it: its ``data.pkl`` is unpickled with module objects as inert records, and only
     tensor-rebuilding globals are allowed (``torch.jit.load`` would compile and run the archive's code).
     The members' unpacked sizes are bounded first, and no tensor is rebuilt larger than its storage."""
-    from distgen.evaluate.extractors import check_weights_size
-
     check_weights_size(Path(path))
     with zipfile.ZipFile(path) as z:
         pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -157,8 +154,6 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, a plain torch file (weights only), or a TorchScript archive."""
-    from distgen.evaluate.extractors import load_weights
-
     path = Path(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
