@@ -24,6 +24,7 @@ from distgen.config.schema import DataConfig
 from distgen.evaluate import EvalSpec, Evaluator, classify, likelihood, recon
 from distgen.families import FAMILIES, DataInfo
 from distgen.families import table as ft
+from distgen.export.native import write_format
 from distgen.families.capabilities import (Calibrates, Classifies, ExportsDiffusers, ExportsOnnx, Interpolates,
                                            Likelihood, Reconstructs, Translates, missing)
 
@@ -183,7 +184,7 @@ def test_each_family_does_what_its_row_says(name, autoencoder_dir, tmp_path, mon
     # model's config.json naming its diffusers class); without the capability, it is not
     if listed["calibrates"]:
         family.calibrate(nets, x.float() / 127.5 - 1)  # as distgen export calls it: float NCHW on [-1, 1]
-    family.export(nets, tmp_path / "export")
+    write_format(tmp_path / "export", family, nets)  # as distgen export writes it
     top = {p.name for p in (tmp_path / "export").iterdir()}
     diffusers_folder = "model_index.json" in top or (
         "config.json" in top and "_class_name" in json.loads((tmp_path / "export" / "config.json").read_text()))

@@ -54,16 +54,23 @@ def write_export(folder: Path, family, nets: dict, cfg: Config, data_info: dict,
     if offers(family, Calibrates):
         # an export that depends on the data (the autoencoder's latent scaling factor) sees its first images
         family.calibrate(nets, _first_images(cfg, family.calibration_images))
+    write_format(folder, family, nets)
+    (folder / EXPORT_META).write_text(json.dumps({
+        "format": EXPORT_FORMAT, "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
+
+
+def write_format(folder: Path, family, nets: dict) -> None:
+    """The family's standard format (EMA ``nets`` in eval mode) into ``folder``: a diffusers pipeline distgen
+    ships (class labels, a latent decoder: its code goes in the folder), else what the family's ``export``
+    writes."""
     folder.mkdir(parents=True, exist_ok=True)
     shipped = family.diffusers_pipeline(nets) if offers(family, ExportsDiffusers) else None
-    if shipped is not None:  # a pipeline distgen ships (class labels, a latent decoder), its code in the folder
+    if shipped is not None:
         from distgen.export.pipelines import write_pipeline
 
         write_pipeline(folder, shipped)
     else:
         family.export(nets, folder)
-    (folder / EXPORT_META).write_text(json.dumps({
-        "format": EXPORT_FORMAT, "family": family.name, "data_info": data_info, "config": to_dict(cfg), "source": source}, indent=2) + "\n")
 
 
 def _first_images(cfg: Config, n: int) -> torch.Tensor:

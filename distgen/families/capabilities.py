@@ -6,7 +6,8 @@ why not) is the one place that asks whether a family has one: evaluation, sampli
 it, never ``hasattr``. A configuration may switch a declared capability off (score models' NCSN has no
 likelihood, an EBM classifies only as JEM): the family says so, and why, in ``Family.capabilities_off``.
 
-``distgen families`` prints the table of families x capabilities from these declarations (:func:`table`).
+``distgen families`` prints the table of families x capabilities from these declarations
+(:mod:`distgen.families.table`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Interpolates(Capability):
 
     def interpolate(self, nets: dict[str, nn.Module], a: torch.Tensor, b: torch.Tensor, steps: int = 8
                     ) -> torch.Tensor:
-        """``steps`` images from ``a`` to ``b`` (float [1, C, H, W] on [-1, 1]), float NCHW on [-1, 1]."""
+        """``steps`` images from image ``a`` to image ``b`` (uint8 CHW), float NCHW on [-1, 1]."""
         raise NotImplementedError
 
 
