@@ -1,7 +1,7 @@
 """Command line: turns arguments into a typed config and hands it on. Nothing else.
 
     distgen train CONFIG [key=value ...] [--dry-run] [--allow-config-change]
-    distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler ddpm|ddim|dpmsolver]
+    distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler NAME]
                    [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
     distgen sample RUN_DIR|EXPORT_DIR --input IMAGE|FOLDER|SHARDS [--direction AtoB|BtoA] [--num N] --out OUT
     distgen export RUN_DIR OUT_DIR [--force] [--format native|onnx]
@@ -27,8 +27,9 @@ from pathlib import Path
 from distgen.errors import ERRORS, ConfigError
 
 
-# Every family's samplers: each family checks that it takes the one given (diffusion's three, a score model's three)
-SAMPLERS = ["ddpm", "ddim", "dpmsolver", "langevin", "pc", "ode"]
+# Every family's samplers: each family checks that it takes the one given (diffusion's by its formulation, a score
+# model's three)
+SAMPLERS = ["ddpm", "ddim", "dpmsolver", "euler", "heun", "dpmpp_2m", "langevin", "pc", "ode"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="translators: AtoB (default) or, for CycleGAN, BtoA")
     sm.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model config's)")
     sm.add_argument("--sampler", choices=SAMPLERS, default=None,
-                    help="diffusion: ddpm|ddim|dpmsolver; score models: langevin|pc|ode")
+                    help="diffusion: ddpm|ddim|dpmsolver (formulation ddpm), euler|heun|dpmpp_2m (edm), "
+                         "euler|heun (flow); score models: langevin|pc|ode")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion)")
     sm.add_argument("--truncation", type=float, default=None, help="truncation psi / threshold (GANs)")

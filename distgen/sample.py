@@ -302,6 +302,8 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
         _write_images(x, y, outp)
         shown = ", ".join(f"{k} {v}" for k, v in options.items())
         print(f"distgen: {num} samples (seed {seed}{', ' + shown if shown else ''}) from {path} -> {outp}")
+        if family.last_nfe is not None:  # network evaluations per image (a guided one is a batch of 2)
+            print(f"NFE {family.last_nfe}")
     dist.barrier()
     return 0
 

@@ -27,6 +27,12 @@ TRAIN = {"checkpoint_every": 2, "keep_checkpoints": 2}
 # the EBM's replay buffer. (name -> (model section, resolution))
 MODELS: dict[str, tuple[dict, int]] = {
     "diffusion": ({"family": "diffusion", "preset": "tiny", "sample_steps": 2}, 8),
+    # EDM's preconditioned network with EDM2's learned uncertainty (a second module in the trained network),
+    # sampled by Heun; rectified flow's logit-normal, shifted times
+    "diffusion-edm": ({"family": "diffusion", "preset": "tiny", "formulation": "edm", "edm_uncertainty": True,
+                       "sample_steps": 2}, 8),
+    "diffusion-flow": ({"family": "diffusion", "preset": "tiny", "formulation": "flow", "flow_shift": 3.0,
+                        "sample_steps": 2}, 8),
     "latent_diffusion": ({"family": "latent_diffusion", "preset": "tiny", "sample_steps": 2}, 16),
     "autoencoder": ({"family": "autoencoder", "preset": "tiny", "disc_weight": 0.1}, 16),
     "gan-mlp": ({"family": "gan", "arch": "mlp", "preset": "tiny"}, 8),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from distgen.config.core import check
+from distgen.config.formulations import FORMULATIONS, check_formulation_fields
 from distgen.config.gan_archs import GAN_ARCHS, check_arch_fields
 from distgen.config.schema import ModelConfig
 
@@ -21,24 +22,51 @@ AUGMENT_OPS = ("flip", "color", "translation", "cutout")
 
 @dataclass(frozen=True)
 class DiffusionConfig(ModelConfig):
+    """The diffusion families' section: the shared fields, then each formulation's own (flat keys). Which
+    fields belong to which formulation, its checks and samplers, is declared in
+    :mod:`distgen.config.formulations`: a field of another formulation set away from its default is refused."""
+
     family: str = "diffusion"
     preset: Literal["tiny", "small", "ddpm-cifar10"] = "small"
+    formulation: Literal["ddpm", "edm", "flow"] = "ddpm"
+    class_conditional: bool = False  # needs labelled data
+    label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
+    # default for grids and `distgen sample`; null: the formulation's (ddpm: ddim, edm: heun, flow: euler)
+    sampler: Optional[Literal["ddpm", "ddim", "dpmsolver", "euler", "heun", "dpmpp_2m"]] = None
+    sample_steps: int = 50
+    guidance_scale: float = 1.0  # 1: plain conditional sampling
+    # -- ddpm
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     beta_schedule: Literal["linear", "cosine"] = "linear"  # cosine: Nichol & Dhariwal 2021
     num_train_timesteps: int = 1000
-    class_conditional: bool = False  # needs labelled data
-    label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
-    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "ddim"  # default for grids and `distgen sample`
-    sample_steps: int = 50
-    guidance_scale: float = 1.0  # 1: plain conditional sampling
-    sampling_fields = ("sampler", "sample_steps", "guidance_scale")
+    # -- edm (Karras et al. 2022; the paper's CIFAR-10 values)
+    sigma_data: float = 0.5
+    p_mean: float = -1.2  # training sigma = exp(N(p_mean, p_std^2))
+    p_std: float = 1.2
+    sigma_min: float = 0.002  # Karras' sampling schedule
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    edm_uncertainty: bool = False  # EDM2's learned per-sigma loss weighting u(sigma): lambda / e^u x L + u
+    s_churn: float = 0.0  # the stochastic samplers' churn (0: the deterministic ODE)
+    s_min: float = 0.0  # churn only where s_min <= sigma <= s_max (null: no upper bound)
+    s_max: Optional[float] = None
+    s_noise: float = 1.0
+    # -- flow (rectified flow: x_t = (1 - t) x0 + t eps, the network predicts eps - x0)
+    flow_t: Literal["uniform", "logit_normal"] = "logit_normal"  # SD3's training time distribution
+    flow_mean: float = 0.0  # logit_normal's
+    flow_std: float = 1.0
+    flow_shift: float = 1.0  # t <- s t / (1 + (s - 1) t), in training and sampling (1: none)
+    sampling_fields = ("sampler", "sample_steps", "guidance_scale", "s_churn", "s_min", "s_max", "s_noise")
 
     def validate(self, path: str) -> None:
-        check(self.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
         check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
-        check(1 <= self.sample_steps <= self.num_train_timesteps, f"{path}.sample_steps",
-              f"must be in [1, num_train_timesteps], got {self.sample_steps}")
         check(self.guidance_scale >= 0, f"{path}.guidance_scale", "must be >= 0")
+        check_formulation_fields(self, path)
+
+    @property
+    def default_sampler(self) -> str:
+        """``sampler``, or the formulation's default when it is null."""
+        return self.sampler or FORMULATIONS[self.formulation].default_sampler
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,9 @@ class Family:
     data_layout: ClassVar[str] = "images"
     # Logged scalars (``<phase>/<name>``) that progress lines show beside the loss (FFJORD's function evaluations)
     progress_scalars: ClassVar[tuple[str, ...]] = ()
+    # Network evaluations per image of the last sample() call, where a family counts them (diffusion; figures
+    # report it, ``distgen sample`` prints it as ``NFE n``); None: not counted
+    last_nfe: Optional[int] = None
 
     def __init__(self, cfg: Any, data: DataInfo):
         self.cfg, self.data = cfg, data

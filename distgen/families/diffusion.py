@@ -1,10 +1,11 @@
-"""Pixel-space diffusion (DDPM, Ho et al. 2020) on diffusers' UNet2DModel and schedulers.
+"""Pixel-space diffusion on diffusers' UNet2DModel, in one of three formulations (``model.formulation``).
 
-Training noise comes from a DDPMScheduler (linear or cosine betas), the network
-predicts epsilon or v (Salimans & Ho 2022), and sampling uses DDPM, DDIM
-(Song et al. 2021) or DPM-Solver++ (Lu et al. 2022). Class conditioning drops
-labels to a null class with probability ``label_dropout`` so that
-classifier-free guidance (Ho & Salimans 2022) works at sampling time.
+``ddpm`` (Ho et al. 2020, the default): training noise from a DDPMScheduler (linear or cosine betas), the network
+predicts epsilon or v (Salimans & Ho 2022), and sampling uses DDPM, DDIM (Song et al. 2021) or DPM-Solver++
+(Lu et al. 2022). ``edm`` (Karras et al. 2022) and ``flow`` (rectified flow / flow matching): see
+:mod:`distgen.families.formulations`, which this family delegates its loss and sampling to. Class conditioning
+drops labels to a null class with probability ``label_dropout`` so that classifier-free guidance (Ho & Salimans
+2022) works at sampling time, in every formulation.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distgen.config.core import ConfigError
 from distgen.config.models import DiffusionConfig
 from distgen.families.base import DataInfo, Family, Phase
 from distgen.families.capabilities import DiffusersPipeline, ExportsDiffusers, ExportsOnnx, Likelihood, OnnxGraph
-from distgen.families.denoising import denoise
+from distgen.families.formulations import backbone, formulation
 from distgen.families.likelihoods import discretized_gaussian_log_prob
 
 # Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
@@ -32,26 +32,12 @@ PRESETS: dict[str, dict] = {
                          dropout=0.1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
 }
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
 def scheduler_kwargs(cfg: DiffusionConfig) -> dict:
     return dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction,
                 beta_schedule="squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else "linear",
                 beta_start=1e-4, beta_end=0.02, clip_sample=True)
-
-
-def make_sampler(name: str, train_scheduler):
-    """A diffusers sampling scheduler sharing the training noise schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    if name == "ddpm":
-        return DDPMScheduler.from_config(train_scheduler.config)
-    if name == "ddim":
-        return DDIMScheduler.from_config(train_scheduler.config)
-    if name == "dpmsolver":
-        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
-    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
 class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
@@ -67,6 +53,17 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler(**self.scheduler_config())
+        self.form = formulation(cfg, self.scheduler)  # what the network predicts, and how it is sampled
+
+    def capabilities_off(self):
+        f = self.cfg.formulation
+        if f == "ddpm":
+            return {}
+        return {Likelihood: f"with model.formulation {f} (the variational bound is DDPM's; the probability-flow "
+                            f"ODE's likelihood is not wired for it)",
+                ExportsDiffusers: f"with model.formulation {f} (its samplers are distgen's; the export is the "
+                                  f"U-Net's diffusers folder alone, unet/)",
+                ExportsOnnx: f"with model.formulation {f} (sample_onnx.py has only DDPM's samplers)"}
 
     def scheduler_config(self) -> dict:
         return scheduler_kwargs(self.cfg)
@@ -85,7 +82,7 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     def build_networks(self):
         from diffusers import UNet2DModel
 
-        return {"unet": UNet2DModel(**self.unet_kwargs())}
+        return {"unet": self.form.wrap(UNet2DModel(**self.unet_kwargs()))}
 
     def phases(self):
         return [Phase("denoise", "unet")]
@@ -103,30 +100,24 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
 
     def loss(self, ctx, nets, batch, generator):
         x0 = self.clean(nets, batch, generator)
-        b = x0.shape[0]
-        t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        xt = self.scheduler.add_noise(x0, noise, t)
+        drawn = self.form.draw(x0, generator)  # before the labels' dropout: DDPM's order of draws
         labels = None
         if self.num_classes:
             labels = batch["label"].to(x0.device)
-            drop = torch.rand(b, device=x0.device, generator=generator) < self.cfg.label_dropout
+            drop = torch.rand(x0.shape[0], device=x0.device, generator=generator) < self.cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        pred = nets["unet"](xt, t, class_labels=labels).sample
-        target = noise if self.cfg.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return per_sample, {}
+        return self.form.loss(nets["unet"], drawn, labels)
 
     sample_options = ("steps", "sampler", "guidance")
 
     def validate_sample_options(self, options):
-        steps, g = options.get("steps"), options.get("guidance")
-        if options.get("sampler") is not None and options["sampler"] not in SAMPLERS:
-            raise ValueError(f"--sampler: the {self.name} family samples with {', '.join(SAMPLERS)}, "
-                             f"not {options['sampler']}")
-        if steps is not None and not 1 <= steps <= self.cfg.num_train_timesteps:
-            raise ValueError(f"--steps: must be in [1, {self.cfg.num_train_timesteps}] (the model's training "
-                             f"timesteps), got {steps}")
+        steps, g, sampler = options.get("steps"), options.get("guidance"), options.get("sampler")
+        if sampler is not None and sampler not in self.form.samplers:
+            raise ValueError(f"--sampler: the {self.name} family with model.formulation {self.cfg.formulation} "
+                             f"samples with {', '.join(self.form.samplers)}, not {sampler}")
+        problem = None if steps is None else self.form.steps_problem(steps)
+        if problem:
+            raise ValueError(f"--steps: {problem}")
         if g is not None and not self.num_classes:
             raise ValueError("--guidance: this model is unconditional (model.class_conditional is false); "
                              "classifier-free guidance needs a class-conditional model")
@@ -139,13 +130,9 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
 
         unet = nets["unet"]
         device = next(unet.parameters()).device
-        sched = make_sampler(sampler or self.cfg.sampler, self.scheduler)
-        sched.set_timesteps(steps or self.cfg.sample_steps, device=device)
         n = len(generators)
-        shape = self.noise_shape(nets, n)
         # One generator per image: an image depends on its own seed only, not on the batch around it.
-        x = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
-        x = x * sched.init_noise_sigma
+        x = randn_tensor(self.noise_shape(nets, n), generator=generators, device=device, dtype=torch.float32)
         g = self.cfg.guidance_scale if guidance is None else guidance
         if self.num_classes:
             if labels is None:
@@ -153,7 +140,12 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
             labels = labels.to(device)
         else:
             labels = None
-        x = denoise(unet, sched, x, labels, self.null_class, g, generator=generators)
+
+        def noise(like):  # fresh noise for stochastic samplers, from the images' own generators
+            return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+
+        x, self.last_nfe = self.form.sample(unet, x, labels, self.null_class, g, sampler or self.cfg.default_sampler,
+                                            steps or self.cfg.sample_steps, generators, noise)
         return self.finish(nets, x)
 
     likelihood = "bound"
@@ -169,6 +161,8 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         """
         from diffusers.utils.torch_utils import randn_tensor
 
+        if self.cfg.formulation != "ddpm":
+            raise ValueError(f"the {self.name} family has a variational bound with model.formulation ddpm only")
         unet = nets["unet"]
         s = self.scheduler
         dev = images.device
@@ -212,6 +206,9 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     def export(self, nets, out_dir):
         from diffusers import DDPMPipeline
 
+        if self.cfg.formulation != "ddpm":  # the U-Net's diffusers folder; its sampler is distgen's
+            backbone(nets["unet"]).save_pretrained(Path(out_dir) / "unet", safe_serialization=True)
+            return
         if self.diffusers_pipeline(nets) is not None:
             raise NotImplementedError(f"the {self.name} family's export is distgen's own diffusers pipeline, "
                                       f"written by distgen.export (diffusers_pipeline)")
@@ -249,7 +246,7 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return {"kind": "diffusion", "shape": list(self.noise_shape(nets, 1)[1:]),
                 "alphas_cumprod": self.scheduler.alphas_cumprod.double().tolist(), "prediction": self.cfg.prediction,
                 "clip_sample": bool(self.scheduler.config.clip_sample),
-                "sampler": self.cfg.sampler if self.cfg.sampler in ("ddpm", "ddim") else "ddim",
+                "sampler": self.cfg.default_sampler if self.cfg.default_sampler in ("ddpm", "ddim") else "ddim",
                 "steps": self.cfg.sample_steps, "num_classes": self.num_classes,
                 "guidance": self.cfg.guidance_scale}
 

@@ -39,7 +39,8 @@ class LatentDiffusion(Diffusion):
     config_cls = LatentDiffusionConfig
 
     def capabilities_off(self):
-        return {Likelihood: "in latent space (the bound of pixel diffusion does not carry over through a decoder)"}
+        return {**super().capabilities_off(),
+                Likelihood: "in latent space (the bound of pixel diffusion does not carry over through a decoder)"}
 
     def scheduler_config(self) -> dict:
         return {**scheduler_kwargs(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]
@@ -65,7 +66,7 @@ class LatentDiffusion(Diffusion):
                               f"multiple of {down}; change data.resolution, the autoencoder or the preset")
         c = ae.config.latent_channels
         kw.update(sample_size=side, in_channels=c, out_channels=c)
-        return {"unet": UNet2DModel(**kw), "ae": ae}
+        return {"unet": self.form.wrap(UNet2DModel(**kw)), "ae": ae}
 
     def ema_networks(self):
         return ["unet"]
@@ -98,6 +99,10 @@ class LatentDiffusion(Diffusion):
         the scheduler into ``LatentDiffusionPipeline`` (shipped in the folder), which decodes to images."""
         return DiffusersPipeline("LatentDiffusionPipeline",
                                  {"vae": nets["ae"], "unet": nets["unet"], "scheduler": self.scheduler})
+
+    def export(self, nets, out_dir):
+        super().export(nets, out_dir)  # edm / flow: the U-Net's folder, unet/ (ddpm ships its pipeline instead)
+        nets["ae"].save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
 
     def load_export(self, out_dir):
         from diffusers import UNet2DModel

@@ -54,8 +54,11 @@ def _text(v) -> str:
 # neither, e.g. a GAN's arch without path length, is no row of its own).
 VARIANTS: tuple[Variant, ...] = (
     Variant("diffusion"),
+    Variant("diffusion", {"formulation": "edm"}),
+    Variant("diffusion", {"formulation": "flow"}),
     # its validation asks for an autoencoder folder, which the table never opens
     Variant("latent_diffusion", needs={"autoencoder": "AE_DIR"}),
+    Variant("latent_diffusion", {"formulation": "edm"}, needs={"autoencoder": "AE_DIR"}),
     Variant("autoencoder"),
     Variant("autoencoder", {"disc_weight": 0.1}),
     Variant("gan"),

@@ -1,0 +1,256 @@
+"""What a diffusion model is trained to predict and how it is sampled, apart from the network that predicts it.
+
+``model.formulation`` picks one of :data:`FORMULATIONS`, which the diffusion families
+(:mod:`distgen.families.diffusion`, and latent diffusion through it) delegate to:
+
+- ``ddpm`` (Ho et al. 2020): discrete timesteps of a diffusers DDPMScheduler, epsilon or v prediction, sampled by
+  diffusers' DDPM / DDIM / DPM-Solver++ schedulers; the behaviour distgen always had, bit for bit.
+- ``edm`` (Karras et al. 2022): the network F inside sigma-preconditioning, D(x; sigma) = c_skip x + c_out
+  F(c_in x; c_noise), trained at sigma = exp(N(P_mean, P_std^2)) with weight lambda(sigma) = (sigma^2 +
+  sigma_d^2) / (sigma sigma_d)^2, optionally with EDM2's learned uncertainty u(sigma) (lambda / e^u x L + u);
+  sampled on Karras' sigmas by Euler, Heun or DPM-Solver++(2M) (:mod:`distgen.families.karras`).
+- ``flow`` (rectified flow / flow matching, Lipman et al. 2023, Liu et al. 2023; SD3, Esser et al. 2024):
+  x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0 at t drawn uniform or logit-normal and shifted;
+  sampled by Euler or Heun on dx/dt = v from t = 1 to 0.
+
+Every network call goes through one convention, diffusers' ``net(x, noise_cond, class_labels=labels).sample``
+(:func:`distgen.families.denoising.guided_prediction` for classifier-free guidance): a backbone that takes it
+(UNet2DModel today, a DiT or EDM2 U-Net next) works with every formulation. The formulation says what
+``noise_cond`` is: DDPM's integer timestep, EDM's c_noise = ln(sigma) / 4, flow's 1000 t.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distgen.config.formulations import FORMULATIONS as FORMULATION_CONFIGS
+from distgen.families.denoising import denoise, guided_prediction
+from distgen.families.karras import EDM_SAMPLERS, FLOW_SAMPLERS, flow_times, karras_sigmas, shift_time
+
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+FLOW_T_SCALE = 1000.0  # the network sees 1000 t, as diffusers' flow-matching schedulers feed their timesteps
+
+
+def make_sampler(name: str, train_scheduler):
+    """A diffusers sampling scheduler sharing the training noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddpm":
+        return DDPMScheduler.from_config(train_scheduler.config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(train_scheduler.config)
+    if name == "dpmsolver":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
+    raise ValueError(f"sampler must be one of {', '.join(DDPM_SAMPLERS)}, got {name!r}")
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(a.float(), b.float(), reduction="none").mean(dim=tuple(range(1, a.dim())))
+
+
+class Formulation:
+    """One formulation: :meth:`draw` the training noise (before the labels' dropout draws, keeping DDPM's order of
+    random draws), :meth:`loss` per sample, and :meth:`sample` from standard normal noise."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.samplers = FORMULATION_CONFIGS[self.name].samplers
+
+    def wrap(self, unet: nn.Module) -> nn.Module:
+        """The network trained (the backbone, or a module around it with more that is trained with it)."""
+        return unet
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    def loss(self, net, drawn: dict, labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def steps_problem(self, steps: int) -> Optional[str]:
+        """Why ``--steps`` cannot be ``steps`` (None: it can)."""
+        return None if steps >= 1 else f"must be >= 1, got {steps}"
+
+    def sample(self, net, x: torch.Tensor, labels, null_class, guidance: float, sampler: str, steps: int,
+               generators=None, noise=None) -> tuple[torch.Tensor, int]:
+        """``x`` (standard normal noise) carried to the data by ``sampler`` in ``steps`` steps; with the number of
+        network evaluations (NFE). ``noise(x)`` draws fresh noise like x (stochastic samplers)."""
+        raise NotImplementedError
+
+
+class DDPM(Formulation):
+    name = "ddpm"
+
+    def __init__(self, cfg, scheduler):
+        super().__init__(cfg)
+        self.scheduler = scheduler
+
+    def draw(self, x0, generator):
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        return {"x0": x0, "t": t, "noise": noise, "xt": self.scheduler.add_noise(x0, noise, t)}
+
+    def loss(self, net, drawn, labels):
+        pred = net(drawn["xt"], drawn["t"], class_labels=labels).sample
+        if self.cfg.prediction == "epsilon":
+            target = drawn["noise"]
+        else:
+            target = self.scheduler.get_velocity(drawn["x0"], drawn["noise"], drawn["t"])
+        return per_sample_mse(pred, target), {}
+
+    def steps_problem(self, steps):
+        n = self.cfg.num_train_timesteps
+        return None if 1 <= steps <= n else f"must be in [1, {n}] (the model's training timesteps), got {steps}"
+
+    def sample(self, net, x, labels, null_class, guidance, sampler, steps, generators=None, noise=None):
+        sched = make_sampler(sampler, self.scheduler)
+        sched.set_timesteps(steps, device=x.device)
+        x = denoise(net, sched, x * sched.init_noise_sigma, labels, null_class, guidance, generator=generators)
+        return x, len(sched.timesteps)
+
+
+class UncertaintyOutput(NamedTuple):
+    sample: torch.Tensor
+    logvar: torch.Tensor  # [B]: EDM2's u(sigma)
+
+
+class WithUncertainty(nn.Module):
+    """A backbone and EDM2's learned loss weighting u(sigma) = linear(Fourier features of c_noise) (Karras et al.
+    2024, sec. 5), one module so that it is trained, averaged, saved and resumed with the network. Called as the
+    backbone is; the output's ``sample`` is the backbone's, ``logvar`` u per image. The linear map starts at 0:
+    u = 0, the plain EDM loss."""
+
+    def __init__(self, unet: nn.Module, channels: int = 128):
+        super().__init__()
+        self.unet = unet
+        g = torch.Generator().manual_seed(0)  # fixed features: every build of the network has the same
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, class_labels=None):
+        out = self.unet(x, t, class_labels=class_labels).sample
+        c = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+        fourier = torch.cos(c[:, None] * self.freqs + self.phases) * math.sqrt(2)
+        return UncertaintyOutput(out, self.linear(fourier).reshape(-1))
+
+
+def backbone(net: nn.Module) -> nn.Module:
+    """The backbone inside what :meth:`Formulation.wrap` made of it."""
+    return net.unet if isinstance(net, WithUncertainty) else net
+
+
+class EDM(Formulation):
+    name = "edm"
+
+    def wrap(self, unet):
+        return WithUncertainty(unet) if self.cfg.edm_uncertainty else unet
+
+    def coefficients(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (EDM's Table 1)."""
+        sd2 = self.cfg.sigma_data ** 2
+        root = (sigma ** 2 + sd2).sqrt()
+        return sd2 / (sigma ** 2 + sd2), sigma * self.cfg.sigma_data / root, 1 / root, sigma.log() / 4
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2: the effective target of F at unit weight."""
+        return (sigma ** 2 + self.cfg.sigma_data ** 2) / (sigma * self.cfg.sigma_data) ** 2
+
+    def precondition(self, net, x, sigma, labels=None):
+        """D(x; sigma) and the network's output, ``sigma`` [B, 1, 1, 1] (or 0-dim: one for the batch)."""
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        out = net(c_in * x, c_noise.reshape(-1) if sigma.dim() else c_noise, class_labels=labels)
+        return c_skip * x + c_out * out.sample.to(x.dtype), out
+
+    def draw(self, x0, generator):
+        b = x0.shape[0]
+        z = torch.randn((b, 1, 1, 1), device=x0.device, generator=generator)
+        sigma = (z * self.cfg.p_std + self.cfg.p_mean).exp()
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        return {"x0": x0, "sigma": sigma, "x": x0 + sigma.to(x0.dtype) * noise}
+
+    def loss(self, net, drawn, labels):
+        sigma = drawn["sigma"]
+        d, out = self.precondition(net, drawn["x"], sigma.to(drawn["x"].dtype), labels)
+        loss = self.weight(sigma.reshape(-1)) * per_sample_mse(d, drawn["x0"])
+        if self.cfg.edm_uncertainty:
+            u = out.logvar.float()
+            return loss / u.exp() + u, {"uncertainty": u.detach().mean()}
+        return loss, {}
+
+    def denoiser(self, net, labels=None, null_class=None, guidance=1.0):
+        """D(x, sigma) at a float sigma, classifier-free guided: the guided F through the preconditioning
+        (D is affine in F, so this is D_uncond + w (D_cond - D_uncond))."""
+        def d(x, sigma):
+            s = torch.tensor(sigma, dtype=x.dtype, device=x.device)
+            c_skip, c_out, c_in, c_noise = self.coefficients(s)
+            return c_skip * x + c_out * guided_prediction(net, c_in * x, c_noise, labels, null_class,
+                                                          guidance).to(x.dtype)
+        return d
+
+    def sigmas(self, steps: int) -> list[float]:
+        return karras_sigmas(steps, self.cfg.sigma_min, self.cfg.sigma_max, self.cfg.rho)
+
+    def sample(self, net, x, labels, null_class, guidance, sampler, steps, generators=None, noise=None):
+        sigmas = self.sigmas(steps)
+        c = self.cfg
+        churn = dict(s_churn=c.s_churn, s_min=c.s_min, s_max=c.s_max, s_noise=c.s_noise, noise=noise)
+        fn = EDM_SAMPLERS[sampler]
+        return fn(self.denoiser(net, labels, null_class, guidance), x * sigmas[0], sigmas,
+                  **(churn if sampler != "dpmpp_2m" else {}))
+
+
+class Flow(Formulation):
+    name = "flow"
+
+    def times(self, b: int, device, generator) -> torch.Tensor:
+        """Training times [B]: uniform or logit-normal (SD3), then shifted."""
+        if self.cfg.flow_t == "uniform":
+            t = torch.rand((b,), device=device, generator=generator)
+        else:
+            z = torch.randn((b,), device=device, generator=generator)
+            t = torch.sigmoid(self.cfg.flow_mean + self.cfg.flow_std * z)
+        return shift_time(t, self.cfg.flow_shift)
+
+    def draw(self, x0, generator):
+        t = self.times(x0.shape[0], x0.device, generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        tt = t.reshape(-1, 1, 1, 1).to(x0.dtype)
+        return {"x0": x0, "t": t, "eps": eps, "xt": (1 - tt) * x0 + tt * eps}
+
+    def loss(self, net, drawn, labels):
+        v = net(drawn["xt"], drawn["t"] * FLOW_T_SCALE, class_labels=labels).sample
+        return per_sample_mse(v, drawn["eps"] - drawn["x0"]), {}
+
+    def velocity(self, net, labels=None, null_class=None, guidance=1.0):
+        """v(x, t) at a float t, classifier-free guided."""
+        def v(x, t):
+            tt = torch.tensor(t * FLOW_T_SCALE, dtype=x.dtype, device=x.device)
+            return guided_prediction(net, x, tt, labels, null_class, guidance).to(x.dtype)
+        return v
+
+    def sample(self, net, x, labels, null_class, guidance, sampler, steps, generators=None, noise=None):
+        return FLOW_SAMPLERS[sampler](self.velocity(net, labels, null_class, guidance), x,
+                                      flow_times(steps, self.cfg.flow_shift))
+
+
+FORMULATIONS: dict[str, type[Formulation]] = {f.name: f for f in (DDPM, EDM, Flow)}
+
+
+def formulation(cfg, scheduler) -> Formulation:
+    """The formulation ``cfg.formulation`` names (DDPM gets the family's training scheduler)."""
+    cls = FORMULATIONS[cfg.formulation]
+    return cls(cfg, scheduler) if cls is DDPM else cls(cfg)
