@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -419,6 +420,9 @@ def test_config_defaults():
 @pytest.mark.e2e
 @pytest.mark.parametrize("form", ["edm", "flow"])
 def test_each_formulation_trains_resumes_exactly_and_samples_through_the_cli(form, tmp_path, fm_test_shards, env):
+    """One process on the tiny preset: 6 steps straight and 3 + a resume to 6 end bit for bit the same (EDM2's
+    uncertainty included); `distgen sample` prints the NFE, refuses another formulation's sampler naming --sampler,
+    and an export samples what its run folder does. (2 processes and ZeRO-2/3: tests/matrix.py's MODELS.)"""
     import yaml
     from matrix import differences
     from test_train import family_config, run
@@ -433,13 +437,20 @@ def test_each_formulation_trains_resumes_exactly_and_samples_through_the_cli(for
         for stop in stops:
             run([sys.executable, "-m", "distgen", "train", str(path), f"train.max_steps={stop}"], env)
         dirs[name] = yaml.safe_load(path.read_text())["run"]["dir"]
-    from pathlib import Path
-
     a, b = (Path(dirs[k]) / "checkpoints" / "step-00000006" for k in "ab")
     assert differences(a, b) == []
     r = run([sys.executable, "-m", "distgen", "sample", dirs["b"], "--num", "2", "--out", str(tmp_path / "s.png"),
              "--steps", "4"], env)
     assert f"NFE {7 if form == 'edm' else 4}" in r.stdout, r.stdout
+    # the export (the U-Net's diffusers folder: the EMA backbone, without EDM2's uncertainty, which sampling
+    # does not use) samples the same images as the run folder it came from
+    import numpy as np
+
+    run([sys.executable, "-m", "distgen", "export", dirs["b"], str(tmp_path / "export")], env)
+    assert (tmp_path / "export" / "unet" / "config.json").is_file()
+    for src, out in ((dirs["b"], "run.npz"), (str(tmp_path / "export"), "export.npz")):
+        run([sys.executable, "-m", "distgen", "sample", src, "--num", "2", "--out", str(tmp_path / out)], env)
+    assert (np.load(tmp_path / "run.npz")["x"] == np.load(tmp_path / "export.npz")["x"]).all()
     bad = run([sys.executable, "-m", "distgen", "sample", dirs["b"], "--num", "2", "--out",
                str(tmp_path / "t.png"), "--sampler", "ddim"], env, check=False)
     assert bad.returncode != 0 and "--sampler" in bad.stdout + bad.stderr
