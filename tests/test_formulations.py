@@ -454,3 +454,29 @@ def test_each_formulation_trains_resumes_exactly_and_samples_through_the_cli(for
     bad = run([sys.executable, "-m", "distgen", "sample", dirs["b"], "--num", "2", "--out",
                str(tmp_path / "t.png"), "--sampler", "ddim"], env, check=False)
     assert bad.returncode != 0 and "--sampler" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("form", ["edm", "flow"])
+def test_latent_diffusion_takes_each_formulation_guided_and_its_export_samples_the_same(form, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from distgen.export.native import write_format
+    from distgen.families import FAMILIES
+    from distgen.families.autoencoder import autoencoder_kwargs
+
+    torch.manual_seed(0)
+    AutoencoderKL(**autoencoder_kwargs("tiny", 1, 16), scaling_factor=0.7).save_pretrained(tmp_path / "ae")
+    cls = FAMILIES["latent_diffusion"]
+    model = {"family": "latent_diffusion", "preset": "tiny", "formulation": form, "autoencoder": str(tmp_path / "ae"),
+             "sample_steps": 2, "class_conditional": True, "edm_uncertainty": form == "edm"}
+    fam = cls(build_dataclass(cls.config_cls, model, "model"), DataInfo(16, 1, 3))
+    nets = fam.build_networks()
+    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "label": torch.tensor([0, 2])}
+    loss, _ = fam.loss(None, nets, batch, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    x = fam.sample(nets, gens(), guidance=2.0)
+    assert fam.last_nfe == (3 if form == "edm" else 2)  # Heun's 2 steps: 2 x 2 - 1; flow's Euler: 2
+    write_format(tmp_path / "export", fam, nets)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["unet", "vae"]
+    assert torch.equal(fam.sample(fam.load_export(tmp_path / "export"), gens(), guidance=2.0), x)
