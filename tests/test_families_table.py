@@ -36,9 +36,10 @@ CLASSES = 10  # Fashion-MNIST's, as tests/matrix.py's runs train on
 # each evaluation metric of a test-split pass and the capability (table column) it needs
 EVAL_METRICS = {"bpd": Likelihood, "recon": Reconstructs, "accuracy": Classifies}
 # Settings that change no capability and make a check cheap: a diffusion bound sums over every timestep (1000 by
-# default; 20 as tests/test_eval.py's run), a score model's bound is an adaptive ODE solve (to 1e-5 by default)
+# default; 20 as tests/test_eval.py's run), a score model's bound is an adaptive ODE solve (to 1e-5 by default), as
+# are edm's and flow's
 FAST = {"diffusion": {"num_train_timesteps": 20}, "latent_diffusion": {"num_train_timesteps": 20},
-        "score-ve": {"ode_tol": 1e-2}}
+        "score-ve": {"ode_tol": 1e-2}, "diffusion-edm": {"ode_tol": 1e-2}, "diffusion-flow": {"ode_tol": 1e-2}}
 
 
 # --------------------------------------------------------------------------- the command and its copy in the docs

@@ -39,13 +39,26 @@ class FormulationConfig:
 class DDPMFormulationConfig(FormulationConfig):
     def validate(self, cfg: Any, path: str) -> None:
         super().validate(cfg, path)
+        for name, default in (("ode_tol", 1e-5), ("probes", 1)):  # edm and flow's, both
+            check(getattr(cfg, name) == default, f"{path}.{name}",
+                  "the probability-flow ODE's bits/dim is for formulation edm and flow; ddpm has a variational bound")
         check(cfg.num_train_timesteps >= 2, f"{path}.num_train_timesteps", "must be >= 2")
         check(1 <= cfg.sample_steps <= cfg.num_train_timesteps, f"{path}.sample_steps",
               f"must be in [1, num_train_timesteps], got {cfg.sample_steps}")
 
 
 @dataclass(frozen=True)
-class EDMFormulationConfig(FormulationConfig):
+class ODEFormulationConfig(FormulationConfig):
+    """A formulation with a probability-flow ODE: bits/dim through it (ode_tol, probes)."""
+
+    def validate(self, cfg: Any, path: str) -> None:
+        super().validate(cfg, path)
+        check(0 < cfg.ode_tol < 1, f"{path}.ode_tol", f"must be in (0, 1), got {cfg.ode_tol}")
+        check(cfg.probes >= 1, f"{path}.probes", f"must be >= 1, got {cfg.probes}")
+
+
+@dataclass(frozen=True)
+class EDMFormulationConfig(ODEFormulationConfig):
     def validate(self, cfg: Any, path: str) -> None:
         super().validate(cfg, path)
         for name in ("sigma_data", "p_std", "sigma_min", "rho", "s_noise"):
@@ -61,7 +74,7 @@ class EDMFormulationConfig(FormulationConfig):
 
 
 @dataclass(frozen=True)
-class FlowFormulationConfig(FormulationConfig):
+class FlowFormulationConfig(ODEFormulationConfig):
     def validate(self, cfg: Any, path: str) -> None:
         super().validate(cfg, path)
         check(cfg.flow_std > 0, f"{path}.flow_std", f"must be > 0, got {cfg.flow_std}")

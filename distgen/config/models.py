@@ -56,7 +56,11 @@ class DiffusionConfig(ModelConfig):
     flow_mean: float = 0.0  # logit_normal's
     flow_std: float = 1.0
     flow_shift: float = 1.0  # t <- s t / (1 + (s - 1) t), in training and sampling (1: none)
-    sampling_fields = ("sampler", "sample_steps", "guidance_scale", "s_churn", "s_min", "s_max", "s_noise")
+    # -- edm, flow: bits/dim through the probability-flow ODE
+    ode_tol: float = 1e-5  # RK45's rtol = atol (score_sde's 1e-5)
+    probes: int = 1  # Hutchinson probes per image (--probes)
+    sampling_fields = ("sampler", "sample_steps", "guidance_scale", "s_churn", "s_min", "s_max", "s_noise", "ode_tol",
+                       "probes")
 
     def validate(self, path: str) -> None:
         check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")

@@ -10,6 +10,7 @@ drops labels to a null class with probability ``label_dropout`` so that classifi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -59,9 +60,7 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         f = self.cfg.formulation
         if f == "ddpm":
             return {}
-        return {Likelihood: f"with model.formulation {f} (the variational bound is DDPM's; the probability-flow "
-                            f"ODE's likelihood is not wired for it)",
-                ExportsDiffusers: f"with model.formulation {f} (its samplers are distgen's; the export is the "
+        return {ExportsDiffusers: f"with model.formulation {f} (its samplers are distgen's; the export is the "
                                   f"U-Net's diffusers folder alone, unet/)",
                 ExportsOnnx: f"with model.formulation {f} (sample_onnx.py has only DDPM's samplers)"}
 
@@ -149,9 +148,34 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return self.finish(nets, x)
 
     likelihood = "bound"
+    likelihood_options = ("probes",)  # edm / flow: Hutchinson probes of the ODE's divergence
+
+    def check_likelihood_options(self, options):
+        given = super().check_likelihood_options(options)
+        if given and self.cfg.formulation == "ddpm":
+            raise ValueError("--probes: the variational bound of model.formulation ddpm takes no probes (edm and "
+                             "flow's probability-flow ODE does)")
+        return given
+
+    def log_likelihood(self, nets, images, labels, generators, probes=None):
+        """log p(x) in nats per image: ddpm's variational bound (:meth:`variational_bound`); edm / flow: the
+        probability-flow ODE's, of the dequantised image y = 2 (x + u) / 256 - 1 (u ~ U[0, 1)^D from the
+        image's generator, then ``probes`` Rademacher probes from it), log P(x) >= E_u log p(y) - D log 128."""
+        if not self.num_classes:
+            labels = None  # the data may be labelled; an unconditional model ignores it
+        elif labels is None:
+            raise ValueError("a class-conditional model needs the labels of the images it scores")
+        if self.cfg.formulation == "ddpm":
+            return self.variational_bound(nets, images, labels, generators)
+        from distgen.families.ode import dequantize, per_image
+
+        y = (dequantize(images, generators) * 2 - 1).float()
+        v = per_image("rademacher", generators, (probes or self.cfg.probes, *y.shape[1:]), y.device)
+        logp = self.form.log_density(nets["unet"], y, labels, v, self.cfg.ode_tol)
+        return logp - y[0].numel() * math.log(128)
 
     @torch.no_grad()
-    def log_likelihood(self, nets, images, labels, generators):
+    def variational_bound(self, nets, images, labels, generators):
         """The variational lower bound on log p(x) (Ho et al. 2020, eq. 5), in nats per image.
 
         Every timestep's KL term with the fixed-small reverse variance, the
@@ -161,8 +185,6 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         """
         from diffusers.utils.torch_utils import randn_tensor
 
-        if self.cfg.formulation != "ddpm":
-            raise ValueError(f"the {self.name} family has a variational bound with model.formulation ddpm only")
         unet = nets["unet"]
         s = self.scheduler
         dev = images.device
@@ -174,10 +196,6 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
         coef1 = betas * abar_prev.sqrt() / (1 - abar)
         coef2 = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
-        if not self.num_classes:
-            labels = None  # the data may be labelled; an unconditional model ignores it
-        elif labels is None:
-            raise ValueError("a class-conditional model needs the labels of the images it scores")
         x0d = x0.double()
         total = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev)
         for t in range(self.cfg.num_train_timesteps):

@@ -31,6 +31,7 @@ from torch import nn
 from distgen.config.formulations import FORMULATIONS as FORMULATION_CONFIGS
 from distgen.families.denoising import denoise, guided_prediction
 from distgen.families.karras import EDM_SAMPLERS, FLOW_SAMPLERS, flow_times, karras_sigmas, shift_time
+from distgen.families.ode import hutchinson_divergence, rk45
 
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 FLOW_T_SCALE = 1000.0  # the network sees 1000 t, as diffusers' flow-matching schedulers feed their timesteps
@@ -82,6 +83,30 @@ class Formulation:
         """``x`` (standard normal noise) carried to the data by ``sampler`` in ``steps`` steps; with the number of
         network evaluations (NFE). ``noise(x)`` draws fresh noise like x (stochastic samplers)."""
         raise NotImplementedError
+
+    def flow_ode(self, net, labels):
+        """The probability-flow ODE as (drift(x, s, rows), s_data, s_prior, prior_logp(z) per image): dx/ds from
+        the data's end to the prior's, each row of x at its own s [b] (``rows`` indexes the batch)."""
+        raise NotImplementedError
+
+    def log_density(self, net, y: torch.Tensor, labels, probes: torch.Tensor, tol: float) -> torch.Tensor:
+        """log p(y) in nats per image of continuous ``y`` (the model's data space) by the instantaneous change
+        of variables along the probability-flow ODE, log p(y) = log p_prior(x(s_prior)) + int div drift ds, the
+        divergence by Hutchinson's estimator with ``probes`` [B, K, *y] held through the solve (rk45 at ``tol``)."""
+        drift, a, b, prior_logp = self.flow_ode(net, labels)
+        shape, d = y.shape, y[0].numel()
+
+        def f(state, s, rows):
+            with torch.enable_grad():
+                x = state[:, :d].view(-1, *shape[1:]).to(y.dtype).requires_grad_(True)
+                out = drift(x, s.to(y.dtype), rows)
+                div = hutchinson_divergence(out, x, probes[rows].to(y.dtype))
+            return torch.cat([out.detach().double().flatten(1), div.detach().double()[:, None]], 1)
+
+        with torch.autocast(y.device.type, enabled=False):
+            out = rk45(f, torch.cat([y.double().flatten(1), y.new_zeros(len(y), 1, dtype=torch.float64)], 1),
+                       a, b, tol, what="the probability-flow ODE (model.ode_tol)")
+        return prior_logp(out[:, :d]) + out[:, d]
 
 
 class DDPM(Formulation):
@@ -201,6 +226,18 @@ class EDM(Formulation):
                                                           guidance).to(x.dtype)
         return d
 
+    def flow_ode(self, net, labels):
+        """In s = ln sigma from sigma_min to sigma_max: dx/ds = x - D(x; e^s); the prior N(0, sigma_max^2 I), the
+        noise the samplers start from."""
+        def drift(x, s, rows):
+            d, _ = self.precondition(net, x, s.exp().reshape(-1, *[1] * (x.dim() - 1)),
+                                     None if labels is None else labels[rows])
+            return x - d
+
+        smax = self.cfg.sigma_max
+        return (drift, math.log(self.cfg.sigma_min), math.log(smax),
+                lambda z: -0.5 * (z.pow(2).sum(1) / smax ** 2 + z.shape[1] * math.log(2 * math.pi * smax ** 2)))
+
     def sigmas(self, steps: int) -> list[float]:
         return karras_sigmas(steps, self.cfg.sigma_min, self.cfg.sigma_max, self.cfg.rho)
 
@@ -241,6 +278,13 @@ class Flow(Formulation):
             tt = torch.tensor(t * FLOW_T_SCALE, dtype=x.dtype, device=x.device)
             return guided_prediction(net, x, tt, labels, null_class, guidance).to(x.dtype)
         return v
+
+    def flow_ode(self, net, labels):
+        """In t from 0 (the data) to 1: dx/dt = v(x, t); the prior N(0, I)."""
+        def drift(x, t, rows):
+            return net(x, t * FLOW_T_SCALE, class_labels=None if labels is None else labels[rows]).sample.to(x.dtype)
+
+        return drift, 0.0, 1.0, lambda z: -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
 
     def sample(self, net, x, labels, null_class, guidance, sampler, steps, generators=None, noise=None):
         return FLOW_SAMPLERS[sampler](self.velocity(net, labels, null_class, guidance), x,
