@@ -364,15 +364,33 @@ def test_ddpm_samples_are_bit_identical_to_the_code_before_formulations(sampler)
 
 
 # --------------------------------------------------------------------------- the family, its options and config
+class TensorOut(nn.Module):
+    """A backbone that returns its prediction as a plain tensor (distgen.families.backbones' convention)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, cond, class_labels=None):
+        return self.net(x, cond, class_labels).sample
+
+
 def test_the_family_samples_each_formulation_and_counts_network_evaluations():
     for form, sampler, steps, nfe in (("edm", "heun", 5, 9), ("edm", "euler", 5, 5), ("edm", "dpmpp_2m", 5, 5),
                                       ("flow", "euler", 4, 4), ("flow", "heun", 4, 8)):
         fam = Diffusion(cfg(formulation=form), DataInfo(4, 1, 0))
         net = GaussianF() if form == "edm" else GaussianV()
-        out = fam.sample({"unet": net}, [torch.Generator().manual_seed(i) for i in range(2)], steps=steps,
-                         sampler=sampler)
-        assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
-        assert fam.last_nfe == nfe, (form, sampler)
+        images = []
+        for n in (net, TensorOut(net)):  # either return convention, the same images
+            images.append(fam.sample({"unet": n}, [torch.Generator().manual_seed(i) for i in range(2)], steps=steps,
+                                     sampler=sampler))
+            assert fam.last_nfe == nfe, (form, sampler)
+        assert images[0].shape == (2, 1, 4, 4) and torch.isfinite(images[0]).all()
+        assert torch.equal(images[0], images[1])
+        x0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        losses = [fam.form.loss(n, fam.form.draw(x0, torch.Generator().manual_seed(1)), None)[0]
+                  for n in (net, TensorOut(net))]
+        assert torch.equal(*losses)
 
 
 def test_a_sampler_of_another_formulation_is_refused_naming_the_flag_and_the_allowed_ones():

@@ -16,12 +16,14 @@ import torch
 def guided_prediction(unet, x, t, labels=None, null_class=None, guidance=1.0):
     """The U-Net's prediction at ``x`` [B, ...] and step ``t``; for class ``labels`` and a guidance weight other
     than 1, uncond + w (cond - uncond), the unconditional pass given the ``null_class`` label its training dropped
-    labels to (both passes in one batch of 2B)."""
+    labels to (both passes in one batch of 2B). The network returns a tensor or diffusers' output (``.sample``)."""
     if labels is not None and guidance != 1.0:
         null = torch.full_like(labels, null_class)
-        cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+        out = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null]))
+        cond, uncond = (out if isinstance(out, torch.Tensor) else out.sample).chunk(2)
         return uncond + guidance * (cond - uncond)
-    return unet(x, t, class_labels=labels).sample
+    out = unet(x, t, class_labels=labels)
+    return out if isinstance(out, torch.Tensor) else out.sample
 
 
 def denoise(unet, scheduler, x, labels=None, null_class=None, guidance=1.0, generator=None, progress=None):

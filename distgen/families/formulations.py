@@ -13,7 +13,9 @@
   x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0 at t drawn uniform or logit-normal and shifted;
   sampled by Euler or Heun on dx/dt = v from t = 1 to 0.
 
-Every network call goes through one convention, diffusers' ``net(x, noise_cond, class_labels=labels).sample``
+Every network call goes through one convention, ``net(x, noise_cond, class_labels=labels)`` returning the
+prediction as a tensor (the backbones of :mod:`distgen.families.backbones`) or as diffusers' output with
+``.sample`` (UNet2DModel as the family builds it), read by :func:`prediction`
 (:func:`distgen.families.denoising.guided_prediction` for classifier-free guidance): a backbone that takes it
 (UNet2DModel today, a DiT or EDM2 U-Net next) works with every formulation. The formulation says what
 ``noise_cond`` is: DDPM's integer timestep, EDM's c_noise = ln(sigma) / 4, flow's 1000 t.
@@ -48,6 +50,11 @@ def make_sampler(name: str, train_scheduler):
     if name == "dpmsolver":
         return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
     raise ValueError(f"sampler must be one of {', '.join(DDPM_SAMPLERS)}, got {name!r}")
+
+
+def prediction(out) -> torch.Tensor:
+    """A network's prediction from what it returned: a tensor, or diffusers' output (``.sample``)."""
+    return out if isinstance(out, torch.Tensor) else out.sample
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,7 +130,7 @@ class DDPM(Formulation):
         return {"x0": x0, "t": t, "noise": noise, "xt": self.scheduler.add_noise(x0, noise, t)}
 
     def loss(self, net, drawn, labels):
-        pred = net(drawn["xt"], drawn["t"], class_labels=labels).sample
+        pred = prediction(net(drawn["xt"], drawn["t"], class_labels=labels))
         if self.cfg.prediction == "epsilon":
             target = drawn["noise"]
         else:
@@ -167,7 +174,7 @@ class WithUncertainty(nn.Module):
         return self.unet.config
 
     def forward(self, x, t, class_labels=None):
-        out = self.unet(x, t, class_labels=class_labels).sample
+        out = prediction(self.unet(x, t, class_labels=class_labels))
         c = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
         fourier = torch.cos(c[:, None] * self.freqs + self.phases) * math.sqrt(2)
         return UncertaintyOutput(out, self.linear(fourier).reshape(-1))
@@ -198,7 +205,7 @@ class EDM(Formulation):
         """D(x; sigma) and the network's output, ``sigma`` [B, 1, 1, 1] (or 0-dim: one for the batch)."""
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         out = net(c_in * x, c_noise.reshape(-1) if sigma.dim() else c_noise, class_labels=labels)
-        return c_skip * x + c_out * out.sample.to(x.dtype), out
+        return c_skip * x + c_out * prediction(out).to(x.dtype), out
 
     def draw(self, x0, generator):
         b = x0.shape[0]
@@ -269,7 +276,7 @@ class Flow(Formulation):
         return {"x0": x0, "t": t, "eps": eps, "xt": (1 - tt) * x0 + tt * eps}
 
     def loss(self, net, drawn, labels):
-        v = net(drawn["xt"], drawn["t"] * FLOW_T_SCALE, class_labels=labels).sample
+        v = prediction(net(drawn["xt"], drawn["t"] * FLOW_T_SCALE, class_labels=labels))
         return per_sample_mse(v, drawn["eps"] - drawn["x0"]), {}
 
     def velocity(self, net, labels=None, null_class=None, guidance=1.0):
@@ -282,7 +289,8 @@ class Flow(Formulation):
     def flow_ode(self, net, labels):
         """In t from 0 (the data) to 1: dx/dt = v(x, t); the prior N(0, I)."""
         def drift(x, t, rows):
-            return net(x, t * FLOW_T_SCALE, class_labels=None if labels is None else labels[rows]).sample.to(x.dtype)
+            out = net(x, t * FLOW_T_SCALE, class_labels=None if labels is None else labels[rows])
+            return prediction(out).to(x.dtype)
 
         return drift, 0.0, 1.0, lambda z: -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
 
