@@ -123,7 +123,7 @@ def test_edm2_network_blocks_stay_near_unit_magnitude_at_init():
     """Every block of a fresh network, in place, on noise: magnitudes within [0.6, 1.4]. Not closer: one network
     is one weight draw (+-0.1 between draws), and the decoder's blocks at 8x8 and after drift to ~0.8 on
     average, 3x3 zero padding costing ~30% of the residual branch's energy at 8x8 with no pixel norm in the
-    decoder to restore it (what the paper's networks at 64x64 latents also do at their 8x8 level)."""
+    decoder to restore it (the paper's sizes have an 8x8 level too; not measured here)."""
     torch.manual_seed(5)
     net = EDM2UNet(1, 32, 10, **EDM2_PRESETS["small"]).eval()
     outs = _block_outputs(net, torch.randn(16, 1, 32, 32, generator=gen(6)), torch.randn(16, generator=gen(7)))
