@@ -424,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         # finished outputs and checkpoints stay.
         print(f"\ndistgen: interrupted (SIGINT): {' '.join(argv[:2]) or 'distgen'} stopped; unfinished files "
               f"removed, finished ones kept", file=sys.stderr)
+        # CPython records a KeyboardInterrupt that leaves code run by exec() of a string (dataclasses build their
+        # methods so while modules import) as unhandled even once it is caught here, and then ends `python -m`
+        # by SIGINT instead of with 130 (1 Ctrl-C in ~9 at start-up). Each such exec() clears the record as it
+        # starts, so one that completes leaves it cleared.
+        exec("None")
         return 130
     finally:
         # Leave the process group, if the command joined one; a command that never imported distgen.dist

@@ -548,3 +548,26 @@ def test_the_family_scores_dequantised_images_in_pixel_units():
     with pytest.raises(ValueError, match="--probes: the variational bound of model.formulation ddpm"):
         Diffusion(cfg(), DataInfo(2, 1, 0)).check_likelihood_options({"probes": 2})
     assert fam.check_likelihood_options({"probes": 2}) == {"probes": 2}
+
+
+@pytest.mark.parametrize("form", ["ddpm", "edm", "flow"])
+@pytest.mark.parametrize("name", ["unet", "dit", "edm2"])
+def test_every_backbone_trains_and_samples_guided_in_every_formulation(name, form):
+    """distgen.families.backbones' networks (tensor outputs) through each formulation's loss, its gradient and its
+    guided sampler (EDM with EDM2's uncertainty around the backbone)."""
+    from distgen.families.backbones import build_backbone
+    from distgen.families.diffusion import PRESETS
+
+    fam = Diffusion(cfg(formulation=form, class_conditional=True, sample_steps=2, edm_uncertainty=form == "edm"),
+                    DataInfo(8, 1, 3))
+    torch.manual_seed(0)
+    net = fam.form.wrap(build_backbone(name, 1, 8, 3, PRESETS["tiny"] if name == "unet" else "tiny"))
+    batch = {"image": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+             "label": torch.tensor([0, 2])}
+    loss, _ = fam.loss(None, {"unet": net}, batch, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    x = fam.sample({"unet": net}, [torch.Generator().manual_seed(i) for i in range(2)], guidance=2.0)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    assert fam.last_nfe == {"ddpm": 2, "edm": 3, "flow": 2}[form]
