@@ -14,6 +14,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distgen.data import write_shards
+from distgen.evaluate import passes
 from distgen.evaluate.extractors import write_random_inception
 from distgen.sample import generate, load_ema, sample_command
 from conftest import REPO
@@ -322,7 +323,7 @@ def test_real_images_read_at_another_size_are_at_the_floor_against_themselves(do
                                 cache_dir=str(tmp_path / "cache")), log=logs.append)
         reference = ev.reference(DataConfig(resolution=model_res, channels=1))
         b = ev.spec.batch_size
-        idx, feats = ev._extract([(np.arange(i, min(i + b, len(images))), images[i:i + b])
+        idx, feats = passes.extract(ev.extractor, [(np.arange(i, min(i + b, len(images))), images[i:i + b])
                                   for i in range(0, len(images), b)])
         gen = {k: torch.cat(v) for k, v in feats.items()}
         layer = ev.extractor.layers["fid"]

@@ -100,7 +100,6 @@ FORMULATIONS: dict[str, FormulationConfig] = {f.name: f for f in (
     FlowFormulationConfig("flow", ("euler", "heun"), _FLOW_FIELDS),
 )}
 # Every sampler of some formulation (``distgen sample --sampler`` choices)
-ALL_SAMPLERS: tuple[str, ...] = tuple(dict.fromkeys(s for f in FORMULATIONS.values() for s in f.samplers))
 
 
 def check_formulation_fields(cfg: Any, path: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
 from distgen import dist
@@ -29,11 +28,11 @@ from distgen.evaluate import classify, likelihood, passes, recon, translation
 from distgen.evaluate.extractors import DOMAIN, Extractor, describe_domain
 from distgen.evaluate.fidelity import FEATURE_METRICS, REFERENCE_METRICS, fidelity_metrics
 from distgen.evaluate.reference import Reference, ReferenceLoader
-from distgen.evaluate.spec import EvalSpec, parse_metrics
+from distgen.evaluate.spec import EvalSpec
 from distgen.evaluate.weights import WeightsUnavailable
 from distgen.families.capabilities import Classifies, Likelihood, Reconstructs, Translates, missing, offers
 
-__all__ = ["METRICS", "TEST_SPLIT_METRICS", "EvalSpec", "Evaluator", "parse_metrics"]
+__all__ = ["METRICS", "TEST_SPLIT_METRICS", "EvalSpec", "Evaluator"]
 
 # Metrics of a pass over the test split, each computed by the family's capability (skipped, saying why, when
 # the family lacks it): metric -> (capability, computation)
@@ -78,10 +77,6 @@ class Evaluator:
     def _active(self, metrics: Iterable[str]) -> list[str]:
         """Those of ``metrics`` that were asked for and are not skipped."""
         return [m for m in metrics if m in self.spec.metrics and m not in self.skipped]
-
-    def _extract(self, batches: Iterable[tuple[np.ndarray, torch.Tensor]]):
-        """This rank's (index pieces, {layer: feature pieces}) of ``batches``."""
-        return passes.extract(self.extractor, batches)
 
     def reference(self, data_cfg) -> Reference:
         """Reference features/statistics for the FID/KID/PR layers (cached on disk)."""

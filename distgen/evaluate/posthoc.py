@@ -11,6 +11,7 @@ from typing import Optional
 
 from distgen import checkpoint as ckpt
 from distgen import dist, phema
+from distgen.durable import atomic_dir
 from distgen.config.schema import METRICS, EvalConfig
 from distgen.ema import std_to_exp
 from distgen.errors import SampleError
@@ -65,7 +66,7 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
     if sweep is None:
         results = rec.weights()
         if dist.is_main():
-            with ckpt.atomic_dir(out) as tmp:
+            with atomic_dir(out) as tmp:
                 for s, r, w in zip(rec.sigmas, rec.residual, results):
                     _load(nets, w, run / phema.SNAPSHOT_DIR)
                     write_export(tmp / f"sigma-{s:.3f}", family, nets, cfg, meta["data_info"], source(s, r))
@@ -114,7 +115,7 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
                        sampling=spec.sampling, sweep=rows,
                        best={"sigma_rel": rec.sigmas[j], key: value},
                        baseline={"path": baseline, key: base} if baseline else None)
-        with ckpt.atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             _load(nets, weights, run / phema.SNAPSHOT_DIR)
             write_export(tmp / "best", family, nets, cfg, meta["data_info"], source(rec.sigmas[j], rec.residual[j]))
             (tmp / "sweep.md").write_text(_table(summary))

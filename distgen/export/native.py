@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from distgen import checkpoint as ckpt
 from distgen.config import Config, to_dict
+from distgen.durable import atomic_dir
 from distgen.errors import SampleError
 from distgen.export.meta import EXPORT_FORMAT, EXPORT_META
 from distgen.families.capabilities import Calibrates, ExportsDiffusers, offers
@@ -34,7 +34,7 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: s
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
     out = check_output_folder(run_dir, Path(out_dir), force)
     cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
-    with ckpt.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         write_export(tmp, family, nets, cfg, meta["data_info"],
                      {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0})
         if fmt == "onnx":

@@ -35,7 +35,6 @@ from distgen.families.denoising import denoise, guided_prediction
 from distgen.families.karras import EDM_SAMPLERS, FLOW_SAMPLERS, flow_times, karras_sigmas, shift_time
 from distgen.families.ode import hutchinson_divergence, rk45
 
-DDPM_SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 FLOW_T_SCALE = 1000.0  # the network sees 1000 t, as diffusers' flow-matching schedulers feed their timesteps
 
 
@@ -49,7 +48,7 @@ def make_sampler(name: str, train_scheduler):
         return DDIMScheduler.from_config(train_scheduler.config)
     if name == "dpmsolver":
         return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++")
-    raise ValueError(f"sampler must be one of {', '.join(DDPM_SAMPLERS)}, got {name!r}")
+    raise ValueError(f"sampler must be one of {', '.join(FORMULATION_CONFIGS['ddpm'].samplers)}, got {name!r}")
 
 
 def prediction(out) -> torch.Tensor:

@@ -73,7 +73,6 @@ def sliced_score_matching(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) 
 class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     name = "score"
     config_cls = ScoreConfig
-    num_classes = 0  # unconditional
 
     def __init__(self, cfg: ScoreConfig, data: DataInfo):
         super().__init__(cfg, data)
