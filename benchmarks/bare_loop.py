@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from distgen.config import DataConfig
 from distgen.data import make_loader
-from distgen.families.diffusion import PRESETS
+from distgen.config.backbones import UNET_PRESETS as PRESETS
 
 manifest, preset, batch, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 world = int(os.environ.get("WORLD_SIZE", 1))

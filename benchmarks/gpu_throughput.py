@@ -45,7 +45,7 @@ PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def unet(preset: str, res: int, ch: int):
     from diffusers import UNet2DModel
 
-    from distgen.families.diffusion import PRESETS
+    from distgen.config.backbones import UNET_PRESETS as PRESETS
 
     return UNet2DModel(sample_size=res, in_channels=ch, out_channels=ch, **PRESETS[preset])
 

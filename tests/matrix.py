@@ -27,12 +27,14 @@ TRAIN = {"checkpoint_every": 2, "keep_checkpoints": 2}
 # the EBM's replay buffer. (name -> (model section, resolution))
 MODELS: dict[str, tuple[dict, int]] = {
     "diffusion": ({"family": "diffusion", "preset": "tiny", "sample_steps": 2}, 8),
-    # EDM's preconditioned network with EDM2's learned uncertainty (a second module in the trained network),
-    # sampled by Heun; rectified flow's logit-normal, shifted times
-    "diffusion-edm": ({"family": "diffusion", "preset": "tiny", "formulation": "edm", "edm_uncertainty": True,
-                       "sample_steps": 2}, 8),
-    "diffusion-flow": ({"family": "diffusion", "preset": "tiny", "formulation": "flow", "flow_shift": 3.0,
-                        "sample_steps": 2}, 8),
+    # EDM2: EDM's preconditioning with the learned uncertainty (a second module in the trained network) on the
+    # magnitude-preserving U-Net (weights renormalised in place each step), sampled by Heun. SiT: rectified flow's
+    # logit-normal, shifted times on a class-conditional DiT (one embedder shared by every block). The U-Net
+    # backbone is the ddpm entry's; every formulation x backbone pair trains in tests/test_formulations.py.
+    "diffusion-edm": ({"family": "diffusion", "backbone": "edm2", "preset": "tiny", "formulation": "edm",
+                       "edm_uncertainty": True, "sample_steps": 2}, 8),
+    "diffusion-flow": ({"family": "diffusion", "backbone": "dit", "preset": "tiny", "formulation": "flow",
+                        "flow_shift": 3.0, "class_conditional": True, "sample_steps": 2}, 8),
     "latent_diffusion": ({"family": "latent_diffusion", "preset": "tiny", "sample_steps": 2}, 16),
     "autoencoder": ({"family": "autoencoder", "preset": "tiny", "disc_weight": 0.1}, 16),
     "gan-mlp": ({"family": "gan", "arch": "mlp", "preset": "tiny"}, 8),

@@ -19,7 +19,7 @@ from distgen.families.backbones import BACKBONES, build_backbone, load_backbone,
 from distgen.families.backbones.dit import DiT
 from distgen.families.backbones.edm2 import PRESETS as EDM2_PRESETS
 from distgen.families.backbones.edm2 import SILU_GAIN, Block, EDM2UNet, MPConv, mp_cat, mp_silu, mp_sum
-from distgen.families.diffusion import PRESETS as UNET_PRESETS
+from distgen.config.backbones import UNET_PRESETS
 
 
 def assert_unit(z: torch.Tensor, what: str, allowance: float = 0.0, k: float = 5.0):

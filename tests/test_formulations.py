@@ -556,7 +556,7 @@ def test_every_backbone_trains_and_samples_guided_in_every_formulation(name, for
     """distgen.families.backbones' networks (tensor outputs) through each formulation's loss, its gradient and its
     guided sampler (EDM with EDM2's uncertainty around the backbone)."""
     from distgen.families.backbones import build_backbone
-    from distgen.families.diffusion import PRESETS
+    from distgen.config.backbones import UNET_PRESETS as PRESETS
 
     fam = Diffusion(cfg(formulation=form, class_conditional=True, sample_steps=2, edm_uncertainty=form == "edm"),
                     DataInfo(8, 1, 3))

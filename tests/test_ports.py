@@ -21,7 +21,7 @@ from distgen.config import load_config
 from distgen.export import sample_onnx
 from distgen.families.base import DataInfo
 from distgen.families.denoising import guided_prediction
-from distgen.families.diffusion import PRESETS
+from distgen.config.backbones import UNET_PRESETS as PRESETS
 from distgen.families.likelihoods import logistic_mixture_draw, logistic_mixture_params
 from distgen.families.ode import rk45
 from distgen.families.score import Score

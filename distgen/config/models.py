@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from distgen.config.backbones import BACKBONE_PRESETS
 from distgen.config.core import check
 from distgen.config.formulations import FORMULATIONS, check_formulation_fields
 from distgen.config.gan_archs import GAN_ARCHS, check_arch_fields
@@ -27,7 +28,10 @@ class DiffusionConfig(ModelConfig):
     :mod:`distgen.config.formulations`: a field of another formulation set away from its default is refused."""
 
     family: str = "diffusion"
-    preset: Literal["tiny", "small", "ddpm-cifar10"] = "small"
+    # the denoising network (distgen.families.backbones) and its size; the presets are each backbone's own
+    # (distgen.config.backbones: unet tiny|small|ddpm-cifar10, dit tiny|small|S/2..XL/8, edm2 tiny|small|xs..xxl)
+    backbone: Literal["unet", "dit", "edm2"] = "unet"
+    preset: str = "small"
     formulation: Literal["ddpm", "edm", "flow"] = "ddpm"
     class_conditional: bool = False  # needs labelled data
     label_dropout: float = 0.1  # P(label -> null class) in training, for classifier-free guidance
@@ -63,6 +67,9 @@ class DiffusionConfig(ModelConfig):
                        "probes")
 
     def validate(self, path: str) -> None:
+        presets = BACKBONE_PRESETS[self.backbone]
+        check(self.preset in presets, f"{path}.preset",
+              f"the {self.backbone} backbone's presets are {', '.join(presets)}, not {self.preset!r}")
         check(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
         check(self.guidance_scale >= 0, f"{path}.guidance_scale", "must be >= 0")
         check_formulation_fields(self, path)

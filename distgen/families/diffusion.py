@@ -1,11 +1,14 @@
-"""Pixel-space diffusion on diffusers' UNet2DModel, in one of three formulations (``model.formulation``).
+"""Pixel-space diffusion in one of three formulations (``model.formulation``) on one of three backbones
+(``model.backbone``: diffusers' UNet2DModel, DiT or EDM2's U-Net; :mod:`distgen.families.backbones`).
 
 ``ddpm`` (Ho et al. 2020, the default): training noise from a DDPMScheduler (linear or cosine betas), the network
 predicts epsilon or v (Salimans & Ho 2022), and sampling uses DDPM, DDIM (Song et al. 2021) or DPM-Solver++
 (Lu et al. 2022). ``edm`` (Karras et al. 2022) and ``flow`` (rectified flow / flow matching): see
 :mod:`distgen.families.formulations`, which this family delegates its loss and sampling to. Class conditioning
 drops labels to a null class with probability ``label_dropout`` so that classifier-free guidance (Ho & Salimans
-2022) works at sampling time, in every formulation.
+2022) works at sampling time, in every formulation. Formulation and backbone compose: every backbone is called
+``net(x, noise_cond, class_labels)`` and every formulation calls it so (its network is ``nets["unet"]``, the name
+distgen's checkpoints have always used for it, whatever the backbone).
 """
 
 from __future__ import annotations
@@ -15,25 +18,12 @@ from pathlib import Path
 
 import torch
 
+from distgen.config.backbones import UNET_PRESETS
 from distgen.config.core import ConfigError
 from distgen.config.models import DiffusionConfig
 from distgen.families.base import DataInfo, Family, Phase
 from distgen.families.capabilities import DiffusersPipeline, ExportsDiffusers, ExportsOnnx, Likelihood, OnnxGraph
-from distgen.families.formulations import backbone, formulation
-from distgen.families.likelihoods import discretized_gaussian_log_prob
-
-# Size presets: tiny for tests, small for the demo, ddpm-cifar10 as in the DDPM paper (35.7M parameters).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
-    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
-                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
-    "ddpm-cifar10": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, norm_num_groups=32,
-                         dropout=0.1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
-}
-
+from distgen.families.formulations import backbone, formulation, prediction
 
 def scheduler_kwargs(cfg: DiffusionConfig) -> dict:
     return dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction,
@@ -57,7 +47,10 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         self.form = formulation(cfg, self.scheduler)  # what the network predicts, and how it is sampled
 
     def capabilities_off(self):
-        f = self.cfg.formulation
+        f, b = self.cfg.formulation, self.cfg.backbone
+        if b != "unet":
+            return {ExportsDiffusers: f"with model.backbone {b} (the export is the backbone's safetensors and "
+                                      f"config, unet.safetensors and unet_config.json)"}
         if f == "ddpm":
             return {}
         return {ExportsDiffusers: f"with model.formulation {f} (its samplers are distgen's; the export is the "
@@ -71,17 +64,36 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
     def null_class(self) -> int:
         return self.num_classes  # the extra embedding index used for dropped labels
 
-    def unet_kwargs(self) -> dict:
-        kw = dict(PRESETS[self.cfg.preset])
-        kw.update(sample_size=self.data.resolution, in_channels=self.data.channels, out_channels=self.data.channels)
+    def unet_kwargs(self, channels: int, side: int) -> dict:
+        kw = dict(UNET_PRESETS[self.cfg.preset])
+        kw.update(sample_size=side, in_channels=channels, out_channels=channels)
         if self.num_classes:
             kw["num_class_embeds"] = self.num_classes + 1
         return kw
 
-    def build_networks(self):
-        from diffusers import UNet2DModel
+    def denoiser(self, channels: int, side: int) -> torch.nn.Module:
+        """The ``model.backbone`` network for ``channels`` x ``side`` x ``side`` inputs (before the formulation's
+        wrap). ``unet`` is diffusers' UNet2DModel itself, so its checkpoints and exports are what they were."""
+        if self.cfg.backbone == "unet":
+            from diffusers import UNet2DModel
 
-        return {"unet": self.form.wrap(UNet2DModel(**self.unet_kwargs()))}
+            kw = self.unet_kwargs(channels, side)
+            down = 2 ** (len(kw["block_out_channels"]) - 1)
+            if side % down:
+                raise ConfigError(f"model.preset: the {self.cfg.preset!r} U-Net halves its input {down // 2 or 1} "
+                                  f"time(s), so its input side ({side}) must be a multiple of {down}; change "
+                                  f"data.resolution or the preset")
+            return UNet2DModel(**kw)
+        from distgen.families.backbones import build_backbone
+
+        try:
+            return build_backbone(self.cfg.backbone, channels, side, self.num_classes, self.cfg.preset)
+        except ValueError as e:  # the preset does not fit the input (a patch size, the levels of a U-Net)
+            raise ConfigError(f"model.preset: {self.cfg.backbone} {self.cfg.preset!r} on {channels} x {side} x "
+                              f"{side} inputs: {e}") from None
+
+    def build_networks(self):
+        return {"unet": self.form.wrap(self.denoiser(self.data.channels, self.data.resolution))}
 
     def phases(self):
         return [Phase("denoise", "unet")]
@@ -158,7 +170,7 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return given
 
     def log_likelihood(self, nets, images, labels, generators, probes=None):
-        """log p(x) in nats per image: ddpm's variational bound (:meth:`variational_bound`); edm / flow: the
+        """log p(x) in nats per image: ddpm's variational bound (:meth:`distgen.families.formulations.DDPM.variational_bound`); edm / flow: the
         probability-flow ODE's, of the dequantised image y = 2 (x + u) / 256 - 1 (u ~ U[0, 1)^D from the
         image's generator, then ``probes`` Rademacher probes from it), log P(x) >= E_u log p(y) - D log 128."""
         if not self.num_classes:
@@ -166,7 +178,7 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         elif labels is None:
             raise ValueError("a class-conditional model needs the labels of the images it scores")
         if self.cfg.formulation == "ddpm":
-            return self.variational_bound(nets, images, labels, generators)
+            return self.form.variational_bound(nets["unet"], images, labels, generators)
         from distgen.families.ode import dequantize, per_image
 
         y = (dequantize(images, generators) * 2 - 1).float()
@@ -174,56 +186,14 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         logp = self.form.log_density(nets["unet"], y, labels, v, self.cfg.ode_tol)
         return logp - y[0].numel() * math.log(128)
 
-    @torch.no_grad()
-    def variational_bound(self, nets, images, labels, generators):
-        """The variational lower bound on log p(x) (Ho et al. 2020, eq. 5), in nats per image.
-
-        Every timestep's KL term with the fixed-small reverse variance, the
-        prior term, and a discretised Gaussian decoder at t = 0, as in
-        improved-diffusion's ``calc_bpd_loop``. Costs one network pass per
-        training timestep.
-        """
-        from diffusers.utils.torch_utils import randn_tensor
-
-        unet = nets["unet"]
-        s = self.scheduler
-        dev = images.device
-        x0 = images.float() / 127.5 - 1
-        abar = s.alphas_cumprod.to(dev, torch.float64)
-        betas = s.betas.to(dev, torch.float64)
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        post_var = betas * (1 - abar_prev) / (1 - abar)
-        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
-        coef1 = betas * abar_prev.sqrt() / (1 - abar)
-        coef2 = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
-        x0d = x0.double()
-        total = torch.zeros(x0.shape[0], dtype=torch.float64, device=dev)
-        for t in range(self.cfg.num_train_timesteps):
-            noise = randn_tensor(x0.shape, generator=generators, device=dev, dtype=torch.float32)
-            tt = torch.full((x0.shape[0],), t, device=dev, dtype=torch.long)
-            xt = s.add_noise(x0, noise, tt)
-            out = unet(xt, tt, class_labels=labels).sample.double()
-            xtd = xt.double()
-            if self.cfg.prediction == "epsilon":
-                x0_pred = (xtd - (1 - abar[t]).sqrt() * out) / abar[t].sqrt()
-            else:
-                x0_pred = abar[t].sqrt() * xtd - (1 - abar[t]).sqrt() * out
-            x0_pred = x0_pred.clamp(-1, 1)
-            mean_model = coef1[t] * x0_pred + coef2[t] * xtd
-            if t == 0:
-                total -= discretized_gaussian_log_prob(x0d, mean_model, 0.5 * post_logvar[0]).sum(dim=(1, 2, 3))
-            else:
-                mean_true = coef1[t] * x0d + coef2[t] * xtd
-                # KL of two Gaussians with the same variance: the squared mean gap over twice the variance
-                total += (0.5 * (mean_true - mean_model) ** 2 * torch.exp(-post_logvar[t])).sum(dim=(1, 2, 3))
-        # Prior term: KL(q(x_T | x_0) || N(0, I))
-        m, v = abar[-1].sqrt() * x0d, 1 - abar[-1]
-        total += (0.5 * (-1 - torch.log(v) + v + m ** 2)).sum(dim=(1, 2, 3))
-        return -total
-
     def export(self, nets, out_dir):
         from diffusers import DDPMPipeline
 
+        if self.cfg.backbone != "unet":  # distgen's own backbone module: its weights and constructor arguments
+            from distgen.families.backbones import save_backbone
+
+            save_backbone(out_dir, "unet", backbone(nets["unet"]))
+            return
         if self.cfg.formulation != "ddpm":  # the U-Net's diffusers folder; its sampler is distgen's
             backbone(nets["unet"]).save_pretrained(Path(out_dir) / "unet", safe_serialization=True)
             return
@@ -240,10 +210,23 @@ class Diffusion(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return DiffusersPipeline("ClassConditionalDDPMPipeline", {"unet": nets["unet"], "scheduler": self.scheduler})
 
     def load_export(self, out_dir):
+        return {"unet": self.load_denoiser(Path(out_dir))}
+
+    def load_denoiser(self, out: Path) -> torch.nn.Module:
+        """The denoiser :meth:`export` wrote into ``out``, checked against the data it was trained for."""
+        if self.cfg.backbone != "unet":
+            from distgen.families.backbones import load_backbone
+
+            net = load_backbone(out, "unet")
+            if net.name != self.cfg.backbone:
+                from distgen.errors import SampleError
+
+                raise SampleError(f"{out / 'unet_config.json'}: a {net.name} backbone, the export's config says "
+                                  f"model.backbone {self.cfg.backbone}")
+            return net
         from diffusers import UNet2DModel
 
-        unet = UNet2DModel.from_pretrained(Path(out_dir) / "unet", use_safetensors=True)
-        return {"unet": unet}
+        return UNet2DModel.from_pretrained(out / "unet", use_safetensors=True)
 
     def onnx_graphs(self, nets):
         shape = self.noise_shape(nets, 2)
@@ -277,4 +260,4 @@ class _UNetGraph(torch.nn.Module):
         self.unet, self.conditional = unet, conditional
 
     def forward(self, x, t, labels=None):
-        return self.unet(x, t, class_labels=labels if self.conditional else None).sample.float()
+        return prediction(self.unet(x, t, class_labels=labels if self.conditional else None)).float()

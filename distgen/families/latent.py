@@ -20,6 +20,7 @@ from distgen.config.models import LatentDiffusionConfig
 from distgen.families.autoencoder import DecoderGraph, downsampling, load_autoencoder
 from distgen.families.capabilities import DiffusersPipeline, Likelihood, OnnxGraph
 from distgen.families.diffusion import Diffusion, scheduler_kwargs
+from distgen.families.formulations import backbone
 
 
 def latent_moments(ae, images: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,14 @@ def draw_latents(moments: torch.Tensor, scaling_factor: float, generator) -> tor
     return DiagonalGaussianDistribution(moments).sample(generator=generator) * scaling_factor
 
 
+def latent_shape(net: torch.nn.Module) -> tuple[int, int]:
+    """(channels, side) of the latents a denoiser takes: a UNet2DModel's config, a distgen backbone's own."""
+    net = backbone(net)
+    if hasattr(net, "resolution"):
+        return net.channels, net.resolution
+    return net.config.in_channels, net.config.sample_size
+
+
 class LatentDiffusion(Diffusion):
     name = "latent_diffusion"
     config_cls = LatentDiffusionConfig
@@ -46,8 +55,6 @@ class LatentDiffusion(Diffusion):
         return {**scheduler_kwargs(self.cfg), "clip_sample": False}  # latents are not confined to [-1, 1]
 
     def build_networks(self):
-        from diffusers import UNet2DModel
-
         ae = load_autoencoder(self.cfg.autoencoder)
         if self.cfg.scaling_factor is not None:
             ae.register_to_config(scaling_factor=float(self.cfg.scaling_factor))
@@ -58,15 +65,14 @@ class LatentDiffusion(Diffusion):
         if self.data.resolution % f:
             raise ConfigError(f"data.resolution: the autoencoder downsamples by {f}; {self.data.resolution} "
                               "is not a multiple of it")
-        kw = self.unet_kwargs()
-        side, down = self.data.resolution // f, 2 ** (len(kw["block_out_channels"]) - 1)
-        if side % down:
-            raise ConfigError(f"model.preset: the {self.cfg.preset!r} U-Net halves its input {down // 2 or 1} "
-                              f"time(s), so the latent side ({self.data.resolution} / {f} = {side}) must be a "
-                              f"multiple of {down}; change data.resolution, the autoencoder or the preset")
-        c = ae.config.latent_channels
-        kw.update(sample_size=side, in_channels=c, out_channels=c)
-        return {"unet": self.form.wrap(UNet2DModel(**kw)), "ae": ae}
+        side = self.data.resolution // f
+        try:
+            net = self.denoiser(ae.config.latent_channels, side)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the latent side is data.resolution {self.data.resolution} / the autoencoder's "
+                              f"downsampling {f} = {side}; change data.resolution, the autoencoder or the preset)"
+                              ) from None
+        return {"unet": self.form.wrap(net), "ae": ae}
 
     def ema_networks(self):
         return ["unet"]
@@ -76,7 +82,8 @@ class LatentDiffusion(Diffusion):
         sf = ae.config.scaling_factor
         if "latent" in batch:  # latent shards: the stored moments
             unet = nets.raw["unet"] if hasattr(nets, "raw") else nets["unet"]  # the module behind any engine
-            want = (2 * ae.config.latent_channels, unet.config.sample_size, unet.config.sample_size)
+            c, side = latent_shape(unet)
+            want = (2 * c, side, side)
             if tuple(batch["latent"].shape[1:]) != want:
                 from distgen.errors import DataError
 
@@ -87,8 +94,8 @@ class LatentDiffusion(Diffusion):
             return draw_latents(latent_moments(ae, batch["image"]), sf, generator)
 
     def noise_shape(self, nets, n):
-        cfg = nets["unet"].config
-        return (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        c, side = latent_shape(nets["unet"])
+        return (n, c, side, side)
 
     def finish(self, nets, x):
         ae = nets["ae"]
@@ -105,15 +112,12 @@ class LatentDiffusion(Diffusion):
         nets["ae"].save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
 
     def load_export(self, out_dir):
-        from diffusers import UNet2DModel
-
         out = Path(out_dir)
-        return {"unet": UNet2DModel.from_pretrained(out / "unet", use_safetensors=True),
-                "ae": load_autoencoder(out / "vae", where=str(out))}
+        return {"unet": self.load_denoiser(out), "ae": load_autoencoder(out / "vae", where=str(out))}
 
     def onnx_graphs(self, nets):
         ae = nets["ae"]
-        c, side = nets["unet"].config.in_channels, nets["unet"].config.sample_size
+        c, side = latent_shape(nets["unet"])
         r = self.data.resolution
         decoder = OnnxGraph("decoder", DecoderGraph(ae), {"latents": torch.randn(2, c, side, side)}, ["image"],
                             {"latents": f"[batch, {c}, {side}, {side}] float32 latents (already divided by the "

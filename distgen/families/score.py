@@ -34,7 +34,7 @@ from distgen.config.core import ConfigError
 from distgen.config.models import ScoreConfig
 from distgen.families.base import DataInfo, Family, Phase
 from distgen.families.capabilities import ExportsDiffusers, ExportsOnnx, Likelihood, OnnxGraph
-from distgen.families.diffusion import PRESETS as DIFFUSION_PRESETS
+from distgen.config.backbones import UNET_PRESETS as DIFFUSION_PRESETS
 from distgen.families.ode import dequantize, hutchinson_divergence, per_image, rk45
 from distgen.families.sde import SAMPLE_EPS, SDE
 

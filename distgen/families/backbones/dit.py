@@ -32,16 +32,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distgen.config.backbones import DIT_PRESETS
 from distgen.families.backbones.common import check_input, conditioning_labels, jsonable
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-PRESETS: dict[str, dict] = {
-    "tiny": dict(patch_size=2, hidden_size=64, depth=2, num_heads=2),
-    "small": dict(patch_size=2, hidden_size=192, depth=6, num_heads=3),
-    **{f"{size}/{p}": dict(patch_size=p, hidden_size=w, depth=d, num_heads=h)
-       for size, (d, w, h) in _SIZES.items() for p in (2, 4, 8)},
-}
+PRESETS: dict[str, dict] = DIT_PRESETS  # distgen.config.backbones: the one home of the presets
 
 _SHARED = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.*)$")
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.config.backbones import EDM2_PRESETS
 from distgen.families.backbones.common import check_input, conditioning_labels, jsonable
 from distgen.families.base import learned_scalar
 
@@ -157,21 +158,7 @@ class Block(nn.Module):
         return x
 
 
-def _paper(model_channels: int, dropout: float) -> dict:
-    return dict(model_channels=model_channels, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8),
-                channels_per_head=64, dropout=dropout)
-
-
-PRESETS: dict[str, dict] = {
-    # a few tens of thousands of parameters: for tests
-    "tiny": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14, 16), channels_per_head=16),
-    # Fashion-MNIST at 28 px (levels 28, 14, 7) or 32 px (32, 16, 8): attention at the lowest level
-    "small": dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7, 8),
-                  channels_per_head=64),
-    # EDM2's ImageNet-512 models on 64x64x4 latents (the paper's Table 2 sizes)
-    "xs": _paper(128, 0.0), "s": _paper(192, 0.0), "m": _paper(256, 0.1), "l": _paper(320, 0.1),
-    "xl": _paper(384, 0.1), "xxl": _paper(448, 0.1),
-}
+PRESETS: dict[str, dict] = EDM2_PRESETS  # distgen.config.backbones: the one home of the presets
 
 
 class EDM2UNet(nn.Module):

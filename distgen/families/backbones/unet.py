@@ -3,9 +3,8 @@ trains it today).
 
 ``UNet(channels, resolution, num_classes, **preset)`` builds ``UNet2DModel(**preset)`` for ``channels`` x
 ``resolution`` x ``resolution`` images, with ``num_classes + 1`` class embeddings when class-conditional (the
-last one is the null class of classifier-free guidance, as the diffusion family has it). The presets are the
-diffusion family's (``distgen.families.diffusion.PRESETS``): this module does not import the family, whoever
-builds a U-Net passes the preset's keyword arguments (they move here when the family is wired to backbones).
+last one is the null class of classifier-free guidance, as the diffusion family has it). Its presets are
+:data:`distgen.config.backbones.UNET_PRESETS`.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distgen.config.backbones import UNET_PRESETS
 from distgen.families.backbones.common import check_input, conditioning_labels, jsonable
 
-# The diffusion family's presets are the ones to pass (see the module docstring); none are kept here yet.
-PRESETS: dict[str, dict] = {}
+PRESETS: dict[str, dict] = UNET_PRESETS  # distgen.config.backbones: the one home of the presets
 
 
 class UNet(nn.Module):
