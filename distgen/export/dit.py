@@ -29,8 +29,11 @@ about each:
   distgen's ``Diffusion.sample`` draws the same ``randn_tensor`` from the same generator list.
 - The timestep goes to the transformer as the scheduler gives it (the integer training timestep): distgen's
   DDPM ``noise_cond`` is the same.
-- Output: ``vae.decode(latents / scaling_factor)`` then ``(x / 2 + 0.5).clamp(0, 1)``; distgen's is
-  ``.clamp(-1, 1)`` on [-1, 1]: ``(distgen + 1) / 2`` is DiTPipeline's (``output_type="pt"``; NHWC for "np").
+- Output: ``vae.decode(1 / scaling_factor * latents)`` then ``(x / 2 + 0.5).clamp(0, 1)``; distgen's is
+  ``decode(x / scaling_factor).clamp(-1, 1)`` on [-1, 1]: ``(distgen + 1) / 2`` is DiTPipeline's
+  (``output_type="pt"``; NHWC for "np"), equal to float rounding (the two ways of dividing: ~1e-6).
+- ``guidance_scale`` defaults to 4.0 there (distgen: ``model.guidance_scale``); pass it. diffusers logs
+  "Expected types for id2label ... got Dict[str, str]" on loading (JSON keys are strings; the hub's DiT too).
 
 Everything read back is untrusted: the config is checked (types, bounds, the fixed architecture fields of our
 DiT) and the weight shapes against it before any module is built for real; weights are read with safetensors.
