@@ -83,6 +83,9 @@ def main() -> int:
                     help="domain extractor: the bundled fashion-mnist one (default) or a fit-features file, fitted "
                          "if missing")
     ap.add_argument("--runs", default="runs/recipes")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps of the evaluation (default: the config's)")
+    ap.add_argument("--sampler", default=None, help="sampler of the evaluation (default: the config's)")
+    ap.add_argument("--json", default=None, metavar="FILE", help="append the figures to FILE as one JSON line")
     ap.add_argument("--stage1", default=None, metavar="AE_CONFIG",
                     help="latent diffusion: train and export this autoencoder config first")
     ap.add_argument("--iw-samples", type=int, default=16, help="VAEs: samples of the importance-weighted bound")
@@ -111,6 +114,8 @@ def main() -> int:
             subprocess.run(exe + ["eval", "fit-features", str(paths["train"]), features], check=True)
         metrics = ["--metrics", "fid,kid,prc", "--num-samples", str(a.num_samples), "--ref", str(paths["test"]),
                    "--feature-extractor", str(features)]
+        metrics += ["--steps", str(a.steps)] if a.steps else []
+        metrics += ["--sampler", a.sampler] if a.sampler else []
     overrides, stage1 = list(a.overrides), ""
     if a.stage1:
         ae_run = Path(a.runs) / Path(a.stage1).stem
@@ -131,7 +136,9 @@ def main() -> int:
     t0 = time.time()
     subprocess.run(launch + ["train", a.config, f"run.dir={run_dir}", *overrides], check=True)
     train_s = time.time() - t0
+    t0 = time.time()
     subprocess.run(launch + ["eval", str(run_dir), *metrics, "--out", str(out)], check=True)
+    eval_s = time.time() - t0
     r = json.loads(out.read_text())
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     head = (f"recipe {a.config} {' '.join(a.overrides)}: {stage1}{last['kimg']:.1f} kimg in {train_s / 60:.1f} min "
@@ -150,9 +157,14 @@ def main() -> int:
     elif family in LIKELIHOOD_FAMILIES:
         print(f"{head}; the {r['bpd_images']} test images: {r['bpd']:.4f} bits/dim ({r['bpd_kind']})")
     else:
-        print(f"{head}; {a.num_samples} samples vs the test split: domain FD {r['fid']:.2f}, "
-              f"KID {r['kid_mean']:.4f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
-              f"class entropy {r['class_entropy']:.3f}")
+        nfe = f", NFE {r['nfe']}" if "nfe" in r else ""
+        print(f"{head}; {a.num_samples} samples vs the test split{nfe} ({eval_s / 60:.1f} min): domain FD "
+              f"{r['fid']:.2f}, KID {r['kid_mean']:.4f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
+              f"class entropy {r['class_entropy']:.3f}, top class share {r['class_max_share']:.3f}")
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps({"config": a.config, "overrides": a.overrides, "procs": a.procs, "kimg": last["kimg"],
+                                "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), **r}) + "\n")
     return 0
 
 

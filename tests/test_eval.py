@@ -177,6 +177,7 @@ def test_metrics_equal_torch_fidelity_and_do_not_depend_on_world_size(setup, env
     assert "warning: FID from 25 images, no more than the feature dimension 2048" in r.stdout
     assert "warning: KID from subsets of 25 images, not 1000" in r.stdout
     assert two["ref_images"] == one["ref_images"] == 39
+    assert two["nfe"] == one["nfe"] == 2  # DDIM's --steps 2: the figures' cost, network evaluations an image
 
     # torch-fidelity alone, one process, on the same images: the 25 generated ones and the reference shards.
     # (in-process: `distgen sample` gives these images, test_train checks that). Its features are kept as its

@@ -15,7 +15,7 @@ NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS"
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
          "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
          "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share", "accuracy": "accuracy",
-         "translated_images": "translated",
+         "translated_images": "translated", "nfe": "NFE / image",
          # DINOv2 / CLIP feature spaces (distgen.config.schema.result_key)
          "fd_dinov2": "FD-DINOv2", "kid_dinov2_mean": "KID-DINOv2", "kid_dinov2_std": "KID-DINOv2 std",
          "precision_dinov2": "precision-DINOv2", "recall_dinov2": "recall-DINOv2", "f_score_dinov2": "F-score-DINOv2",

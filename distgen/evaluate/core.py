@@ -122,6 +122,8 @@ class Evaluator:
         elif todo:
             gen = features if features is not None else passes.generated_features(family, nets, spec,
                                                                                    self.extractor, self.device)
+            if features is None and family.last_nfe is not None:  # the figures' cost: network evaluations an image
+                res["nfe"] = family.last_nfe
             if dist.is_main():
                 res.update(self._metrics(todo, gen, ref))
         for m in ("paired", "target_class"):
