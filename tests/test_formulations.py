@@ -462,8 +462,8 @@ def test_each_formulation_trains_resumes_exactly_and_samples_through_the_cli(for
     r = run([sys.executable, "-m", "distgen", "sample", dirs["b"], "--num", "2", "--out", str(tmp_path / "s.png"),
              "--steps", "4"], env)
     assert f"NFE {7 if form == 'edm' else 4}" in r.stdout, r.stdout
-    # the export (the U-Net's diffusers folder: the EMA backbone, without EDM2's uncertainty, which sampling
-    # does not use) samples the same images as the run folder it came from
+    # the export (a diffusers pipeline folder whose unet/ is the EMA backbone, without EDM2's uncertainty, which
+    # sampling does not use) samples the same images as the run folder it came from
     import numpy as np
 
     run([sys.executable, "-m", "distgen", "export", dirs["b"], str(tmp_path / "export")], env)
@@ -498,7 +498,9 @@ def test_latent_diffusion_takes_each_formulation_guided_and_its_export_samples_t
     x = fam.sample(nets, gens(), guidance=2.0)
     assert fam.last_nfe == (3 if form == "edm" else 2)  # Heun's 2 steps: 2 x 2 - 1; flow's Euler: 2
     write_format(tmp_path / "export", fam, nets)
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["unet", "vae"]
+    stem = "edm_pipeline.py" if form == "edm" else "flow_pipeline.py"  # the shipped diffusers pipeline
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [stem, "model_index.json", "scheduler",
+                                                                       "unet", "vae"]
     assert torch.equal(fam.sample(fam.load_export(tmp_path / "export"), gens(), guidance=2.0), x)
 
 

@@ -193,3 +193,45 @@ def test_sde_sampler_port_equals_torch(sde, sampler, model):
     tol = (score.evals + draws[0]) * 8 * U32 * (1 + fam.sde.prior_std())
     assert np.abs(got - want).max() <= tol
     assert np.abs(want).max() > 0.05 and (np.abs(want) < 1).mean() > 0.5  # images, mostly inside the clip
+
+
+# ---------------------------------------------------------------- EDM's and flow's ODE samplers
+
+ODE_CASES = [("edm", dict(s_churn=10.0, s_min=0.05, s_max=50.0, sample_steps=4), ("heun", "euler", "dpmpp_2m")),
+             ("flow", dict(flow_shift=3.0, sample_steps=4), ("euler", "heun"))]
+
+
+@pytest.mark.parametrize("form,model,samplers", ODE_CASES, ids=[c[0] for c in ODE_CASES])
+def test_ode_sampler_ports_equal_torch(form, model, samplers, monkeypatch):
+    """sample_onnx.sample_edm / sample_flow == the family's sample (karras.py's samplers, classifier-free guided,
+    EDM with churn) on the family's own ONNX graph module run in torch, from the same noise: the start and the
+    churn's draws come from the same numpy generators on both sides (torch takes them in float32). The bound
+    2e-4 on images on [-1, 1]: float32 roundings of values up to sigma_max |noise| on the torch side, divided by
+    the next sigma in Heun's correction (tests/test_ode_exports.py's note); a wrong grid, order or weight is off
+    by more than 1e-2."""
+    import diffusers.utils.torch_utils as tu
+
+    from distgen.config.core import build_dataclass
+    from distgen.config.models import DiffusionConfig
+    from distgen.families.diffusion import Diffusion
+
+    cfg = build_dataclass(DiffusionConfig, {"family": "diffusion", "preset": "tiny", "formulation": form,
+                                            "class_conditional": True, "guidance_scale": 2.0, **model}, "model")
+    fam = Diffusion(cfg, DataInfo(8, 1, 3))
+    torch.manual_seed(0)
+    nets = {k: v.eval().requires_grad_(False) for k, v in fam.build_networks().items()}
+    graph = fam.onnx_graphs(nets)[0]
+    spec = fam.onnx_sampler(nets)
+    ex = Graphs(spec, graph.module)
+    port = {"edm": sample_onnx.sample_edm, "flow": sample_onnx.sample_flow}[form]
+    idx, outs = np.arange(3), []
+    for sampler in samplers:
+        got = port(ex, rngs(3), idx, SimpleNamespace(sampler=sampler, steps=None, guidance=None, labels=None))
+        mirror = rngs(3)
+        monkeypatch.setattr(tu, "randn_tensor", lambda shape, generator=None, device=None, dtype=None:
+                            torch.from_numpy(sample_onnx._normal(mirror, tuple(shape[1:]))).float())
+        with torch.no_grad():
+            want = fam.sample(nets, [None] * 3, labels=torch.tensor(idx % 3), sampler=sampler).numpy()
+        assert np.abs(got - want).max() <= 2e-4, sampler
+        outs.append(got)
+    assert min(np.abs(a - b).max() for a, b in zip(outs, outs[1:])) > 1e-2  # the samplers (and churn) differ

@@ -2,7 +2,8 @@
 """Draw images from a distgen ONNX export with numpy and onnxruntime only: no torch, no distgen.
 
     python sample_onnx.py [--num 64] [--seed 0] [--batch 16] [--out samples/] [--npz samples.npz]
-                          [--steps K] [--sampler ddpm|ddim|pc|langevin] [--guidance W] [--truncation T]
+                          [--steps K] [--sampler ddpm|ddim|heun|euler|dpmpp_2m|pc|langevin] [--guidance W]
+                          [--truncation T]
                           [--temperature T] [--step-size E] [--labels 0,1,2]
     python sample_onnx.py --input IMAGE.png|FOLDER|x.npy [--direction AtoB|BtoA] [--out DIR]   (translators)
 
@@ -66,7 +67,64 @@ def read_meta(path: Path) -> dict:
     if shape is not None and (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)
                               or int(np.prod(shape, dtype=np.float64)) > 1 << 26):
         sys.exit(f"{path}: sampler.shape: {shape!r} is not an image shape distgen exports")
+    spec = meta["sampler"]
+    checks = dict(SAMPLER_FIELDS.get(spec.get("kind"), {}))
+    if "decoder" in spec:
+        checks.update(DECODER_FIELDS)  # latent diffusion's decoder, in every kind that names one
+    for key, (ok, what) in checks.items():
+        if key not in spec:
+            sys.exit(f"{path}: sampler.{key}: missing (must be {what})")
+        try:
+            good = ok(spec[key], spec, meta)
+        except TypeError:  # a comparison with another field of the wrong type: that field is reported below
+            good = False
+        if not good:
+            sys.exit(f"{path}: sampler.{key}: must be {what}, got {json.dumps(spec[key])[:100]}")
     return meta
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _graph(v, meta) -> bool:
+    return isinstance(v, str) and v in meta["graphs"]
+
+
+MAX_STEPS = 100_000
+# The fields of the edm and flow samplers in onnx.json: key -> (check(value, sampler, meta), what it must be),
+# checked in this order (a bound that names another field comes after that field's own check)
+_ODE_FIELDS = {
+    "shape": (lambda v, s, m: isinstance(v, list) and len(v) == 3, "[channels, height, width]"),
+    "graph": (lambda v, s, m: _graph(v, m), "the name of a graph in 'graphs'"),
+    "steps": (lambda v, s, m: _int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
+    "num_classes": (lambda v, s, m: _int(v) and 0 <= v < 2 ** 31 - 1, "an integer >= 0"),
+    "guidance": (lambda v, s, m: _real(v) and v >= 0, "a number >= 0"),
+}
+SAMPLER_FIELDS = {
+    "edm": {**_ODE_FIELDS,
+            "sampler": (lambda v, s, m: v in ("heun", "euler", "dpmpp_2m"), "one of heun, euler, dpmpp_2m"),
+            "sigma_min": (lambda v, s, m: _real(v) and v > 0, "a number > 0"),
+            "sigma_max": (lambda v, s, m: _real(v) and v > s["sigma_min"], "a number > sampler.sigma_min"),
+            "rho": (lambda v, s, m: _real(v) and v > 0, "a number > 0"),
+            "s_churn": (lambda v, s, m: _real(v) and v >= 0, "a number >= 0"),
+            "s_min": (lambda v, s, m: _real(v) and v >= 0, "a number >= 0"),
+            "s_max": (lambda v, s, m: v is None or (_real(v) and v >= s["s_min"]),
+                      "null or a number >= sampler.s_min"),
+            "s_noise": (lambda v, s, m: _real(v) and v > 0, "a number > 0")},
+    "flow": {**_ODE_FIELDS,
+             "sampler": (lambda v, s, m: v in ("euler", "heun"), "one of euler, heun"),
+             "shift": (lambda v, s, m: _real(v) and v > 0, "a number > 0"),
+             "t_scale": (lambda v, s, m: _real(v) and v > 0, "a number > 0")},
+}
+DECODER_FIELDS = {  # a null decoder: pixel space
+    "decoder": (lambda v, s, m: v is None or _graph(v, m), "null or the name of a graph in 'graphs'"),
+    "scaling_factor": (lambda v, s, m: s["decoder"] is None or (_real(v) and v > 0), "a number > 0"),
+}
 
 
 class Export:
@@ -147,20 +205,22 @@ def _diffusion_timesteps(train_steps: int, steps: int) -> np.ndarray:
     return (np.arange(steps) * ratio).round()[::-1].astype(np.int64)
 
 
-def guided(ex: Export, x: np.ndarray, t: np.ndarray, labels, null_class: int, g: float) -> np.ndarray:
-    """The U-Net's prediction (float64) at x and timesteps t; for class labels and a guidance weight other than
-    1, uncond + g (cond - uncond) with the null class's pass (classifier-free guidance: the numpy port of
-    distgen/families/denoising.py's guided_prediction, both passes in one batch of 2B)."""
+def guided(ex: Export, x: np.ndarray, t: np.ndarray, labels, null_class: int, g: float, graph: str = "unet",
+           time: str = "t") -> np.ndarray:
+    """The graph's output (float64) at x and times t (its input ``time``); for class labels and a guidance weight
+    other than 1, uncond + g (cond - uncond) with the null class's pass (classifier-free guidance: the numpy port
+    of distgen/families/denoising.py's guided_prediction, both passes in one batch of 2B). EDM's denoiser is
+    affine in the network's output, so guiding D is guiding the network inside it."""
     if labels is not None and g != 1.0:
         null = np.full_like(labels, null_class)
-        out = ex.run("unet", x=np.concatenate([x, x]).astype(np.float32), t=np.concatenate([t, t]),
+        out = ex.run(graph, x=np.concatenate([x, x]).astype(np.float32), **{time: np.concatenate([t, t])},
                      labels=np.concatenate([labels, null]))[0].astype(np.float64)
         cond, uncond = out[:len(x)], out[len(x):]
         return uncond + g * (cond - uncond)
-    feed = {"x": x.astype(np.float32), "t": t}
+    feed = {"x": x.astype(np.float32), time: t}
     if labels is not None:
         feed["labels"] = labels
-    return ex.run("unet", **feed)[0].astype(np.float64)
+    return ex.run(graph, **feed)[0].astype(np.float64)
 
 
 def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
@@ -201,6 +261,138 @@ def sample_diffusion(ex: Export, rngs, idx, opts) -> np.ndarray:
                 mean = mean + np.sqrt(var) * _normal(rngs, shape)
             x = mean
     return _decode(ex, x)
+
+
+# The EDM and flow samplers: numpy ports of distgen/families/karras.py (tests/test_ports.py holds them equal)
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> list:
+    """Karras' schedule, sigma_max to sigma_min in n levels (n = 1: sigma_max alone), then 0."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + (i / (n - 1) if n > 1 else 0.0) * (lo - hi)) ** rho for i in range(n)] + [0.0]
+
+
+def flow_times(n: int, shift: float) -> list:
+    """n + 1 times from 1 to 0, uniform, then shifted as in training: t <- s t / (1 + (s - 1) t)."""
+    return [t if shift == 1.0 else shift * t / (1 + (shift - 1) * t) for t in (1 - i / n for i in range(n + 1))]
+
+
+def _churn(x, sigma, n, churn, noise):
+    """EDM's Algorithm 2, lines 4-6: x raised from sigma to sigma (1 + gamma) by fresh noise; churn = (s_churn,
+    s_min, s_max or None, s_noise)."""
+    s_churn, s_min, s_max, s_noise = churn
+    gamma = min(s_churn / n, np.sqrt(2) - 1) if s_churn > 0 and s_min <= sigma <= (
+        np.inf if s_max is None else s_max) else 0.0
+    if gamma == 0:
+        return x, sigma
+    hat = sigma * (1 + gamma)
+    return x + np.sqrt(hat ** 2 - sigma ** 2) * s_noise * noise(x), hat
+
+
+def edm_euler(denoise, x, sigmas, churn=(0.0, 0.0, None, 1.0), noise=None):
+    n = len(sigmas) - 1
+    for i in range(n):
+        x, hat = _churn(x, sigmas[i], n, churn, noise)
+        x = x + (sigmas[i + 1] - hat) * (x - denoise(x, hat)) / hat
+    return x
+
+
+def edm_heun(denoise, x, sigmas, churn=(0.0, 0.0, None, 1.0), noise=None):
+    """EDM's Algorithm 2: Heun's method, an Euler step alone into sigma = 0."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        x, hat = _churn(x, sigmas[i], n, churn, noise)
+        d = (x - denoise(x, hat)) / hat
+        nxt = sigmas[i + 1]
+        x_next = x + (nxt - hat) * d
+        if nxt != 0:
+            x_next = x + (nxt - hat) * (d + (x_next - denoise(x_next, nxt)) / nxt) / 2
+        x = x_next
+    return x
+
+
+def edm_dpmpp_2m(denoise, x, sigmas, churn=None, noise=None):
+    """DPM-Solver++(2M) on sigmas, as k-diffusion's sample_dpmpp_2m (no churn)."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        s, nxt = sigmas[i], sigmas[i + 1]
+        if nxt == 0:
+            x = denoised
+        else:
+            h = np.log(s) - np.log(nxt)
+            d = denoised
+            if old is not None:
+                r = (np.log(sigmas[i - 1]) - np.log(s)) / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            x = (nxt / s) * x - np.expm1(-h) * d
+        old = denoised
+    return x
+
+
+def flow_euler(velocity, x, times):
+    for t, nxt in zip(times[:-1], times[1:]):
+        x = x + (nxt - t) * velocity(x, t)
+    return x
+
+
+def flow_heun(velocity, x, times):
+    """Heun's method on dx/dt = v, the correction on every step (v is defined at t = 0)."""
+    for t, nxt in zip(times[:-1], times[1:]):
+        v = velocity(x, t)
+        pred = x + (nxt - t) * v
+        x = x + (nxt - t) * (v + velocity(pred, nxt)) / 2
+    return x
+
+
+EDM_SAMPLERS = {"heun": edm_heun, "euler": edm_euler, "dpmpp_2m": edm_dpmpp_2m}
+FLOW_SAMPLERS = {"euler": flow_euler, "heun": flow_heun}
+
+
+def _ode_options(s: dict, opts, samplers: dict) -> tuple:
+    sampler = opts.sampler or s["sampler"]
+    if sampler not in samplers:
+        sys.exit(f"--sampler: this model samples with {', '.join(samplers)}, not {sampler}")
+    steps = opts.steps or s["steps"]
+    if steps < 1:
+        sys.exit(f"--steps: must be >= 1, got {steps}")
+    g = s["guidance"] if opts.guidance is None else opts.guidance
+    if g < 0:
+        sys.exit(f"--guidance: must be >= 0, got {g}")
+    return sampler, steps, g
+
+
+def sample_edm(ex: Export, rngs, idx, opts, x=None) -> np.ndarray:
+    """EDM (distgen's formulation edm): noise at sigma_max carried down Karras' sigmas by Heun, Euler (both with
+    EDM's churn if the model has it) or DPM-Solver++(2M), through the denoiser graph D(x, sigma[, labels]),
+    classifier-free guided. ``x``: the standard normal start (default: drawn from the images' generators)."""
+    s = ex.spec
+    sampler, steps, g = _ode_options(s, opts, EDM_SAMPLERS)
+    sigmas = karras_sigmas(steps, s["sigma_min"], s["sigma_max"], s["rho"])
+    labels = _labels(s, idx, opts) if s["num_classes"] else None
+    x = _normal(rngs, s["shape"]) if x is None else x
+
+    def denoise(x, sigma):
+        return guided(ex, x, np.full(len(x), sigma, dtype=np.float32), labels, s["num_classes"], g, s["graph"],
+                      "sigma")
+
+    churn = (s["s_churn"], s["s_min"], s["s_max"], s["s_noise"])
+    x = EDM_SAMPLERS[sampler](denoise, x * sigmas[0], sigmas, churn, lambda like: _normal(rngs, like.shape[1:]))
+    return _decode(ex, x)
+
+
+def sample_flow(ex: Export, rngs, idx, opts, x=None) -> np.ndarray:
+    """Flow matching (distgen's formulation flow): dx/dt = v from t = 1 (noise) to 0 on the shifted times by
+    Euler or Heun, through the velocity graph v(x, 1000 t[, labels]), classifier-free guided."""
+    s = ex.spec
+    sampler, steps, g = _ode_options(s, opts, FLOW_SAMPLERS)
+    labels = _labels(s, idx, opts) if s["num_classes"] else None
+    x = _normal(rngs, s["shape"]) if x is None else x
+
+    def velocity(x, t):
+        return guided(ex, x, np.full(len(x), t * s["t_scale"], dtype=np.float32), labels, s["num_classes"], g,
+                      s["graph"])
+
+    return _decode(ex, FLOW_SAMPLERS[sampler](velocity, x, flow_times(steps, s["shift"])))
 
 
 def _decode(ex: Export, x: np.ndarray) -> np.ndarray:
@@ -531,7 +723,8 @@ def sample_cnf(ex: Export, rngs, idx, opts) -> np.ndarray:
     return (np.clip(np.floor(y * 256), 0, 255) / 127.5 - 1).astype(np.float32)
 
 
-KINDS = {"gan": sample_gan, "diffusion": sample_diffusion, "latent_noise": sample_latent_noise,
+KINDS = {"gan": sample_gan, "diffusion": sample_diffusion, "edm": sample_edm, "flow": sample_flow,
+         "latent_noise": sample_latent_noise,
          "autoregressive": sample_autoregressive, "decoder": sample_decoder, "score": sample_score, "sgld": sample_sgld,
          "cnf": sample_cnf}
 
@@ -588,7 +781,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="samples", help="folder for the PNGs (made if missing)")
     ap.add_argument("--npz", default=None, help="also write all images as uint8 'x' into this .npz")
     ap.add_argument("--steps", type=int, default=None, help="diffusion / score: sampling steps; EBMs: SGLD steps")
-    ap.add_argument("--sampler", default=None, help="diffusion: ddpm or ddim")
+    ap.add_argument("--sampler", default=None, help="diffusion: ddpm or ddim; edm: heun, euler or dpmpp_2m; "
+                                                    "flow: euler or heun")
     ap.add_argument("--guidance", type=float, default=None, help="class-conditional diffusion: guidance weight")
     ap.add_argument("--truncation", type=float, default=None, help="GANs: psi (StyleGAN2) or the z threshold")
     ap.add_argument("--temperature", type=float, default=None, help="Glow, PixelCNN++, VAEs: prior temperature")

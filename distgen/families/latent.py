@@ -103,13 +103,12 @@ class LatentDiffusion(Diffusion):
 
     def diffusers_pipeline(self, nets):
         """A diffusers folder: ``DiffusionPipeline.from_pretrained(out_dir)`` loads the autoencoder, the U-Net and
-        the scheduler into ``LatentDiffusionPipeline`` (shipped in the folder), which decodes to images."""
+        the scheduler into ``LatentDiffusionPipeline`` (ddpm) or the pixel family's EDMPipeline /
+        FlowMatchingPipeline with the vae (edm / flow), shipped in the folder, which decode to images."""
+        if self.cfg.formulation != "ddpm" or self.cfg.backbone != "unet":
+            return super().diffusers_pipeline(nets)
         return DiffusersPipeline("LatentDiffusionPipeline",
                                  {"vae": nets["ae"], "unet": nets["unet"], "scheduler": self.scheduler})
-
-    def export(self, nets, out_dir):
-        super().export(nets, out_dir)  # edm / flow: the U-Net's folder, unet/ (ddpm ships its pipeline instead)
-        nets["ae"].save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
 
     def load_export(self, out_dir):
         out = Path(out_dir)
