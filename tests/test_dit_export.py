@@ -1,4 +1,4 @@
-"""The DiT backbone's exports (distgen.export.dit): diffusers' DiTPipeline samples what distgen samples, a plain
+"""The DiT backbone's exports (distgen.families.backbones.dit_diffusers): diffusers' DiTPipeline samples what distgen samples, a plain
 DiTTransformer2DModel folder computes what the backbone computes, and distgen reads both back exactly; folders
 that are not what distgen wrote are refused before anything is built."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distgen.errors import SampleError
-from distgen.export.dit import (IMAGENET_NULL, from_diffusers_transformer, load_dit_transformer, save_dit_transformer,
+from distgen.families.backbones.dit_diffusers import (IMAGENET_NULL, from_diffusers_transformer, load_dit_transformer, save_dit_transformer,
                                 to_diffusers_transformer, write_dit_pipeline)
 from distgen.families.backbones.dit import DiT
 from distgen.families.formulations import DDPM

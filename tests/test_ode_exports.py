@@ -190,3 +190,66 @@ def test_read_meta_refuses_a_bad_field_naming_it(spec, key, value, tmp_path):
         sample_onnx.read_meta(path)
     first = str(e.value.code).splitlines()[0]
     assert first.startswith(f"{path}: sampler.{key}: "), first
+
+
+# --------------------------------------------------------------------------- the DiT and EDM2 backbones' exports
+BACKBONE_CASES = [  # (family, backbone, formulation, model options, the export's files)
+    ("diffusion", "dit", "flow", dict(class_conditional=True), ["transformer"]),
+    ("diffusion", "edm2", "edm", dict(edm_uncertainty=True), ["unet.safetensors", "unet_config.json"]),
+    ("latent_diffusion", "edm2", "edm", dict(class_conditional=True),
+     ["unet.safetensors", "unet_config.json", "vae"]),
+    # DiTPipeline's folder: class-conditional latent diffusion in ddpm
+    ("latent_diffusion", "dit", "ddpm", dict(class_conditional=True),
+     ["model_index.json", "scheduler", "transformer", "vae"]),
+]
+
+
+@pytest.mark.parametrize("name,backbone,form,model,files", BACKBONE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in BACKBONE_CASES])
+def test_a_backbone_export_samples_what_the_model_samples(name, backbone, form, model, files, tmp_path, monkeypatch):
+    """`distgen export` of a DiT or EDM2 model (write_format, as the CLI calls it) loads back (load_export, what
+    `distgen sample EXPORT` reads) to the same samples, bit for bit; a class-conditional latent DiT in ddpm is a
+    folder diffusers' own DiTPipeline loads, where distgen cannot be imported, and samples the same images."""
+    fam, nets = family(tmp_path, name, form, backbone=backbone, **model)
+    assert offers(fam, ExportsDiffusers) == (backbone == "dit" and name == "latent_diffusion")
+    out = tmp_path / "export"
+    write_format(out, fam, nets)  # what `distgen export` writes beside distgen.json
+    assert sorted(p.name for p in out.iterdir()) == files
+    labels = torch.tensor(LABELS) if fam.num_classes else None
+    want = fam.sample(nets, gens(), labels=labels, guidance=2.0 if fam.num_classes else None)
+    loaded = fam.load_export(out)
+    assert type(loaded["unet"]).__name__ == {"dit": "DiT", "edm2": "EDM2UNet"}[backbone]
+    assert torch.equal(fam.sample(loaded, gens(), labels=labels, guidance=2.0 if fam.num_classes else None), want)
+    if offers(fam, ExportsDiffusers):
+        from diffusers import DiTPipeline
+
+        with monkeypatch.context() as m:
+            for mod in [k for k in sys.modules if k == "distgen" or k.startswith("distgen.")]:
+                m.setitem(sys.modules, mod, None)
+            pipe = DiTPipeline.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(class_labels=LABELS, guidance_scale=2.0, num_inference_steps=fam.cfg.sample_steps,
+                   generator=gens(), output_type="np").images
+        assert np.abs(got - (want / 2 + 0.5).permute(0, 2, 3, 1).numpy()).max() <= 1e-5
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backbone,form", [("dit", "flow"), ("edm2", "edm")])
+def test_a_backbone_onnx_export_samples_what_distgen_samples(backbone, form, tmp_path, monkeypatch):
+    """The DiT's velocity and EDM2's preconditioned denoiser as ONNX graphs: sample_onnx.py's samplers on them
+    (onnxruntime) equal the family's from the same noise (the bound of the ONNX test above)."""
+    from distgen.export.onnx import write_onnx
+
+    fam, nets = family(tmp_path, "diffusion", form, backbone=backbone, class_conditional=True, guidance_scale=2.0)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    meta = write_onnx(out, fam, nets)
+    assert meta["sampler"]["kind"] == form
+    ex = sample_onnx.Export(out)
+    idx = np.arange(3)
+    opts = SimpleNamespace(sampler=None, steps=3, guidance=None, labels=None)
+    run = sample_onnx.sample_edm if form == "edm" else sample_onnx.sample_flow
+    got = run(ex, [np.random.default_rng([0, i]) for i in idx], idx, opts)
+    mirrored_noise(monkeypatch, [np.random.default_rng([0, i]) for i in idx])
+    want = fam.sample(nets, gens(3), labels=torch.tensor(idx % 3), steps=3).numpy()
+    assert np.abs(got - want).max() <= 2e-4

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from distgen import phema
@@ -151,8 +152,11 @@ def test_sweep_writes_a_table_a_plot_and_the_best_export(tmp_path, fm_test_shard
     from distgen.evaluate.extractors import write_random_inception
     from test_eval import _fm_images
 
-    cfg = power_config(tmp_path, fm_test_shards)
+    # EDM2's recipe end to end: its U-Net in EDM's formulation with the learned uncertainty, power EMAs, the sweep
+    cfg = power_config(tmp_path, fm_test_shards, model={"backbone": "edm2", "formulation": "edm",
+                                                        "edm_uncertainty": True, "sample_steps": 2})
     run(PY + ["train", str(cfg)], env_with_repo)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["backbone"] == "edm2"
     x, _ = _fm_images(40)
     inception = write_random_inception(tmp_path / "inception.pth",
                                        images=torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())

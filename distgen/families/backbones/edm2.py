@@ -47,7 +47,10 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    # the RMS is the norm / sqrt(the reduced size): counted from the reduced dimensions (never the batch), so an
+    # ONNX export with a dynamic batch sees a constant, not a symbolic square root
+    reduced = math.prod(x.shape[d] for d in ([dim] if isinstance(dim, int) else dim))
+    norm = torch.add(eps, norm, alpha=1 / math.sqrt(reduced))
     return x / norm.to(x.dtype)
 
 
