@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -86,13 +86,38 @@ def set_deepspeed_precision(ds_cfg: dict, mixed_precision: str) -> None:
         ds_cfg.pop("torch_autocast", None)
 
 
+def projections(net: torch.nn.Module) -> list[tuple[torch.nn.Parameter, Callable]]:
+    """The trainable parameters of ``net`` that its modules constrain after every optimizer step, each with its
+    projection: a module's ``parameter_projections()`` returns {parameter name: function of the parameter's value
+    to its new value} (EDM2's forced weight normalisation). The engine applies them (:meth:`Engine.step`), not the
+    module's forward: under DeepSpeed the optimizer keeps its own fp32 copy of the weights, and a write into the
+    module's weight alone would be undone by its next step."""
+    out, seen = [], set()
+    for m in net.modules():
+        for name, fn in (m.parameter_projections() if hasattr(m, "parameter_projections") else {}).items():
+            p = getattr(m, name)
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append((p, fn))
+    return out
+
+
+@torch.no_grad()
+def project_(pairs: list[tuple[torch.nn.Parameter, Callable]]) -> None:
+    """Each parameter replaced in place by its projection (DDP: the module's weights are the optimizer's)."""
+    for p, fn in pairs:
+        p.copy_(fn(p))
+
+
 class Trained:
     """One trained network: its Accelerator (one per network under DeepSpeed), engine-wrapped model,
-    plain module and optimizer, and which of its parameters are meant to train."""
+    plain module and optimizer, which of its parameters are meant to train, and the projections that follow
+    its optimizer steps (:func:`projections`)."""
 
     def __init__(self, name: str, acc, model, opt, lr_scale: float, raw: torch.nn.Module):
         self.name, self.acc, self.model, self.opt, self.lr_scale, self.raw = name, acc, model, opt, lr_scale, raw
         self.trainable = [p.requires_grad for p in raw.parameters()]
+        self.projections = projections(raw)
 
     def train_only_this(self, all_trained: list["Trained"]) -> None:
         """Gradients on for this network, off for the others: a GAN's generator step runs a frozen
@@ -269,9 +294,12 @@ class Engine:
         Returns ``bad`` (now also set by a non-finite gradient) and whether ``train.skip_grad_norm`` held the
         update (a device bool; None without it). With fused AdamW the skip happens on the device (the
         kernel's ``found_inf``); other kernels need one host read of the flag per step. DeepSpeed stepped
-        in :meth:`backward` already.
+        in :meth:`backward` already. Then the network's projections (:func:`projections`), stepped or not.
         """
-        if not t.acc.sync_gradients or self.deepspeed:
+        if not t.acc.sync_gradients:
+            return bad, None
+        if self.deepspeed:
+            self._ds.project(t.projections)
             return bad, None
         tc, held = self.tc, None
         norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -296,6 +324,7 @@ class Engine:
             t.opt.optimizer.found_inf = None
         elif not bool(skip):
             t.opt.step()
+        project_(t.projections)
         t.opt.zero_grad(set_to_none=True)
         return bad, held
 

@@ -84,6 +84,35 @@ class DeepSpeedInternals:
             return float(ls.cur_scale)
         return None
 
+    @staticmethod
+    def project(pairs: list) -> None:
+        """After DeepSpeed's optimizer step: each parameter replaced by its projection (``(parameter, fn)`` pairs of
+        :func:`distgen.engines.projections`), in the module's weights *and* in the optimizer's fp32 master copy,
+        which the next step starts from (a write into the module's weights alone is undone by it).
+
+        distgen runs DeepSpeed with torch_autocast, so the module's weights are float32, as the master is: copying
+        one into the other is exact. ZeRO-1/2: every rank holds the full weight and computes the same projection
+        (as every DDP replica does); ``safe_set_full_fp32_param`` writes the rank's own fragment of the master.
+        ZeRO-3: the weight is gathered, projected on rank 0, broadcast and partitioned back into every rank's shard
+        (``GatheredParameters(modifier_rank=0)``), and that shard is copied into the master's
+        (``safe_set_local_fp32_param``: the full-value setter cuts the last rank's padded shard out of the
+        unpadded value, out of range where the size is not a multiple of the world size). Under torch_autocast
+        without offload DeepSpeed makes the two shards one tensor, and the copy changes nothing. One parameter at
+        a time: ZeRO-3 holds one gathered weight at most.
+        """
+        if not pairs:
+            return
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for p, fn in pairs:
+            with torch.no_grad(), gathered([p], modifier_rank=0):
+                value = fn(p.data)
+                p.data.copy_(value)
+            if hasattr(p, "ds_id"):
+                safe_set_local_fp32_param(p, p.ds_tensor.data)
+            else:
+                safe_set_full_fp32_param(p, value)
+
     def save(self, engine, folder: Path) -> None:
         """Every rank: the engine's partitioned model and optimizer states into ``folder``."""
         engine.save_checkpoint(str(folder), tag="state")
@@ -116,13 +145,14 @@ class DeepSpeedInternals:
             engine.empty_partition_cache()  # releases every parameter, the persistent ones included
 
 
-def gathered(params: list[torch.nn.Parameter]):
-    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full
-    tensors for the update (read-only; ``modifier_rank=None`` writes nothing back)."""
+def gathered(params: list[torch.nn.Parameter], modifier_rank: Optional[int] = None):
+    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full tensors (for the EMA's
+    update: read-only, ``modifier_rank=None`` writes nothing back; with a rank, that rank's edits are broadcast and
+    partitioned back into every rank's shard on exit)."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 

@@ -158,6 +158,22 @@ def straight_and_resumed(root: Path, name: str, data: dict, steps: int, stop: in
     return {"name": name + tag, "calls": calls}
 
 
+def edm2_off_sphere(weights: dict[str, torch.Tensor]) -> float:
+    """How far the stored MPConv weights of the ``diffusion-edm`` entry (EDM2 wrapped with its uncertainty: keys
+    ``unet.<module>.weight``) are from what the engine's projection after each optimizer step leaves: every output
+    channel's row at RMS r / (r + 1e-4) for its RMS r before (EDM2's normalize), 1 / (1 + 1e-4) within ~1e-8 after
+    a step. Steps without the projection leave more (1.6e-4 after 4 steps, growing), as would any path where the
+    projection is lost (DeepSpeed's fp32 master copy)."""
+    from distgen.families.backbones import build_backbone
+    from distgen.families.backbones.edm2 import MPConv
+
+    net = build_backbone("edm2", 1, MODELS["diffusion-edm"][1], 0, MODELS["diffusion-edm"][0]["preset"])
+    names = [f"unet.{n}.weight" for n, m in net.named_modules() if isinstance(m, MPConv)]
+    assert names and all(n in weights for n in names), sorted(set(names) - set(weights))[:3]
+    rms = [weights[n].detach().double().reshape(weights[n].shape[0], -1).square().mean(1).sqrt() for n in names]
+    return max(float((r * (1 + 1e-4) - 1).abs().max()) for r in rms)
+
+
 # --------------------------------------------------------------------------- exact resume
 def _flat(state: Any, prefix: str = "") -> dict[str, Any]:
     """A nested state (optimizer, scaler, DeepSpeed's files) as {path: leaf}."""

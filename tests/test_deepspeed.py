@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from distgen import checkpoint as ckpt
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
 from distgen.export.native import export
-from matrix import MODELS, data_sets, differences, launch_matrix, record_differences, straight_and_resumed
+from matrix import MODELS, _load_raw, data_sets, differences, edm2_off_sphere, launch_matrix, record_differences, \
+    straight_and_resumed
 from test_train import launch, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]  # 2-process ZeRO-2/3 trainings (make test-fast leaves these out)
@@ -63,6 +66,8 @@ def test_every_family_trains_and_resumes_exactly_in_bf16_under_zero_2_and_3_it_d
     # exact resume under ZeRO: DeepSpeed's partitioned optimizer states, the weights and EMAs, bit for bit
     assert differences(a / last, b / last) == []
     assert record_differences(a, b, STOP) == []
+    if name in ("diffusion-edm", "diffusion-flow"):
+        _check_master_weights(name, stage, b / last / "deepspeed" / "unet" / "state")
     recs = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
     # every step finite (a lazy phase that did not run in a record's interval logs null)
@@ -75,6 +80,32 @@ def test_every_family_trains_and_resumes_exactly_in_bf16_under_zero_2_and_3_it_d
     assert (b / "samples" / f"step-{STEPS:08d}.png").is_file()
     if name not in ("autoencoder", "latent_diffusion"):  # those two calibrate on 2048 images: slow, tested elsewhere
         assert (export(b, tmp_path / "export") / "distgen.json").is_file()
+
+
+def _check_master_weights(name: str, stage: int, state: Path) -> None:
+    """DeepSpeed's fp32 master weights, consolidated from the partitions as DeepSpeed's zero_to_fp32 does. EDM2: at
+    unit RMS per output channel, as the projection after each step leaves them (distgen.engines.projections; a
+    write into the module's weights alone is undone by ZeRO's next step: 1.6e-4 off after 4 steps). ZeRO-2's
+    module weights too (ZeRO-3's are partitioned: the master is its only stored copy). DiT: the embedder its
+    blocks share is partitioned once, DeepSpeed's consolidation gives every block's name that one tensor, and the
+    result loads into a fresh network."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(str(state.parent), tag=state.name)
+    if name == "diffusion-edm":
+        off = edm2_off_sphere(master)
+        assert off < 1e-5
+        if stage == 2:
+            off = edm2_off_sphere(_load_raw(next(state.glob("mp_rank_*_model_states.pt")))["module"])
+            assert off < 1e-5
+    else:
+        from distgen.families.backbones import build_backbone
+
+        net = build_backbone("dit", 1, MODELS[name][1], 10, MODELS[name][0]["preset"])
+        assert len({id(t) for t in master.values()}) == len(list(net.parameters()))  # partitioned once
+        shared = [k for k in master if ".norm1.emb." in k and not k.startswith("dit.transformer_blocks.0.")]
+        assert shared and all(master[k] is master[re.sub(r"blocks\.\d+\.", "blocks.0.", k)] for k in shared)
+        net.load_state_dict(master)  # strict
 
 
 class _Evil:

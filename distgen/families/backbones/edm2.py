@@ -6,10 +6,14 @@ drift during training:
 
 - **Forced weight normalisation** (:class:`MPConv`): every forward divides each output channel's weight by its
   norm (the effective weight has unit norm per output channel, so unit-variance iid inputs give unit-variance
-  outputs); in training mode the *stored* weight is first renormalised in place, to unit RMS per output channel
-  (norm sqrt(fan_in)), as in the paper's implementation: an optimizer step then changes a weight by a fraction
-  of its size that does not depend on the fan-in, so the paper's learning rates apply, and the weights stay on
-  the sphere (no weight decay needed, the effective learning rate does not decay as norms grow).
+  outputs), and the *stored* weight is kept at unit RMS per output channel (norm sqrt(fan_in)): an optimizer
+  step then changes a weight by a fraction of its size that does not depend on the fan-in, so the paper's
+  learning rates apply, and the weights stay on the sphere (no weight decay needed, the effective learning rate
+  does not decay as norms grow). The paper's code renormalises the stored weight in place at the start of each
+  training-mode forward; here it starts normalised and the training engine renormalises it after every
+  optimizer step (:meth:`MPConv.parameter_projections`, :func:`distgen.engines.projections`): the same weights
+  reach every forward, and under DeepSpeed the optimizer's own fp32 copy is renormalised too, which a write
+  into the module's weight inside forward cannot reach (ZeRO's next step would overwrite it).
 - **MP-SiLU** (silu(x) / 0.596), **MP-Sum** (lerp(a, b, t) / sqrt((1-t)^2 + t^2)), **MP-Cat** (each part scaled so
   that the concatenation has unit magnitude and part b has weight t), **MP-Fourier** noise embedding
   (sqrt(2) cos(2 pi (f x + phi)) with frozen random f, phi).
@@ -90,16 +94,16 @@ class MPConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
         super().__init__()
         self.out_channels = out_channels
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.weight = nn.Parameter(normalize(torch.randn(out_channels, in_channels, *kernel)))  # on the sphere
+
+    def parameter_projections(self) -> dict:
+        """What the training engine applies to the stored weight after every optimizer step (see
+        :func:`distgen.engines.projections`): unit RMS per output channel, so the optimizer steps on the sphere."""
+        return {"weight": normalize}
 
     def unit_weight(self, gain=1.0) -> torch.Tensor:
-        """The weight used: each output channel's row of unit norm (times ``gain``). In training mode the stored
-        weight is first renormalised to unit RMS per row, in place (the optimizer then steps on the sphere)."""
-        w = self.weight.to(torch.float32)
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)
+        """The weight used: each output channel's row of unit norm (times ``gain``), whatever the stored scale."""
+        w = normalize(self.weight.to(torch.float32))
         return w * (gain / math.sqrt(w[0].numel()))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
