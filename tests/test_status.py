@@ -122,14 +122,15 @@ def test_damaged_and_edited_files_are_named_in_one_line_each(run):
     weights.write_bytes(weights.read_bytes()[:-100])  # cut short, as a full disk leaves it
     (cps / ".tmp-step-00000008").mkdir()
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": "six"}\n\x1b[2J not json\n{"step": 7, "kimg": 0.056, "loss": 0.5}\n')
+        # a scalar named with a terminal escape sequence (clear screen) is printed with '?' in its place
+        f.write('{"step": "six"}\n\x1b[2J not json\n{"step": 7, "kimg": 0.056, "loss": 0.5, "\\u001b[2Jx": 1}\n')
     (run / "config.yaml").write_text("train: [1\n")
     (run / ownership.ERROR_FILE).write_text('{"type": 3}')
     (run / "ema-snapshots").mkdir()
     (run / "ema-snapshots" / "index.json").write_text('{"snapshots": [{"file": "../../etc/passwd"}]}')
     text = screen(run)
     lines = text.splitlines()
-    assert "\x1b" not in text and "Traceback" not in text
+    assert "\x1b" not in text and "?[2Jx 1" in text and "Traceback" not in text
     row6 = next(ln for ln in lines if ln.strip().startswith("step-00000006"))
     assert "damaged: ema0-unet.safetensors: " in row6 and "truncated or damaged" in row6, text
     assert next(ln for ln in lines if "<- loads" in ln).split()[0] == "step-00000004"
