@@ -13,6 +13,8 @@
     distgen data encode AE_DIR SHARDS OUT_DIR [--split NAME] [--batch-size B]
     distgen data verify MANIFEST [--decode]
     distgen data bench SHARDS... [--workers N[,M]] [--batch-size B] [--seconds S]
+    distgen status RUN_DIR|FOLDER_OF_RUNS
+    (sample, export, eval and ema of a run folder take --checkpoint step-N|latest|best)
     distgen families [--json]
     distgen demo
 """
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="instead of sampling, --num images on the latent path from one image file to the other "
                          "(VAEs)")
     sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
+    _checkpoint_flag(sm)
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
     ex.add_argument("run_dir")
@@ -72,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("native", "onnx"), default="native",
                     help="native: the family's standard files (default); onnx: those plus ONNX graphs, onnx.json "
                          "and sample_onnx.py, a sampler needing only numpy and onnxruntime")
+    _checkpoint_flag(ex)
 
     ev = sub.add_parser("eval", help="FID / KID / IS / precision-recall / bits-per-dim of a run or export "
                                      "(or: eval fit-features SHARDS OUT)")
@@ -112,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--iw-samples", type=int, default=None,
                     help="bpd of a VAE: 1 gives the ELBO, K > 1 the importance-weighted bound")
     ev.add_argument("--out", default=None, help="also write the results to this JSON file")
+    _checkpoint_flag(ev)
 
     em = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of chosen widths from a run's snapshots "
                                     "(ema.kind=power, ema.snapshot_kimg), or sweep widths and keep the best")
@@ -121,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--sweep", metavar="LO:HI:N", help="evaluate N widths from LO to HI; keep the best as an export")
     em.add_argument("--out", required=True, metavar="OUT_DIR")
     em.add_argument("--force", action="store_true", help="replace an earlier distgen ema output in OUT_DIR")
+    em.add_argument("--checkpoint", default=None, metavar="step-N|latest|best",
+                    help="the run's config and networks from this checkpoint, reconstructed as of its step (the "
+                         "snapshots up to it; default: latest, as of the last snapshot)")
     em.add_argument("--max-residual", type=float, default=0.05,
                     help="refuse widths the snapshots fit worse than this relative L2 residual (default 0.05)")
     em.add_argument("--metric", default="fid", help="the sweep's metric: fid, kid, isc, prc, bpd or recon")
@@ -176,7 +184,20 @@ def _parser() -> argparse.ArgumentParser:
     fa.add_argument("--json", action="store_true", help="the table as JSON, for tools")
 
     sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
+
+    st = sub.add_parser("status", help="where a run stands (step, ETA, losses, evaluations, checkpoints, EMA "
+                                       "snapshots, whether it trains now, its last error), without importing torch",
+                        description="One screen per run: RUN_DIR, or every run folder directly inside FOLDER. "
+                                    "'training now' means a process holds the run folder's lock (distgen.lock), "
+                                    "as distgen train does for as long as it runs.")
+    st.add_argument("path", metavar="RUN_DIR|FOLDER_OF_RUNS")
     return p
+
+
+def _checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    from distgen.checkpoint_choice import HELP
+
+    p.add_argument("--checkpoint", default=None, metavar="step-N|latest|best", help=f"RUN_DIR only: {HELP}")
 
 
 def _mcmc_flags(p: argparse.ArgumentParser) -> None:
@@ -263,14 +284,15 @@ def cmd_sample(args) -> int:
 
         if args.interpolate:
             raise ConfigError("--interpolate: not with --input (a translator maps the input images)")
-        return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num)
+        return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num,
+                                 checkpoint=args.checkpoint)
     if args.num is None:
         raise ConfigError("--num: required (the number of images to sample), unless --input names images to "
                           "translate")
     if args.direction is not None:
         raise ConfigError("--direction: only with --input (translators)")
     return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args),
-                          interpolate=args.interpolate)
+                          interpolate=args.interpolate, checkpoint=args.checkpoint)
 
 
 def _sampling(args) -> dict:
@@ -331,14 +353,15 @@ def cmd_eval(args) -> int:
                         options=_sampling(args),
                         likelihood={"iw_samples": args.iw_samples, "probes": args.probes, "trace": args.trace},
                         out=args.out,
-                        direction=args.direction)
+                        direction=args.direction, checkpoint=args.checkpoint)
 
 
 def cmd_export(args) -> int:
     from distgen.export.native import export
 
-    out = export(args.run_dir, args.out_dir, force=args.force, fmt=args.format)
-    print(f"distgen: exported the EMA weights of {args.run_dir} -> {out}")
+    out = export(args.run_dir, args.out_dir, force=args.force, fmt=args.format, checkpoint=args.checkpoint)
+    which = f" ({args.checkpoint})" if args.checkpoint else ""
+    print(f"distgen: exported the EMA weights of {args.run_dir}{which} -> {out}")
     return 0
 
 
@@ -358,7 +381,7 @@ def cmd_ema(args) -> int:
     return ema_command(args.run_dir, args.out, sigmas=parse_sigmas(args.sigma_rel) if args.sigma_rel else None,
                        sweep=parse_sweep(args.sweep) if args.sweep else None, metric=args.metric,
                        max_residual=args.max_residual, force=args.force, num_samples=args.num_samples,
-                       baseline=args.baseline, eval_kw=kw, options=_sampling(args))
+                       baseline=args.baseline, eval_kw=kw, options=_sampling(args), checkpoint=args.checkpoint)
 
 
 def cmd_families(args) -> int:
@@ -366,6 +389,12 @@ def cmd_families(args) -> int:
 
     print(json_table() if args.json else text_table(), end="")
     return 0
+
+
+def cmd_status(args) -> int:
+    from distgen.status import status_command  # imports neither torch nor a family
+
+    return status_command(args.path)
 
 
 def cmd_demo(args) -> int:
@@ -403,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_families(args)
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "status":
+            return cmd_status(args)
     except ERRORS as e:
         print(f"distgen: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ distgen writes only into a folder it made, or one it is told to make: a run fold
 ``distgen-run.json`` (checked by content, not by its name), and ``distgen train`` refuses any other
 non-empty folder. While a run trains, rank 0 holds an exclusive ``flock`` on ``RUN_DIR/distgen.lock``:
 a second trainer on the same folder is refused, told who holds it; the kernel releases the lock when its
-holder dies, however it dies, so a killed job's lock is never stale. ``export --force`` and ``ema --force``
+holder dies, however it dies, so a killed job's lock is never stale. ``distgen status`` tells whether a run trains
+now by the same lock (:func:`lock_holder`), and shows the error a run stopped on (:data:`ERROR_FILE`, written by
+:func:`record_failure`). ``export --force`` and ``ema --force``
 replace only a folder whose marker file reads as distgen's own output (:func:`check_output_folder`).
 """
 
@@ -104,7 +106,7 @@ def lock_run_folder(folder: Path, log: Callable[[str], None] = print) -> RunLock
     path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_retrying(fd, fcntl.LOCK_EX)
     except BlockingIOError:
         os.close(fd)
         raise TrainingError(f"run.dir {folder}: another distgen train is training in it ({_holder(path)}); two "
@@ -122,6 +124,82 @@ def lock_run_folder(folder: Path, log: Callable[[str], None] = print) -> RunLock
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     return RunLock(fd)
+
+
+def _flock_retrying(fd: int, how: int, tries: int = 10, wait: float = 0.05) -> None:
+    """flock without blocking, tried again for half a second: ``distgen status`` probes the lock with a shared
+    lock of an instant, which must not make a trainer starting at that moment think the folder taken."""
+    import fcntl
+
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(wait)
+
+
+def lock_holder(folder: Path) -> tuple[Optional[bool], str]:
+    """Does a process train in ``folder`` now? ``(True, who)`` while one holds its lock; ``(False, why not)``;
+    ``(None, why unknown)`` where the lock cannot be probed. Probes with a shared lock taken and dropped at once
+    (never blocking), so it reads nothing a trainer writes and works wherever the trainer's lock does (NFS
+    included): the kernel drops a dead trainer's lock, so a held lock is a live trainer."""
+    import fcntl
+
+    path = folder / LOCK
+    if not path.is_file():
+        return False, f"no {LOCK}: never trained here"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"{path}: cannot be opened ({e.strerror or e})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False, f"no process holds {LOCK}" + (f" (the last trainer was {_holder(path)})"
+                                                     if _holder_known(path) else "")
+    except BlockingIOError:
+        return True, _holder(path)
+    except OSError as e:  # a file system without flock: the trainer ran unlocked too, so say what is known
+        return None, f"{path}: this file system cannot lock files ({e.strerror}); the last trainer was {_holder(path)}"
+    finally:
+        os.close(fd)  # drops the probe's lock
+
+
+def _holder_known(path: Path) -> bool:
+    try:
+        rb.read_json(path, _HOLDER_SCHEMA, error=ValueError, max_bytes=4096)
+        return True
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- the error a run stopped on
+ERROR_FILE = "last-error.json"
+ERROR_SCHEMA = rb.Obj({"time": rb.Str(max_len=64), "type": rb.Str(max_len=128), "message": rb.Str(max_len=4000),
+                       "pid": rb.Int(1, 2 ** 31), "host": rb.Str(max_len=256)}, optional=("pid", "host"),
+                      extra=True)
+
+
+def record_failure(folder: Path, e: BaseException) -> None:
+    """Rank 0, as a locked run stops on ``e``: what stopped it into ``RUN_DIR/last-error.json`` (for ``distgen
+    status``). Never raises: the error itself is what the user must see."""
+    msg = str(e).strip() or type(e).__name__
+    try:
+        write_text_durably(folder / ERROR_FILE, json.dumps({
+            "time": _now(), "type": type(e).__name__, "message": msg[:4000], "pid": os.getpid(),
+            "host": socket.gethostname()}) + "\n")
+    except OSError:  # a full disk may be why it stopped
+        pass
+
+
+def clear_failure(folder: Path) -> None:
+    """Rank 0, as a new attempt takes the run folder: an earlier attempt's error is no longer the run's."""
+    try:
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _holder(path: Path) -> str:

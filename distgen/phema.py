@@ -30,11 +30,8 @@ from distgen.ema import std_to_exp
 from distgen.data.shard import file_sha256
 from distgen.errors import SampleError
 
-SNAPSHOT_DIR = "ema-snapshots"
-INDEX = "index.json"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-# The widest power profile with gamma >= 0 (the uniform average) has sigma_rel = 1/sqrt(12).
-MAX_SIGMA_REL = 12 ** -0.5
+# the index's names and reader live in distgen.snapshots (light: `distgen status` reads it); re-exported here
+from distgen.snapshots import DTYPES, INDEX, MAX_SIGMA_REL, SNAPSHOT_DIR, read_index, snapshot_name
 
 
 # --------------------------------------------------------------------------- the maths
@@ -78,37 +75,6 @@ def snapshot_due(nimg: int, batch: int, snapshot_kimg: Optional[float]) -> bool:
         return False
     every = max(round(snapshot_kimg * 1000), 1)  # in whole samples
     return nimg // every > (nimg - batch) // every
-
-
-def snapshot_name(nimg: int) -> str:
-    return f"ema-{nimg:012d}.safetensors"
-
-
-SNAPSHOT_RE = r"ema-\d{12}\.safetensors"
-_ENTRY = rb.Check(rb.Obj({
-    "file": rb.Name(SNAPSHOT_RE), "step": rb.Int(0, rb.MAX_COUNT), "nimg": rb.Int(1, rb.MAX_COUNT),
-    "stds": rb.List(rb.Num(0, MAX_SIGMA_REL), min_len=1, max_len=100), "size": rb.Int(0, rb.MAX_BYTES),
-    "sha256": rb.Str(pattern="[0-9a-f]{64}"), "dtype": rb.Str(choices=tuple(DTYPES))}, optional=("dtype",)),
-    # the name distgen gives a snapshot is its sample count: any other pairing is not distgen's index
-    lambda e: None if e["file"] == snapshot_name(e["nimg"]) else f"file {e['file']!r} is not the snapshot of nimg "
-                                                                 f"{e['nimg']} ({snapshot_name(e['nimg'])})")
-INDEX_SCHEMA = rb.Check(rb.Obj({"snapshots": rb.List(_ENTRY, max_len=1_000_000)}),
-                        lambda d: "lists one sample count twice" if len({e["nimg"] for e in d["snapshots"]})
-                        != len(d["snapshots"]) else None)
-
-
-def read_index(run_dir: Path, must_exist: bool = True) -> list[dict]:
-    """The snapshots listed in ``run_dir/ema-snapshots/index.json``, oldest first: every entry checked (a file
-    name of distgen's own form, bounded numbers), or a SampleError naming the index and entry."""
-    path = Path(run_dir) / SNAPSHOT_DIR / INDEX
-    if not path.is_file():
-        if must_exist:
-            raise SampleError(f"{path}: no EMA snapshots in this run folder; train with ema.kind=power and "
-                              f"ema.snapshot_kimg set to take them")
-        return []
-    entries = rb.read_json(path, INDEX_SCHEMA, error=SampleError, max_bytes=256 * rb.MiB,
-                           what="snapshot index")["snapshots"]
-    return sorted(entries, key=lambda e: e["nimg"])
 
 
 def _write_index(folder: Path, entries: list[dict]) -> None:
@@ -188,9 +154,15 @@ def check_snapshots(run_dir: Path, entries: list[dict]) -> None:
 class Reconstruction:
     """The fit of the requested widths from a run's snapshots (read at the last snapshot's time)."""
 
-    def __init__(self, run_dir: Path, sigmas: list[float], max_residual: float):
+    def __init__(self, run_dir: Path, sigmas: list[float], max_residual: float, up_to: Optional[int] = None):
         self.run_dir = Path(run_dir)
         self.entries = read_index(self.run_dir)
+        if up_to is not None:  # as of a checkpoint (ema --checkpoint): the snapshots taken until its sample count
+            later = self.entries
+            self.entries = [e for e in self.entries if e["nimg"] <= up_to]
+            if later and not self.entries:
+                raise SampleError(f"{self.run_dir / SNAPSHOT_DIR / INDEX}: no snapshot up to {up_to / 1000:g} kimg "
+                                  f"(the checkpoint's); the first is at {later[0]['nimg'] / 1000:g} kimg")
         check_snapshots(self.run_dir, self.entries)
         self.t = self.entries[-1]["nimg"]
         self.networks = _read_networks(self.run_dir / SNAPSHOT_DIR / self.entries[-1]["file"])

@@ -94,16 +94,14 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
     return cfg, family, nets, meta
 
 
-def newest_ema_checkpoint(run_dir: Path) -> tuple[Path, tuple]:
-    """The newest checkpoint of a run folder whose EMA weights load (a newer damaged one is reported on stderr)."""
+def newest_ema_checkpoint(run_dir: Path, checkpoint: Optional[str] = None) -> tuple[Path, tuple]:
+    """The checkpoint of a run folder that ``checkpoint`` names (step-N, latest or best; None: latest, the newest
+    whose EMA weights load, a newer damaged one reported on stderr) and what it holds, or a SampleError naming
+    it and listing what the run has."""
+    from distgen.checkpoint_choice import choose
+
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        cp, got = ckpt.load_newest(run_dir / "checkpoints", _read_ema_checkpoint, log=log)
-    except CheckpointError as e:
-        raise SampleError(str(e)) from None
-    if cp is None:
-        raise SampleError(f"{run_dir}/checkpoints: no checkpoint")
-    return cp, got
+    return choose(Path(run_dir), checkpoint, _read_ema_checkpoint, log)
 
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -130,9 +128,16 @@ def _quiet_diffusers():
         dlog.set_verbosity(level)
 
 
-def load_ema(path: str | Path, device: str | torch.device = "cpu"):
-    """(family, EMA networks, config) from a run folder (newest checkpoint that loads) or an export folder."""
+def load_ema(path: str | Path, device: str | torch.device = "cpu", checkpoint: Optional[str] = None):
+    """(family, EMA networks, config) from a run folder (the checkpoint ``checkpoint`` names; None: the newest
+    that loads) or an export folder."""
     path = Path(path)
+    if checkpoint is not None and not (path / "checkpoints").is_dir():
+        from distgen.checkpoint_choice import parse
+
+        parse(checkpoint)  # a bad name is refused as such
+        raise SampleError(f"--checkpoint {checkpoint}: {path} is not a run folder (no checkpoints/): an export or "
+                          f"a checkpoint folder holds one set of weights; pass the run folder")
     if (path / EXPORT_META).is_file():
         cfg, info = read_export_meta(path)
         family = _build(cfg, info, path / EXPORT_META)
@@ -154,7 +159,7 @@ def load_ema(path: str | Path, device: str | torch.device = "cpu"):
         except CheckpointError as e:
             raise SampleError(str(e)) from None
     elif (path / "checkpoints").is_dir():
-        _, (cfg, family, nets, _) = newest_ema_checkpoint(path)
+        _, (cfg, family, nets, _) = newest_ema_checkpoint(path, checkpoint)
     else:
         raise SampleError(f"{path}: neither a run folder (checkpoints/) nor an export folder ({EXPORT_META})")
     for n in nets.values():
@@ -275,14 +280,14 @@ def check_output(out: str | Path) -> Path:
 
 
 def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None,
-                   interpolate: Optional[tuple[str, str]] = None) -> int:
+                   interpolate: Optional[tuple[str, str]] = None, checkpoint: Optional[str] = None) -> int:
     from accelerate import PartialState
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
     if dist.is_main():
         check_output(out)
-    family, nets, cfg = load_ema(path, device)
+    family, nets, cfg = load_ema(path, device, checkpoint)
     if interpolate is not None:
         return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)
     if offers(family, Translates):
@@ -301,7 +306,8 @@ def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Opt
         outp = Path(out)
         _write_images(x, y, outp)
         shown = ", ".join(f"{k} {v}" for k, v in options.items())
-        print(f"distgen: {num} samples (seed {seed}{', ' + shown if shown else ''}) from {path} -> {outp}")
+        source = f"{path} ({checkpoint})" if checkpoint else path
+        print(f"distgen: {num} samples (seed {seed}{', ' + shown if shown else ''}) from {source} -> {outp}")
         if family.last_nfe is not None:  # network evaluations per image (a guided one is a batch of 2)
             print(f"NFE {family.last_nfe}")
     dist.barrier()

@@ -26,7 +26,7 @@ from distgen.ema import EMASet
 from distgen.engines import Engine
 from distgen.errors import TrainingError
 from distgen.loop_state import DataCursor, Run, TrainState
-from distgen.ownership import take_run_folder
+from distgen.ownership import clear_failure, record_failure, take_run_folder
 from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, StepContext, build_family
 from distgen.preemption import EXIT_PREEMPTED
 from distgen.previews import ema_view, preview_batch, sample_grid
@@ -47,7 +47,13 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
     # From here the run folder is this trainer's alone: new, empty or distgen's own, and locked until the end.
     lock = take_run_folder(Path(cfg.run.folder), eng.main, dist.all_gather_object)
     try:
+        if eng.main:
+            clear_failure(Path(cfg.run.folder))
         return _train(cfg, eng, family, phases, info, preempt, allow_config_change)
+    except BaseException as e:  # what stopped the run, for `distgen status` (still raised: the CLI prints it)
+        if eng.main:
+            record_failure(Path(cfg.run.folder), e)
+        raise
     finally:
         lock.release()
 

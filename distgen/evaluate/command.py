@@ -41,14 +41,14 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
                  feature_extractor: Optional[str] = None, inception_weights: Optional[str] = None,
                  extractor_weights: Optional[str] = None, cache_dir: Optional[str] = None, options: Optional[dict] = None,
                  likelihood: Optional[dict] = None, out: Optional[str] = None,
-                 direction: Optional[str] = None) -> int:
+                 direction: Optional[str] = None, checkpoint: Optional[str] = None) -> int:
     from accelerate import PartialState
 
     from distgen.export.meta import EXPORT_META
     from distgen.sample import likelihood_options, load_ema, sampling_options
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
-    family, nets, cfg = load_ema(path, state.device)
+    family, nets, cfg = load_ema(path, state.device, checkpoint)
     spec: EvalSpec = spec_from_config(cfg, metrics=parse_metrics(metrics), num_samples=num_samples, ref=ref,
                                       test=test, batch_size=batch_size, seed=seed,
                                       feature_extractor=feature_extractor, inception_weights=inception_weights,
@@ -79,13 +79,15 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
         if "translated_images" in res:
             what = (f"{res['translated_images']} test inputs translated {spec.direction}"
                     + (f", extractor {res['extractor']}, " if res["extractor"] else ", "))
-        print(f"distgen eval: {path}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
+        source = f"{path} ({checkpoint})" if checkpoint else path
+        print(f"distgen eval: {source}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
         if res.get("extractor_about"):
             print(f"  extractor: {spec.feature_extractor}: {res['extractor_about']}")
         print(format_results(res))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps({"path": path, "seed": spec.seed, **res}, indent=2) + "\n")
+            Path(out).write_text(json.dumps({"path": path, "checkpoint": checkpoint, "seed": spec.seed,
+                                             **res}, indent=2) + "\n")
     dist.barrier()
     # Asked-for metrics that could not be computed make the command fail (after saying why).
     return 1 if res.get("skipped") else 0

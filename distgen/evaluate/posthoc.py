@@ -31,7 +31,9 @@ def _load(nets: dict, weights: dict, where: Path) -> None:
 def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = None,
                 sweep: Optional[list[float]] = None, metric: str = "fid", max_residual: float = 0.05,
                 force: bool = False, num_samples: int = 10000, baseline: Optional[str] = None,
-                eval_kw: Optional[dict] = None, options: Optional[dict] = None) -> int:
+                eval_kw: Optional[dict] = None, options: Optional[dict] = None, checkpoint: Optional[str] = None) -> int:
+    """``checkpoint`` (step-N, latest or best; None: the newest that loads) gives the config and networks, and
+    the time of the reconstruction: the snapshots up to its sample count (None: all of them)."""
     from accelerate import PartialState
 
     from distgen.ownership import check_output_folder
@@ -45,9 +47,12 @@ def ema_command(run_dir: str, out_dir: str, *, sigmas: Optional[list[float]] = N
     if sweep is not None and metric not in METRICS:
         raise SampleError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
     widths = sweep if sweep is not None else sigmas
-    rec = phema.Reconstruction(run, widths, max_residual)  # every check before anything is written
+    # every check before anything is written. A chosen checkpoint is read first: the reconstruction is as of its
+    # sample count (the snapshots up to it); by default, as of the last snapshot
+    loaded = newest_ema_checkpoint(run, checkpoint) if checkpoint is not None else None
+    rec = phema.Reconstruction(run, widths, max_residual, up_to=loaded[1][3]["nimg"] if loaded else None)
     state = PartialState(cpu=dist.cpu_only())
-    cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run)
+    cp, (cfg, family, nets, meta) = loaded or newest_ema_checkpoint(run)
     missing = set(family.ema_networks()) - set(rec.networks)
     if missing:
         raise SampleError(f"{run / phema.SNAPSHOT_DIR}: the snapshots lack network(s) {sorted(missing)}")

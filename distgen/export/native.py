@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,8 +22,10 @@ from distgen.sample import newest_ema_checkpoint
 EXPORT_FORMATS = ("native", "onnx")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "native") -> Path:
-    """Write the primary EMA weights of a run's newest checkpoint in the family's standard format; with
+def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "native",
+           checkpoint: Optional[str] = None) -> Path:
+    """Write the primary EMA weights of a run's checkpoint (``checkpoint``: step-N, latest or best; None: the
+    newest that loads) in the family's standard format; with
     ``fmt="onnx"`` also the ONNX graphs, ``onnx.json`` and the standalone ``sample_onnx.py`` beside them.
 
     The export is built in a temporary folder beside ``out_dir`` and swapped in only when complete.
@@ -30,10 +33,14 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False, fmt: s
     if fmt not in EXPORT_FORMATS:
         raise SampleError(f"--format: must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
+    if checkpoint is not None:
+        from distgen.checkpoint_choice import parse
+
+        parse(checkpoint)  # a bad name is refused before anything else is read
     if not (run_dir / "checkpoints").is_dir():
         raise SampleError(f"{run_dir}: not a run folder (no checkpoints/)")
     out = check_output_folder(run_dir, Path(out_dir), force)
-    cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir)
+    cp, (cfg, family, nets, meta) = newest_ema_checkpoint(run_dir, checkpoint)
     with atomic_dir(out) as tmp:
         write_export(tmp, family, nets, cfg, meta["data_info"],
                      {"checkpoint": str(cp), "step": meta["step"], "kimg": meta["nimg"] / 1000, "ema": 0})
