@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--interpolate", nargs=2, default=None, metavar=("IMAGE_A", "IMAGE_B"),
                     help="instead of sampling, --num images on the latent path from one image file to the other "
                          "(VAEs)")
-    sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
+    sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs (new or empty, "
+                                                 "unless --force)")
+    sm.add_argument("--force", action="store_true",
+                    help="write the PNGs into a folder that holds files, replacing those of the same names "
+                         "(000000.png, ...; others stay)")
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
     ex.add_argument("run_dir")
@@ -175,7 +179,10 @@ def _parser() -> argparse.ArgumentParser:
                                          "stages, ...), from the code")
     fa.add_argument("--json", action="store_true", help="the table as JSON, for tools")
 
-    sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
+    demo_help = ("the bundled demo, end to end on CPU: shard Fashion-MNIST, train the small pixel-diffusion model "
+                 "with 2 processes, export it, sample a grid of 64 and score 1000 samples (domain FD / KID / "
+                 "precision-recall); writes data/ and runs/ in the current folder")
+    sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ".")
     return p
 
 
@@ -263,14 +270,15 @@ def cmd_sample(args) -> int:
 
         if args.interpolate:
             raise ConfigError("--interpolate: not with --input (a translator maps the input images)")
-        return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num)
+        return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num,
+                                 force=args.force)
     if args.num is None:
         raise ConfigError("--num: required (the number of images to sample), unless --input names images to "
                           "translate")
     if args.direction is not None:
         raise ConfigError("--direction: only with --input (translators)")
     return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args),
-                          interpolate=args.interpolate)
+                          interpolate=args.interpolate, force=args.force)
 
 
 def _sampling(args) -> dict:
@@ -374,6 +382,18 @@ def cmd_demo(args) -> int:
     return demo()
 
 
+# The commands that run torch's kernels in this process (demo launches others; data shard/verify/bench read files)
+TORCH_COMMANDS = ("train", "sample", "eval", "export", "ema")
+
+
+def _threads() -> None:
+    """Threads per process from the cores and the local processes (distgen.threads), before any torch op: torch's
+    default, every core in every process, oversubscribes a CPU shared by several processes."""
+    from distgen import threads
+
+    threads.configure()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -385,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         preemption.install()
     try:
         if argv[:2] == ["eval", "fit-features"]:
+            _threads()
             return cmd_fit(argv[2:])
         args = _parser().parse_args(argv)
+        if args.cmd in TORCH_COMMANDS or (args.cmd == "data" and args.data_cmd == "encode"):
+            _threads()
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "train":
