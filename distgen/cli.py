@@ -2,7 +2,7 @@
 
     distgen train CONFIG [key=value ...] [--dry-run] [--allow-config-change]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler NAME]
-                   [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
+                   [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT [--force]
     distgen sample RUN_DIR|EXPORT_DIR --input IMAGE|FOLDER|SHARDS [--direction AtoB|BtoA] [--num N] --out OUT
     distgen export RUN_DIR OUT_DIR [--force] [--format native|onnx]
     distgen ema RUN_DIR (--sigma-rel 0.05,0.08 | --sweep 0.02:0.20:10 --metric fid [eval flags]) --out OUT_DIR
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--feature-extractor", default=None, metavar="NAME|PATH",
                     help="inception (default), dinov2-vit-s-14 ... dinov2-vit-g-14, clip-vit-b-32, clip-vit-l-14, "
                          "... (FD/KID/PR reported as fd_dinov2, kid_clip_mean, ...), or a file from "
-                         "`distgen eval fit-features`")
+                         "`distgen eval fit-features` or fashion-mnist (fd_domain, kid_domain_mean, ...)")
     ev.add_argument("--inception-weights", default=None, metavar="PATH",
                     help="local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)")
     ev.add_argument("--extractor-weights", default=None, metavar="PATH",
