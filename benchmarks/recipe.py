@@ -39,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distgen.config.schema import result_key  # noqa: E402
 from distgen.data.manifest import read_manifest  # noqa: E402
 from distgen.demo import FEATURES, ensure_shards  # noqa: E402
 from distgen.evaluate.extractors import BUNDLED  # noqa: E402
@@ -158,8 +159,10 @@ def main() -> int:
         print(f"{head}; the {r['bpd_images']} test images: {r['bpd']:.4f} bits/dim ({r['bpd_kind']})")
     else:
         nfe = f", NFE {r['nfe']}" if "nfe" in r else ""
+        # named by the extractor's feature space: fd_domain, kid_domain_mean, ... for a domain classifier
+        fd, kid, pr, rc = (r[result_key(k, a.features)] for k in ("fid", "kid_mean", "precision", "recall"))
         print(f"{head}; {a.num_samples} samples vs the test split{nfe} ({eval_s / 60:.1f} min): domain FD "
-              f"{r['fid']:.2f}, KID {r['kid_mean']:.4f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, "
+              f"{fd:.2f}, KID {kid:.4f}, precision {pr:.3f}, recall {rc:.3f}, "
               f"class entropy {r['class_entropy']:.3f}, top class share {r['class_max_share']:.3f}")
     if a.json:
         with open(a.json, "a") as f:

@@ -2,7 +2,7 @@
 
     distgen train CONFIG [key=value ...] [--dry-run] [--allow-config-change]
     distgen sample RUN_DIR|EXPORT_DIR --num N [--seed K] [--steps S] [--sampler NAME]
-                   [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT
+                   [--guidance G] [--truncation PSI] [--temperature T] [--interpolate A.png B.png] --out OUT [--force]
     distgen sample RUN_DIR|EXPORT_DIR --input IMAGE|FOLDER|SHARDS [--direction AtoB|BtoA] [--num N] --out OUT
     distgen export RUN_DIR OUT_DIR [--force] [--format native|onnx]
     distgen ema RUN_DIR (--sigma-rel 0.05,0.08 | --sweep 0.02:0.20:10 --metric fid [eval flags]) --out OUT_DIR
@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--interpolate", nargs=2, default=None, metavar=("IMAGE_A", "IMAGE_B"),
                     help="instead of sampling, --num images on the latent path from one image file to the other "
                          "(VAEs)")
-    sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs")
+    sm.add_argument("--out", required=True, help="FILE.png (a grid), FILE.npz, or a folder of PNGs (new or empty, "
+                                                 "unless --force)")
+    sm.add_argument("--force", action="store_true",
+                    help="write the PNGs into a folder that holds files, replacing those of the same names "
+                         "(000000.png, ...; others stay)")
     _checkpoint_flag(sm)
 
     ex = sub.add_parser("export", help="write a run's EMA weights in standard formats")
@@ -94,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--feature-extractor", default=None, metavar="NAME|PATH",
                     help="inception (default), dinov2-vit-s-14 ... dinov2-vit-g-14, clip-vit-b-32, clip-vit-l-14, "
                          "... (FD/KID/PR reported as fd_dinov2, kid_clip_mean, ...), or a file from "
-                         "`distgen eval fit-features`")
+                         "`distgen eval fit-features` or fashion-mnist (fd_domain, kid_domain_mean, ...)")
     ev.add_argument("--inception-weights", default=None, metavar="PATH",
                     help="local InceptionV3 weights (also $DISTGEN_INCEPTION_WEIGHTS)")
     ev.add_argument("--extractor-weights", default=None, metavar="PATH",
@@ -183,7 +187,10 @@ def _parser() -> argparse.ArgumentParser:
                                          "stages, ...), from the code")
     fa.add_argument("--json", action="store_true", help="the table as JSON, for tools")
 
-    sub.add_parser("demo", help="the bundled demo: shard Fashion-MNIST and report the loader")
+    demo_help = ("the bundled demo, end to end on CPU: shard Fashion-MNIST, train the small pixel-diffusion model "
+                 "with 2 processes, export it, sample a grid of 64 and score 1000 samples (domain FD / KID / "
+                 "precision-recall); writes data/ and runs/ in the current folder")
+    sub.add_parser("demo", help=demo_help, description=demo_help[0].upper() + demo_help[1:] + ".")
 
     st = sub.add_parser("status", help="where a run stands (step, ETA, losses, evaluations, checkpoints, EMA "
                                        "snapshots, whether it trains now, its last error), without importing torch",
@@ -285,14 +292,14 @@ def cmd_sample(args) -> int:
         if args.interpolate:
             raise ConfigError("--interpolate: not with --input (a translator maps the input images)")
         return translate_command(args.path, args.input, args.out, direction=args.direction, num=args.num,
-                                 checkpoint=args.checkpoint)
+                                 checkpoint=args.checkpoint, force=args.force)
     if args.num is None:
         raise ConfigError("--num: required (the number of images to sample), unless --input names images to "
                           "translate")
     if args.direction is not None:
         raise ConfigError("--direction: only with --input (translators)")
     return sample_command(args.path, args.num, args.out, seed=args.seed, options=_sampling(args),
-                          interpolate=args.interpolate, checkpoint=args.checkpoint)
+                          interpolate=args.interpolate, checkpoint=args.checkpoint, force=args.force)
 
 
 def _sampling(args) -> dict:
@@ -403,6 +410,18 @@ def cmd_demo(args) -> int:
     return demo()
 
 
+# The commands that run torch's kernels in this process (demo launches others; data shard/verify/bench read files)
+TORCH_COMMANDS = ("train", "sample", "eval", "export", "ema")
+
+
+def _threads() -> None:
+    """Threads per process from the cores and the local processes (distgen.threads), before any torch op: torch's
+    default, every core in every process, oversubscribes a CPU shared by several processes."""
+    from distgen import threads
+
+    threads.configure()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -414,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         preemption.install()
     try:
         if argv[:2] == ["eval", "fit-features"]:
+            _threads()
             return cmd_fit(argv[2:])
         args = _parser().parse_args(argv)
+        if args.cmd in TORCH_COMMANDS or (args.cmd == "data" and args.data_cmd == "encode"):
+            _threads()
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "train":

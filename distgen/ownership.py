@@ -37,7 +37,7 @@ def run_name_problem(name: str) -> Optional[str]:
     return rb.name_problem(name)
 
 
-def _listing(folder: Path, limit: int = 5) -> str:
+def listing(folder: Path, limit: int = 5) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -66,7 +66,7 @@ def claim_run_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise TrainingError(f"run.dir {folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):
-        raise TrainingError(f"run.dir {folder}: a folder of other files ({_listing(folder)}), not a distgen run "
+        raise TrainingError(f"run.dir {folder}: a folder of other files ({listing(folder)}), not a distgen run "
                             f"folder (it has no {RUN_MARKER}); distgen trains only into a new or empty folder or "
                             f"one it made. Choose another run.name / run.dir")
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,11 +277,11 @@ def check_output_folder(run_dir: Path, out_dir: Path, force: bool, *, marker: st
         raise SampleError(f"{out_dir}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / marker).is_file():
-            raise SampleError(f"{out_dir}: a folder that holds other files ({_listing(out)}), not a distgen {what}; "
+            raise SampleError(f"{out_dir}: a folder that holds other files ({listing(out)}), not a distgen {what}; "
                               f"write into a new or empty folder")
         if not marker_ok(out):
             raise SampleError(f"{out_dir}: its {marker} is not one distgen wrote for an {what}, so the folder is "
-                              f"not replaced (it holds {_listing(out)}); write into a new or empty folder")
+                              f"not replaced (it holds {listing(out)}); write into a new or empty folder")
         if not force:
             raise SampleError(f"{out_dir}: holds an earlier {what}; pass --force to replace it")
     return out

@@ -257,9 +257,12 @@ def _write_images(x: np.ndarray, y: np.ndarray, outp: Path) -> None:
 OUTPUT_KINDS = "FILE.png (a grid), FILE.npz, or a folder (a name without a suffix) for one PNG per image"
 
 
-def check_output(out: str | Path) -> Path:
+def check_output(out: str | Path, force: bool = False) -> Path:
     """``--out`` checked before any compute: a .png or .npz file, or a folder (no suffix), that can be
-    written (its folder is made, and a probe file written and removed). A SampleError names ``--out``."""
+    written (its folder is made, and a probe file written and removed). A SampleError names ``--out``.
+
+    A folder must be new or empty unless ``force``: images go in as 000000.png, ... (or the inputs' names), which
+    would silently replace a user's files of those names and mix the rest with this sample's images."""
     outp = Path(out)
     kind = outp.suffix.lower()
     if kind and kind not in (".png", ".npz"):
@@ -268,6 +271,12 @@ def check_output(out: str | Path) -> Path:
         raise SampleError(f"--out {out}: is a folder; a {kind} file needs another name")
     if not kind and outp.exists() and not outp.is_dir():
         raise SampleError(f"--out {out}: exists and is not a folder (write {OUTPUT_KINDS})")
+    if not kind and outp.is_dir() and not force and any(outp.iterdir()):
+        from distgen.ownership import listing
+
+        raise SampleError(f"--out {out}: the folder is not empty ({listing(outp)}); images would replace files of "
+                          f"the same names (000000.png, ...). Write into a new or empty folder, or pass --force to "
+                          f"write over them")
     folder = outp if not kind else outp.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -280,13 +289,14 @@ def check_output(out: str | Path) -> Path:
 
 
 def sample_command(path: str, num: int, out: str, *, seed: int = 0, options: Optional[dict] = None,
-                   interpolate: Optional[tuple[str, str]] = None, checkpoint: Optional[str] = None) -> int:
+                   interpolate: Optional[tuple[str, str]] = None, checkpoint: Optional[str] = None,
+                   force: bool = False) -> int:
     from accelerate import PartialState
 
     state = PartialState(cpu=dist.cpu_only())  # joins the process group under accelerate launch / torchrun
     device = state.device
     if dist.is_main():
-        check_output(out)
+        check_output(out, force)
     family, nets, cfg = load_ema(path, device, checkpoint)
     if interpolate is not None:
         return _interpolate_command(family, nets, cfg, interpolate, num, Path(out), device)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import dist, phema, preemption, speed
+from distgen import dist, phema, preemption, speed, threads
 from distgen.config import Config, model_changes, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.durable import write_text_durably
@@ -72,7 +72,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     dist.print0(to_yaml(cfg), end="")
     dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
                 f"{tc.mixed_precision}")
-    dist.print0(f"distgen: speed: {fast.describe()}")
+    dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")
     dist.print0(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
                 f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
 

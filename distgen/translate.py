@@ -101,7 +101,7 @@ def translate_uint8(family, nets, x: torch.Tensor, direction: str, device) -> to
 
 
 def translate_command(path: str, inputs: str, out: str, *, direction: Optional[str] = None,
-                      num: Optional[int] = None, checkpoint: Optional[str] = None) -> int:
+                      num: Optional[int] = None, checkpoint: Optional[str] = None, force: bool = False) -> int:
     """Translate ``inputs`` with a run's or export's EMA generator(s) into ``out`` (a grid of input | output
     rows, an .npz with both, or a folder of one PNG per input named after it)."""
     from accelerate import PartialState
@@ -111,7 +111,7 @@ def translate_command(path: str, inputs: str, out: str, *, direction: Optional[s
     state = PartialState(cpu=dist.cpu_only())
     device = state.device
     if dist.is_main():
-        check_output(out)
+        check_output(out, force)
     family, nets, cfg = load_ema(path, device, checkpoint)
     if not offers(family, Translates):
         raise SampleError(f"--input: model.family {cfg.model.family!r} samples from noise and translates nothing; "

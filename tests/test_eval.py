@@ -328,7 +328,7 @@ def test_real_images_read_at_another_size_are_at_the_floor_against_themselves(do
                                   for i in range(0, len(images), b)])
         gen = {k: torch.cat(v) for k, v in feats.items()}
         layer = ev.extractor.layers["fid"]
-        return ev._metrics(["fid"], gen, reference)["fid"], gen[layer], reference.features[layer], logs
+        return ev._metrics(["fid"], gen, reference)["fd_domain"], gen[layer], reference.features[layer], logs
 
     def read(manifest: str, res: int) -> torch.Tensor:
         cfg = DataConfig(resolution=res, channels=1, labels=False, workers=1, flip=False)
@@ -362,15 +362,17 @@ def test_domain_features_give_fd_kid_pr_and_the_cache_follows_the_shards(setup, 
     assert (first["ref_cache"], second["ref_cache"]) == ("miss", "hit")
     # beside the figures: the extractor's accuracy and calibration, so a reader can judge them
     assert f"extractor: {domain}: test accuracy" in r.stdout and "calibration (FD against the test split" in r.stdout
-    assert first["extractor"] == "distgen-domain" and first["fid"] > 0 and 0 <= first["recall"] <= 1
-    for k in ("fid", "kid_mean", "precision", "recall"):
+    # named by their feature space: an FD of the domain classifier's features is not an FID
+    assert first["extractor"] == "distgen-domain" and first["fd_domain"] > 0 and 0 <= first["recall_domain"] <= 1
+    assert not {"fid", "kid_mean", "precision", "recall"} & set(first) and "FD_fm-features " in r.stdout
+    for k in ("fd_domain", "kid_domain_mean", "precision_domain", "recall_domain"):
         assert second[k] == pytest.approx(first[k], rel=1e-4, abs=1e-9)
     # New content in the shards: the cached statistics are not used.
     x2, _ = _fm_images(60, offset=400)
     np.savez(tmp_path / "a.npz", x=x2)
     write_shards(f"npz:{tmp_path / 'a.npz'}", ref_dir, "test", samples_per_shard=25)
     third, _ = _eval(1, setup, env_with_repo, *args, cache=cache, out=tmp_path / "3.json")
-    assert third["ref_cache"] == "miss" and third["fid"] != pytest.approx(first["fid"], rel=1e-6)
+    assert third["ref_cache"] == "miss" and third["fd_domain"] != pytest.approx(first["fd_domain"], rel=1e-6)
 
 
 @pytest.mark.e2e
@@ -424,12 +426,13 @@ def test_periodic_evaluation_during_training_keeps_the_best(setup, domain, fm_te
     cfg.write_text(yaml.safe_dump(data))
     r = run([*launch(2), "train", str(cfg)], env_with_repo)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [rec for rec in recs if "eval/fid" in rec]
+    evals = [rec for rec in recs if "eval/fd_domain" in rec]  # fid in the domain classifier's space
     assert [rec["step"] for rec in evals] == [5, 10]
     assert [rec["eval/ref_cache"] for rec in evals] == ["miss", "hit"]
     best = tmp_path / "run" / "best"
     meta = json.loads((best / "meta.json").read_text())
-    assert meta["best"]["value"] == min(rec["eval/fid"] for rec in evals)
+    assert meta["best"] == {"metric": "fd_domain", "value": min(rec["eval/fd_domain"] for rec in evals),
+                            "step": meta["best"]["step"]}
     assert "distgen: best" in r.stdout
     # The best weights are a source for sampling like a run or an export.
     run([*launch(1), "sample", str(best), "--num", "2", "--out", str(tmp_path / "b.png")], env_with_repo)

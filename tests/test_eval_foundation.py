@@ -80,7 +80,7 @@ def _compare(name, setup, weights, env, tmp_path, tf_weights=None):
     two, r = _eval(2, setup, {**env, "OMP_NUM_THREADS": "1"}, "--num-samples", str(NUM), "--metrics", "fid,kid,prc",
                    "--ref", str(weights["ref"]), "--feature-extractor", name, "--extractor-weights", str(path),
                    cache=cache, out=tmp_path / "two.json")
-    assert {"dinov2": "FD-DINOv2", "clip": "FD-CLIP"}[tag] in r.stdout and two["extractor"] == name
+    assert {"dinov2": "FD_DINOv2", "clip": "FD_CLIP"}[tag] in r.stdout and two["extractor"] == name
     assert "fid" not in two and "kid_mean" not in two
     family, nets, cfg = load_ema(setup["run"])
     spec = spec_from_config(cfg, metrics=("fid", "kid", "prc", "isc"), num_samples=NUM, ref=[str(weights["ref"])],
@@ -229,4 +229,4 @@ def test_results_go_by_their_own_names():
     assert EvalConfig(metrics=("prc",), feature_extractor="clip-vit-b-32").best_key == "f_score_clip"
     assert EvalConfig(metrics=("bpd", "fid"), best_metric="kid_mean", feature_extractor="clip-vit-b-32").best_key \
         == "kid_clip_mean"
-    assert EvalConfig(metrics=("fid",), feature_extractor="/x/domain.safetensors").best_key == "fid"
+    assert EvalConfig(metrics=("fid",), feature_extractor="/x/domain.safetensors").best_key == "fd_domain"

@@ -259,5 +259,6 @@ def test_export_rebuilds_the_ema_generator_and_sample_and_eval_work_on_it(tmp_pa
                      "--feature-extractor", str(feats), "--truncation", "0.7", "--cache-dir", str(tmp_path / "cache"),
                      "--out", str(res)], env_with_repo)
     r = json.loads(res.read_text())
-    assert r["fid"] > 0 and np.isfinite(r["kid_mean"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert r["fd_domain"] > 0 and np.isfinite(r["kid_domain_mean"]) and 0 <= r["precision_domain"] <= 1 \
+        and 0 <= r["recall_domain"] <= 1
     assert 0 <= r["class_entropy"] <= 1 and 0.1 <= r["class_max_share"] <= 1  # the mode-collapse signal

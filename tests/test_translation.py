@@ -201,7 +201,7 @@ def test_cyclegan_exports_and_translates_both_ways_and_is_scored(tmp_path, boots
                      "--cache-dir", str(tmp_path / "cache"), "--out", str(res)], env_with_repo)
     got = json.loads(res.read_text())
     assert got["translated_images"] == 1000 and got["ref_images"] == 1000  # sneakers in, ankle boots as reference
-    assert got["fid"] > 0 and 0 <= got["target_class_share"] <= 1 and got["target_class"] == "Ankle boot"
+    assert got["fd_domain"] > 0 and 0 <= got["target_class_share"] <= 1 and got["target_class"] == "Ankle boot"
     back = tmp_path / "back.json"
     run(launch(1) + ["eval", str(out), "--metrics", "target_class", "--direction", "BtoA",
                      "--feature-extractor", str(feats), "--out", str(back)], env_with_repo)

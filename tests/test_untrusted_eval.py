@@ -88,7 +88,7 @@ def test_a_stats_file_of_mu_and_sigma_gives_fid_and_says_what_is_skipped(tmp_pat
     res = evaluator(tmp_path / "stats.npz").run(features=gen)
     want = fid_statistics_to_metric(fid_features_to_statistics(gen["features"]),
                                     {"mu": mu.astype(np.float32), "sigma": sigma}, False)["frechet_inception_distance"]
-    assert res["fid"] == want and np.isfinite(want)
+    assert res["fd_domain"] == want and np.isfinite(want)  # FD in the domain classifier's space, not FID
     assert res["skipped"] == {"kid": f"the statistics file {tmp_path / 'stats.npz'} holds no 'features' array"}
     assert res["ref_images"] is None  # not recorded: not invented
     assert "reference: image count not recorded (cache none)" in format_results(res)
@@ -96,7 +96,8 @@ def test_a_stats_file_of_mu_and_sigma_gives_fid_and_says_what_is_skipped(tmp_pat
     _, _, f = statistics(n=20)
     np.savez(tmp_path / "full.npz", mu=mu, sigma=sigma, features=f, num=np.int64(20))
     res = evaluator(tmp_path / "full.npz").run(features=gen)
-    assert res["fid"] == want and np.isfinite(res["kid_mean"]) and res["ref_images"] == 20 and "skipped" not in res
+    assert res["fd_domain"] == want and np.isfinite(res["kid_domain_mean"]) and res["ref_images"] == 20
+    assert "skipped" not in res
 
 
 BAD_FILES = {
@@ -143,7 +144,7 @@ def test_a_figure_that_comes_out_not_finite_is_skipped_saying_why(tmp_path, monk
     gen = generated()
     gen["features"][0, 0] = float("inf")
     res = evaluator(tmp_path / "ok.npz").run(features=gen)
-    assert "fid" not in res and "kid_mean" not in res and set(res["skipped"]) == {"fid", "kid"}
+    assert "fd_domain" not in res and "kid_domain_mean" not in res and set(res["skipped"]) == {"fid", "kid"}
     assert res["skipped"]["fid"] == (f"the extractor distgen-domain ({BUNDLED['fashion-mnist']}) gave NaN or "
                                      f"infinite values in its 'features' output for 1 of 12 images")
     # finite features whose FID still is not a number (here: a computation that overflows) are skipped too
@@ -152,9 +153,9 @@ def test_a_figure_that_comes_out_not_finite_is_skipped_saying_why(tmp_path, monk
     real = fidelity.fid_statistics_to_metric
     monkeypatch.setattr(fidelity, "fid_statistics_to_metric", lambda *a: {k: v * math.inf for k, v in real(*a).items()})
     res = evaluator(tmp_path / "ok.npz").run(features=generated())
-    assert "fid" not in res and res["skipped"]["fid"].startswith(
-        f"came out fid inf (not finite) against the reference {tmp_path / 'ok.npz'}")
-    assert np.isfinite(res["kid_mean"])
+    assert "fd_domain" not in res and res["skipped"]["fid"].startswith(
+        f"came out fd_domain inf (not finite) against the reference {tmp_path / 'ok.npz'}")
+    assert np.isfinite(res["kid_domain_mean"])
 
 
 def test_stats_file_pairs_and_dimensions_are_named(tmp_path):

@@ -158,25 +158,44 @@ METRIC_MIN_SAMPLES = {"fid": 2, "kid": 2, "isc": 10, "prc": 4}
 
 
 # torch-fidelity's DINOv2 and CLIP feature extractors (distgen.evaluate.foundation loads them from local weight
-# files). Their FD / KID / PR go by their own names (fd_dinov2, kid_dinov2_mean, precision_clip, ...), so that
-# a figure is never mistaken for (or compared with) an InceptionV3 one.
+# files).
 FOUNDATION_EXTRACTORS = {
     **{f"dinov2-vit-{s}-14": "dinov2" for s in "sblg"},
     **{f"clip-{a}": "clip" for a in ("rn50", "rn101", "rn50x4", "rn50x16", "rn50x64", "vit-b-32", "vit-b-16",
                                      "vit-l-14", "vit-l-14-336px")},
 }
+INCEPTION_NAMES = ("inception", "inception-v3-compat")  # the spec, and the name the extractor goes by
+# A feature metric goes by the name of its feature space, so that a figure is never mistaken for (or compared
+# with) one of another space: FID only in InceptionV3's; fd_dinov2, kid_clip_mean, precision_domain, ... in the
+# others. "domain" is any distgen domain classifier (the bundled fashion-mnist one, or a fit-features file): one
+# fixed name, so that configs (eval.best_metric), readers and TensorBoard see the same key whatever the file is
+# called; which classifier it was is in the results' extractor_about.
+FEATURE_SPACES = ("dinov2", "clip", "domain")
 TAGGED_RESULTS = ("fid", "kid_mean", "kid_std", "precision", "recall", "f_score")
 
 
-def result_key(key: str, feature_extractor: Optional[str]) -> str:
-    """The name a feature metric's result goes by with ``feature_extractor``: fid -> fd_dinov2,
-    kid_mean -> kid_dinov2_mean, precision -> precision_dinov2; unchanged for InceptionV3 and domain features."""
-    tag = FOUNDATION_EXTRACTORS.get(feature_extractor or "")
+def feature_space(feature_extractor: Optional[str]) -> Optional[str]:
+    """The tag of ``feature_extractor``'s feature space (dinov2, clip, domain), or None for InceptionV3."""
+    if not feature_extractor or feature_extractor in INCEPTION_NAMES:
+        return None
+    return FOUNDATION_EXTRACTORS.get(feature_extractor, "domain")
+
+
+def tagged(key: str, tag: Optional[str]) -> str:
+    """``key`` (of TAGGED_RESULTS) in feature space ``tag``: fid -> fd_dinov2, kid_mean -> kid_dinov2_mean,
+    precision -> precision_domain; unchanged for InceptionV3 (None) and for other results."""
     if tag is None or key not in TAGGED_RESULTS:
         return key
     if key == "fid":
         return f"fd_{tag}"
     return f"kid_{tag}_{key[4:]}" if key.startswith("kid_") else f"{key}_{tag}"
+
+
+def result_key(key: str, feature_extractor: Optional[str]) -> str:
+    """The name a feature metric's result goes by with ``feature_extractor``: fid -> fd_dinov2 (DINOv2),
+    fd_domain (a domain classifier), kid_mean -> kid_dinov2_mean, precision -> precision_clip; unchanged for
+    InceptionV3."""
+    return tagged(key, feature_space(feature_extractor))
 
 
 def sample_count_problem(metrics, n: int) -> Optional[str]:
@@ -206,10 +225,10 @@ class EvalConfig:
     kid_subset_size: int = 1000
     best_metric: Optional[str] = None  # keep the EMA weights that score best on this (default: first metric)
 
-    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1", "fd_dinov2", "kid_dinov2_mean", "fd_clip", "kid_clip_mean")
+    LOWER_IS_BETTER = ("fid", "kid_mean", "bpd", "l1",
+                       *(tagged(k, t) for t in FEATURE_SPACES for k in ("fid", "kid_mean")))
     HIGHER_IS_BETTER = ("isc_mean", "precision", "recall", "f_score", "psnr", "ssim", "target_class_share",
-                        "accuracy", "precision_dinov2", "recall_dinov2", "f_score_dinov2", "precision_clip",
-                        "recall_clip", "f_score_clip")
+                        "accuracy", *(tagged(k, t) for t in FEATURE_SPACES for k in ("precision", "recall", "f_score")))
 
     def validate(self, path: str) -> None:
         check(self.every >= 0, f"{path}.every", "must be >= 0 (0: no evaluation during training)")
@@ -224,10 +243,17 @@ class EvalConfig:
         names = self.LOWER_IS_BETTER + self.HIGHER_IS_BETTER
         check(self.best_metric is None or self.best_metric in names, f"{path}.best_metric",
               f"must be one of {', '.join(names)}")
+        # a result of another feature space would never be computed: the best weights would never be kept
+        own = {result_key(k, self.feature_extractor) for k in TAGGED_RESULTS}
+        other = {tagged(k, t) for t in FEATURE_SPACES for k in TAGGED_RESULTS} - own
+        check(self.best_metric not in other, f"{path}.best_metric",
+              f"{self.best_metric} is not computed with feature_extractor {self.feature_extractor} (its feature "
+              f"space gives {', '.join(sorted(own))}; the plain names fid, kid_mean, ... follow the extractor)")
 
     @property
     def best_key(self) -> str:
-        """The result that judges the EMA weights (fid -> fd_dinov2 with a DINOv2 extractor)."""
+        """The result that judges the EMA weights (fid -> fd_dinov2 with a DINOv2 extractor, fd_domain with a
+        domain classifier)."""
         first = self.metrics[0]
         key = self.best_metric or {"kid": "kid_mean", "isc": "isc_mean", "prc": "f_score", "recon": "psnr",
                                    "paired": "l1", "target_class": "target_class_share"}.get(first, first)

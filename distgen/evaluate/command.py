@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from distgen import dist
+from distgen.config.schema import FEATURE_SPACES, TAGGED_RESULTS, feature_space, tagged
 from distgen.errors import EvalError
 from distgen.evaluate import EvalSpec, Evaluator, parse_metrics, spec_from_config
 from distgen.families.capabilities import Translates, offers
@@ -15,16 +16,38 @@ NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS"
          "precision": "precision", "recall": "recall", "f_score": "F-score", "bpd": "bits/dim",
          "class_entropy": "class entropy", "class_max_share": "top class share", "psnr": "PSNR (dB)",
          "ssim": "SSIM", "l1": "L1 (0..1)", "target_class_share": "target class share", "accuracy": "accuracy",
-         "translated_images": "translated", "nfe": "NFE / image",
-         # DINOv2 / CLIP feature spaces (distgen.config.schema.result_key)
-         "fd_dinov2": "FD-DINOv2", "kid_dinov2_mean": "KID-DINOv2", "kid_dinov2_std": "KID-DINOv2 std",
-         "precision_dinov2": "precision-DINOv2", "recall_dinov2": "recall-DINOv2", "f_score_dinov2": "F-score-DINOv2",
-         "fd_clip": "FD-CLIP", "kid_clip_mean": "KID-CLIP", "kid_clip_std": "KID-CLIP std",
-         "precision_clip": "precision-CLIP", "recall_clip": "recall-CLIP", "f_score_clip": "F-score-CLIP"}
+         "translated_images": "translated", "nfe": "NFE / image"}
+# FID is InceptionV3's alone: in any other feature space the same maths is an FD, and every figure is labelled
+# with its space (FD_DINOv2, KID_CLIP, precision_fashion-mnist), as its key is (distgen.config.schema.result_key)
+SPACE_LABELS = {"dinov2": "DINOv2", "clip": "CLIP", "domain": "domain"}
+_TAGGED_LABELS = {"fid": "FD_{}", "kid_mean": "KID_{}", "kid_std": "KID_{} std", "precision": "precision_{}",
+                  "recall": "recall_{}", "f_score": "F-score_{}"}
 
 
-def format_results(res: dict) -> str:
-    lines = [f"  {NAMES[k]:<15s} {res[k]:.6g}" for k in NAMES if k in res]
+def space_label(feature_extractor: Optional[str]) -> Optional[str]:
+    """How the table names ``feature_extractor``'s space: DINOv2, CLIP, a domain classifier by its name
+    (fashion-mnist) or its file's (fm for features/fm.safetensors); None for InceptionV3."""
+    tag = feature_space(feature_extractor)
+    if tag == "domain" and feature_extractor not in (None, "distgen-domain"):
+        return Path(feature_extractor).name.removesuffix(".safetensors")
+    return SPACE_LABELS.get(tag) if tag else None
+
+
+def labels(feature_extractor: Optional[str] = None) -> dict[str, str]:
+    """Result key -> its label in the table, every feature space's keys included (each beside InceptionV3's)."""
+    out = {}
+    for key, label in NAMES.items():
+        out[key] = label
+        for tag in FEATURE_SPACES if key in TAGGED_RESULTS else ():
+            shown = space_label(feature_extractor) if tag == feature_space(feature_extractor) else SPACE_LABELS[tag]
+            out[tagged(key, tag)] = _TAGGED_LABELS[key].format(shown)
+    return out
+
+
+def format_results(res: dict, feature_extractor: Optional[str] = None) -> str:
+    names = {k: v for k, v in labels(feature_extractor).items() if k in res}
+    width = max([15, *map(len, names.values())])
+    lines = [f"  {v:<{width}s} {res[k]:.6g}" for k, v in names.items()]
     if "ref_cache" in res:
         count = "image count not recorded" if res["ref_images"] is None else f"{res['ref_images']} images"
         lines.append(f"  reference: {count} (cache {res['ref_cache']})")
@@ -79,11 +102,14 @@ def eval_command(path: str, metrics: str, num_samples: int, *, ref: Optional[lis
         if "translated_images" in res:
             what = (f"{res['translated_images']} test inputs translated {spec.direction}"
                     + (f", extractor {res['extractor']}, " if res["extractor"] else ", "))
+        from distgen import threads
+
         source = f"{path} ({checkpoint})" if checkpoint else path
-        print(f"distgen eval: {source}: {what}seed {spec.seed}, {dist.world_size()} process(es), {res['seconds']:.1f}s")
+        print(f"distgen eval: {source}: {what}seed {spec.seed}, {dist.world_size()} process(es), "
+              f"{threads.describe()}, {res['seconds']:.1f}s")
         if res.get("extractor_about"):
             print(f"  extractor: {spec.feature_extractor}: {res['extractor_about']}")
-        print(format_results(res))
+        print(format_results(res, spec.feature_extractor))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps({"path": path, "checkpoint": checkpoint, "seed": spec.seed,

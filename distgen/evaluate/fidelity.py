@@ -45,9 +45,10 @@ def class_spread(logits: torch.Tensor) -> dict:
 
 def fidelity_metrics(todo: list[str], gen: dict[str, torch.Tensor], ref: Optional[Reference], extractor,
                      kid_subset_size: int, ref_spec, skipped: dict[str, str], log: Callable[[str], None]) -> dict:
-    """``todo``'s figures (of FEATURE_METRICS) of generated features ``gen`` against ``ref``, by the names the
-    extractor gives them (fid -> fd_dinov2, ...). A figure that cannot be given goes to ``skipped``, saying why
-    (``ref_spec``: the --ref the message names when the reference records no source)."""
+    """``todo``'s figures (of FEATURE_METRICS) of generated features ``gen`` against ``ref``, by the names of the
+    extractor's feature space (fid only for InceptionV3; fd_dinov2, fd_domain, kid_domain_mean, ...). A figure that
+    cannot be given goes to ``skipped``, saying why (``ref_spec``: the --ref the message names when the reference
+    records no source)."""
     lay = extractor.layers
     out: dict = {}
     kw = dict(FIDELITY_KWARGS)
@@ -65,8 +66,9 @@ def fidelity_metrics(todo: list[str], gen: dict[str, torch.Tensor], ref: Optiona
     if "fid" in todo:
         dim = gen[lay["fid"]].shape[1]
         if n <= dim:
-            log(f"distgen eval: warning: FID from {n} images, no more than the feature dimension {dim}: "
-                f"their covariance is rank-deficient and FID is biased high (compare only figures from the "
+            fd = "FID" if result_key("fid", extractor.name) == "fid" else "FD"  # FID is InceptionV3's alone
+            log(f"distgen eval: warning: {fd} from {n} images, no more than the feature dimension {dim}: "
+                f"their covariance is rank-deficient and {fd} is biased high (compare only figures from the "
                 f"same count; published ones use 50,000)")
         stats = fid_features_to_statistics(gen[lay["fid"]])
         if ref.stats["mu"].shape != stats["mu"].shape:
@@ -90,11 +92,11 @@ def fidelity_metrics(todo: list[str], gen: dict[str, torch.Tensor], ref: Optiona
     if extractor.name == DOMAIN and "logits" in gen:
         out.update(class_spread(gen["logits"]))
     for m, keys in METRIC_KEYS.items():  # never a nan or inf figure: the metric is skipped, saying why
-        bad = [f"{k} {out[k]}" for k in keys if k in out and not math.isfinite(out[k])]
+        bad = [f"{result_key(k, extractor.name)} {out[k]}" for k in keys if k in out and not math.isfinite(out[k])]
         if bad:
             for k in keys:
                 out.pop(k, None)
             skipped[m] = (f"came out {', '.join(bad)} (not finite) against the reference "
                           f"{ref.source if ref is not None and ref.source else ref_spec}: the "
                           f"extractor's features or the reference statistics are out of range")
-    return {result_key(k, extractor.name): v for k, v in out.items()}  # fid -> fd_dinov2, ...
+    return {result_key(k, extractor.name): v for k, v in out.items()}  # fid -> fd_dinov2, fd_domain, ...
