@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -92,9 +93,10 @@ def configure() -> tuple[int, str]:
     # Also in the environment: accelerate's PartialState resets torch's count on CPU when OMP_NUM_THREADS is unset
     # (to physical cores / local processes, which ignores affinity), and loader workers inherit it.
     os.environ["OMP_NUM_THREADS"] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
+    # torch not yet imported (a config check imports none: `train --dry-run`): its OpenMP pool reads the variable
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
     chosen = (n, why)
     return chosen
 
