@@ -53,12 +53,13 @@ def _text(v) -> str:
 # Each family's default, then the settings that change a capability or the ZeRO stages (a setting that changes
 # neither, e.g. a GAN's arch without path length, is no row of its own).
 VARIANTS: tuple[Variant, ...] = (
-    Variant("diffusion"),
-    Variant("diffusion", {"formulation": "edm"}),
-    Variant("diffusion", {"formulation": "flow"}),
+    Variant("diffusion"),  # every formulation (ddpm, edm, flow) exports alike on the U-Net
+    Variant("diffusion", {"backbone": "dit"}),
+    Variant("diffusion", {"backbone": "edm2"}),
     # its validation asks for an autoencoder folder, which the table never opens
     Variant("latent_diffusion", needs={"autoencoder": "AE_DIR"}),
-    Variant("latent_diffusion", {"formulation": "edm"}, needs={"autoencoder": "AE_DIR"}),
+    # a class-conditional DiT in ddpm exports diffusers' DiTPipeline; any other DiT its transformer/ folder
+    Variant("latent_diffusion", {"backbone": "dit"}, needs={"autoencoder": "AE_DIR"}),
     Variant("autoencoder"),
     Variant("autoencoder", {"disc_weight": 0.1}),
     Variant("gan"),
