@@ -25,7 +25,9 @@ from test_train import launch
 
 pytestmark = pytest.mark.e2e  # the shared runs and real kills (make test-fast leaves these out)
 
-ONE_PROCESS = ("diffusion", "gan-dcgan", "cyclegan", "ebm", "glow", "diffusion-fast")
+# one process as well: a family of each kind of state, and the new backbones (EDM2 in diffusion-fast, compiled;
+# the class-conditional DiT in diffusion-flow)
+ONE_PROCESS = ("diffusion", "gan-dcgan", "cyclegan", "ebm", "glow", "diffusion-fast", "diffusion-flow")
 LAST = f"checkpoints/step-{STEPS:08d}"
 
 
