@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from conftest import REPO
-from distgen.cli import main as cli_main
 from distgen.config import load_config
 from distgen.errors import ConfigError
 from matrix import family_config
+from test_train import in_process
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TELEMETRY = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib")
 
@@ -83,28 +83,27 @@ def wandb_history(files: list[Path]) -> list[tuple[dict[int, dict], dict]]:
     return out
 
 
+@pytest.mark.e2e
 def test_trackers_read_back_equal_metrics_jsonl_and_a_resume_continues_their_runs(tmp_path, fm_test_shards,
-                                                                                  monkeypatch, capsys):
+                                                                                  monkeypatch):
     """One run with TensorBoard, W&B and MLflow at once: 4 steps, then resumed to 8. Every number of every
     metrics.jsonl record (losses, telemetry, evaluation results, the best so far) is in each tracker at its step;
     the config is their hyperparameters; the sample grids their images; the resume continued the same W&B and
     MLflow runs (one id, steps 5-8 after 1-4)."""
     import distgen.train
 
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "WANDB_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    # W&B offline: its local run files only, in the run folder (its default there); no console capture
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    # in this process, its environment restored after each run (W&B and MLflow export variables for child
+    # processes); W&B offline: its local run files only, in the run folder; no console capture
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off")
     evaluator = FakeEvaluator()
     monkeypatch.setattr(distgen.train, "make_evaluator", lambda cfg, eng: evaluator)
     cfg = tiny(tmp_path, fm_test_shards, ["tensorboard", "wandb", "mlflow"], sample_every=2)
     over = ["eval.every=2"]
-    assert cli_main(["train", str(cfg), "train.max_steps=4", *over]) == 0
-    assert cli_main(["train", str(cfg), "train.max_steps=8", *over]) == 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "trackers: tensorboard, wandb, mlflow" in out
+    for steps in (4, 8):
+        r = in_process(["train", str(cfg), f"train.max_steps={steps}", *over], env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "trackers: tensorboard, wandb, mlflow" in r.stdout
     run = tmp_path / "run"
     recs = records(run)
     want = numbers_by_step(recs)
@@ -114,7 +113,7 @@ def test_trackers_read_back_equal_metrics_jsonl_and_a_resume_continues_their_run
     ids = json.loads((run / "trackers.json").read_text())
 
     # ---- MLflow, through its own client on the file store in the run folder
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only with it
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only with it
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
@@ -155,70 +154,77 @@ def test_trackers_read_back_equal_metrics_jsonl_and_a_resume_continues_their_run
     assert sorted(e.step for e in mux.Images(".", "samples")) == [2, 4, 6, 8]
 
 
+@pytest.mark.e2e
 def test_a_tracker_that_is_missing_or_cannot_start_stops_the_run_before_its_first_step(tmp_path, fm_test_shards,
-                                                                                       monkeypatch, capsys):
+                                                                                       monkeypatch):
     with pytest.raises(ConfigError, match=r"run.trackers: unknown tracker\(s\) \['comet'\]"):
         load_config(None, ["run.trackers=[comet]"])
     # not installed: said with what to install, before anything is built
     cfg = tiny(tmp_path, fm_test_shards, ["tensorboard", "wandb"])
     monkeypatch.setitem(sys.modules, "wandb", None)  # what importlib finds of a package that is not installed
-    assert cli_main(["train", str(cfg), "train.max_steps=2"]) != 0
-    err = capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    r = in_process(["train", str(cfg), "train.max_steps=2"], env)
+    err = r.stderr
+    assert r.returncode != 0
     assert "run.trackers: wandb is not installed (pip install 'distgen[trackers]'" in err, err
     assert not (tmp_path / "run").exists()
     # installed but cannot start (an MLflow tracking server that is not there): refused before step 1
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
     cfg = tiny(tmp_path, fm_test_shards, ["tensorboard", "mlflow"])
-    assert cli_main(["train", str(cfg), "train.max_steps=2"]) != 0
-    err = capsys.readouterr().err
+    r = in_process(["train", str(cfg), "train.max_steps=2"], {**env, "MLFLOW_TRACKING_URI": "nosuchscheme://nowhere"})
+    err = r.stderr
+    assert r.returncode != 0
     assert "run.trackers: mlflow could not start:" in err and "nosuchscheme" in err, err
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "trackers.json").exists()
 
 
-# An artificially slow (or instant) loader stage: the first batch again and again, after DELAY seconds.
+# Trainings one after another in one fresh process, each behind an artificially slow (or instant) loader stage: the
+# first batch again and again, after DELAY seconds. argv[1]: JSON [[delay, distgen argv], ...].
 LOADER = """
-import sys, time
+import json, sys, time
 import distgen.train
 from distgen.cli import main
 
-delay, real = float(sys.argv[1]), distgen.train.make_train_loader
+real = distgen.train.make_train_loader
 
 class Stage:
-    def __init__(self, inner):
-        self.inner, self.skipped = inner, 0
+    def __init__(self, inner, delay):
+        self.inner, self.delay, self.skipped = inner, delay, 0
 
     def __iter__(self):
         batch = next(iter(self.inner))
         while True:
-            if delay:
-                time.sleep(delay)
+            if self.delay:
+                time.sleep(self.delay)
             yield batch
 
-distgen.train.make_train_loader = lambda *a, **k: Stage(real(*a, **k))
-sys.exit(main(sys.argv[2:]))
+for delay, argv in json.loads(sys.argv[1]):
+    distgen.train.make_train_loader = lambda *a, delay=delay, **k: Stage(real(*a, **k), delay)
+    print("=== run", flush=True)
+    if main(argv):
+        sys.exit(1)
 """
 
 
+@pytest.mark.e2e
 def test_telemetry_data_wait_memory_and_mfu(tmp_path, fm_test_shards, env):
-    """Two fresh processes at once (a process's peak memory is its own since it started): batch 4 behind a loader
-    stage that takes 1 s a batch waits on data most of each step, and exactly that second; batch 512 behind an
-    instant one hardly ever, and peaks higher. MFU only with a peak to compare against (train.peak_tflops; none on
-    CPU otherwise)."""
-    runs = {"slow": (1.0, 4, []), "fast": (0.0, 512, ["train.peak_tflops=0.5"])}
-    procs = {}
+    """One fresh process (on CPU the peak is the process's own since it started) trains twice: batch 4 behind a
+    loader stage that takes 1 s a batch, which waits on data most of each step, and exactly that second; then batch
+    1024 behind an instant one, which hardly ever waits and raises the peak. MFU only with a peak to compare against
+    (train.peak_tflops; none on CPU otherwise)."""
+    runs = {"slow": (1.0, 4, []), "fast": (0.0, 1024, ["train.peak_tflops=0.5"])}
+    spec = []
     for name, (delay, batch, over) in runs.items():
-        cfg = tiny(tmp_path / name, fm_test_shards, [], log_every=2, checkpoint_every=100)  # no stream restart
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-c", LOADER, str(delay), "train", str(cfg), "train.max_steps=4",
-             f"train.batch_size={batch}", "train.total_kimg=10", *over], env=env, cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-    outs = {n: p.communicate(timeout=300) for n, p in procs.items()}
-    for n, p in procs.items():
-        assert p.returncode == 0, outs[n][1][-3000:]
+        cfg = tiny(tmp_path / name, fm_test_shards, [], checkpoint_every=100)  # no stream restart mid-run
+        spec.append([delay, ["train", str(cfg), "train.max_steps=2", f"train.batch_size={batch}",
+                             "train.total_kimg=10", *over]])
+    r = subprocess.run([sys.executable, "-c", LOADER, json.dumps(spec)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = dict(zip(runs, r.stdout.split("=== run\n")[1:]))
     slow, fast = records(tmp_path / "slow" / "run"), records(tmp_path / "fast" / "run")
-    for recs, batch in ((slow, 4), (fast, 512)):
-        assert [r["step"] for r in recs] == [2, 4] and all(set(TELEMETRY) <= set(r) for r in recs)
+    for recs, batch in ((slow, 4), (fast, 1024)):
+        assert [r["step"] for r in recs] == [1, 2] and all(set(TELEMETRY) <= set(r) for r in recs)
         for r in recs:
             assert r["samples_per_s_per_device"] == r["samples_per_s"]  # one process
             assert r["samples_per_s"] * r["step_time_s"] == pytest.approx(batch)  # samples a step
@@ -227,18 +233,19 @@ def test_telemetry_data_wait_memory_and_mfu(tmp_path, fm_test_shards, env):
     s, f = slow[1], fast[1]
     assert 1.0 <= s["data_wait_share"] * s["step_time_s"] < 1.15 and s["data_wait_share"] > 0.6, s
     assert f["data_wait_share"] * f["step_time_s"] < 0.01 and f["data_wait_share"] < 0.02, f
-    # 128 times the batch: its activations (about 0.2 GiB here) over the same start-up, which varies by up to 0.09
-    assert fast[-1]["peak_mem_gib"] > slow[-1]["peak_mem_gib"] + 0.1, (fast[-1], slow[-1])
-    assert "step " in outs["slow"][0] and " data " in outs["slow"][0] and "GiB" in outs["slow"][0]  # progress lines
+    # 256 times the batch: its activations (about 0.4 GiB here) above the start-up's and the small run's peak
+    assert fast[-1]["peak_mem_gib"] > slow[-1]["peak_mem_gib"] + 0.2, (fast[-1], slow[-1])
+    assert "step " in outs["slow"] and " data " in outs["slow"] and "GiB" in outs["slow"]  # progress lines
     # MFU: none on CPU without a peak (said why); with one, FLOPs / step time / peak
-    assert all("mfu" not in r for r in slow) and "no MFU: no peak known on cpu" in outs["slow"][0]
-    gflop = float(outs["fast"][0].split("distgen: telemetry: ")[1].split(" GFLOP")[0])
+    assert all("mfu" not in r for r in slow) and "no MFU: no peak known on cpu" in outs["slow"]
+    gflop = float(outs["fast"].split("distgen: telemetry: ")[1].split(" GFLOP")[0])
     for r in fast:
         assert 0 < r["mfu"] < 1
         assert r["mfu"] == pytest.approx(gflop * 1e9 / r["step_time_s"] / 0.5e12, rel=1e-3)
 
 
-def test_counting_a_steps_flops_leaves_no_trace(tmp_path, fm_test_shards, capsys):
+@pytest.mark.e2e
+def test_counting_a_steps_flops_leaves_no_trace(tmp_path, fm_test_shards, env):
     """The FLOP count runs a step's phases outside the engines before training: a GAN with BatchNorm statistics,
     ADA's state, lazy R1 (a phase every 2nd step) and two discriminator steps trains to the same weights and losses
     with it (train.peak_tflops set) as without it."""
@@ -247,14 +254,42 @@ def test_counting_a_steps_flops_leaves_no_trace(tmp_path, fm_test_shards, capsys
     weights, losses = {}, {}
     for peak in ("null", "1.0"):
         cfg = tiny(tmp_path / peak, fm_test_shards, [], model="gan-dcgan")
-        assert cli_main(["train", str(cfg), "train.max_steps=2", f"train.peak_tflops={peak}"]) == 0
+        r = in_process(["train", str(cfg), "train.max_steps=2", f"train.peak_tflops={peak}"], env)
+        assert r.returncode == 0, r.stderr[-3000:]
         cp = tmp_path / peak / "run" / "checkpoints" / "step-00000002"
         weights[peak] = {n: load_file(str(cp / f"{n}.safetensors")) for n in ("D", "G")}
         losses[peak] = [{k: v for k, v in r.items() if k.startswith(("loss", "D/", "G/"))}
                         for r in records(tmp_path / peak / "run")]
-        out = capsys.readouterr().out
-        assert ("GFLOP a step per device" in out) == (peak != "null"), out[-2000:]
+        assert ("GFLOP a step per device" in r.stdout) == (peak != "null"), r.stdout[-2000:]
     assert losses["null"] == losses["1.0"] and all(r["mfu"] > 0 for r in records(tmp_path / "1.0" / "run"))
     for n in ("D", "G"):
         assert weights["null"][n].keys() == weights["1.0"][n].keys()
         assert all(weights["null"][n][k].equal(weights["1.0"][n][k]) for k in weights["null"][n]), n
+
+
+def test_the_peak_table_finds_each_device_and_the_config_key_overrides_it(monkeypatch):
+    """Device names as torch.cuda.get_device_name gives them, each to its row (L4 is not L40S, A10 not A100; GH200
+    and H200 have H100 SXM's compute), at the run's precision; a GPU the table lacks, and CPU, have none unless
+    train.peak_tflops says."""
+    import torch
+
+    from distgen.telemetry import device_peak
+
+    cuda, tc = torch.device("cuda"), load_config(None, []).train
+    bf16, fp16 = (load_config(None, [f"train.mixed_precision={p}"]).train for p in ("bf16", "fp16"))
+    cases = [("NVIDIA H100 80GB HBM3", bf16, True, 989.4), ("NVIDIA H100 PCIe", bf16, True, 756.5),
+             ("NVIDIA H100 NVL", fp16, True, 835.5), ("NVIDIA H200", tc, True, 494.7),
+             ("NVIDIA GH200 480GB", tc, False, 66.9),
+             ("NVIDIA A100-SXM4-80GB", tc, True, 156), ("NVIDIA A100 80GB PCIe", tc, False, 19.5),
+             ("NVIDIA A10", bf16, True, 125.0), ("NVIDIA L40S", bf16, True, 362.05), ("NVIDIA L4", bf16, True, 121.0),
+             ("NVIDIA B200", bf16, True, 2250), ("AMD Instinct MI300X", bf16, True, 1307.4),
+             ("NVIDIA B200", tc, False, None), ("NVIDIA GeForce RTX 4090", bf16, True, None)]
+    for name, t, tf32, want in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak, where = device_peak(t, cuda, tf32)
+        assert peak == want, (name, where)
+        assert (name in where) and ("set train.peak_tflops" in where) == (want is None), where
+    over = load_config(None, ["train.peak_tflops=123.5"]).train
+    assert device_peak(over, cuda, True) == (123.5, "train.peak_tflops, tf32")
+    assert device_peak(over, torch.device("cpu"), False) == (123.5, "train.peak_tflops, fp32")
+    assert device_peak(tc, torch.device("cpu"), False)[0] is None

@@ -16,8 +16,8 @@ class RunConfig:
     name: str = "run"
     dir: Optional[str] = None  # run folder; default runs/<name>
     seed: int = 0  # global seed; rank r of w uses seed * w + r
-    # Experiment trackers, through Accelerate's (docs/training.md#experiment-trackers): tensorboard, wandb, mlflow; [] for
-    # metrics.jsonl alone. wandb and mlflow come with the `trackers` extra (pip install 'distgen[trackers]').
+    # Experiment trackers, through Accelerate's (docs/training.md#experiment-trackers): tensorboard, wandb, mlflow;
+    # [] for metrics.jsonl alone. wandb and mlflow come with the `trackers` extra (pip install 'distgen[trackers]').
     trackers: tuple[str, ...] = ("tensorboard",)
     project: str = "distgen"  # the W&B project and MLflow experiment (MLFLOW_EXPERIMENT_NAME overrides)
 

@@ -301,7 +301,7 @@ class FFJORDFamily(Family, Likelihood, ExportsOnnx):
         return None
 
     def flops_problem(self):
-        return "FFJORD's adaptive ODE solver takes as many steps as the learned dynamics need, which changes as it trains"
+        return "FFJORD's adaptive ODE solver takes as many steps as the learned dynamics need, which vary as it trains"
 
     def compile_problem(self, network):
         return "FFJORD's loss differentiates Hutchinson's vector-Jacobian product in the weights (a double backward)"
