@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(PIP) install -c $(LOCK) torch torchvision
 	# DeepSpeed's sdist imports torch while it builds: no build isolation.
 	$(PIP) install -c $(LOCK) --no-build-isolation deepspeed
-	$(PIP) install -c $(LOCK) -e '.[test]'
-	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers, torchdiffeq, onnx, onnxscript, onnxruntime"
+	# the tests train with every tracker (W&B offline, MLflow's file store): the trackers extra too
+	$(PIP) install -c $(LOCK) -e '.[test,trackers]'
+	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers, torchdiffeq, onnx, onnxscript, onnxruntime, wandb, mlflow"
 	touch $@
 
 # Pin what .venv holds now (run after `make test` passed on an upgraded .venv).

@@ -144,7 +144,8 @@ class Engine:
     whose precision contradicts distgen's, a family's ZeRO limits) fails here, before any compute.
     """
 
-    def __init__(self, tc, family, trained_names: list[str]):
+    def __init__(self, tc, family, trained_names: list[str], log_with: Optional[list] = None):
+        """``log_with``: Accelerate tracker objects for the first Accelerator (distgen.trackers starts them)."""
         from accelerate import Accelerator
 
         self.tc, self.names = tc, trained_names
@@ -173,7 +174,7 @@ class Engine:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-        self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins)
+        self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins, log_with=log_with or None)
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         self.zero_stage: Optional[int] = None
         self._ds: Optional[DeepSpeedInternals] = None  # DeepSpeed's internals, under DeepSpeed

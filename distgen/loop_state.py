@@ -5,6 +5,7 @@ owns the rule of where the stream restarts), and what every part of a run shares
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,6 +16,7 @@ from distgen.engines import Engine, Trained
 from distgen.families import DataInfo, Family, Phase
 from distgen.runlog import Tally
 from distgen.speed import Speed
+from distgen.telemetry import Telemetry
 
 
 def new_counters() -> dict:
@@ -73,6 +75,7 @@ class DataCursor:
         self._make = make
         self.every = every  # train.checkpoint_every
         self._skipped_before = 0  # bad samples skipped by the streams before this one (data.on_error=skip)
+        self.waited = 0.0  # seconds spent in next() so far: the loader's stall (distgen.telemetry)
         self.loader = None
         self.restart(start)
         for _ in range(skip):
@@ -103,7 +106,9 @@ class DataCursor:
         self.start, self.drawn = step, 0
 
     def next(self) -> dict:
+        t0 = time.perf_counter()
         batch = next(self._batches)
+        self.waited += time.perf_counter() - t0
         self.drawn += 1
         return batch
 
@@ -137,6 +142,7 @@ class Run:
     skips_reported: int = 0  # this process's skipped samples already in the counters
     preview: Optional[dict] = None  # a translator's grid inputs (rank 0)
     tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
+    telemetry: Optional[Telemetry] = None  # pace, data wait, memory and MFU between records
 
     @property
     def root(self) -> Path:

@@ -1,5 +1,5 @@
-"""What a run reports as it goes: ``metrics.jsonl``, TensorBoard scalars, a progress bar (rank 0), and the
-interval sums behind every record (each rank's losses and extra scalars since the last one).
+"""What a run reports as it goes: ``metrics.jsonl``, the experiment trackers (TensorBoard by default), a progress bar
+(rank 0), and the interval sums behind every record (each rank's losses and extra scalars since the last one).
 """
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -100,25 +100,22 @@ def interval_means(interval: dict, phases: list[str]) -> dict:
 
 
 class RunLog:
-    """Rank-0 outputs of a run: metrics.jsonl, TensorBoard scalars, a progress bar; and the run's pace
-    (samples/s since the last record, ETA from the whole run's pace, evaluation time left out)."""
+    """Rank-0 outputs of a run: metrics.jsonl, the experiment trackers (:mod:`distgen.trackers`, TensorBoard by
+    default), a progress bar or line per record."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, start_nimg: int, enabled: bool,
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, trackers=None,
                  shown: tuple[str, ...] = ()):
         self.enabled = enabled
         self.shown = shown  # a family's scalars (``<phase>/<name>``) shown beside the loss in progress lines
-        self.t_last = self.t_start = time.time()
-        self.n_last = self.n_start = start_nimg
         self.path = run_dir / "metrics.jsonl"
-        self.tb = self.bar = None
+        self.trackers = trackers  # started (distgen.trackers.Trackers.start); rank 0's log to them
+        self.bar = None
         if not enabled:
             return
         if self.path.exists():
             self._truncate(start_step)
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         # A bar on a terminal; one line per record in batch logs (SLURM, CI).
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.tty)
@@ -145,25 +142,11 @@ class RunLog:
         os.replace(tmp, self.path)
 
     def _write(self, rec: dict) -> None:
-        """One metrics.jsonl line; its numbers (not the step) as TensorBoard scalars."""
+        """One metrics.jsonl line; its numbers to the trackers at its step."""
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.tb.add_scalar(k, v, rec["step"])
-        self.tb.flush()
-
-    def pace(self, step: int, nimg: int, stop_at: int, global_batch: int) -> dict:
-        """samples/s since the last call and the ETA (the whole run's pace), for a step record."""
-        now = time.time()
-        sps = (nimg - self.n_last) / max(now - self.t_last, 1e-9)
-        avg = (nimg - self.n_start) / max(now - self.t_start, 1e-9)
-        self.t_last, self.n_last = now, nimg
-        return {"samples_per_s": sps, "eta_s": (stop_at - step) * global_batch / avg if avg > 0 else None}
-
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` (an evaluation) out of the training pace."""
-        self.t_last += seconds
+        if self.trackers is not None:
+            self.trackers.log(rec)
 
     def record(self, rec: dict) -> None:
         if not self.enabled:
@@ -176,11 +159,13 @@ class RunLog:
         # one number per phase where there are several (a GAN's D and G)
         loss = " ".join(f"{k} {fmt(v)}" for k, v in per_phase.items()) if per_phase else fmt(rec["loss"])
         loss += "".join(f"  {k} {rec[k]:.4g}" for k in self.shown if rec.get(k) is not None)
+        pace = telemetry_text(rec)
         if self.tty:
-            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta)
+            self.bar.set_postfix(kimg=f"{rec['kimg']:.1f}", loss=loss, sps=f"{rec['samples_per_s']:.0f}", eta=eta,
+                                 pace=pace)
         else:
             dist.print0(f"step {rec['step']:>7d}  kimg {rec['kimg']:8.2f}  loss {loss}  "
-                        f"{rec['samples_per_s']:7.1f} samples/s  eta {eta}")
+                        f"{rec['samples_per_s']:7.1f} samples/s  {pace}  eta {eta}")
 
     def record_eval(self, rec: dict) -> None:
         """An evaluation's metrics: metrics.jsonl and TensorBoard (eval/<name>), and a line on stdout."""
@@ -195,13 +180,35 @@ class RunLog:
         else:
             dist.print0(msg)
 
+    def image(self, path: Optional[Path], step: int) -> None:
+        """A sample grid to the trackers."""
+        if self.enabled and path is not None and self.trackers is not None:
+            self.trackers.log_image(path, step)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """The run ends (FINISHED), stops for a requeue (KILLED) or on an error (FAILED)."""
         if self.bar is not None:
             self.bar.close()
-            self.tb.close()
+            self.bar = None
+        if self.trackers is not None:
+            self.trackers.finish(status)
+
+
+def telemetry_text(rec: dict) -> str:
+    """A record's step time, data wait, peak memory and MFU, for a progress line."""
+    parts = []
+    if rec.get("step_time_s") is not None:
+        parts.append(f"step {rec['step_time_s'] * 1000:.0f}ms")
+    if rec.get("data_wait_share") is not None:
+        parts.append(f"data {rec['data_wait_share']:.0%}")
+    if rec.get("peak_mem_gib") is not None:
+        parts.append(f"mem {rec['peak_mem_gib']:.2f}GiB")
+    if rec.get("mfu") is not None:
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    return "  ".join(parts)
 
 

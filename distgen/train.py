@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import dist, phema, preemption, speed, threads
+from distgen import dist, phema, preemption, speed, telemetry, threads
 from distgen.config import Config, model_changes, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.durable import write_text_durably
@@ -31,6 +31,7 @@ from distgen.families import FAMILIES, DataInfo, Family, Phase, PhaseNets, StepC
 from distgen.preemption import EXIT_PREEMPTED
 from distgen.previews import ema_view, preview_batch, sample_grid
 from distgen.runlog import RunLog, Tally, interval_means
+from distgen.trackers import Trackers
 from distgen.families.capabilities import Translates, offers
 
 
@@ -43,13 +44,15 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
     info = data_info(cfg)
     family = build_family(cfg.model, info)
     phases = family.phases()
-    eng = Engine(cfg.train, family, list(dict.fromkeys(p.network for p in phases)))  # what cannot run fails here
+    trackers = Trackers(cfg)  # a tracker that is not installed is refused here
+    eng = Engine(cfg.train, family, list(dict.fromkeys(p.network for p in phases)),  # what cannot run fails here
+                 log_with=trackers.instances)
     # From here the run folder is this trainer's alone: new, empty or distgen's own, and locked until the end.
     lock = take_run_folder(Path(cfg.run.folder), eng.main, dist.all_gather_object)
     try:
         if eng.main:
             clear_failure(Path(cfg.run.folder))
-        return _train(cfg, eng, family, phases, info, preempt, allow_config_change)
+        return _train(cfg, eng, family, phases, info, preempt, allow_config_change, trackers)
     except BaseException as e:  # what stopped the run, for `distgen status` (still raised: the CLI prints it)
         if eng.main:
             record_failure(Path(cfg.run.folder), e)
@@ -59,7 +62,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> int:
 
 
 def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: DataInfo,
-           preempt: preemption.Preemption, allow_config_change: bool) -> int:
+           preempt: preemption.Preemption, allow_config_change: bool, trackers: Trackers) -> int:
     tc, ec = cfg.train, cfg.eval
     trained_names = list(dict.fromkeys(p.network for p in phases))
     fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed)
@@ -92,6 +95,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     if fast.channels_last:  # before the EMA copies, so that sampling from them runs in the same layout
         for m in run.nets.values():
             m.to(memory_format=torch.channels_last)
+    flops, peak = telemetry.count_step_flops(run)  # MFU's numerator, once, before engines wrap the networks
     run.emas = {n: EMASet.from_config(run.nets[n], cfg.ema) for n in family.ema_networks()}
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
@@ -115,6 +119,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         dropped = phema.drop_snapshots_after(run.dir, state.nimg)  # a stopped run's, taken again from here
         if dropped:
             dist.print0(f"distgen: {dropped} EMA snapshot(s) after {state.nimg / 1000:.1f} kimg set to be taken again")
+    trackers.start(eng.acc, state.step)  # one that cannot start stops the run here, before its first step
 
     # ---- the data stream, where the checkpoint left it; logs; evaluation
     cursor = DataCursor(lambda start: make_train_loader(
@@ -122,7 +127,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         pin_memory=eng.device.type == "cuda"), tc.checkpoint_every, start=state.data_start_step, skip=state.data_skip)
     if offers(family, Translates) and eng.main:  # the grids translate the same inputs every time
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
-    log = RunLog(run.dir, stop_at, state.step, state.nimg, eng.main, shown=family.progress_scalars)
+    log = RunLog(run.dir, stop_at, state.step, eng.main, trackers, shown=family.progress_scalars)
+    run.telemetry = telemetry.Telemetry(eng.device, eng.world, global_batch, state.nimg, cursor.waited, flops, peak)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
     last_good = latest
@@ -130,10 +136,11 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         # The signal came during start-up: nothing new to save; the newest checkpoint stays as it is.
         dist.print0(f"distgen: signal received during start-up, before step {state.step + 1}; no checkpoint "
                     f"written; exiting with {EXIT_PREEMPTED} (requeue)")
-        log.close()
+        log.close("KILLED")
         return EXIT_PREEMPTED
 
     # ---- the loop: one step runs every phase that is due
+    status = "FAILED"  # the trackers' runs end FINISHED, KILLED (preempted) or FAILED
     try:
         while state.step < stop_at:
             lr_mult = lr_factor(tc, state.nimg)
@@ -162,6 +169,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
                 path = save_checkpoint(run, state, cursor, "preempted")
                 dist.print0(f"\ndistgen: signal received: checkpoint {path} written at step {state.step}; "
                             f"exiting with {EXIT_PREEMPTED} (requeue)")
+                status = "KILLED"
                 return EXIT_PREEMPTED
 
             # ---- periodic checkpoint (none in a non-finite streak: the last one stays the last good one),
@@ -171,17 +179,19 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
                 cursor.restart(state.step)
                 preemption.hold_for_test(preempt, "periodic")
             if tc.sample_every and state.step % tc.sample_every == 0 and state.step < stop_at:
-                sample_grid(run, f"step-{state.step:08d}")
+                log.image(sample_grid(run, f"step-{state.step:08d}"), state.step)
                 eng.barrier()
             if evaluator is not None and (state.step % ec.every == 0 or state.step == stop_at):
                 evaluate(run, state, evaluator, log)
-    finally:
-        log.close()
 
-    # ---- the end: final checkpoint, a sample grid, where everything is
-    final = save_checkpoint(run, state, cursor, "end")
-    preemption.hold_for_test(preempt, "final")
-    grid = sample_grid(run, f"step-{state.step:08d}")
+        # ---- the end: final checkpoint, a sample grid, where everything is
+        final = save_checkpoint(run, state, cursor, "end")
+        preemption.hold_for_test(preempt, "final")
+        grid = sample_grid(run, f"step-{state.step:08d}")
+        log.image(grid, state.step)
+        status = "FINISHED"
+    finally:
+        log.close(status)
     count_skips(run, state, cursor)
     print_summary(run, state, final, grid)
     eng.barrier()
@@ -357,7 +367,7 @@ def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_
     count_skips(run, state, cursor)
     means = interval_means(state.interval, [p.name for p in run.phases])
     rec = {"step": state.step, "kimg": state.nimg / 1000, "loss": means.pop("loss"), "lr": tc.lr * lr_mult,
-           **log.pace(state.step, state.nimg, run.stop_at, run.global_batch),
+           **run.telemetry.record(state.step, state.nimg, run.stop_at, cursor.waited),
            "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
            "skipped_updates_total": counters["skipped_updates_total"],
            **({"skipped_samples_total": counters["skipped_samples_total"]} if run.cfg.data.on_error == "skip"
@@ -391,17 +401,21 @@ def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
     """Metrics of the primary EMA weights; the best ones so far are kept in run_dir/best."""
     ec, t0 = run.cfg.eval, time.time()
     res = evaluator.run(run.family, ema_view(run), run.cfg.data)
-    log.record_eval({"step": state.step, "kimg": state.nimg / 1000,
-                     **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}})
     value = res.get(ec.best_key)
-    if value is not None and ec.better(value, state.best["value"] if state.best else None):
+    improved = value is not None and ec.better(value, state.best["value"] if state.best else None)
+    if improved:
         state.best = {"metric": ec.best_key, "value": value, "step": state.step}
+    # the best so far beside the results: a tracker plots it as a curve, and its summary shows the last
+    best = {f"best/{state.best['metric']}": state.best["value"], "best/step": state.best["step"]} if state.best else {}
+    log.record_eval({"step": state.step, "kimg": state.nimg / 1000,
+                     **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}, **best})
+    if improved:
         if run.eng.main:
             ckpt.write_best(run.dir / "best", {n: e.state()[0][0] for n, e in run.emas.items()},
                             {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
                              "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
     run.eng.barrier()
-    log.exclude(time.time() - t0)  # evaluation time does not count against training speed
+    run.telemetry.exclude(time.time() - t0)  # evaluation time does not count against training speed
 
 
 def print_summary(run: Run, state: TrainState, final: Path, grid: Optional[Path]) -> None:
@@ -414,7 +428,8 @@ def print_summary(run: Run, state: TrainState, final: Path, grid: Optional[Path]
                     f"(data.on_error=skip; skipped_samples_total in metrics.jsonl)")
     dist.print0(f"distgen: run folder  {run.dir}")
     dist.print0(f"distgen: checkpoint  {final}")
-    dist.print0(f"distgen: metrics     {run.dir / 'metrics.jsonl'} (TensorBoard: {run.dir / 'tensorboard'})")
+    tracked = f" (trackers: {', '.join(run.cfg.run.trackers)})" if run.cfg.run.trackers else ""
+    dist.print0(f"distgen: metrics     {run.dir / 'metrics.jsonl'}{tracked}")
     if grid:
         dist.print0(f"distgen: samples     {grid}")
     snapshots = phema.read_index(run.dir, must_exist=False)

@@ -8,14 +8,24 @@ from typing import Literal, Optional, Union
 from distgen.config.core import check
 from distgen.readback import name_problem
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # run.trackers (distgen.trackers starts them)
+
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     dir: Optional[str] = None  # run folder; default runs/<name>
     seed: int = 0  # global seed; rank r of w uses seed * w + r
+    # Experiment trackers, through Accelerate's (docs/training.md#experiment-trackers): tensorboard, wandb, mlflow;
+    # [] for metrics.jsonl alone. wandb and mlflow come with the `trackers` extra (pip install 'distgen[trackers]').
+    trackers: tuple[str, ...] = ("tensorboard",)
+    project: str = "distgen"  # the W&B project and MLflow experiment (MLFLOW_EXPERIMENT_NAME overrides)
 
     def validate(self, path: str) -> None:
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        check(not bad, f"{path}.trackers", f"unknown tracker(s) {bad}; choose from {', '.join(TRACKERS)}")
+        check(len(set(self.trackers)) == len(self.trackers), f"{path}.trackers", "names a tracker twice")
+        check(bool(self.project.strip()), f"{path}.project", "must not be empty")
         problem = name_problem(self.name)
         check(problem is None, f"{path}.name", f"{problem}: a run's name is one folder name under runs/ (run.dir "
                                                f"takes a path)")
@@ -72,7 +82,7 @@ class TrainConfig:
     skip_grad_norm: Optional[float] = None  # skip an update whose gradient norm (before clipping) exceeds this (VDVAE)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
-    log_every: int = 10  # steps between progress / metrics.jsonl / TensorBoard records
+    log_every: int = 10  # steps between records: progress line, metrics.jsonl, trackers
     sample_every: int = 500  # steps between EMA sample grids (0: only at the end)
     sample_num: int = 64  # images in a sample grid
     checkpoint_every: int = 1000  # steps between full checkpoints
@@ -85,6 +95,9 @@ class TrainConfig:
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW's kernels; auto: fused on CUDA
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (float32 work; bf16/fp16 autocast regions unaffected)
     cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms for the run's shapes (CUDA)
+    # One device's dense peak in TFLOP/s at the run's precision, for the records' MFU; null: distgen's table of
+    # data-centre GPUs (distgen.telemetry.PEAK_TFLOPS), and no MFU on CPU or a GPU the table lacks
+    peak_tflops: Optional[float] = None
 
     def validate(self, path: str) -> None:
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -104,6 +117,7 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.sample_every >= 0, f"{path}.sample_every", "must be >= 0")
         check(self.max_steps is None or self.max_steps >= 1, f"{path}.max_steps", "must be >= 1 or null")
+        check(self.peak_tflops is None or self.peak_tflops > 0, f"{path}.peak_tflops", "must be > 0 or null")
 
 
 @dataclass(frozen=True)

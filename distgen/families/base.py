@@ -133,6 +133,11 @@ class Family:
         gradient penalty, path length) needs the network run eagerly."""
         return None
 
+    def flops_problem(self) -> Optional[str]:
+        """Why one step's FLOPs, counted once at the start for the records' MFU (distgen.telemetry), would not stand
+        for this configuration's later steps (networks that grow, an adaptive solver), or None."""
+        return None
+
     def data_init(self, nets: dict[str, nn.Module], batch: dict) -> None:
         """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs
         exist. Every rank calls it with its own batch; the family makes the result the same on all."""

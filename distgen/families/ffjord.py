@@ -300,6 +300,9 @@ class FFJORDFamily(Family, Likelihood, ExportsOnnx):
                     "use ZeRO-1 or ZeRO-2")
         return None
 
+    def flops_problem(self):
+        return "FFJORD's adaptive ODE solver takes as many steps as the learned dynamics need, which vary as it trains"
+
     def compile_problem(self, network):
         return "FFJORD's loss differentiates Hutchinson's vector-Jacobian product in the weights (a double backward)"
 

@@ -97,6 +97,9 @@ class GAN(Family, ExportsOnnx):
             return f"{what} differentiates through it twice, which torch.compile does not support"
         return self.arch.compile_problem(network)
 
+    def flops_problem(self):
+        return "ProGAN's networks grow as it trains" if self.cfg.arch == "progan" else None
+
     def engine_problem(self, zero_stage):
         if zero_stage == 3:
             return ("a GAN runs each network outside its own engine in the other's phase (the frozen discriminator "
