@@ -93,6 +93,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         for m in run.nets.values():
             m.to(memory_format=torch.channels_last)
     run.emas = {n: EMASet.from_config(run.nets[n], cfg.ema) for n in family.ema_networks()}
+    # After the EMA copies (plain modules: they only sample), before compiling (which traces the checkpoints)
+    fast.checkpoint_activations(family, run.nets)
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast)

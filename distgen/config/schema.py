@@ -85,6 +85,11 @@ class TrainConfig:
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW's kernels; auto: fused on CUDA
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (float32 work; bf16/fp16 autocast regions unaffected)
     cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms for the run's shapes (CUDA)
+    # Memory for compute (docs/training.md#activation-checkpointing): drop the activations inside each block of the
+    # trained networks and recompute them in the backward. true: every network of the model that can (a family
+    # none of whose networks can is refused); a list: those networks by name (G, D, unet, ...), each of which must
+    # take it. The maths is unchanged: a run may resume with it switched.
+    activation_checkpointing: Union[bool, tuple[str, ...]] = False
 
     def validate(self, path: str) -> None:
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -104,6 +109,11 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.sample_every >= 0, f"{path}.sample_every", "must be >= 0")
         check(self.max_steps is None or self.max_steps >= 1, f"{path}.max_steps", "must be >= 1 or null")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool):
+            check(bool(ac) and all(n.strip() for n in ac), f"{path}.activation_checkpointing",
+                  "must be true, false or a non-empty list of network names (e.g. [G, D])")
+            check(len(set(ac)) == len(ac), f"{path}.activation_checkpointing", f"names a network twice: {list(ac)}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distgen import readback as rb
+from distgen.families import checkpointing
 from distgen.families.capabilities import checked_options
 
 
@@ -132,6 +133,15 @@ class Family:
         torch.compile has no double backward: a penalty on a gradient through the network (R1, a
         gradient penalty, path length) needs the network run eagerly."""
         return None
+
+    def checkpoint_activations(self, network: str, module: nn.Module) -> Optional[str]:
+        """Switch activation checkpointing (``train.activation_checkpointing``) on in ``module``, the trained
+        network ``network``, in place and keeping its state dict; None once on, or why it cannot (the start-up
+        line says it; a run that names the network, or whose family can checkpoint none, is refused with it).
+        The default takes the diffusers models that have it built in and distgen's networks that list their
+        blocks (:class:`~distgen.families.checkpointing.Checkpointable`), wherever they sit in ``module``. A
+        family overrides it where recomputing a block would not give its forward again."""
+        return checkpointing.enable(module)
 
     def data_init(self, nets: dict[str, nn.Module], batch: dict) -> None:
         """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs
