@@ -1,6 +1,7 @@
 """The speed switches of ``train``: torch.compile, channels_last, AdamW's kernels, TF32 and cuDNN's
-autotuner. :func:`resolve` turns the config's values ("auto" included) into what this run uses, with the
-reason for every switch that cannot apply, so that the start-up line says exactly what runs.
+autotuner; and activation checkpointing, which spends compute to save memory. :func:`resolve` turns the
+config's values ("auto" included) into what this run uses, with the reason for every switch that cannot apply,
+so that the start-up line says exactly what runs.
 
 "auto" is on with CUDA and off on CPU: these are GPU tools (the measurements behind them, DDPM's CIFAR-10
 U-Net on one H100 in bf16, are in docs/training.md#speed); on CPU, compiling costs more start-up than it
@@ -28,6 +29,12 @@ class Speed:
     optimizer_impl: str = "foreach"
     tf32: bool = False
     cudnn_benchmark: bool = False
+    # train.activation_checkpointing: the networks asked for, whether by name (then each must take it), and
+    # after checkpoint_activations() those that do and why the others do not
+    checkpoint_asked: list[str] = field(default_factory=list)
+    checkpoint_named: bool = False
+    checkpointed: list[str] = field(default_factory=list)
+    not_checkpointed: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.compiled:
@@ -37,6 +44,11 @@ class Speed:
         if self.not_compiled:
             comp += "; not compiled: " + "; ".join(f"{n} ({why})" for n, why in self.not_compiled.items())
         parts = [comp, f"channels_last {'on' if self.channels_last else 'off'}", f"AdamW {self.optimizer_impl}"]
+        if self.checkpoint_asked:
+            ac = f"activation checkpointing {', '.join(self.checkpointed)}"
+            if self.not_checkpointed:
+                ac += "; not checkpointed: " + "; ".join(f"{n} ({why})" for n, why in self.not_checkpointed.items())
+            parts.append(ac)
         if self.tf32 or self.cudnn_benchmark:
             parts += [f"TF32 {'on' if self.tf32 else 'off'}", f"cuDNN benchmark {'on' if self.cudnn_benchmark else 'off'}"]
         return ", ".join(parts)
@@ -62,6 +74,22 @@ class Speed:
         """torch.compile of the module's forward, in place: ``nn.Module.compile`` keeps the parameter names,
         so checkpoints, EMAs and exports see the same state dict as without it."""
         module.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+
+    def checkpoint_activations(self, family, nets: dict[str, torch.nn.Module]) -> None:
+        """Switch activation checkpointing on in the networks asked for (in place, through the family's
+        :meth:`~distgen.families.base.Family.checkpoint_activations`), or refuse: a network named in the config
+        that cannot, or ``true`` for a family none of whose trained networks can."""
+        for n in self.checkpoint_asked:
+            why = family.checkpoint_activations(n, nets[n])
+            if why is None:
+                self.checkpointed.append(n)
+            else:
+                self.not_checkpointed[n] = why
+        if self.not_checkpointed and (self.checkpoint_named or not self.checkpointed):
+            why = "; ".join(f"{n}: {w}" for n, w in self.not_checkpointed.items())
+            raise TrainingError(f"train.activation_checkpointing: the {family.name} family cannot checkpoint the "
+                                f"activations of {why}; set it false" + ("" if not self.checkpointed else
+                                                                         f" or name only {', '.join(self.checkpointed)}"))
 
     def batch_layout(self, batch: dict) -> dict:
         """Images (4-D tensors) in channels_last when the networks are."""
@@ -95,6 +123,16 @@ def resolve(tc, device: torch.device, family, trained: list[str], deepspeed: boo
                 s.not_compiled[n] = why
             else:
                 s.compiled.append(n)
+    ac = tc.activation_checkpointing
+    if ac is True:
+        s.checkpoint_asked = list(trained)
+    elif ac:  # network names: each one trained by some phase
+        unknown = [n for n in ac if n not in trained]
+        if unknown:
+            raise TrainingError(f"train.activation_checkpointing: {', '.join(unknown)} "
+                                f"{'is not a network' if len(unknown) == 1 else 'are not networks'} this "
+                                f"{family.name} model trains; it trains {', '.join(trained)}")
+        s.checkpoint_asked, s.checkpoint_named = list(ac), True
     impl = tc.optimizer_impl
     if impl == "auto":
         # Fused AdamW under DDP on CUDA (one kernel for all parameters; skips a non-finite step on the

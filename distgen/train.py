@@ -97,6 +97,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
             m.to(memory_format=torch.channels_last)
     flops, peak = telemetry.count_step_flops(run)  # MFU's numerator, once, before engines wrap the networks
     run.emas = {n: EMASet.from_config(run.nets[n], cfg.ema) for n in family.ema_networks()}
+    # After the EMA copies (plain modules: they only sample), before compiling (which traces the checkpoints)
+    fast.checkpoint_activations(family, run.nets)
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast)

@@ -75,8 +75,9 @@ MODELS: dict[str, tuple[dict, int]] = {
 # snapshot every step (of 2 processes); VDVAE's stabiliser holding updates, with the KL warm-up and free bits
 VARIANTS = {
     "diffusion-power": ("diffusion", {"ema": {"kind": "power", "power_stds": [0.05, 0.1], "snapshot_kimg": 0.008}}),
+    # ... and with activation checkpointing (its latent groups' draws from the loss's generator replayed)
     "hvae-stabilised": ("hvae", {"model": {"free_bits": 0.05, "kl_warmup_kimg": 0.02},
-                                 "train": {"skip_grad_norm": 4.0}}),
+                                 "train": {"skip_grad_norm": 4.0, "activation_checkpointing": True}}),
     # every speed switch on, on EDM2 (MP layers, the engine's weight projection, the uncertainty head; one process:
     # the compiler's caches serve the three runs); the U-Net compiles in tests/test_speed.py
     "diffusion-fast": ("diffusion-edm", {"train": {"compile": True, "channels_last": True, "optimizer_impl": "fused"}}),

@@ -98,6 +98,11 @@ class TrainConfig:
     # One device's dense peak in TFLOP/s at the run's precision, for the records' MFU; null: distgen's table of
     # data-centre GPUs (distgen.telemetry.PEAK_TFLOPS), and no MFU on CPU or a GPU the table lacks
     peak_tflops: Optional[float] = None
+    # Memory for compute (docs/training.md#activation-checkpointing): drop the activations inside each block of the
+    # trained networks and recompute them in the backward. true: every network of the model that can (a family
+    # none of whose networks can is refused); a list: those networks by name (G, D, unet, ...), each of which must
+    # take it. The maths is unchanged: a run may resume with it switched.
+    activation_checkpointing: Union[bool, tuple[str, ...]] = False
 
     def validate(self, path: str) -> None:
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -118,6 +123,11 @@ class TrainConfig:
         check(self.sample_every >= 0, f"{path}.sample_every", "must be >= 0")
         check(self.max_steps is None or self.max_steps >= 1, f"{path}.max_steps", "must be >= 1 or null")
         check(self.peak_tflops is None or self.peak_tflops > 0, f"{path}.peak_tflops", "must be > 0 or null")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool):
+            check(bool(ac) and all(n.strip() for n in ac), f"{path}.activation_checkpointing",
+                  "must be true, false or a non-empty list of network names (e.g. [G, D])")
+            check(len(set(ac)) == len(ac), f"{path}.activation_checkpointing", f"names a network twice: {list(ac)}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distgen import readback as rb
+from distgen.families import checkpointing
 from distgen.families.capabilities import checked_options
 
 
@@ -137,6 +138,15 @@ class Family:
         """Why one step's FLOPs, counted once at the start for the records' MFU (distgen.telemetry), would not stand
         for this configuration's later steps (networks that grow, an adaptive solver), or None."""
         return None
+
+    def checkpoint_activations(self, network: str, module: nn.Module) -> Optional[str]:
+        """Switch activation checkpointing (``train.activation_checkpointing``) on in ``module``, the trained
+        network ``network``, in place and keeping its state dict; None once on, or why it cannot (the start-up
+        line says it; a run that names the network, or whose family can checkpoint none, is refused with it).
+        The default takes the diffusers models that have it built in and distgen's networks that list their
+        blocks (:class:`~distgen.families.checkpointing.Checkpointable`), wherever they sit in ``module``. A
+        family overrides it where recomputing a block would not give its forward again."""
+        return checkpointing.enable(module)
 
     def data_init(self, nets: dict[str, nn.Module], batch: dict) -> None:
         """Data-dependent initialisation (Glow's actnorm), on a fresh run only, before engines and EMAs

@@ -33,6 +33,7 @@ from distgen.config.models import VAEConfig
 from distgen.families.base import DataInfo, Family, Phase, load_module, save_module
 from distgen.families import capabilities as cap
 from distgen.families.capabilities import OnnxGraph
+from distgen.families.checkpointing import Checkpointable
 from distgen.families.graphs import latent_docs, split_flat
 from distgen.families.likelihoods import (discretized_gaussian_log_prob, logistic_mixture_log_prob,
                                          logistic_mixture_mode, logistic_mixture_params)
@@ -217,7 +218,7 @@ class TopDownBlock(nn.Module):
         return self.res(h + self.proj(z))
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(nn.Module, Checkpointable):
     """A bottom-up encoder and a top-down decoder over three resolutions (full, 1/2, 1/4), with
     ``blocks[i]`` latent groups of ``zdim`` channels at resolution i (finest first)."""
 
@@ -235,6 +236,10 @@ class HierarchicalVAE(nn.Module):
         self.h_top = nn.Parameter(torch.zeros(1, width, self.res[-1], self.res[-1]))
         self.out = nn.Conv2d(width, out_channels, 3, padding=1)
         self.zdim = zdim
+
+    def checkpoint_blocks(self):
+        """The encoder's residual blocks and the decoder's latent groups (whose draws are replayed)."""
+        return [b for seq in self.enc for b in seq] + [b for level in self.dec for b in level]
 
     def _activations(self, x):
         acts, h = [], self.inp(x)

@@ -41,6 +41,7 @@ from torch import nn
 from distgen.config.backbones import EDM2_PRESETS
 from distgen.families.backbones.common import check_input, conditioning_labels, jsonable
 from distgen.families.base import learned_scalar
+from distgen.families.checkpointing import Checkpointable
 
 # sqrt(E[silu(x)^2]) for x ~ N(0, 1) is 0.5964: dividing by it gives silu unit expected magnitude
 SILU_GAIN = 0.596
@@ -168,7 +169,7 @@ class Block(nn.Module):
 PRESETS: dict[str, dict] = EDM2_PRESETS  # distgen.config.backbones: the one home of the presets
 
 
-class EDM2UNet(nn.Module):
+class EDM2UNet(nn.Module, Checkpointable):
     """EDM2's U-Net: ``net(x, noise_cond, class_labels)`` with ``noise_cond`` EDM's c_noise = ln(sigma) / 4 (the
     preconditioning c_in, c_skip, c_out belongs to the formulation, outside the backbone)."""
 
@@ -229,6 +230,10 @@ class EDM2UNet(nn.Module):
                 self.dec[f"{res}x{res}_block{i}"] = Block(cin, cout, cemb, flavor="dec",
                                                           attention=res in attn_resolutions, **kw)
         self.conv_out = MPConv(cout, channels, [3, 3])
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The encoder's and decoder's residual blocks (train.activation_checkpointing); not the first conv."""
+        return [b for b in [*self.enc.values(), *self.dec.values()] if isinstance(b, Block)]
 
     def embedding(self, noise_cond: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(noise_cond))

@@ -100,6 +100,11 @@ class GAN(Family, ExportsOnnx):
     def flops_problem(self):
         return "ProGAN's networks grow as it trains" if self.cfg.arch == "progan" else None
 
+    def checkpoint_activations(self, network, module):
+        why = super().checkpoint_activations(network, module)  # the arch's G and D list their blocks, or not
+        return why and (f"the {self.cfg.arch} arch's {network} is a few plain layers, no blocks to checkpoint "
+                        f"(biggan, stylegan2 and progan have them)")
+
     def engine_problem(self, zero_stage):
         if zero_stage == 3:
             return ("a GAN runs each network outside its own engine in the other's phase (the frozen discriminator "

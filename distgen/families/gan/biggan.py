@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distgen.families.base import accept_0dim, learned_scalar
+from distgen.families.checkpointing import Checkpointable
 
 # Size presets, each accepted as **kwargs by both Generator and Discriminator (D ignores z_dim / shared_dim).
 # attn_res must be a block resolution of both nets: 8 exists at every resolution, 16 from 32 up, 64 from 64 up
@@ -273,7 +274,7 @@ class DBlock(nn.Module):
 
 # --- networks -----------------------------------------------------------------------------------------------
 
-class Generator(nn.Module):
+class Generator(nn.Module, Checkpointable):
     """BigGAN generator from z [B, z_dim] (and labels [B] when num_classes > 0) to images in [-1, 1].
 
     hier=True (BigGAN): z is split into num_blocks + 1 chunks (the first ones one longer when z_dim does not
@@ -319,6 +320,9 @@ class Generator(nn.Module):
         self.out_bn = nn.BatchNorm2d(widths[-1] * ch)
         self.out_conv = _conv(widths[-1] * ch, channels)
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing (batch norms, spectral norms: replayed)
+
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must be [B, {self.z_dim}], got {list(z.shape)}")
@@ -347,7 +351,7 @@ class Generator(nn.Module):
                                   if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip)
 
 
-class Discriminator(nn.Module):
+class Discriminator(nn.Module, Checkpointable):
     """BigGAN discriminator: images [B, channels, res, res] -> (logits [B], pooled features h [B, F]).
 
     logits = linear(h) + sum(embed(y) * h) when conditional -- the projection discriminator (Miyato & Koyama
@@ -375,6 +379,9 @@ class Discriminator(nn.Module):
         self.features = widths[-1] * ch
         self.linear = _linear(self.features, 1)
         self.embed = _sn(nn.Embedding(num_classes, self.features)) if num_classes else None
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.resolution, self.resolution):

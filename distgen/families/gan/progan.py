@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.families.checkpointing import Checkpointable
+
 PRESETS: dict[str, dict] = {
     # Fast CPU tests: 16 feature maps at every resolution (nf = min(64 / 2^stage, 16)).
     "tiny": dict(z_dim=16, fmap_base=64, fmap_max=16),
@@ -144,7 +146,7 @@ class GBlock(nn.Module):
         return pixel_norm(_act(self.conv1(pixel_norm(_act(self.conv0(x))))))
 
 
-class Generator(nn.Module):
+class Generator(nn.Module, Checkpointable):
     """G_paper: normalised latent (with one-hot labels) -> dense 4x4 -> 3x3 conv, then per doubling an upsampling
     block; a 1x1 toRGB at every resolution (linear, gain 1). Outputs images at the full resolution (lower
     resolutions upsampled by repetition, as the paper's linear structure does) unless ``upsample=False``."""
@@ -162,6 +164,9 @@ class Generator(nn.Module):
         self.to_rgb = nn.ModuleList([EqualizedConv2d(n(i + 1), channels, 1, gain=1.0) for i in range(levels + 1)])
         # (resolution, alpha) the network was last run at in training: what sampling uses by default
         self.register_buffer("growth", torch.tensor([float(resolution), 1.0]))
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing
 
     def forward(self, z, labels=None, *, res: Optional[int] = None, alpha: Optional[float] = None,
                 upsample: bool = True):
@@ -204,7 +209,7 @@ class DBlock(nn.Module):
         return F.avg_pool2d(_act(self.conv1(_act(self.conv0(x)))), 2)
 
 
-class Discriminator(nn.Module):
+class Discriminator(nn.Module, Checkpointable):
     """D_paper: a 1x1 fromRGB at the current resolution, a downsampling block per halving, and at 4x4 the
     minibatch-stddev layer, a 3x3 conv, a dense layer and the linear output. Returns (logits [B], features).
     Conditional: a projection term <embed(y), features> (the paper's AC-GAN head is left out)."""
@@ -222,6 +227,9 @@ class Discriminator(nn.Module):
         self.dense = EqualizedLinear(n(1) * 16, n(0))
         self.out = EqualizedLinear(n(0), 1, gain=1.0)
         self.embed = nn.Embedding(num_classes, n(0)) if num_classes else None
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing
 
     def forward(self, x, labels=None, *, res: Optional[int] = None, alpha: float = 1.0):
         res = x.shape[-1] if res is None else res

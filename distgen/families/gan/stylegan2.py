@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from distgen.families.checkpointing import Checkpointable
 from distgen.families.gan.stylegan2_layers import (EqualizedConv2d, EqualizedLinear, MappingNetwork, SynthesisLayer,
                                                    ToRGBLayer, binomial_filter, channels_at, check_common,
                                                    check_labels, check_positive, upsample2d)
@@ -81,7 +82,7 @@ class SynthesisBlock(nn.Module):
         return x, img
 
 
-class Generator(nn.Module):
+class Generator(nn.Module, Checkpointable):
     """StyleGAN2 generator (config F architecture with "skip" outputs), returning linear (no tanh) images."""
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0, *, z_dim: int, w_dim: int,
@@ -107,6 +108,9 @@ class Generator(nn.Module):
         self.num_ws = sum(b.num_ws for b in self.blocks) - (len(self.blocks) - 1)  # toRGB ws are shared
         # Running mean of w, the centre for the truncation trick (StyleGAN Sec. 3 / Appendix B).
         self.register_buffer("w_avg", torch.zeros(w_dim, dtype=torch.float32))
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing (their noise generator is replayed)
 
     def _truncate(self, w: torch.Tensor, psi: float | None) -> torch.Tensor:
         # Truncation trick: pull w towards the mean, trading diversity for fidelity.
@@ -207,7 +211,7 @@ class MinibatchStdLayer(nn.Module):
         return torch.cat([x, y.to(x.dtype)], dim=1)
 
 
-class Discriminator(nn.Module):
+class Discriminator(nn.Module, Checkpointable):
     """StyleGAN2 residual discriminator; returns (logits [B], penultimate features [B, F])."""
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0, *, channel_base: int,
@@ -247,6 +251,9 @@ class Discriminator(nn.Module):
             self.cmap_dim = 0
             self.mapping = None
         self.out = EqualizedLinear(c4, self.cmap_dim if num_classes > 0 else 1)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, channels, R, R] -> (logits [B], features [B, F] after the last hidden FC layer), both float32."""

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from distgen.families.checkpointing import Checkpointable
+
 # Sizes: base channels of the generators (ngf) and the discriminator (ndf). The papers' models use 64.
 PRESETS: dict[str, dict[str, dict]] = {
     "unet": {"tiny": dict(ngf=8), "small": dict(ngf=32), "paper": dict(ngf=64)},
@@ -165,7 +167,7 @@ class ResnetBlock(nn.Module):
         return x + self.body(x)
 
 
-class ResnetGenerator(nn.Module):
+class ResnetGenerator(nn.Module, Checkpointable):
     """CycleGAN's generator (Johnson et al. 2016's transformation network): a 7x7 conv (reflection padded),
     two 3x3 stride-2 convs (ngf -> 2ngf -> 4ngf), ``blocks`` residual blocks at 1/4 resolution, two 3x3
     stride-2 transposed convs back (the reference's ``resnet_*blocks``, not its resize-conv ``+`` variants),
@@ -191,6 +193,9 @@ class ResnetGenerator(nn.Module):
         head += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.head = nn.Sequential(*head)
         init_weights(self)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)  # train.activation_checkpointing (dropout, batch norm: replayed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
