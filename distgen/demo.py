@@ -48,7 +48,9 @@ def _step(title: str, cmd: list[str]) -> None:
 
 
 def demo() -> int:
-    """Shard Fashion-MNIST, train the small pixel-diffusion model with 2 CPU processes, export, sample."""
+    """Shard Fashion-MNIST, train the small pixel-diffusion model (flow matching on the small U-Net) with 2 CPU
+    processes, export, sample, evaluate. Sampling and evaluation use the model's own sampler and steps (Euler, 25
+    network evaluations an image)."""
     t0 = time.time()
     paths = ensure_shards()
     cfg = DataConfig(resolution=28, channels=1, workers=2)
@@ -63,20 +65,21 @@ def demo() -> int:
               "--num_processes", "2", "-m", "distgen"]
     # A finished run folder says so and stops at once: re-running is cheap. The export replaces its own earlier one.
     _step("train (2 CPU processes, DDP over gloo)", launch + ["train", CONFIG, f"run.dir={RUN_DIR}"])
-    _step("export the EMA weights (diffusers pipeline + distgen config)",
+    _step("export the EMA weights (a diffusers pipeline + distgen config)",
           exe + ["export", str(RUN_DIR), str(EXPORT_DIR), "--force"])
-    _step("sample 64 images (DDIM, 50 steps) with 2 processes",
-          launch + ["sample", str(EXPORT_DIR), "--num", "64", "--steps", "50", "--sampler", "ddim", "--out", str(GRID)])
+    _step("sample 64 images with 2 processes (the model's sampler: Euler, 25 steps)",
+          launch + ["sample", str(EXPORT_DIR), "--num", "64", "--out", str(GRID)])
     # InceptionV3's weights cannot be downloaded offline: the demo scores samples in the feature space of
     # the Fashion-MNIST classifier that ships with distgen (domain FD / KID / PR; it prints its accuracy and
     # calibration beside the figures).
     _step("evaluate 1000 samples against the test split (domain FD, KID, precision/recall), 2 processes",
-          launch + ["eval", str(EXPORT_DIR), "--metrics", "fid,kid,prc", "--num-samples", "1000", "--steps", "25",
+          launch + ["eval", str(EXPORT_DIR), "--metrics", "fid,kid,prc", "--num-samples", "1000",
                     "--ref", str(paths["test"]), "--feature-extractor", FEATURES, "--out", str(EVAL_OUT)])
     print(f"\ndemo done in {(time.time() - t0) / 60:.1f} min")
     print(f"  shards:        {paths['train'].parent}/")
     print(f"  run folder:    {RUN_DIR}/ (config.yaml, metrics.jsonl, tensorboard/, samples/, checkpoints/)")
-    print(f"  export:        {EXPORT_DIR}/ (diffusers.DiffusionPipeline.from_pretrained loads it)")
+    print(f"  export:        {EXPORT_DIR}/ (diffusers.DiffusionPipeline.from_pretrained(..., trust_remote_code=True) "
+          f"loads it: its FlowMatchingPipeline ships in the folder)")
     print(f"  sample grid:   {GRID}")
     print(f"  evaluation:    {EVAL_OUT} (domain features: the bundled {FEATURES} extractor)")
     return 0
