@@ -178,6 +178,12 @@ def peak_memory(device: torch.device) -> Optional[int]:
     return None
 
 
+# The keys of a record that measure the machine (its pace, its memory), not the training: two runs of the same
+# training (a straight one and a resumed one) differ in these only
+PACE_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib", "mfu",
+             "eta_s")
+
+
 class Telemetry:
     """The pace and the device's state between two records, for every record; each rank measures its own, and a
     record holds the slowest (data wait) and fullest (memory) device's."""

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import REPO
+from distgen.telemetry import PACE_KEYS
 
 ACCEL = [sys.executable, "-m", "accelerate.commands.launch"]
 # The shared runs (conftest.trained): checkpoints every 2 steps; the stop at 3 falls between two, and the resume
@@ -304,7 +305,7 @@ def records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-_PACE = ("samples_per_s", "eta_s")
+_PACE = PACE_KEYS  # the machine's pace and memory: a straight and a resumed run differ there only
 
 
 def record_differences(a: Path, b: Path, stop: int, log_every: int = 1) -> list[str]:
