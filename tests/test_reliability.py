@@ -279,7 +279,10 @@ def test_no_fresh_start_over_checkpoints_that_do_not_load(base, tmp_path):
     assert first == (f"distgen: error: {root}: none of its 1 checkpoint folder(s) loads, and distgen does not start "
                      "afresh over them (move them away to start a new run):")
     assert f"step-00000010: {root / 'step-00000010' / 'meta.json'}: missing" in r.stderr
-    assert _tree(run_dir) == before  # no checkpoint replaced, metrics.jsonl and latest as they were
+    after = _tree(run_dir)
+    # `distgen status` learns why the run stopped (the one file added); no checkpoint replaced, metrics.jsonl and
+    # latest as they were
+    assert json.loads(after.pop("last-error.json"))["type"] == "CheckpointError" and after == before
 
 
 @pytest.mark.e2e
@@ -294,7 +297,8 @@ def test_resume_refuses_a_changed_model_config_unless_allowed(base, tmp_path):
                           "trained with another model config; changed: ")
     assert "model.preset: 'tiny' -> 'small'" in err and "model.prediction: 'epsilon' -> 'v_prediction'" in err
     assert "sample_steps" not in err and "--allow-config-change" in err  # sampling-only fields may change
-    assert _tree(run_dir) == before
+    after = _tree(run_dir)
+    assert "config" in json.loads(after.pop("last-error.json"))["message"] and after == before  # (status reads it)
     r = run([*launch(1), "train", str(cfg), "model.prediction=v_prediction", "train.total_kimg=0.096",
              "--allow-config-change"], base["env"])
     assert "resuming with a changed config (--allow-config-change): model.prediction" in r.stdout
