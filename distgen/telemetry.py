@@ -173,6 +173,15 @@ def peak_memory(device: torch.device) -> Optional[int]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if device.type == "cpu":
+        # Linux: this program's own peak (VmHWM, the peak of the address space exec made). getrusage's maxrss is
+        # carried over exec from the forked parent, so a process started by a large one (a test runner, a
+        # notebook) would report the parent's size
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
     return None
