@@ -228,10 +228,11 @@ def test_telemetry_data_wait_memory_and_mfu(tmp_path, fm_test_shards, env):
         for r in recs:
             assert r["samples_per_s_per_device"] == r["samples_per_s"]  # one process
             assert r["samples_per_s"] * r["step_time_s"] == pytest.approx(batch)  # samples a step
-    # the second record (the first's interval holds the start-up): the wait is the stage's second a step (a sleep
-    # wakes a little late on a busy machine), most of the step even on 2 shared cores; an instant stage's, none
+    # the second record (the first's interval holds the start-up): each step waits at least the stage's second (a
+    # sleep never wakes early; how late it wakes depends on the machine's load, so no upper bound is asserted), and
+    # a larger share of its step than the instant stage's run waits of its own
     s, f = slow[1], fast[1]
-    assert 1.0 <= s["data_wait_share"] * s["step_time_s"] < 1.15 and s["data_wait_share"] > 0.6, s
+    assert s["data_wait_share"] * s["step_time_s"] >= 1.0 and s["data_wait_share"] > f["data_wait_share"], (s, f)
     assert f["data_wait_share"] * f["step_time_s"] < 0.01 and f["data_wait_share"] < 0.02, f
     # 256 times the batch: its activations (about 0.4 GiB here) above the start-up's and the small run's peak
     assert fast[-1]["peak_mem_gib"] > slow[-1]["peak_mem_gib"] + 0.2, (fast[-1], slow[-1])
