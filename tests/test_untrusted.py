@@ -60,8 +60,9 @@ def test_a_billion_laughs_config_is_refused_in_bounded_time_and_memory(tmp_path)
 
 
 @pytest.mark.parametrize("text, why", [
-    ("a: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deep"),  # the parser's own recursion
+    ("a: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than"),  # stopped while scanning, not by recursion
     ("a: " + "[" * 100 + "]" * 100 + "\n", "nested more than"),  # within the parser's reach, past the limit
+    ("".join(" " * i + f"k{i}:\n" for i in range(1000)), "nested more than"),  # block indentation, 0.5 MB
     ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: the key 'lr' is given twice"),
     ("a: &x [*x]\n", "refers to a value that holds it"),
     ("train:\n  batch_size: " + "9" * 5000 + "\n", "Exceeds the limit"),
