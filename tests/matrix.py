@@ -83,6 +83,12 @@ VARIANTS = {
     # the compiler's caches serve the three runs); the U-Net compiles in tests/test_speed.py
     "diffusion-fast": ("diffusion-edm", {"train": {"compile": True, "channels_last": True, "optimizer_impl": "fused"}}),
 }
+# The formulation x backbone pairs MODELS does not hold (it has ddpm x unet, edm x edm2, flow x dit): each resumes
+# exactly with 1 and 2 processes (tests/test_resume.py), plain EDM (no uncertainty) and flow's uniform times
+PAIRS = {f"diffusion-{f}-{b}": ("diffusion", {"model": {"formulation": f, "backbone": b}})
+         for f, b in [("edm", "unet"), ("flow", "unet"), ("ddpm", "dit"), ("ddpm", "edm2"), ("edm", "dit"),
+                      ("flow", "edm2")]}
+VARIANTS.update(PAIRS)
 
 
 def data_sets(root: Path, fm_test_shards: Path) -> dict[str, dict]:
