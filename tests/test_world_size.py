@@ -1,0 +1,182 @@
+"""Resuming at another world size (distgen.world_change): the global batch kept when it divides by the new process
+count, else the per-device batch kept and the change said; the samples seen go on; the log, every later checkpoint's
+meta.json and `distgen status` say that the count changed; DeepSpeed refuses another count by name, with the command
+that converts its states. Exactness is promised only at the same count: here the runs go on, with finite losses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from distgen import checkpoint as ckpt
+from distgen.errors import CheckpointError
+from distgen.status import screen
+from distgen.world_change import plan_batch, run_length
+from test_train import launch, run
+
+
+def _config(tmp_path: Path, manifest: Path, batch: int, name: str = "c") -> Path:
+    cfg = {"run": {"dir": str(tmp_path / "run"), "seed": 1},
+           "model": {"family": "diffusion", "preset": "tiny", "sample_steps": 2},
+           "data": {"train": [str(manifest)], "resolution": 8, "channels": 1, "resize": "stretch", "workers": 0,
+                    "shuffle_buffer": 50},
+           "train": {"batch_size": batch, "total_kimg": 1, "log_every": 1, "checkpoint_every": 2,
+                     "keep_checkpoints": 2, "sample_every": 0, "sample_num": 1},
+           "ema": {"halflife_kimg": [0.05], "rampup": None}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(nproc: int, cfg: Path, steps: int, env: dict, accel: str = "configs/accelerate/ddp.yaml", check=True):
+    return run(launch(nproc, accel) + ["train", str(cfg), f"train.max_steps={steps}"], env, check=check)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _meta(run_dir: Path, step: int) -> dict:
+    return ckpt.read_meta(run_dir / "checkpoints" / f"step-{step:08d}")
+
+
+def _change(step, nimg, a, b, ga, gb) -> dict:
+    return {"step": step, "nimg": nimg, "from_world": a, "to_world": b, "from_global_batch": ga, "to_global_batch": gb}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, fm_test_shards):
+    """One run: 3 steps with 2 processes (4 per device, global 8), resumed with 1 to step 5, then with 2 to step 7."""
+    import os
+
+    from conftest import REPO
+
+    root = tmp_path_factory.mktemp("world")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cfg = _config(root, fm_test_shards, 4)
+    outs = [_train(2, cfg, 3, env).stdout, _train(1, cfg, 5, env).stdout]
+    meta5 = _meta(root / "run", 5)  # pruned by the third stretch (keep_checkpoints 2)
+    outs.append(_train(2, cfg, 7, env).stdout)
+    return root / "run", outs, meta5
+
+
+@pytest.mark.e2e
+def test_two_processes_to_one_keep_the_global_batch_and_say_so(chain):
+    run_dir, outs, meta5 = chain
+    assert (f"distgen: world size changed: {run_dir / 'checkpoints' / 'step-00000003'} was written by 2 "
+            f"process(es), resuming with 1; global batch 8 kept: 8 per device x 1 process(es) x 1 accumulation; "
+            f"learning rate unchanged; the data stream restarts at step 3") in outs[1], outs[1][-3000:]
+    assert "global batch 8 = 8 per device x 1 process(es) x 1 accumulation; 125 steps for 1 kimg" in outs[1]
+    assert (meta5["world_size"], meta5["global_batch"], meta5["nimg"]) == (1, 8, 40)
+    assert meta5["world_size_changes"] == [_change(3, 24, 2, 1, 8, 8)]
+
+
+@pytest.mark.e2e
+def test_two_to_one_to_two_goes_on_with_finite_losses_and_counts_every_image(chain):
+    run_dir, outs, _ = chain
+    assert "was written by 1 process(es), resuming with 2; global batch 8 kept: 4 per device x 2 process(es)" \
+        in outs[2], outs[2][-3000:]
+    meta = _meta(run_dir, 7)
+    assert meta["nimg"] == 3 * 8 + 2 * 8 + 2 * 8  # each stretch's steps x its global batch
+    assert (meta["world_size"], meta["global_batch"]) == (2, 8)
+    assert meta["world_size_changes"] == [_change(3, 24, 2, 1, 8, 8), _change(5, 40, 1, 2, 8, 8)]
+    recs = _records(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, 8))
+    assert [r["kimg"] for r in recs] == [8 * s / 1000 for s in range(1, 8)]
+    assert all(math.isfinite(r["loss"]) for r in recs) and recs[-1]["nonfinite_total"] == 0
+    opt = ckpt.load_state(run_dir / "checkpoints" / "step-00000007" / "optim-unet.pt")
+    assert all(int(s["step"]) == 7 for s in opt["state"].values())  # Adam went on counting its steps
+    assert ("world size 2 -> 1 process(es) at step 3 (global batch 8 kept); 1 -> 2 process(es) at step 5 (global "
+            "batch 8 kept)") in screen(run_dir)
+
+
+@pytest.mark.e2e
+def test_a_global_batch_that_does_not_divide_keeps_the_per_device_batch_and_says_what_changes(
+        tmp_path, fm_test_shards, env):
+    cfg = _config(tmp_path, fm_test_shards, 3)
+    _train(1, cfg, 2, env)
+    out = _train(2, cfg, 4, env).stdout
+    assert ("resuming with 2; global batch 3 -> 6 (3 does not divide by 2 process(es) x 1 accumulation, so the "
+            "per-device batch stays 3): 3 per device x 2 process(es) x 1 accumulation; learning rate unchanged "
+            "(train.lr: distgen does not scale it with the batch)") in out, out[-3000:]
+    assert "global batch 6 = 3 per device x 2 process(es) x 1 accumulation; 168 steps for 1 kimg" in out  # 2 + 994/6
+    meta = _meta(tmp_path / "run", 4)
+    assert (meta["global_batch"], meta["nimg"]) == (6, 2 * 3 + 2 * 6)
+    assert meta["world_size_changes"] == [_change(2, 6, 1, 2, 3, 6)]
+    assert [r["kimg"] for r in _records(tmp_path / "run")] == [0.003, 0.006, 0.012, 0.018]
+
+
+@pytest.mark.e2e
+@pytest.mark.deepspeed
+def test_deepspeed_at_another_process_count_is_refused_by_name_with_the_converter(tmp_path, fm_test_shards, env):
+    """Without the refusal, DeepSpeed's own error would count the checkpoint as damaged and set it aside."""
+    cfg = _config(tmp_path, fm_test_shards, 2)
+    _train(1, cfg, 1, env, "configs/accelerate/zero2.yaml")
+    cp = tmp_path / "run" / "checkpoints" / "step-00000001"
+    r = _train(2, cfg, 2, env, "configs/accelerate/zero2.yaml", check=False)
+    assert r.returncode != 0
+    assert (f"distgen: error: {cp}: written by 1 DeepSpeed process(es), resumed with 2: ZeRO partitions the "
+            f"optimizer states per process") in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (f"Resume with --num_processes 1; DeepSpeed's converter to its universal checkpoint is `python -m "
+            f"deepspeed.checkpoint.ds_to_universal --input_folder {cp}/deepspeed/unet/state --output_folder "
+            f"{cp}/deepspeed/unet/universal`") in r.stderr
+    assert cp.is_dir() and not list(cp.parent.glob("*.damaged*"))  # refused, not set aside
+
+
+# --------------------------------------------------------------------------- the rule and the record, in process
+def _meta_of(world: int, batch: int, accum: int = 1, global_batch=None) -> dict:
+    m = {"world_size": world, "config": {"train": {"batch_size": batch, "grad_accum": accum}}}
+    return m if global_batch is None else {**m, "global_batch": global_batch}
+
+
+def _tc(batch: int, accum: int = 1):
+    return SimpleNamespace(batch_size=batch, grad_accum=accum)
+
+
+@pytest.mark.parametrize("tc,world,meta,per_device,accum,kept", [
+    (_tc(4), 2, None, 4, 1, True),  # a fresh run: the config's
+    (_tc(4), 1, _meta_of(2, 4), 8, 1, True),  # 2 -> 1: per device doubled
+    (_tc(4, 2), 4, _meta_of(2, 4, 2), 2, 2, True),  # 2 -> 4 with accumulation 2: 16 = 2 x 4 x 2
+    (_tc(4), 1, _meta_of(1, 4, global_batch=8), 8, 1, True),  # again at 1 after 2 -> 1: the checkpoint's batch
+    (_tc(3), 2, _meta_of(1, 3), 3, 1, False),  # 3 does not divide by 2: per device kept, global 6
+    (_tc(4), 3, _meta_of(2, 4), 4, 1, False),  # 8 by 3: per device kept, global 12
+    (_tc(6), 1, _meta_of(2, 4), 6, 1, False),  # the config's batch changed on purpose: used as given
+])
+def test_the_batch_rule(tc, world, meta, per_device, accum, kept):
+    plan = plan_batch(tc, world, meta)
+    assert (plan.per_device, plan.grad_accum, plan.world) == (per_device, accum, world)
+    assert (meta is None or plan.global_batch == plan.was_global) == kept
+    assert bool(plan.why) == (not kept)
+
+
+def test_the_run_length_follows_the_samples_left():
+    assert run_length(1, None, 0, 0, 8) == (125, 125)
+    assert run_length(0.32, None, 20, 160, 8) == (40, 40)  # one batch all along: the straight run's count
+    assert run_length(1, 4, 2, 6, 6) == (168, 4)  # 994 samples left at 6 a step
+    assert run_length(0.01, None, 3, 24, 4) == (3, 3)  # already past train.total_kimg
+
+
+@pytest.mark.parametrize("field,value,said", [
+    ("global_batch", 0, "global_batch"),
+    ("global_batch", "8", "global_batch"),
+    ("world_size_changes", {"step": 1}, "world_size_changes"),
+    ("world_size_changes", [_change(3, 24, 2, 0, 8, 8)], "world_size_changes[0].to_world"),
+    ("world_size_changes", [_change(3, 24, 2, 1, 8, -1)], "world_size_changes[0].to_global_batch"),
+    ("world_size_changes", [{**_change(3, 24, 2, 1, 8, 8), "step": 1.5}], "world_size_changes[0].step"),
+    ("world_size_changes", [{k: v for k, v in _change(3, 24, 2, 1, 8, 8).items() if k != "nimg"}], "nimg"),
+])
+def test_a_malformed_world_size_record_is_named(tmp_path, field, value, said):
+    ckpt.write_meta(tmp_path, {"step": 4, "nimg": 32, "world_size": 1, "global_batch": 8,
+                               "world_size_changes": [_change(3, 24, 2, 1, 8, 8)]})
+    assert ckpt.read_meta(tmp_path)["world_size_changes"] == [_change(3, 24, 2, 1, 8, 8)]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(CheckpointError, match=said) as e:
+        ckpt.read_meta(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "meta.json"))
