@@ -3,7 +3,7 @@ stopped part-way (between periodic checkpoints, so the data stream's position is
 The final checkpoints must be the same bit for bit: weights, EMAs, optimizer and scaler states, the family's own
 state (ADA's accumulators, ProGAN's growth, CycleGAN's histories, the EBM's buffers), every rank's RNG states; and
 so must every logged record and every post-hoc EMA snapshot. DeepSpeed's ZeRO stages go through the same comparison
-in test_deepspeed.py."""
+in test_deepspeed.py. A resume with another process count (not exact) is tests/test_world_size.py's."""
 
 from __future__ import annotations
 
