@@ -52,9 +52,11 @@ def _change(step, nimg, a, b, ga, gb) -> dict:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, fm_test_shards):
-    """One run of batch 3: 2 steps with 1 process (global 3); with 2 to step 4 (3 does not divide by 2: 3 per device,
-    global 6); with 1 to step 6 (6 per device); with 2 to step 8 (3 per device). Returns the run folder, each
-    stretch's output, and the data streams the third stretch (in this process) built: (batch size, images drawn)."""
+    """One run of batch 3: 2 steps with 1 process (global 3); with 2 to step 5 (3 does not divide by 2: 3 per device,
+    global 6); with 1 to step 7 (6 per device); with 2 to step 9 (3 per device). Steps 5 and 7 are no periodic
+    checkpoint's (every 2 steps): a resume there at the same count would draw again the batch drawn since step 4 or 6.
+    Returns the run folder, each stretch's output, and the data streams the third stretch (in this process) built:
+    (batch size, images drawn)."""
     import os
 
     import distgen.train
@@ -64,7 +66,7 @@ def chain(tmp_path_factory, fm_test_shards):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cfg = _config(root, fm_test_shards, 3)
-    outs = [_train(1, cfg, 2, env).stdout, _train(2, cfg, 4, env).stdout]
+    outs = [_train(1, cfg, 2, env).stdout, _train(2, cfg, 5, env).stdout]
     loaders, real = [], distgen.train.make_train_loader
 
     def spy(*args, **kw):
@@ -73,8 +75,8 @@ def chain(tmp_path_factory, fm_test_shards):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distgen.train, "make_train_loader", spy)
-        outs.append(_train(1, cfg, 6, env).stdout)
-    outs.append(_train(2, cfg, 8, env).stdout)
+        outs.append(_train(1, cfg, 7, env).stdout)
+    outs.append(_train(2, cfg, 9, env).stdout)
     return root / "run", outs, [(loader.dataset.batch_size, loader.count) for loader in loaders]
 
 
@@ -87,8 +89,8 @@ def test_a_global_batch_that_does_not_divide_keeps_the_per_device_batch_and_says
             f"unchanged (train.lr: distgen does not scale it with the batch); the data stream restarts at step 2"
             ) in outs[1], outs[1][-3000:]
     assert "global batch 6 = 3 per device x 2 process(es) x 1 accumulation; 168 steps for 1 kimg" in outs[1]  # 2+994/6
-    meta = _meta(run_dir, 4)
-    assert (meta["world_size"], meta["global_batch"], meta["nimg"]) == (2, 6, 2 * 3 + 2 * 6)
+    meta = _meta(run_dir, 5)
+    assert (meta["world_size"], meta["global_batch"], meta["nimg"]) == (2, 6, 2 * 3 + 3 * 6)
     assert meta["world_size_changes"] == [_change(2, 6, 1, 2, 3, 6)]
 
 
@@ -96,12 +98,14 @@ def test_a_global_batch_that_does_not_divide_keeps_the_per_device_batch_and_says
 def test_two_processes_to_one_keep_the_global_batch_and_say_so(chain):
     run_dir, outs, drawn = chain
     assert ("was written by 2 process(es), resuming with 1; global batch 6 kept: 6 per device x 1 process(es) x 1 "
-            "accumulation; learning rate unchanged; the data stream restarts at step 4") in outs[2], outs[2][-3000:]
+            "accumulation; learning rate unchanged; the data stream restarts at step 5") in outs[2], outs[2][-3000:]
     assert "global batch 6 = 6 per device x 1 process(es) x 1 accumulation; 168 steps for 1 kimg" in outs[2]
-    meta = _meta(run_dir, 6)
-    assert (meta["world_size"], meta["global_batch"], meta["nimg"]) == (1, 6, 18 + 2 * 6)
-    assert meta["world_size_changes"][1:] == [_change(4, 18, 2, 1, 6, 6)]
-    assert drawn == [(6, 12)]  # one stream, restarted at step 4: 6 images a step, its 2 steps' 12 drawn
+    meta = _meta(run_dir, 7)
+    assert (meta["world_size"], meta["global_batch"], meta["nimg"]) == (1, 6, 24 + 2 * 6)
+    assert meta["world_size_changes"][1:] == [_change(5, 24, 2, 1, 6, 6)]
+    # the stream restarted at step 5 (nothing drawn again of the 2-process stream of step 4) and at step 6's periodic
+    # checkpoint: 6 images a step
+    assert drawn == [(6, 6), (6, 6)]
 
 
 @pytest.mark.e2e
@@ -109,37 +113,47 @@ def test_two_to_one_to_two_goes_on_with_finite_losses_and_counts_every_image(cha
     run_dir, outs, drawn = chain
     assert "was written by 1 process(es), resuming with 2; global batch 6 kept: 3 per device x 2 process(es)" \
         in outs[3], outs[3][-3000:]
-    meta = _meta(run_dir, 8)
-    assert meta["nimg"] == 2 * 3 + 2 * 6 + 2 * 6 + 2 * 6  # each stretch's steps x its global batch
+    meta = _meta(run_dir, 9)
+    assert meta["nimg"] == 2 * 3 + 3 * 6 + 2 * 6 + 2 * 6  # each stretch's steps x its global batch
     assert (meta["world_size"], meta["global_batch"]) == (2, 6)
     changes = meta["world_size_changes"]
-    assert changes == [_change(2, 6, 1, 2, 3, 6), _change(4, 18, 2, 1, 6, 6), _change(6, 30, 1, 2, 6, 6)]
+    assert changes == [_change(2, 6, 1, 2, 3, 6), _change(5, 24, 2, 1, 6, 6), _change(7, 36, 1, 2, 6, 6)]
     assert changes[2]["nimg"] - changes[1]["nimg"] == sum(n for _, n in drawn)  # counted = drawn, at 1 process
     recs = _records(run_dir)
-    assert [r["step"] for r in recs] == list(range(1, 9))
-    assert [r["kimg"] for r in recs] == [n / 1000 for n in (3, 6, 12, 18, 24, 30, 36, 42)]
+    assert [r["step"] for r in recs] == list(range(1, 10))
+    assert [r["kimg"] for r in recs] == [n / 1000 for n in (3, 6, 12, 18, 24, 30, 36, 42, 48)]
     assert all(math.isfinite(r["loss"]) for r in recs) and recs[-1]["nonfinite_total"] == 0
-    opt = ckpt.load_state(run_dir / "checkpoints" / "step-00000008" / "optim-unet.pt")
-    assert all(int(s["step"]) == 8 for s in opt["state"].values())  # Adam went on counting its steps
-    assert ("world size 1 -> 2 process(es) at step 2 (global batch 3 -> 6); 2 -> 1 process(es) at step 4 (global "
-            "batch 6 kept); 1 -> 2 process(es) at step 6 (global batch 6 kept)") in screen(run_dir)
+    opt = ckpt.load_state(run_dir / "checkpoints" / "step-00000009" / "optim-unet.pt")
+    assert all(int(s["step"]) == 9 for s in opt["state"].values())  # Adam went on counting its steps
+    assert ("world size 1 -> 2 process(es) at step 2 (global batch 3 -> 6); 2 -> 1 process(es) at step 5 (global "
+            "batch 6 kept); 1 -> 2 process(es) at step 7 (global batch 6 kept)") in screen(run_dir)
 
 
 @pytest.mark.e2e
 @pytest.mark.deepspeed
-def test_deepspeed_at_another_process_count_is_refused_by_name_with_the_converter(tmp_path, fm_test_shards, env):
-    """Without the refusal, DeepSpeed's own error would count the checkpoint as damaged and set it aside."""
-    cfg = _config(tmp_path, fm_test_shards, 2)
-    _train(1, cfg, 1, env, "configs/accelerate/zero2.yaml")
-    cp = tmp_path / "run" / "checkpoints" / "step-00000001"
-    r = _train(2, cfg, 2, env, "configs/accelerate/zero2.yaml", check=False)
+def test_deepspeed_at_another_process_count_is_refused_by_name_with_the_converter(chain, tmp_path, env):
+    """Refused at start-up, before anything is read: without the check, DeepSpeed's own error (ZeRORuntimeException:
+    another DP world size) made every such checkpoint 'not load', as if damaged. The checkpoint is the chain's last,
+    written by 2 processes, given a DeepSpeed folder (only its meta.json is read before the refusal); one DeepSpeed
+    process resumes it (a real DeepSpeed checkpoint of 1 process resumed with 2 was refused alike, by hand)."""
+    import shutil
+
+    run_dir, _, _ = chain
+    shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("step-0000000[2-8]"))
+    cp = tmp_path / "run" / "checkpoints" / "step-00000009"
+    (cp / "deepspeed" / "unet" / "state").mkdir(parents=True)
+    (cp / "deepspeed" / "unet" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    cfg = yaml.safe_load((run_dir.parent / "c.yaml").read_text())
+    cfg["run"]["dir"] = str(tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(1, tmp_path / "c.yaml", 10, env, "configs/accelerate/zero2.yaml", check=False)
     assert r.returncode != 0
-    assert (f"distgen: error: {cp}: written by 1 DeepSpeed process(es), resumed with 2: ZeRO partitions the "
+    assert (f"distgen: error: {cp}: written by 2 DeepSpeed process(es), resumed with 1: ZeRO partitions the "
             f"optimizer states per process") in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
-    assert (f"Resume with --num_processes 1; DeepSpeed's converter to its universal checkpoint is `python -m "
+    assert (f"Resume with --num_processes 2; DeepSpeed's converter to its universal checkpoint is `python -m "
             f"deepspeed.checkpoint.ds_to_universal --input_folder {cp}/deepspeed/unet/state --output_folder "
             f"{cp}/deepspeed/unet/universal`") in r.stderr
-    assert cp.is_dir() and not list(cp.parent.glob("*.damaged*"))  # refused, not set aside
+    assert [p.name for p in cp.parent.iterdir() if p.name.startswith("step-")] == [cp.name]  # nothing set aside
 
 
 # --------------------------------------------------------------------------- the rule and the record, in process
