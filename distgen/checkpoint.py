@@ -5,7 +5,8 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/``:
 Every file name is written and read here (the layout section at the end).
 
 - ``meta.json``: step, samples seen, data-stream position, counters, EMA
-  steps, world size and the resolved config;
+  steps, world size, global batch, the resumes at another world size
+  (:mod:`distgen.world_change`) and the resolved config;
 - ``<net>.safetensors`` and ``ema<i>-<net>.safetensors``: weights;
 - ``optim-<net>.pt``, ``scaler.pt``: each trained network's optimizer and
   the loss-scaler state (tensors and numbers only, read back with
@@ -56,8 +57,13 @@ REASONS = ("periodic", "preempted", "end")
 _COUNT = rb.Int(0, rb.MAX_COUNT)
 # meta.json as read back: every key distgen uses, typed and bounded (a training checkpoint has them all; best/
 # has the EMA_KEYS and best). Keys a later distgen may add are let through unread.
+_WORLD = rb.Int(1, 1 << 20)
+# one resume at another process count (distgen.world_change.BatchPlan.record)
+_WORLD_CHANGE = rb.Obj({"step": _COUNT, "nimg": _COUNT, "from_world": _WORLD, "to_world": _WORLD,
+                        "from_global_batch": rb.Int(1, rb.MAX_COUNT), "to_global_batch": rb.Int(1, rb.MAX_COUNT)})
 META_SCHEMA = rb.Obj({
-    "format": rb.Str(choices=(FORMAT,)), "step": _COUNT, "nimg": _COUNT, "world_size": rb.Int(1, 1 << 20),
+    "format": rb.Str(choices=(FORMAT,)), "step": _COUNT, "nimg": _COUNT, "world_size": _WORLD,
+    "global_batch": rb.Int(1, rb.MAX_COUNT), "world_size_changes": rb.List(_WORLD_CHANGE, max_len=10_000),
     "reason": rb.Str(choices=REASONS), "data_start_step": _COUNT, "data_skip": _COUNT,
     "counters": rb.Map(_COUNT, max_len=100),
     # "<phase>/<name>" -> [sum, count] of the interval's finite values
@@ -66,8 +72,9 @@ META_SCHEMA = rb.Obj({
     "best": rb.Opt(rb.Obj({"metric": rb.Str(max_len=64), "value": rb.Num(), "step": _COUNT})),
     "family_state": rb.Map(rb.Data(), max_len=100), "family": rb.Str(max_len=64), "data_info": rb.DATA_INFO,
     "config": rb.CONFIG,
-}, optional=("step", "nimg", "world_size", "reason", "data_start_step", "data_skip", "counters", "interval",
-             "ema_steps", "best", "family_state", "family", "data_info", "config"), extra=True)
+}, optional=("step", "nimg", "world_size", "global_batch", "world_size_changes", "reason", "data_start_step",
+             "data_skip", "counters", "interval", "ema_steps", "best", "family_state", "family", "data_info",
+             "config"), extra=True)
 _RNG_SCHEMA = rb.Obj({
     "numpy": rb.Tuple(rb.Str(max_len=32), rb.Int(0, 1 << 20), rb.Int(0, 1), rb.Num()),  # kind, pos, has_gauss, gauss
     # version, the Mersenne Twister's 625 words, gauss_next

@@ -17,6 +17,7 @@ from distgen.families import DataInfo, Family, Phase
 from distgen.runlog import Tally
 from distgen.speed import Speed
 from distgen.telemetry import Telemetry
+from distgen.world_change import BatchPlan
 
 
 def new_counters() -> dict:
@@ -37,23 +38,32 @@ class TrainState:
     interval: dict = field(default_factory=dict)  # "<phase>/<name>" -> [sum, count] since the last record
     best: Optional[dict] = None  # the best evaluation so far: metric, value, step
     reason: Optional[str] = None  # why the checkpoint it came from was written: periodic, preempted, end
+    world_size_changes: list = field(default_factory=list)  # BatchPlan.record of each resume at another count
 
     def to_meta(self) -> dict:
         return {"step": self.step, "nimg": self.nimg, "data_start_step": self.data_start_step,
                 "data_skip": self.data_skip, "counters": dict(self.counters), "interval": dict(self.interval),
-                "best": self.best}
+                "best": self.best, "world_size_changes": [dict(c) for c in self.world_size_changes]}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TrainState":
         return cls(step=meta["step"], nimg=meta["nimg"], data_start_step=meta["data_start_step"],
                    data_skip=meta.get("data_skip", 0), counters={**new_counters(), **meta["counters"]},
-                   interval=dict(meta["interval"]), best=meta.get("best"), reason=meta.get("reason"))
+                   interval=dict(meta["interval"]), best=meta.get("best"), reason=meta.get("reason"),
+                   world_size_changes=[dict(c) for c in meta.get("world_size_changes", [])])
 
     def advance(self, global_batch: int) -> None:
         """One step done. ``nimg`` counts the samples drawn, a skipped step's too: the learning-rate and EMA
         schedules follow the step count without reading back whether each step was finite."""
         self.step += 1
         self.nimg += global_batch
+
+    def resumed_with(self, batch: BatchPlan, checkpoint: Path) -> Optional[str]:
+        """Resumed from ``checkpoint`` with ``batch``: a change of process count is recorded (every later
+        checkpoint carries it); returns the log line of a change of process count or global batch (None: neither)."""
+        if batch.world_changed:
+            self.world_size_changes.append(batch.record(self.step, self.nimg))
+        return batch.describe(checkpoint, self.step, self.nimg)
 
     def finished_at(self, stop_at: int) -> bool:
         """Did this state come from the final checkpoint of a run that ends at ``stop_at``?"""
@@ -132,9 +142,9 @@ class Run:
     phases: list[Phase]
     info: DataInfo
     dir: Path
-    stop_at: int
-    global_batch: int
     speed: Speed
+    stop_at: int = 0  # the step this launch ends at, and the batch (distgen.world_change): set at the resume
+    batch: Optional[BatchPlan] = None
     # plain modules by name: the ones each engine wraps and trains in place (DDP's .module, DeepSpeed's .module)
     nets: dict = field(default_factory=dict)
     trained: dict[str, Trained] = field(default_factory=dict)
@@ -143,6 +153,10 @@ class Run:
     preview: Optional[dict] = None  # a translator's grid inputs (rank 0)
     tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
     telemetry: Optional[Telemetry] = None  # pace, data wait, memory and MFU between records
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch.global_batch
 
     @property
     def root(self) -> Path:

@@ -87,6 +87,8 @@ def _screen(run: Path, problems: list[str]) -> list[str]:
     eta = _eta(steps, step, stop_at, batch, running)
     if eta:
         out.append(f"  eta        {eta}")
+    if newest and newest.get("world_size_changes"):
+        out.append(f"  world size {_world_size_changes(newest['world_size_changes'])}")
     if last:
         out.append(f"  losses     {_losses(last)}")
     out += _evaluations(evals, run, newest, problems)
@@ -276,6 +278,16 @@ def _global_batch(last: Optional[dict], newest: Optional[dict], train: Optional[
     if train and newest:
         return train["batch_size"] * train.get("grad_accum", 1) * newest["world_size"]
     return None
+
+
+def _world_size_changes(changes: list[dict]) -> str:
+    """The resumes at another process count the newest checkpoint records, the last three."""
+    said = []
+    for c in changes[-3:]:
+        a, b = c["from_global_batch"], c["to_global_batch"]
+        said.append(f"{c['from_world']} -> {c['to_world']} process(es) at step {c['step']} (global batch "
+                    + (f"{a} kept)" if a == b else f"{a} -> {b})"))
+    return "; ".join(said) + (f" (and {len(changes) - 3} earlier)" if len(changes) > 3 else "")
 
 
 def _length(train: Optional[dict], batch: Optional[int]) -> tuple[Optional[int], Optional[int]]:

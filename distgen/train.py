@@ -32,6 +32,7 @@ from distgen.preemption import EXIT_PREEMPTED
 from distgen.previews import ema_view, preview_batch, sample_grid
 from distgen.runlog import RunLog, Tally, interval_means
 from distgen.trackers import Trackers
+from distgen.world_change import deepspeed_refusal, plan_batch, run_length
 from distgen.families.capabilities import Translates, offers
 
 
@@ -68,19 +69,14 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed)
     fast.apply_backends(eng.device)
 
-    # ---- the run's length, said once
-    global_batch = tc.batch_size * eng.world * tc.grad_accum
-    total_steps = math.ceil(tc.total_kimg * 1000 / global_batch)
-    stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    # ---- what runs, said once (the batch and the run's length follow the checkpoint: below, at the resume)
     dist.print0(to_yaml(cfg), end="")
     dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
                 f"{tc.mixed_precision}")
     dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")
-    dist.print0(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
-                f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
 
     # ---- networks (the same initial weights on every rank), EMAs, engines
-    run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), stop_at, global_batch, fast)
+    run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), fast)  # its batch and length: at the resume
     torch.manual_seed(cfg.run.seed)
     # Python's and numpy's generators too, per rank: a run started afresh or in a process that trained before
     # (a sweep, a test matrix) has the same states, which every checkpoint records and a resume restores.
@@ -105,8 +101,14 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
 
-    # ---- resume from the newest checkpoint that loads (a damaged newer one is reported and set aside)
+    # ---- resume from the newest checkpoint that loads (a damaged newer one is reported and set aside); the batch
+    # by distgen.world_change's rule (the checkpoint's global batch, also at another process count)
     latest, state = resume(run, allow_config_change)
+    global_batch = run.global_batch
+    total_steps, stop_at = run_length(tc.total_kimg, tc.max_steps, state.step, state.nimg, global_batch)
+    run.stop_at = stop_at
+    dist.print0(f"distgen: global batch {global_batch} = {run.batch.per_device} per device x {eng.world} process(es) "
+                f"x {tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
     if latest is not None and state.finished_at(stop_at):
         # A run that already ended (a job requeued after its final checkpoint, say) ends again at once.
         dist.print0(f"distgen: {run.dir} already finished at step {state.step} ({state.nimg / 1000:.1f} kimg); "
@@ -124,12 +126,14 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     trackers.start(eng.acc, state.step)  # one that cannot start stops the run here, before its first step
 
     # ---- the data stream, where the checkpoint left it; logs; evaluation
+    at, skip = (state.step, 0) if run.batch.restarts_stream else (state.data_start_step, state.data_skip)
     cursor = DataCursor(lambda start: make_train_loader(
-        cfg.data, batch_size=tc.batch_size, rank=eng.rank, world=eng.world, seed=cfg.run.seed, start_step=start,
-        pin_memory=eng.device.type == "cuda"), tc.checkpoint_every, start=state.data_start_step, skip=state.data_skip)
+        cfg.data, batch_size=run.batch.per_device, rank=eng.rank, world=eng.world, seed=cfg.run.seed,
+        start_step=start, pin_memory=eng.device.type == "cuda"), tc.checkpoint_every, start=at, skip=skip)
     if offers(family, Translates) and eng.main:  # the grids translate the same inputs every time
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
     log = RunLog(run.dir, stop_at, state.step, eng.main, trackers, shown=family.progress_scalars)
+    flops = flops and flops * run.batch.per_device / tc.batch_size  # counted at the config's per-device batch
     run.telemetry = telemetry.Telemetry(eng.device, eng.world, global_batch, state.nimg, cursor.waited, flops, peak)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
@@ -293,9 +297,9 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
         ema_tensors, ema_steps = {}, {}
         for n, e in run.emas.items():
             ema_tensors[n], ema_steps[n] = e.state()
-        meta = {**state.to_meta(), "world_size": eng.world, "reason": reason, "ema_steps": ema_steps,
-                "family_state": run.family.state_dict(), "family": run.family.name, "data_info": to_dict(run.info),
-                "config": to_dict(run.cfg)}
+        meta = {**state.to_meta(), "world_size": eng.world, "global_batch": run.global_batch, "reason": reason,
+                "ema_steps": ema_steps, "family_state": run.family.state_dict(), "family": run.family.name,
+                "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
         ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.nets))
     ckpt.save_rng(tmp, eng.rank)
     if keeps_rank_state(run.family):
@@ -322,6 +326,8 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
         other_engine = eng.engine_of(folder)
         if other_engine:
             raise TrainingError(other_engine)
+        if eng.deepspeed and meta["world_size"] != eng.world:  # before DeepSpeed refuses it as damage
+            raise TrainingError(deepspeed_refusal(folder, list(run.trained), meta["world_size"], eng.world))
         data = ckpt.read(folder, meta, rank=eng.rank, emas={n: len(e.emas) for n, e in run.emas.items()},
                          family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets))
         eng.load(run.trained, folder, data)
@@ -337,15 +343,17 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
 
     latest, meta = ckpt.load_newest(run.root, load, main=eng.main, failed_anywhere=agreed, set_aside_damaged=True,
                                     log=dist.print0)
+    run.batch = plan_batch(cfg.train, eng.world, meta)
     if latest is None:
         return None, TrainState()
-    if meta["world_size"] != eng.world:
-        dist.print0(f"distgen: note: {latest} was written by {meta['world_size']} process(es), resuming with "
-                    f"{eng.world}")
+    state = TrainState.from_meta(meta)
     changed = model_changes(meta["config"], cfg)
     if changed:
         dist.print0(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
-    return latest, TrainState.from_meta(meta)
+    said = state.resumed_with(run.batch, latest)  # another process count or batch, said in the log and meta.json
+    if said:
+        dist.print0(said)
+    return latest, state
 
 
 def keeps_rank_state(family: Family) -> bool:

@@ -264,7 +264,7 @@ def _same(a: Any, b: Any) -> bool:
 # meta.json: what records the run's history rather than its state ("reason" differs: the resumed run's last
 # checkpoint is its own end, like the straight run's)
 _META_STATE = ("step", "nimg", "data_start_step", "data_skip", "counters", "ema_steps", "family_state", "best",
-               "world_size", "reason")
+               "world_size", "global_batch", "world_size_changes", "reason")
 
 
 def differences(a: Path, b: Path) -> list[str]:
