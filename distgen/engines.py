@@ -196,6 +196,11 @@ class Engine:
         if tc.skip_grad_norm:
             raise TrainingError("train.skip_grad_norm: DeepSpeed steps inside its own backward, so an update "
                                 "cannot be skipped by its gradient norm; unset it or train with DDP")
+        if tc.async_checkpoint:
+            raise TrainingError("train.async_checkpoint: DeepSpeed writes its partitioned states itself, on every rank, "
+                                "from its live engine (save_checkpoint), so they cannot be copied off and written in "
+                                "the background; set it false (checkpoints are then written synchronously) or train "
+                                "with DDP")
         problem = family.engine_problem(self.zero_stage)
         if problem:
             raise TrainingError(f"DeepSpeed ZeRO-{self.zero_stage}: {problem}")

@@ -74,7 +74,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     stop_at = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
     dist.print0(to_yaml(cfg), end="")
     dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
-                f"{tc.mixed_precision}")
+                f"{tc.mixed_precision}, checkpoints {'in the background' if tc.async_checkpoint else 'synchronous'}")
     dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")
     dist.print0(f"distgen: global batch {global_batch} = {tc.batch_size} per device x {eng.world} process(es) x "
                 f"{tc.grad_accum} accumulation; {total_steps} steps for {tc.total_kimg:g} kimg")
@@ -193,6 +193,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         log.image(grid, state.step)
         status = "FINISHED"
     finally:
+        run.saver.close()  # a write in flight (the loop left on an error) finishes; its own failure is printed
         log.close(status)
     count_skips(run, state, cursor)
     print_summary(run, state, final, grid)
@@ -267,14 +268,15 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str) -> Path:
-    """Every rank: the full state into ``checkpoints/.tmp-step-N``, flushed, then renamed ``step-N``. A signal's
+    """Every rank: the full state into ``checkpoints/.tmp-step-N``, flushed, then renamed ``step-N`` (a periodic one
+    in the background with train.async_checkpoint, once the previous write ended: distgen.async_save). A signal's
     deadline waits for it; an error or Ctrl-C on the way removes the unfinished folder."""
     tmp = ckpt.tmp_dir(run.root, state.step)
-    with preemption.install().saving():
+    with run.saver.saving(ckpt.step_dir(run.root, state.step), say=reason != "periodic"), preemption.install().saving():
         try:
             return _write_checkpoint(run, state, cursor, reason, tmp)
         except BaseException:
-            if run.eng.main:
+            if run.eng.main and not run.saver.in_flight():  # a write in flight cleans up after itself
                 shutil.rmtree(tmp, ignore_errors=True)  # distgen's own .tmp-step-* folder
             raise
 
@@ -289,22 +291,23 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
         tmp.mkdir(parents=True)
     eng.barrier()
     eng.save(run.trained, tmp)
-    if eng.main:  # the shared files: gathered and written by rank 0 alone
+    ckpt.save_rng(tmp, eng.rank)
+    if keeps_rank_state(run.family):
+        ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
+    eng.barrier()
+    eng.flush(tmp)
+    if eng.main:  # the shared files: gathered by rank 0 alone, then written, flushed and renamed into place
         ema_tensors, ema_steps = {}, {}
         for n, e in run.emas.items():
             ema_tensors[n], ema_steps[n] = e.state()
         meta = {**state.to_meta(), "world_size": eng.world, "reason": reason, "ema_steps": ema_steps,
                 "family_state": run.family.state_dict(), "family": run.family.name, "data_info": to_dict(run.info),
                 "config": to_dict(run.cfg)}
-        ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.nets))
-    ckpt.save_rng(tmp, eng.rank)
-    if keeps_rank_state(run.family):
-        ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
+        shared = {"emas": ema_tensors, "meta": meta, **eng.state_for_checkpoint(run.trained, run.nets)}
+        run.saver.submit(ckpt.step_dir(run.root, state.step), ckpt.commit, run.root, state.step, tc.keep_checkpoints,
+                         shared, background=reason == "periodic")
     eng.barrier()
-    eng.flush(tmp)
-    final = ckpt.finalize(run.root, state.step, tc.keep_checkpoints) if eng.main else ckpt.step_dir(run.root, state.step)
-    eng.barrier()
-    return final
+    return ckpt.step_dir(run.root, state.step)
 
 
 def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainState]:
@@ -369,7 +372,7 @@ def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_
     count_skips(run, state, cursor)
     means = interval_means(state.interval, [p.name for p in run.phases])
     rec = {"step": state.step, "kimg": state.nimg / 1000, "loss": means.pop("loss"), "lr": tc.lr * lr_mult,
-           **run.telemetry.record(state.step, state.nimg, run.stop_at, cursor.waited),
+           **run.telemetry.record(state.step, state.nimg, run.stop_at, cursor.waited), **run.saver.timings(),
            "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
            "skipped_updates_total": counters["skipped_updates_total"],
            **({"skipped_samples_total": counters["skipped_samples_total"]} if run.cfg.data.on_error == "skip"
@@ -412,10 +415,11 @@ def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
     log.record_eval({"step": state.step, "kimg": state.nimg / 1000,
                      **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}, **best})
     if improved:
-        if run.eng.main:
-            ckpt.write_best(run.dir / "best", {n: e.state()[0][0] for n, e in run.emas.items()},
-                            {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
-                             "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
+        if run.eng.main:  # in the background with train.async_checkpoint
+            run.saver.submit(run.dir / "best", ckpt.write_best, run.dir / "best",
+                             {n: e.state()[0][0] for n, e in run.emas.items()},
+                             {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
+                              "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
     run.eng.barrier()
     run.telemetry.exclude(time.time() - t0)  # evaluation time does not count against training speed
 

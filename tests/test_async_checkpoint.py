@@ -1,0 +1,196 @@
+"""Checkpoints written in the background (train.async_checkpoint, distgen/async_save.py), as users meet them: the
+same bits as synchronous saves (1 and 2 processes) with the loop held for less than the write; a kill -9 during a
+background write leaves the previous checkpoint the newest that loads, and the resumed run ends as the straight one;
+a signal during a write waits for it; a write that fails (a real file-size limit) stops the run at the next save,
+naming the folder; DeepSpeed refuses the option at start.
+
+The write has to last long enough to be seen under way from outside: the MLP GAN at its paper size on 64x64 images
+(13M parameters: weights, Adam's two moments and the generator's EMA make ~180 MB a checkpoint, flushed to disk)
+while a step stays cheap (a few matrix products of batch 4). A test sees the background write under way when one of
+rank 0's files appears in the temporary folder: the main thread writes only the RNG files there."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from distgen import checkpoint as ckpt
+from matrix import differences, family_config, launch_matrix, records
+from test_train import launch, run
+
+pytestmark = pytest.mark.e2e  # trains, launches and kills processes
+
+STEPS, EVERY = 6, 2
+STRAIGHT = f"checkpoints/step-{STEPS:08d}"
+
+
+def big_config(folder: Path, manifest: Path, async_checkpoint: bool, steps: int = STEPS, **model) -> Path:
+    """A config whose checkpoints take a while to write (the module's docstring), training into ``folder/run``."""
+    cfg = {"run": {"dir": str(folder / "run"), "seed": 1, "trackers": []},
+           "data": {"train": [str(manifest)], "resolution": 64, "channels": 1, "resize": "stretch", "workers": 0,
+                    "shuffle_buffer": 50},
+           "model": {"family": "gan", "arch": "mlp", "preset": "paper", **model},
+           "train": {"batch_size": 4, "total_kimg": steps * 4 / 1000, "log_every": 1, "checkpoint_every": EVERY,
+                     "keep_checkpoints": 10, "sample_every": 0, "sample_num": 1, "async_checkpoint": async_checkpoint},
+           "ema": {"halflife_kimg": [0.05], "rampup": None}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _background_write_seen(tmp: Path) -> bool:
+    """Has rank 0's background write started filling ``tmp``? (Its files are all but the ranks' RNG files.)"""
+    try:
+        return any(not n.startswith("rng-") for n in os.listdir(tmp))
+    except OSError:
+        return False
+
+
+def _start_and_catch_write(cfg: Path, tmp: Path, **popen) -> subprocess.Popen:
+    """`distgen train cfg` in a fresh process of its own session, returned as soon as the background write into
+    ``tmp`` is seen (polled every 2 ms)."""
+    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), cwd=REPO,
+                         start_new_session=True, **popen)
+    deadline = time.time() + 120
+    while not _background_write_seen(tmp):
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            out = p.communicate()[0] if popen.get("stdout") == subprocess.PIPE else ""
+            pytest.fail(f"the write into {tmp} was not seen under way (exit {p.returncode}): {str(out)[-2000:]}")
+        time.sleep(0.002)
+    return p
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, fm_test_shards):
+    """The big config trained 6 steps (checkpoints at 2, 4, 6) in this process, with synchronous and with
+    asynchronous saves. Returns {"sync" | "async": (run folder, stdout)}."""
+    root = tmp_path_factory.mktemp("async-straight")
+    out = {}
+    for mode in ("sync", "async"):
+        cfg = big_config(root / mode, fm_test_shards, mode == "async")
+        out[mode] = (root / mode / "run", run([sys.executable, "-m", "distgen", "train", str(cfg)], _env()).stdout)
+    return out
+
+
+def test_background_saves_write_the_same_bits_and_hold_the_loop_less_than_the_write(straight):
+    (sync, _), (bg, said) = straight["sync"], straight["async"]
+    assert "checkpoints in the background" in said and "checkpoints synchronous" in straight["sync"][1]
+    for step in range(EVERY, STEPS + 1, EVERY):  # the periodic ones (written in the background) and the final one
+        name = f"step-{step:08d}"
+        assert differences(sync / "checkpoints" / name, bg / "checkpoints" / name) == [], name
+    assert (bg / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:08d}"
+    assert not list((bg / "checkpoints").glob(".tmp-*"))
+    for run_dir in (sync, bg):  # a record after each periodic save says how long it held the loop
+        rec = records(run_dir)
+        assert [s for s in rec if "checkpoint_blocked_s" in rec[s]] == [3, 5], run_dir
+    rs, ra = records(sync), records(bg)
+    # synchronous: the save held the loop for its whole write (the write is timed inside the save)
+    assert rs[3]["checkpoint_blocked_s"] >= rs[3]["checkpoint_write_s"] > 0
+    # in the background: the first save (nothing in flight before it) held the loop for the copy to host memory and
+    # the RNG files; its write, timed in the thread, ended before the next save (which waits for it) at the latest
+    write = next(ra[s]["checkpoint_write_s"] for s in (3, 4, 5) if "checkpoint_write_s" in ra[s])
+    assert ra[3]["checkpoint_blocked_s"] < write
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_and_resumes_exactly(
+        straight, tmp_path, fm_test_shards):
+    """kill -9 as soon as the background write of step 4 is seen: step 2 stays the newest checkpoint that loads, the
+    cut folder is never taken for one, and the resumed run removes it and ends as the straight run, bit for bit."""
+    cfg = big_config(tmp_path, fm_test_shards, True)
+    root = tmp_path / "run" / "checkpoints"
+    cut = ckpt.tmp_dir(root, 4)
+    p = _start_and_catch_write(cfg, cut, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(30)
+    assert cut.is_dir() and not (cut / "meta.json").exists()  # killed mid-write (meta.json is its last file)
+    assert [f.name for f in ckpt.checkpoint_folders(root)] == ["step-00000002"]
+    newest, meta = ckpt.load_newest(root, lambda f: ckpt.read_meta(f, ckpt.RESUME_KEYS))
+    assert newest == root / "step-00000002" and meta["reason"] == "periodic"
+
+    r = run([sys.executable, "-m", "distgen", "train", str(cfg)], _env())
+    assert f"resumed from {root / 'step-00000002'} (step 2," in r.stdout and f"done at step {STEPS}" in r.stdout
+    assert "does not load" not in r.stdout and not list(root.glob("*.damaged*"))
+    assert not list(root.glob(".tmp-*"))  # the cut folder removed as distgen's own
+    assert differences(straight["sync"][0] / STRAIGHT, tmp_path / "run" / STRAIGHT) == []
+
+
+def test_a_signal_during_a_background_write_waits_for_it(tmp_path, fm_test_shards):
+    """SIGTERM as soon as the background write of step 2 is seen: the step ends, the signal's save waits for the
+    write (saying so), writes its own checkpoint, and the process exits 75 with both complete."""
+    cfg = big_config(tmp_path, fm_test_shards, True, steps=40)
+    root = tmp_path / "run" / "checkpoints"
+    p = _start_and_catch_write(cfg, ckpt.tmp_dir(root, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, out[-2000:] + err[-3000:]
+    assert f"waiting for the checkpoint write in flight ({root / 'step-00000002'})" in out
+    periodic, preempted = ckpt.complete_checkpoints(root)
+    assert periodic.name == "step-00000002" and ckpt.read_meta(periodic, ckpt.RESUME_KEYS)["reason"] == "periodic"
+    meta = ckpt.read_meta(preempted, ckpt.RESUME_KEYS)
+    assert meta["reason"] == "preempted" and f"checkpoint {preempted} written at step {meta['step']}" in out
+    assert sorted(f.name for f in periodic.iterdir()) == sorted(f.name for f in preempted.iterdir())
+    assert (root / "latest").read_text().strip() == preempted.name and not list(root.glob(".tmp-*"))
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_save_naming_the_folder(tmp_path, fm_test_shards):
+    """A real limit: no file of the process may grow past 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write
+    past it fails with EFBIG, as on a full disk). The tiny MLP GAN's weights (~0.5 MB) cannot be written; every other
+    file of the run (RNG states, metrics.jsonl, config.yaml) stays below it. The step-2 write fails in the background;
+    the loop goes on to step 4, whose save raises it on the way in."""
+    cfg = big_config(tmp_path, fm_test_shards, True, preset="tiny")
+    limit = 64 * 1024
+    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    root = tmp_path / "run" / "checkpoints"
+    error = [line for line in r.stderr.splitlines() if line.startswith("distgen: error:")]
+    assert len(error) == 1 and error[0].startswith(
+        f"distgen: error: {root / 'step-00000002'}: not written: its write in the background "
+        f"(train.async_checkpoint) failed: OSError: [Errno 27] File too large: '{ckpt.tmp_dir(root, 2)}/"), error
+    assert sorted(records(tmp_path / "run")) == [1, 2, 3, 4]  # trained on after the failed save, stopped at the next
+    assert not ckpt.checkpoint_folders(root) and not list(root.glob(".tmp-*"))  # nothing half-written left
+    assert json.loads((tmp_path / "run" / "last-error.json").read_text())["type"] == "TrainingError"
+
+
+def test_two_processes_write_the_same_bits_in_the_background(tmp_path, fm_test_shards):
+    """2 processes (gloo), one launch: every rank writes its own files at the save, rank 0 the rest in the
+    background; the ranks agree at each save. The tiny diffusion model, synchronous against background saves."""
+    data = {"*": {"train": [str(fm_test_shards)]}}
+    spec = [{"name": mode, "calls": [{"config": str(family_config(
+        tmp_path, "diffusion", mode, data, {"checkpoint_every": EVERY, "keep_checkpoints": 10,
+                                            "async_checkpoint": mode == "async"})),
+        "overrides": [f"train.max_steps={STEPS}"]}]} for mode in ("sync", "async")]
+    results = launch_matrix(spec, tmp_path, 2, "configs/accelerate/ddp.yaml", timeout=300)
+    assert [c.get("rc") for m in ("sync", "async") for c in results[m]["calls"]] == [0, 0], results
+    for step in range(EVERY, STEPS + 1, EVERY):
+        name = f"checkpoints/step-{step:08d}"
+        assert sorted(p.name for p in (tmp_path / "async" / name).iterdir() if p.name.startswith("rng-")) == [
+            "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"]
+        assert differences(tmp_path / "sync" / name, tmp_path / "async" / name) == [], name
+
+
+def test_deepspeed_refuses_background_saves_at_start_by_name(tmp_path, fm_test_shards):
+    cfg = big_config(tmp_path, fm_test_shards, True, preset="tiny")
+    r = run(launch(1, "configs/accelerate/zero2.yaml") + ["train", str(cfg)], _env(), check=False)
+    assert r.returncode != 0
+    assert "distgen: error: train.async_checkpoint: DeepSpeed writes its partitioned states itself" in r.stderr, \
+        r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was taken
