@@ -161,6 +161,11 @@ class Engine:
             problem = deepspeed_file_precision_problem(tc.mixed_precision)
             if problem:
                 raise TrainingError(problem)
+            if tc.async_checkpoint:
+                raise TrainingError("train.async_checkpoint: DeepSpeed writes its partitioned states itself, on every "
+                                    "rank, from its live engine, so they cannot be copied off and written in the "
+                                    "background; set it false (checkpoints are then written synchronously) or train "
+                                    "with DDP")
             if len(trained_names) > 1:
                 # Accelerate's route for several trained models under DeepSpeed: one named plugin (all from the
                 # launcher's DeepSpeed config) and one Accelerator, hence one engine, per network.
@@ -196,11 +201,6 @@ class Engine:
         if tc.skip_grad_norm:
             raise TrainingError("train.skip_grad_norm: DeepSpeed steps inside its own backward, so an update "
                                 "cannot be skipped by its gradient norm; unset it or train with DDP")
-        if tc.async_checkpoint:
-            raise TrainingError("train.async_checkpoint: DeepSpeed writes its partitioned states itself, on every rank, "
-                                "from its live engine (save_checkpoint), so they cannot be copied off and written in "
-                                "the background; set it false (checkpoints are then written synchronously) or train "
-                                "with DDP")
         problem = family.engine_problem(self.zero_stage)
         if problem:
             raise TrainingError(f"DeepSpeed ZeRO-{self.zero_stage}: {problem}")

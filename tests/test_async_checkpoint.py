@@ -4,20 +4,24 @@ background write leaves the previous checkpoint the newest that loads, and the r
 a signal during a write waits for it; a write that fails (a real file-size limit) stops the run at the next save,
 naming the folder; DeepSpeed refuses the option at start.
 
-The write has to last long enough to be seen under way from outside: the MLP GAN at its paper size on 64x64 images
-(13M parameters: weights, Adam's two moments and the generator's EMA make ~180 MB a checkpoint, flushed to disk)
-while a step stays cheap (a few matrix products of batch 4). A test sees the background write under way when one of
-rank 0's files appears in the temporary folder: the main thread writes only the RNG files there."""
+A background write has to be seen under way from outside. The same-bits and kill tests use a model whose checkpoint
+takes a while to write: the MLP GAN at its paper size on 48x48 images (8.5M parameters: weights, Adam's two moments
+and 4 EMAs of the generator make ~170 MB, each file flushed to disk; ~0.3 s to write here, longer than a step) and
+see the write when one of rank 0's files appears in the temporary folder (the main thread writes only the RNG files
+there). The signal test needs the write to outlast the next step whatever the machine's load: every fsync of the
+run is held 0.1 s by strace, as a slow disk would."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,7 +30,7 @@ import yaml
 from conftest import REPO
 from distgen import checkpoint as ckpt
 from matrix import differences, family_config, launch_matrix, records
-from test_train import launch, run
+from test_train import run
 
 pytestmark = pytest.mark.e2e  # trains, launches and kills processes
 
@@ -37,12 +41,12 @@ STRAIGHT = f"checkpoints/step-{STEPS:08d}"
 def big_config(folder: Path, manifest: Path, async_checkpoint: bool, steps: int = STEPS, **model) -> Path:
     """A config whose checkpoints take a while to write (the module's docstring), training into ``folder/run``."""
     cfg = {"run": {"dir": str(folder / "run"), "seed": 1, "trackers": []},
-           "data": {"train": [str(manifest)], "resolution": 64, "channels": 1, "resize": "stretch", "workers": 0,
+           "data": {"train": [str(manifest)], "resolution": 48, "channels": 1, "resize": "stretch", "workers": 0,
                     "shuffle_buffer": 50},
            "model": {"family": "gan", "arch": "mlp", "preset": "paper", **model},
            "train": {"batch_size": 4, "total_kimg": steps * 4 / 1000, "log_every": 1, "checkpoint_every": EVERY,
                      "keep_checkpoints": 10, "sample_every": 0, "sample_num": 1, "async_checkpoint": async_checkpoint},
-           "ema": {"halflife_kimg": [0.05], "rampup": None}}
+           "ema": {"halflife_kimg": [0.05, 0.1, 0.2, 0.4], "rampup": None}}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -62,11 +66,24 @@ def _background_write_seen(tmp: Path) -> bool:
         return False
 
 
-def _start_and_catch_write(cfg: Path, tmp: Path, **popen) -> subprocess.Popen:
-    """`distgen train cfg` in a fresh process of its own session, returned as soon as the background write into
-    ``tmp`` is seen (polled every 2 ms)."""
-    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), cwd=REPO,
-                         start_new_session=True, **popen)
+def _slow_fsync(cmd: list[str], delay_s: float) -> list[str]:
+    """``cmd`` under strace, each of its fsync calls held ``delay_s`` before the kernel runs it: a slow disk, with
+    nothing of distgen's changed. Without strace the test is skipped, saying so (under CI, `.ci/run` installs it,
+    and the test fails instead)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        why = "strace is not installed (apt-get install strace): the test slows the run's fsync calls with it"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return [strace, "-f", "--seccomp-bpf", "-qq", "-o", os.devnull, "-e", "trace=fsync",
+            "-e", f"inject=fsync:delay_enter={int(delay_s * 1e6)}", *cmd]
+
+
+def _start_and_catch_write(cmd: list[str], tmp: Path, **popen) -> subprocess.Popen:
+    """``cmd`` (a `distgen train`) in a fresh process of its own session, returned as soon as the background write
+    into ``tmp`` is seen (polled every 2 ms)."""
+    p = subprocess.Popen(cmd, env=_env(), cwd=REPO, start_new_session=True, **popen)
     deadline = time.time() + 120
     while not _background_write_seen(tmp):
         if p.poll() is not None or time.time() > deadline:
@@ -75,6 +92,10 @@ def _start_and_catch_write(cfg: Path, tmp: Path, **popen) -> subprocess.Popen:
             pytest.fail(f"the write into {tmp} was not seen under way (exit {p.returncode}): {str(out)[-2000:]}")
         time.sleep(0.002)
     return p
+
+
+def _train_cmd(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "distgen", "train", str(cfg)]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +137,7 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_and_res
     cfg = big_config(tmp_path, fm_test_shards, True)
     root = tmp_path / "run" / "checkpoints"
     cut = ckpt.tmp_dir(root, 4)
-    p = _start_and_catch_write(cfg, cut, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = _start_and_catch_write(_train_cmd(cfg), cut, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(30)
     assert cut.is_dir() and not (cut / "meta.json").exists()  # killed mid-write (meta.json is its last file)
@@ -132,12 +153,15 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_and_res
 
 
 def test_a_signal_during_a_background_write_waits_for_it(tmp_path, fm_test_shards):
-    """SIGTERM as soon as the background write of step 2 is seen: the step ends, the signal's save waits for the
-    write (saying so), writes its own checkpoint, and the process exits 75 with both complete."""
-    cfg = big_config(tmp_path, fm_test_shards, True, steps=40)
+    """SIGTERM as soon as the background write of step 2 is seen, every fsync of the run held 0.1 s (a slow disk:
+    the write, ~13 of them, lasts well past the next step, which has none): the step ends, the signal's save waits
+    for the write (saying so), writes its own checkpoint, and the process exits 75 with both complete."""
+    cfg = big_config(tmp_path, fm_test_shards, True, steps=40, preset="tiny")
     root = tmp_path / "run" / "checkpoints"
-    p = _start_and_catch_write(cfg, ckpt.tmp_dir(root, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p.send_signal(signal.SIGTERM)
+    p = _start_and_catch_write(_slow_fsync(_train_cmd(cfg), 0.1), ckpt.tmp_dir(root, 2), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    trainer = int(Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()[0])  # strace's one child
+    os.kill(trainer, signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 75, out[-2000:] + err[-3000:]
     assert f"waiting for the checkpoint write in flight ({root / 'step-00000002'})" in out
@@ -149,16 +173,25 @@ def test_a_signal_during_a_background_write_waits_for_it(tmp_path, fm_test_shard
     assert (root / "latest").read_text().strip() == preempted.name and not list(root.glob(".tmp-*"))
 
 
+@contextmanager
+def _file_size_limit(limit: int):
+    """No file this process writes may grow past ``limit`` bytes (RLIMIT_FSIZE's soft limit, put back after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_a_failed_background_write_stops_the_run_at_the_next_save_naming_the_folder(tmp_path, fm_test_shards):
-    """A real limit: no file of the process may grow past 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write
-    past it fails with EFBIG, as on a full disk). The tiny MLP GAN's weights (~0.5 MB) cannot be written; every other
-    file of the run (RNG states, metrics.jsonl, config.yaml) stays below it. The step-2 write fails in the background;
-    the loop goes on to step 4, whose save raises it on the way in."""
+    """A real limit: no file may grow past 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write past it fails
+    with EFBIG, as on a full disk). The tiny MLP GAN's weights (~2 MB) cannot be written; every other file of the run
+    (RNG states, metrics.jsonl, config.yaml) stays below it. The step-2 write fails in the background; the loop goes
+    on to step 4, whose save raises it on the way in."""
     cfg = big_config(tmp_path, fm_test_shards, True, preset="tiny")
-    limit = 64 * 1024
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    with _file_size_limit(64 * 1024):
+        r = run(_train_cmd(cfg), _env(), check=False)  # in this process: the limit is put back after
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     root = tmp_path / "run" / "checkpoints"
     error = [line for line in r.stderr.splitlines() if line.startswith("distgen: error:")]
@@ -188,9 +221,11 @@ def test_two_processes_write_the_same_bits_in_the_background(tmp_path, fm_test_s
 
 
 def test_deepspeed_refuses_background_saves_at_start_by_name(tmp_path, fm_test_shards):
+    """`accelerate launch` with a DeepSpeed config tells the engine so (ACCELERATE_USE_DEEPSPEED); the option is
+    refused before any Accelerator, network or run folder exists."""
     cfg = big_config(tmp_path, fm_test_shards, True, preset="tiny")
-    r = run(launch(1, "configs/accelerate/zero2.yaml") + ["train", str(cfg)], _env(), check=False)
-    assert r.returncode != 0
-    assert "distgen: error: train.async_checkpoint: DeepSpeed writes its partitioned states itself" in r.stderr, \
-        r.stderr[-3000:]
-    assert not (tmp_path / "run").exists()  # refused before the run folder was taken
+    r = run(_train_cmd(cfg), {**_env(), "ACCELERATE_USE_DEEPSPEED": "true"}, check=False)
+    assert r.returncode == 2
+    assert r.stderr.startswith("distgen: error: train.async_checkpoint: DeepSpeed writes its partitioned states "
+                               "itself"), r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
