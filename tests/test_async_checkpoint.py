@@ -29,7 +29,7 @@ import yaml
 
 from conftest import REPO
 from distgen import checkpoint as ckpt
-from matrix import differences, family_config, launch_matrix, records
+from matrix import differences, launch_matrix, records
 from test_train import run
 
 pytestmark = pytest.mark.e2e  # trains, launches and kills processes
@@ -58,12 +58,16 @@ def _env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def _background_write_seen(tmp: Path) -> bool:
-    """Has rank 0's background write started filling ``tmp``? (Its files are all but the ranks' RNG files.)"""
-    try:
-        return any(not n.startswith("rng-") for n in os.listdir(tmp))
-    except OSError:
-        return False
+def _background_write_seen(folders: list[Path]) -> bool:
+    """Has rank 0's background write started filling one of ``folders``? (Its files are all but the ranks' RNG
+    files.)"""
+    for folder in folders:
+        try:
+            if any(not n.startswith("rng-") for n in os.listdir(folder)):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _slow_fsync(cmd: list[str], delay_s: float) -> list[str]:
@@ -80,16 +84,16 @@ def _slow_fsync(cmd: list[str], delay_s: float) -> list[str]:
             "-e", f"inject=fsync:delay_enter={int(delay_s * 1e6)}", *cmd]
 
 
-def _start_and_catch_write(cmd: list[str], tmp: Path, **popen) -> subprocess.Popen:
+def _start_and_catch_write(cmd: list[str], folders: list[Path], **popen) -> subprocess.Popen:
     """``cmd`` (a `distgen train`) in a fresh process of its own session, returned as soon as the background write
-    into ``tmp`` is seen (polled every 2 ms)."""
+    into one of ``folders`` is seen (polled every 2 ms)."""
     p = subprocess.Popen(cmd, env=_env(), cwd=REPO, start_new_session=True, **popen)
     deadline = time.time() + 120
-    while not _background_write_seen(tmp):
+    while not _background_write_seen(folders):
         if p.poll() is not None or time.time() > deadline:
             p.kill()
             out = p.communicate()[0] if popen.get("stdout") == subprocess.PIPE else ""
-            pytest.fail(f"the write into {tmp} was not seen under way (exit {p.returncode}): {str(out)[-2000:]}")
+            pytest.fail(f"the write into {folders[0]} was not seen under way (exit {p.returncode}): {str(out)[-2000:]}")
         time.sleep(0.002)
     return p
 
@@ -137,11 +141,13 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_and_res
     cfg = big_config(tmp_path, fm_test_shards, True)
     root = tmp_path / "run" / "checkpoints"
     cut = ckpt.tmp_dir(root, 4)
-    p = _start_and_catch_write(_train_cmd(cfg), cut, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # (watched under its final name too: a write that went there directly would be caught under way as well)
+    p = _start_and_catch_write(_train_cmd(cfg), [cut, ckpt.step_dir(root, 4)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(30)
+    assert [f.name for f in ckpt.checkpoint_folders(root)] == ["step-00000002"]  # no step-4, complete or not
     assert cut.is_dir() and not (cut / "meta.json").exists()  # killed mid-write (meta.json is its last file)
-    assert [f.name for f in ckpt.checkpoint_folders(root)] == ["step-00000002"]
     newest, meta = ckpt.load_newest(root, lambda f: ckpt.read_meta(f, ckpt.RESUME_KEYS))
     assert newest == root / "step-00000002" and meta["reason"] == "periodic"
 
@@ -158,7 +164,7 @@ def test_a_signal_during_a_background_write_waits_for_it(tmp_path, fm_test_shard
     for the write (saying so), writes its own checkpoint, and the process exits 75 with both complete."""
     cfg = big_config(tmp_path, fm_test_shards, True, steps=40, preset="tiny")
     root = tmp_path / "run" / "checkpoints"
-    p = _start_and_catch_write(_slow_fsync(_train_cmd(cfg), 0.1), ckpt.tmp_dir(root, 2), stdout=subprocess.PIPE,
+    p = _start_and_catch_write(_slow_fsync(_train_cmd(cfg), 0.1), [ckpt.tmp_dir(root, 2)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     trainer = int(Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()[0])  # strace's one child
     os.kill(trainer, signal.SIGTERM)
@@ -205,16 +211,14 @@ def test_a_failed_background_write_stops_the_run_at_the_next_save_naming_the_fol
 
 def test_two_processes_write_the_same_bits_in_the_background(tmp_path, fm_test_shards):
     """2 processes (gloo), one launch: every rank writes its own files at the save, rank 0 the rest in the
-    background; the ranks agree at each save. The tiny diffusion model, synchronous against background saves."""
-    data = {"*": {"train": [str(fm_test_shards)]}}
-    spec = [{"name": mode, "calls": [{"config": str(family_config(
-        tmp_path, "diffusion", mode, data, {"checkpoint_every": EVERY, "keep_checkpoints": 10,
-                                            "async_checkpoint": mode == "async"})),
-        "overrides": [f"train.max_steps={STEPS}"]}]} for mode in ("sync", "async")]
+    background, and the ranks agree at each save; synchronous against background saves of the module's model, 3
+    steps (a periodic checkpoint at 2, written in the background while step 3 trains; the final one at 3)."""
+    spec = [{"name": mode, "calls": [{"config": str(big_config(tmp_path / mode, fm_test_shards, mode == "async")),
+                                      "overrides": ["train.max_steps=3"]}]} for mode in ("sync", "async")]
     results = launch_matrix(spec, tmp_path, 2, "configs/accelerate/ddp.yaml", timeout=300)
     assert [c.get("rc") for m in ("sync", "async") for c in results[m]["calls"]] == [0, 0], results
-    for step in range(EVERY, STEPS + 1, EVERY):
-        name = f"checkpoints/step-{step:08d}"
+    for step in (2, 3):
+        name = f"run/checkpoints/step-{step:08d}"
         assert sorted(p.name for p in (tmp_path / "async" / name).iterdir() if p.name.startswith("rng-")) == [
             "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"]
         assert differences(tmp_path / "sync" / name, tmp_path / "async" / name) == [], name
