@@ -170,6 +170,7 @@ def test_a_signal_during_a_background_write_waits_for_it(tmp_path, fm_test_shard
     os.kill(trainer, signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 75, out[-2000:] + err[-3000:]
+    assert [f.name for f in ckpt.complete_checkpoints(root)] == ["step-00000002", "step-00000003"]
     assert f"waiting for the checkpoint write in flight ({root / 'step-00000002'})" in out
     periodic, preempted = ckpt.complete_checkpoints(root)
     assert periodic.name == "step-00000002" and ckpt.read_meta(periodic, ckpt.RESUME_KEYS)["reason"] == "periodic"
