@@ -41,12 +41,18 @@ lock:
 	  $(PY) -m pip freeze --all --exclude-editable --exclude pip; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
-# Debian's Fashion-MNIST: the bundled default data set of the demo and tests.
+# Debian's Fashion-MNIST: the bundled default data set of the demo and tests; strace for one test.
 sysdeps:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "error: $(FMNIST) missing; run: sudo apt-get install dataset-fashion-mnist" >&2; exit 1; fi; \
+	fi
+	@# strace: tests/test_async_checkpoint.py holds the run's fsync calls back with it (a slow disk)
+	@if ! command -v strace >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; \
+	  else echo "warning: strace missing (sudo apt-get install strace): one test of make test skips without it" >&2; fi; \
 	fi
 
 demo: setup sysdeps

@@ -20,7 +20,9 @@ Everything is written into ``.tmp-step-NNNNNNNN``, flushed to disk (every file,
 then the folders), and renamed when complete; ``latest`` then names it. A
 folder cut off mid-write keeps its ``.tmp-`` name and is never loaded. A
 ``step-`` folder is a checkpoint whatever it holds: one that does not load is
-damaged (reported by file name), never taken for an absent one.
+damaged (reported by file name), never taken for an absent one. With
+``train.async_checkpoint`` rank 0's files, the rename and the pruning are
+written by a background thread (:mod:`distgen.async_save`), under the same rules.
 """
 
 from __future__ import annotations
@@ -367,6 +369,19 @@ def write(tmp: Path, *, weights: dict, optimizers: dict, scaler: Optional[Any],
         for i, t in enumerate(tensors):
             save_tensors(ema_file(tmp, i, n), t)
     write_meta(tmp, meta)
+
+
+def commit(root: Path, step: int, keep: int, shared: dict) -> Path:
+    """Rank 0, once every rank's own files are in the temporary folder: the shared files (:func:`write`'s keyword
+    arguments ``shared``), then :func:`finalize`. A failure removes the temporary folder (distgen's own), leaving
+    the checkpoints as they were. What a background write runs (:mod:`distgen.async_save`), and a synchronous one."""
+    tmp = tmp_dir(root, step)
+    try:
+        write(tmp, **shared)
+        return finalize(root, step, keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read(folder: Path, meta: dict, *, rank: int, weights: list[str], optimizers: list[str],

@@ -112,6 +112,11 @@ def all_reduce_sum(value: int | float) -> int | float:
 _host_group = None
 
 
+def agreed(flag: bool) -> bool:
+    """Did any rank raise ``flag``? (The same answer on every rank.)"""
+    return all_reduce_sum(int(flag)) > 0 if world_size() > 1 else flag
+
+
 def _cpu_group():
     """A gloo group for numbers the host holds (flags, counts): over NCCL they would be copied to the GPU
     and read back, a wait for everything queued on it. Made on first use, which every rank reaches alike."""

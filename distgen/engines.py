@@ -161,6 +161,11 @@ class Engine:
             problem = deepspeed_file_precision_problem(tc.mixed_precision)
             if problem:
                 raise TrainingError(problem)
+            if tc.async_checkpoint:
+                raise TrainingError("train.async_checkpoint: DeepSpeed writes its partitioned states itself, on every "
+                                    "rank, from its live engine, so they cannot be copied off and written in the "
+                                    "background; set it false (checkpoints are then written synchronously) or train "
+                                    "with DDP")
             if len(trained_names) > 1:
                 # Accelerate's route for several trained models under DeepSpeed: one named plugin (all from the
                 # launcher's DeepSpeed config) and one Accelerator, hence one engine, per network.

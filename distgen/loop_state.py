@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from distgen.async_save import CheckpointWriter
 from distgen.config import Config
 from distgen.ema import EMASet
 from distgen.engines import Engine, Trained
@@ -153,6 +154,10 @@ class Run:
     preview: Optional[dict] = None  # a translator's grid inputs (rank 0)
     tally: Optional[Tally] = None  # the steps' numbers on the device since the last read
     telemetry: Optional[Telemetry] = None  # pace, data wait, memory and MFU between records
+    saver: CheckpointWriter = field(init=False)  # every checkpoint and best/ write (train.async_checkpoint)
+
+    def __post_init__(self):
+        self.saver = CheckpointWriter(self.cfg.train.async_checkpoint)
 
     @property
     def global_batch(self) -> int:

@@ -38,6 +38,7 @@ class Preemption:
         self.flag = False
         self.signum: Optional[int] = None
         self._saving = 0
+        self._saving_lock = threading.Lock()  # a checkpoint written in the background saves beside the loop's own
         self._first = 0.0
 
     def _handler(self, signum, frame):
@@ -57,12 +58,15 @@ class Preemption:
 
     @contextmanager
     def saving(self) -> Iterator[None]:
-        """While inside, a checkpoint is being written: neither a second signal nor the watchdog cuts it."""
-        self._saving += 1
+        """While inside, a checkpoint is being written: neither a second signal nor the watchdog cuts it. Any thread
+        (distgen.async_save writes in one of its own)."""
+        with self._saving_lock:
+            self._saving += 1
         try:
             yield
         finally:
-            self._saving -= 1
+            with self._saving_lock:
+                self._saving -= 1
 
 
 def _grace() -> float:

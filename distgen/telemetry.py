@@ -190,7 +190,7 @@ def peak_memory(device: torch.device) -> Optional[int]:
 # The keys of a record that measure the machine (its pace, its memory), not the training: two runs of the same
 # training (a straight one and a resumed one) differ in these only
 PACE_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib", "mfu",
-             "eta_s")
+             "eta_s", "checkpoint_blocked_s", "checkpoint_write_s")  # the last two: distgen.async_save
 
 
 class Telemetry:

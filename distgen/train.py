@@ -2,15 +2,14 @@
 
 A family (distgen.families) supplies networks, phases and per-sample losses; an engine
 (distgen.engines: DDP or DeepSpeed ZeRO, on Accelerate) trains them; this loop runs the phases,
-keeps EMAs, logs, samples, checkpoints, resumes and handles preemption. Counting is in samples
-seen (kimg), never epochs. Read :func:`train` top to bottom; the pieces it calls follow it.
+keeps EMAs, logs, samples, checkpoints, resumes (distgen.run_checkpoints) and handles preemption. Counting is in
+samples seen (kimg), never epochs. Read :func:`train` top to bottom; the pieces it calls follow it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist, phema, preemption, speed, telemetry, threads
-from distgen.config import Config, model_changes, to_dict, to_yaml
+from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.durable import write_text_durably
 from distgen.ema import EMASet
@@ -32,7 +31,8 @@ from distgen.preemption import EXIT_PREEMPTED
 from distgen.previews import ema_view, preview_batch, sample_grid
 from distgen.runlog import RunLog, Tally, interval_means
 from distgen.trackers import Trackers
-from distgen.world_change import deepspeed_refusal, plan_batch, run_length
+from distgen.run_checkpoints import resume, save_checkpoint
+from distgen.world_change import run_length
 from distgen.families.capabilities import Translates, offers
 
 
@@ -72,7 +72,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     # ---- what runs, said once (the batch and the run's length follow the checkpoint: below, at the resume)
     dist.print0(to_yaml(cfg), end="")
     dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
-                f"{tc.mixed_precision}")
+                f"{tc.mixed_precision}, checkpoints {'in the background' if tc.async_checkpoint else 'synchronous'}")
     dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")
 
     # ---- networks (the same initial weights on every rank), EMAs, engines
@@ -138,7 +138,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
     last_good = latest
-    if agreed(preempt.flag):
+    if dist.agreed(preempt.flag):
         # The signal came during start-up: nothing new to save; the newest checkpoint stays as it is.
         dist.print0(f"distgen: signal received during start-up, before step {state.step + 1}; no checkpoint "
                     f"written; exiting with {EXIT_PREEMPTED} (requeue)")
@@ -159,7 +159,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
             # device (run.tally) and are read only here, at a record, a checkpoint or a signal.
             record = state.step % tc.log_every == 0 or state.step == stop_at
             periodic = cursor.due(state.step) and state.step < stop_at
-            signalled = agreed(preempt.flag) and state.step < stop_at  # at the last step the run just ends below
+            signalled = dist.agreed(preempt.flag) and state.step < stop_at  # at the last step the run just ends below
             diverged = False
             if record or periodic or signalled:
                 diverged = run.tally.read(state.counters, state.interval) >= tc.max_nonfinite
@@ -197,6 +197,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         log.image(grid, state.step)
         status = "FINISHED"
     finally:
+        run.saver.close()  # a write in flight (the loop left on an error) finishes; its own failure is printed
         log.close(status)
     count_skips(run, state, cursor)
     print_summary(run, state, final, grid)
@@ -269,106 +270,6 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
     return bad, held
 
 
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str) -> Path:
-    """Every rank: the full state into ``checkpoints/.tmp-step-N``, flushed, then renamed ``step-N``. A signal's
-    deadline waits for it; an error or Ctrl-C on the way removes the unfinished folder."""
-    tmp = ckpt.tmp_dir(run.root, state.step)
-    with preemption.install().saving():
-        try:
-            return _write_checkpoint(run, state, cursor, reason, tmp)
-        except BaseException:
-            if run.eng.main:
-                shutil.rmtree(tmp, ignore_errors=True)  # distgen's own .tmp-step-* folder
-            raise
-
-
-def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: str, tmp: Path) -> Path:
-    eng, tc = run.eng, run.cfg.train
-    # Where the data stream stands: restarted at this step by a resume, or the batches drawn (the cursor's rule)
-    state.data_start_step, state.data_skip = cursor.checkpoint_position(state.step, state.counters["nonfinite_run"])
-    if eng.main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # distgen's own temporary folder (.tmp-step-*), never a user's
-        tmp.mkdir(parents=True)
-    eng.barrier()
-    eng.save(run.trained, tmp)
-    if eng.main:  # the shared files: gathered and written by rank 0 alone
-        ema_tensors, ema_steps = {}, {}
-        for n, e in run.emas.items():
-            ema_tensors[n], ema_steps[n] = e.state()
-        meta = {**state.to_meta(), "world_size": eng.world, "global_batch": run.global_batch, "reason": reason,
-                "ema_steps": ema_steps, "family_state": run.family.state_dict(), "family": run.family.name,
-                "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
-        ckpt.write(tmp, emas=ema_tensors, meta=meta, **eng.state_for_checkpoint(run.trained, run.nets))
-    ckpt.save_rng(tmp, eng.rank)
-    if keeps_rank_state(run.family):
-        ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
-    eng.barrier()
-    eng.flush(tmp)
-    final = ckpt.finalize(run.root, state.step, tc.keep_checkpoints) if eng.main else ckpt.step_dir(run.root, state.step)
-    eng.barrier()
-    return final
-
-
-def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainState]:
-    """Load the newest checkpoint that loads on every rank into the networks, EMAs, engine and RNGs, and
-    return it with its state (a fresh state when the run folder has no checkpoint)."""
-    eng, cfg = run.eng, run.cfg
-
-    def load(folder: Path) -> dict:
-        meta = ckpt.read_meta(folder, ckpt.RESUME_KEYS)
-        changed = model_changes(meta["config"], cfg)
-        if changed and not allow_config_change:
-            raise TrainingError(f"{folder / 'meta.json'}: the run was trained with another model config; "
-                                f"changed: {'; '.join(changed)}. Train in a new run folder, or pass "
-                                f"--allow-config-change to resume with the new values on purpose")
-        other_engine = eng.engine_of(folder)
-        if other_engine:
-            raise TrainingError(other_engine)
-        if eng.deepspeed and meta["world_size"] != eng.world:  # before DeepSpeed refuses it as damage
-            raise TrainingError(deepspeed_refusal(folder, list(run.trained), meta["world_size"], eng.world))
-        data = ckpt.read(folder, meta, rank=eng.rank, emas={n: len(e.emas) for n, e in run.emas.items()},
-                         family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets))
-        eng.load(run.trained, folder, data)
-        for n, tensors in data.weights.items():
-            load_weights(run.nets[n], tensors, ckpt.weights_file(folder, n))
-        run.family.load_state_dict(meta.get("family_state", {}))
-        run.family.load_rank_state(data.family_rank)
-        for n, e in run.emas.items():
-            e.load(data.emas[n], meta["ema_steps"][n])
-        if data.rng is not None:
-            ckpt.set_rng_state(*data.rng)
-        return meta
-
-    latest, meta = ckpt.load_newest(run.root, load, main=eng.main, failed_anywhere=agreed, set_aside_damaged=True,
-                                    log=dist.print0)
-    run.batch = plan_batch(cfg.train, eng.world, meta)
-    if latest is None:
-        return None, TrainState()
-    state = TrainState.from_meta(meta)
-    changed = model_changes(meta["config"], cfg)
-    if changed:
-        dist.print0(f"distgen: resuming with a changed config (--allow-config-change): {'; '.join(changed)}")
-    said = state.resumed_with(run.batch, latest)  # another process count or batch, said in the log and meta.json
-    if said:
-        dist.print0(said)
-    return latest, state
-
-
-def keeps_rank_state(family: Family) -> bool:
-    return type(family).rank_state is not Family.rank_state
-
-
-def load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
-    """load_state_dict with an error that names the file (a size mismatch means another model config)."""
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as e:
-        first = " ".join(str(e).split())[:400]
-        raise TrainingError(f"{path}: does not fit the configured network ({first})") from None
-
-
 # --------------------------------------------------------------------------- records, samples, evaluation
 def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_mult: float) -> dict:
     """Every rank: the interval's means (all ranks') into one metrics.jsonl record, returned (the same on every
@@ -377,7 +278,7 @@ def log_record(run: Run, state: TrainState, cursor: DataCursor, log: RunLog, lr_
     count_skips(run, state, cursor)
     means = interval_means(state.interval, [p.name for p in run.phases])
     rec = {"step": state.step, "kimg": state.nimg / 1000, "loss": means.pop("loss"), "lr": tc.lr * lr_mult,
-           **run.telemetry.record(state.step, state.nimg, run.stop_at, cursor.waited),
+           **run.telemetry.record(state.step, state.nimg, run.stop_at, cursor.waited), **run.saver.timings(),
            "nonfinite_total": counters["nonfinite_total"], "overflow_total": counters["overflow_total"],
            "skipped_updates_total": counters["skipped_updates_total"],
            **({"skipped_samples_total": counters["skipped_samples_total"]} if run.cfg.data.on_error == "skip"
@@ -420,10 +321,11 @@ def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
     log.record_eval({"step": state.step, "kimg": state.nimg / 1000,
                      **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}, **best})
     if improved:
-        if run.eng.main:
-            ckpt.write_best(run.dir / "best", {n: e.state()[0][0] for n, e in run.emas.items()},
-                            {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
-                             "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
+        if run.eng.main:  # in the background with train.async_checkpoint
+            run.saver.submit(run.dir / "best", ckpt.write_best, run.dir / "best",
+                             {n: e.state()[0][0] for n, e in run.emas.items()},
+                             {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
+                              "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
     run.eng.barrier()
     run.telemetry.exclude(time.time() - t0)  # evaluation time does not count against training speed
 
@@ -492,8 +394,3 @@ def data_info(cfg: Config) -> DataInfo:
 
 def on_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def agreed(flag: bool) -> bool:
-    """Did any rank raise ``flag``? (The same answer on every rank.)"""
-    return dist.all_reduce_sum(int(flag)) > 0 if dist.world_size() > 1 else flag

@@ -166,9 +166,10 @@ def test_the_loop_and_the_checkpoint_writer_ask_the_cursor_for_the_boundary():
     """No second copy of the boundary rule in the loop (the one that drifted would break exact resume)."""
     from pathlib import Path
 
+    import distgen.run_checkpoints
     import distgen.train
 
-    src = Path(distgen.train.__file__).read_text()
+    src = "".join(Path(m.__file__).read_text() for m in (distgen.train, distgen.run_checkpoints))
     assert "% tc.checkpoint_every" not in src and 'nonfinite_run"] == 0' not in src
     assert "cursor.boundary(" in src and "cursor.checkpoint_position(" in src
 

@@ -87,6 +87,10 @@ class TrainConfig:
     sample_num: int = 64  # images in a sample grid
     checkpoint_every: int = 1000  # steps between full checkpoints
     keep_checkpoints: int = 3  # newest checkpoints kept
+    # Periodic checkpoints written in the background (docs/training.md#asynchronous-checkpoint-saves): the state is
+    # copied to host memory at the save, and the files are written, flushed and renamed into place while training
+    # goes on. The same bits as a synchronous save; refused under DeepSpeed (its states are written by its engine).
+    async_checkpoint: bool = False
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this step even if kimg is not reached
     # Speed (docs/training.md#speed); what each resolves to is printed at start. "auto": on with CUDA, off on CPU.
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the trained networks' forward
