@@ -117,6 +117,26 @@ class GAN(Family, ExportsOnnx):
                        "nonsaturating")
         return problem
 
+    def fsdp_problem(self):
+        c = self.cfg
+        if c.r1_gamma > 0 or self.loss_kind == "wgan-gp":
+            what = "R1 (r1_gamma > 0)" if c.r1_gamma > 0 else "wgan-gp's gradient penalty"
+            return (f"{what} differentiates the discriminator's output with create_graph and then backpropagates "
+                    "through that gradient, and FSDP2 frees the gathered weights after the first backward: the "
+                    "second fails ('setStorage: ... out of bounds for storage of size 0', 'The tensor has a "
+                    "non-zero number of elements, but its data is not allocated yet'; torch 2.14, gloo, with "
+                    "reshard_after_forward true or false, fp32 or bf16); set r1_gamma 0 / another loss, or train "
+                    "with DDP")
+        if c.pl_weight > 0:
+            return ("StyleGAN2's path-length regulariser (pl_weight > 0) backpropagates through a gradient of the "
+                    "generator's output: the process died with SIGSEGV in that step (torch 2.14, gloo); set "
+                    "pl_weight 0 or train with DDP")
+        if c.arch == "progan":
+            return ("ProGAN's generator adds a zero term over the parameters of the blocks not yet grown, read "
+                    "outside their forward, where FSDP2 holds them sharded ('aten.add.Tensor got mixed "
+                    "torch.Tensor and DTensor'); train it with DDP")
+        return None
+
     def after_step(self, phase, raw):
         if phase == "D" and self.loss_kind == "wgan":
             with torch.no_grad():
