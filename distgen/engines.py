@@ -1,8 +1,8 @@
 """The engines that train networks, behind one small interface: DDP through one Accelerator, DeepSpeed ZeRO with
-one Accelerator (hence one engine) per trained network, or FSDP2 (``fully_shard``, distgen.engines_fsdp). Everything that differs
-between them lives here (:class:`Engine`): making the Accelerators, checking before any compute what an
-engine cannot do, preparing networks and optimizers, the precision context, backward and the optimizer
-step, and what a checkpoint holds of the engine's state. The training loop has no engine branch.
+one Accelerator (hence one engine) per trained network, or FSDP2 (``fully_shard``, distgen.engines_fsdp).
+Everything that differs between them lives here (:class:`Engine`): making the Accelerators, checking before any
+compute what an engine cannot do, preparing networks and optimizers, the precision context, backward and the
+optimizer step, and what a checkpoint holds of the engine's state. The training loop has no engine branch.
 
 Precision under DeepSpeed: distgen's ``train.mixed_precision`` decides, and DeepSpeed runs it as
 ``torch_autocast`` (DeepSpeed >= 0.16), not as its ``bf16``/``fp16`` modes. Those modes cast the

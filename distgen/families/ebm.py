@@ -167,9 +167,9 @@ class EBM(Family, Classifies, ExportsOnnx):
 
     def fsdp_problem(self):
         if self.cfg.spectral_norm:
-            return ("spectral_norm: measured with jem, the spectral-normalised weights had no gradient in the first "
-                    "step (9 of the energy network's 20 parameters without optimizer state), and its checkpoint "
-                    "did not resume; set spectral_norm false or train with DDP")
+            return ("spectral_norm: the spectral-normalised weights had no gradient in the first step (9 of the "
+                    "energy network's 20 parameters without optimizer state, with and without jem), and its "
+                    "checkpoint did not resume; set spectral_norm false or train with DDP")
         return None
 
     # compile_problem: none. SGLD takes a first-order gradient with respect to the input (the loss's backward
