@@ -172,3 +172,19 @@ def test_the_gan_regularisers_fsdp2_cannot_run_are_refused_by_name():
     assert problem("stylegan2", "model.pl_weight=2").startswith("StyleGAN2's path-length regulariser")
     assert problem("dcgan", "model.loss=wgan-gp").startswith("wgan-gp's gradient penalty")
     assert problem("biggan", "model.ortho_weight=0.0001").startswith("BigGAN's orthogonal regularisation")
+
+
+def test_the_emas_are_kept_as_shards_and_gathered_whole(env):
+    """tests/scripts/fsdp_shards.py with 2 processes: each rank holds part of every EMA, updated as the whole EMA
+    would be (bit for bit), gathered whole and sharded again; EDM2's projection of each rank's rows is the
+    projection of the whole weight."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from distgen.dist import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(REPO / "tests/scripts/fsdp_shards.py")], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fsdp_shards: ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
