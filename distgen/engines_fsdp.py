@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from distgen import dist
-from distgen.errors import TrainingError
 
 FSDP_ENV, VERSION_ENV = "ACCELERATE_USE_FSDP", "FSDP_VERSION"
 
