@@ -12,9 +12,10 @@ Snapshots of such EMAs let :mod:`distgen.phema` reconstruct any other width afte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,15 +49,18 @@ class HalfLifeEMA:
         return 0.5 ** (self.batch / max(h, 1e-8))
 
     @torch.no_grad()
-    def step(self, parameters: Iterable[nn.Parameter], keep: Optional[torch.Tensor] = None) -> None:
-        """One update; ``keep`` (a device bool) False makes it none, decided on the device."""
+    def step(self, parameters: Iterable[nn.Parameter], keep: Optional[torch.Tensor] = None,
+             trainable: Optional[list[bool]] = None) -> None:
+        """One update; ``keep`` (a device bool) False makes it none, decided on the device. ``trainable``: which
+        parameters train (default: their ``requires_grad``; the frozen ones are copied)."""
         params = list(parameters)
+        trainable = [p.requires_grad for p in params] if trainable is None else trainable
         # updates applied (a skipped step's not): counted on the device when ``keep`` decides there
         self.optimization_step = self.optimization_step + (keep.long() if keep is not None else 1)
         one_minus_decay = 1 - self.get_decay(self.optimization_step)
         with gathered(params):
-            live = [(s, p) for s, p in zip(self.shadow_params, params) if p.requires_grad]
-            frozen = [(s, p) for s, p in zip(self.shadow_params, params) if not p.requires_grad]
+            live = [(s, p) for s, p, t in zip(self.shadow_params, params, trainable) if t]
+            frozen = [(s, p) for s, p, t in zip(self.shadow_params, params, trainable) if not t]
             if frozen:
                 torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
             if live:
@@ -108,6 +112,15 @@ class EMASet:
         self.module = copy.deepcopy(network).eval().requires_grad_(False)
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
         self.emas += [PowerEMA(network.parameters(), s) for s in power_stds]
+        # Under FSDP2 (distgen.engines_fsdp.ShardLayout): each rank keeps its shard of every EMA, gathered whole
+        # only inside gathered_emas(); None: whole EMAs on every rank
+        self.layout, self.layout_gathered = None, False
+
+    def shard(self, layout) -> None:
+        """Keep only this rank's shard of every EMA from now on (the network was sharded by ``layout``)."""
+        self.layout = layout
+        for e in self.emas:
+            e.shadow_params = [layout.local(i, s) for i, s in enumerate(e.shadow_params)]
 
     @classmethod
     def from_config(cls, network: nn.Module, ec) -> "EMASet":
@@ -125,9 +138,14 @@ class EMASet:
         Buffers (batch-norm statistics, spectral-norm vectors, StyleGAN's average w)
         are not averaged: they are copied from ``network``, as StyleGAN2-ADA does.
         """
+        trainable = [p.requires_grad for p in params]
+        if self.layout is not None:  # the sharded network's parameters: this rank's shards
+            from distgen.engines_fsdp import local
+
+            params = [local(p) for p in params]
         for e in self.emas:
             e.cur_nimg, e.batch = cur_nimg, batch
-            e.step(params, keep)
+            e.step(params, keep, trainable)
         if network is not None:
             live = dict(network.named_buffers())
             for name, b in self.module.named_buffers():
@@ -161,9 +179,28 @@ class EMASet:
             missing = (set(names) | set(buffers)) - set(t)
             if missing:
                 raise ValueError(f"EMA tensors lack {sorted(missing)[:3]}")
-            for sp, n in zip(e.shadow_params, names):
-                sp.copy_(t[n])
+            for i, (sp, n) in enumerate(zip(e.shadow_params, names)):
+                sp.copy_(t[n] if self.layout is None or self.layout_gathered else self.layout.local(i, t[n]))
             e.optimization_step = s
         with torch.no_grad():
             for n, b in buffers.items():
                 b.copy_(tensors[0][n])
+
+
+@contextlib.contextmanager
+def gathered_emas(sets: dict[str, EMASet]) -> Iterator[None]:
+    """Every rank alike (a collective under FSDP2): inside, every EMA holds whole tensors (to sample, evaluate,
+    snapshot or save them); after, each rank's shard again, as it was. Nothing to do for whole EMAs."""
+    sharded = [s for s in sets.values() if s.layout is not None]
+    kept = [[e.shadow_params for e in s.emas] for s in sharded]
+    try:
+        for s in sharded:
+            for e in s.emas:
+                e.shadow_params = s.layout.full(e.shadow_params)
+            s.layout_gathered = True
+        yield
+    finally:
+        for s, shards in zip(sharded, kept):
+            for e, sh in zip(s.emas, shards):
+                e.shadow_params = sh
+            s.layout_gathered = False

@@ -1,8 +1,8 @@
-"""The engines that train networks, behind one small interface: DDP through one Accelerator, or
-DeepSpeed ZeRO with one Accelerator (hence one engine) per trained network. Everything that differs
-between them lives here (:class:`Engine`): making the Accelerators, checking before any compute what an
-engine cannot do, preparing networks and optimizers, the precision context, backward and the optimizer
-step, and what a checkpoint holds of the engine's state. The training loop has no DeepSpeed branch.
+"""The engines that train networks, behind one small interface: DDP through one Accelerator, DeepSpeed ZeRO with
+one Accelerator (hence one engine) per trained network, or FSDP2 (``fully_shard``, distgen.engines_fsdp).
+Everything that differs between them lives here (:class:`Engine`): making the Accelerators, checking before any
+compute what an engine cannot do, preparing networks and optimizers, the precision context, backward and the
+optimizer step, and what a checkpoint holds of the engine's state. The training loop has no engine branch.
 
 Precision under DeepSpeed: distgen's ``train.mixed_precision`` decides, and DeepSpeed runs it as
 ``torch_autocast`` (DeepSpeed >= 0.16), not as its ``bf16``/``fp16`` modes. Those modes cast the
@@ -27,6 +27,7 @@ from distgen import checkpoint as ckpt
 from distgen import dist
 from distgen.durable import sync_tree
 from distgen.engines_deepspeed import DeepSpeedInternals, check_version
+from distgen.engines_fsdp import FSDP2, ShardLayout, config_problem, fsdp_request, without_accelerate_fsdp
 from distgen.errors import TrainingError
 
 AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
@@ -137,8 +138,82 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-class Engine:
-    """The Accelerator(s) that train a family's networks under ``cfg.train``, DDP or DeepSpeed.
+class EngineCheckpoints:
+    """What a checkpoint holds of an engine's state, and where (a part of :class:`Engine`): distgen's own files
+    (every network's weights and optimizer under DDP and FSDP2, gathered whole), DeepSpeed's partitioned ones."""
+
+    deepspeed: bool
+    fsdp: Optional[FSDP2]
+
+    def _in_distgen_files(self, trained: dict[str, Trained], nets: dict) -> tuple[list[str], list[str]]:
+        """(networks whose weights, networks whose optimizer states) distgen's own files hold: all under DDP;
+        under DeepSpeed only the frozen networks' weights, the rest being in DeepSpeed's files."""
+        if self.deepspeed:
+            return [n for n in nets if n not in trained], []
+        return list(nets), list(trained)
+
+    def state_for_checkpoint(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
+        """Every rank alike (under FSDP2 a collective that gathers full state dicts; rank 0 writes them): what
+        distgen's own files hold (:meth:`_in_distgen_files`), and the loss scaler."""
+        weights, optimizers = self._in_distgen_files(trained, nets)
+        if self.fsdp is not None:
+            return {"weights": {n: self.fsdp.model_state(nets[n]) if n in trained else nets[n].state_dict()
+                                for n in weights},
+                    "optimizers": {n: self.fsdp.optimizer_state(nets[n], trained[n].opt) for n in optimizers},
+                    "scaler": None}
+        weights = {n: nets[n].state_dict() for n in weights}
+        optimizers = {n: trained[n].opt.state_dict() for n in optimizers}
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
+
+    def save(self, trained: dict[str, Trained], tmp: Path) -> None:
+        """Every rank: DeepSpeed's own partitioned states (nothing under DDP)."""
+        if self.deepspeed:
+            for n, t in trained.items():
+                self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
+
+    def flush(self, tmp: Path) -> None:
+        """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
+        if self.deepspeed:
+            sync_tree(tmp / "deepspeed")
+            self.barrier()
+
+    def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
+        """The distgen files a resume reads under this engine (see :func:`distgen.checkpoint.read`)."""
+        weights, optimizers = self._in_distgen_files(trained, nets)
+        return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
+                "scaler": self.acc.scaler is not None}
+
+    def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
+        """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
+        FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest)."""
+        for n, t in trained.items():
+            if self.deepspeed:
+                self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
+            elif self.fsdp is not None:
+                try:
+                    self.fsdp.load(t.raw, t.opt, data.weights.pop(n), data.optimizers[n])
+                except (RuntimeError, KeyError, ValueError) as e:  # as distgen.train.load_weights says it
+                    first = " ".join(str(e).split())[:400]
+                    raise TrainingError(f"{ckpt.weights_file(folder, n)}: does not fit the configured network "
+                                        f"({first})") from None
+            else:
+                t.opt.load_state_dict(data.optimizers[n])
+        if data.scaler is not None:
+            self.acc.scaler.load_state_dict(data.scaler)
+
+    def engine_of(self, folder: Path) -> Optional[str]:
+        """Why ``folder`` cannot be resumed by this engine, or None. DeepSpeed's checkpoints hold its own
+        partitioned files and resume under DeepSpeed only; DDP's and FSDP2's are the same full state dicts and
+        resume under either (at any process count)."""
+        if (folder / "deepspeed").is_dir() != self.deepspeed:
+            how = "under DeepSpeed" if not self.deepspeed else "without DeepSpeed"
+            return f"{folder}: written {how}; resume it with the engine it was written with"
+        return None
+
+
+class Engine(EngineCheckpoints):
+    """The Accelerator(s) that train a family's networks under ``cfg.train``: DDP, DeepSpeed or FSDP2.
 
     Made before any network exists: what the engine cannot run (fp16 without a GPU, a DeepSpeed file
     whose precision contradicts distgen's, a family's ZeRO limits) fails here, before any compute.
@@ -179,7 +254,9 @@ class Engine:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-        self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins, log_with=log_with or None)
+        fsdp = fsdp_request()
+        with without_accelerate_fsdp():  # distgen shards under FSDP2 itself (distgen.engines_fsdp)
+            self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins, log_with=log_with or None)
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         self.zero_stage: Optional[int] = None
         self._ds: Optional[DeepSpeedInternals] = None  # DeepSpeed's internals, under DeepSpeed
@@ -187,6 +264,13 @@ class Engine:
             raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         if self.deepspeed:
             self._configure_deepspeed(family)
+        self.fsdp: Optional[FSDP2] = None
+        if fsdp is not None:
+            problem = config_problem(fsdp, tc, self.acc.device) or family.fsdp_problem()
+            if problem:
+                raise TrainingError(f"FSDP2: {problem}")
+            if self.world > 1:  # one process has nothing to shard: it trains as without the request (describe())
+                self.fsdp = FSDP2(self.acc.device, tc.mixed_precision)
 
     def _configure_deepspeed(self, family) -> None:
         check_version()  # the DeepSpeed release distgen's use of its internals was written for, or a named error
@@ -230,6 +314,10 @@ class Engine:
             out += f", ZeRO-{self.zero_stage}"
             if len(self.names) > 1:
                 out += f", one engine per network ({', '.join(self.names)})"
+        elif self.fsdp is not None:
+            out += ", FSDP2 (each trained network sharded block by block)"
+        elif fsdp_request() is not None:
+            out += ", FSDP2 asked for with one process: nothing to shard, trained as without it"
         return out
 
     def barrier(self) -> None:
@@ -241,15 +329,19 @@ class Engine:
         self.acc.wait_for_everyone()
 
     # ---- networks
-    def prepare(self, nets: dict[str, torch.nn.Module], family, speed) -> dict[str, Trained]:
+    def prepare(self, nets: dict[str, torch.nn.Module], family, speed, emas: dict) -> dict[str, Trained]:
         """AdamW for each trained network (the family's lr scale and betas power; ``speed``'s kernels),
-        wrapped by its engine."""
+        wrapped by its engine. Under FSDP2 each network is sharded first, and so are its EMAs (``emas``)."""
         from accelerate import Accelerator
 
         tc, trained = self.tc, {}
-        self.skips_on_device = speed.skips_on_device and not self.deepspeed
+        self.skips_on_device = speed.skips_on_device and not self.deepspeed and self.fsdp is None
         for i, name in enumerate(self.names):
             o = family.optim_settings(name)
+            if self.fsdp is not None:
+                self.fsdp.shard(nets[name], family.shard_blocks(name, nets[name]))
+                if name in emas:
+                    emas[name].shard(ShardLayout(list(nets[name].parameters())))
             opt = torch.optim.AdamW(nets[name].parameters(), lr=tc.lr * o.lr_scale,
                                     betas=tuple(b ** o.beta_power for b in tc.betas), weight_decay=tc.weight_decay,
                                     **speed.optimizer_kwargs())
@@ -257,7 +349,8 @@ class Engine:
             if self._plugins is not None:
                 self.acc.state.select_deepspeed_plugin(name)
                 acc = self.acc if i == 0 else Accelerator(**self._acc_kw)
-            model, opt = acc.prepare(nets[name], opt)
+            # FSDP2: the sharded module and a plain AdamW over its DTensors (Accelerate would wrap it in DDP)
+            model, opt = (nets[name], opt) if self.fsdp is not None else acc.prepare(nets[name], opt)
             if self.deepspeed:
                 self._ds.adopt(model)
             # The engine trains the module it was given in place (DDP's and DeepSpeed's .module are nets[name]):
@@ -273,6 +366,8 @@ class Engine:
         if self.deepspeed and self.tc.mixed_precision != "no":
             dtype = torch.bfloat16 if self.tc.mixed_precision == "bf16" else torch.float16
             return torch.autocast(self.device.type, dtype=dtype)
+        if self.fsdp is not None:
+            return self.fsdp.autocast()
         return t.acc.autocast()
 
     def backward(self, t: Trained, loss: torch.Tensor, bad: torch.Tensor, tally) -> torch.Tensor:
@@ -307,6 +402,8 @@ class Engine:
         if self.deepspeed:
             self._ds.project(t.projections)
             return bad, None
+        if self.fsdp is not None:
+            return self.fsdp.step(t, bad, self.tc, tally)
         tc, held = self.tc, None
         norm = t.acc.clip_grad_norm_(t.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         if norm is not None and self.acc.scaler is None:  # under fp16 the scaler's own check skips (an overflow)
@@ -333,54 +430,3 @@ class Engine:
         project_(t.projections)
         t.opt.zero_grad(set_to_none=True)
         return bad, held
-
-    # ---- checkpoints: what of the engine's state goes where
-    def _in_distgen_files(self, trained: dict[str, Trained], nets: dict) -> tuple[list[str], list[str]]:
-        """(networks whose weights, networks whose optimizer states) distgen's own files hold: all under DDP;
-        under DeepSpeed only the frozen networks' weights, the rest being in DeepSpeed's files."""
-        if self.deepspeed:
-            return [n for n in nets if n not in trained], []
-        return list(nets), list(trained)
-
-    def state_for_checkpoint(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
-        """What distgen's own files hold (:meth:`_in_distgen_files`), and the loss scaler."""
-        weights, optimizers = self._in_distgen_files(trained, nets)
-        weights = {n: nets[n].state_dict() for n in weights}
-        optimizers = {n: trained[n].opt.state_dict() for n in optimizers}
-        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-        return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
-
-    def save(self, trained: dict[str, Trained], tmp: Path) -> None:
-        """Every rank: DeepSpeed's own partitioned states (nothing under DDP)."""
-        if self.deepspeed:
-            for n, t in trained.items():
-                self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
-
-    def flush(self, tmp: Path) -> None:
-        """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
-        if self.deepspeed:
-            sync_tree(tmp / "deepspeed")
-            self.barrier()
-
-    def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
-        """The distgen files a resume reads under this engine (see :func:`distgen.checkpoint.read`)."""
-        weights, optimizers = self._in_distgen_files(trained, nets)
-        return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
-                "scaler": self.acc.scaler is not None}
-
-    def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
-        """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler."""
-        for n, t in trained.items():
-            if self.deepspeed:
-                self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
-            else:
-                t.opt.load_state_dict(data.optimizers[n])
-        if data.scaler is not None:
-            self.acc.scaler.load_state_dict(data.scaler)
-
-    def engine_of(self, folder: Path) -> Optional[str]:
-        """Why ``folder`` cannot be resumed by this engine (written under the other one), or None."""
-        if (folder / "deepspeed").is_dir() != self.deepspeed:
-            how = "under DeepSpeed" if not self.deepspeed else "without DeepSpeed"
-            return f"{folder}: written {how}; resume it with the engine it was written with"
-        return None

@@ -13,6 +13,7 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen import dist, preemption
 from distgen.config import model_changes, to_dict
+from distgen.ema import gathered_emas
 from distgen.errors import TrainingError
 from distgen.families import Family
 from distgen.loop_state import DataCursor, Run, TrainState
@@ -49,14 +50,16 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
         ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
     eng.barrier()
     eng.flush(tmp)
-    if eng.main:  # the shared files: gathered by rank 0 alone, then written, flushed and renamed into place
-        ema_tensors, ema_steps = {}, {}
-        for n, e in run.emas.items():
-            ema_tensors[n], ema_steps[n] = e.state()
+    # The shared files: gathered on every rank (FSDP2's full state dicts and EMAs are collectives), then written,
+    # flushed and renamed into place by rank 0
+    engine_state = eng.state_for_checkpoint(run.trained, run.nets)
+    with gathered_emas(run.emas):
+        emas = {n: e.state() for n, e in run.emas.items()}
+    if eng.main:
         meta = {**state.to_meta(), "world_size": eng.world, "global_batch": run.global_batch, "reason": reason,
-                "ema_steps": ema_steps, "family_state": run.family.state_dict(), "family": run.family.name,
-                "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
-        shared = {"emas": ema_tensors, "meta": meta, **eng.state_for_checkpoint(run.trained, run.nets)}
+                "ema_steps": {n: steps for n, (_, steps) in emas.items()}, "family_state": run.family.state_dict(),
+                "family": run.family.name, "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
+        shared = {"emas": {n: tensors for n, (tensors, _) in emas.items()}, "meta": meta, **engine_state}
         run.saver.submit(ckpt.step_dir(run.root, state.step), ckpt.commit, run.root, state.step, tc.keep_checkpoints,
                          shared, background=reason == "periodic")
     eng.barrier()

@@ -103,10 +103,10 @@ def _auto(value, cuda: bool) -> bool:
     return cuda if value == "auto" else bool(value)
 
 
-def resolve(tc, device: torch.device, family, trained: list[str], deepspeed: bool) -> Speed:
-    """What of ``tc``'s speed switches this run uses on ``device``."""
+def resolve(tc, device: torch.device, family, trained: list[str], deepspeed: bool, fsdp: bool = False) -> Speed:
+    """What of ``tc``'s speed switches this run uses on ``device`` (under DeepSpeed, or FSDP2 with ``fsdp``)."""
     cuda = device.type == "cuda"
-    channels_last = _auto(tc.channels_last, cuda)
+    channels_last = _auto(tc.channels_last, cuda) and not fsdp  # FSDP2 refuses an explicit true (engines_fsdp)
     if deepspeed and channels_last:
         # DeepSpeed broadcasts every parameter through a uint8 view, which a channels_last conv weight cannot
         # take ("self.stride(-1) must be 1 to view Float as Byte"; seen on an H100 and on CPU)
@@ -137,7 +137,8 @@ def resolve(tc, device: torch.device, family, trained: list[str], deepspeed: boo
     if impl == "auto":
         # Fused AdamW under DDP on CUDA (one kernel for all parameters; skips a non-finite step on the
         # device). DeepSpeed's ZeRO optimizers step flat partitions of their own: the plain foreach kernels.
-        impl = "fused" if cuda and not deepspeed else "foreach"
+        # FSDP2: the foreach kernels over the DTensor shards (fused AdamW on DTensors is not measured here).
+        impl = "fused" if cuda and not deepspeed and not fsdp else "foreach"
     elif impl == "fused" and device.type not in ("cuda", "cpu"):
         raise TrainingError(f"train.optimizer_impl=fused: PyTorch has no fused AdamW for {device.type}; use foreach")
     s.optimizer_impl = impl

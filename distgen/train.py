@@ -1,7 +1,7 @@
 """The training loop. It receives a validated Config and knows no model family and no engine.
 
 A family (distgen.families) supplies networks, phases and per-sample losses; an engine
-(distgen.engines: DDP or DeepSpeed ZeRO, on Accelerate) trains them; this loop runs the phases,
+(distgen.engines: DDP, DeepSpeed ZeRO or FSDP2, on Accelerate) trains them; this loop runs the phases,
 keeps EMAs, logs, samples, checkpoints, resumes (distgen.run_checkpoints) and handles preemption. Counting is in
 samples seen (kimg), never epochs. Read :func:`train` top to bottom; the pieces it calls follow it.
 """
@@ -21,7 +21,7 @@ from distgen import dist, phema, preemption, speed, telemetry, threads
 from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.durable import write_text_durably
-from distgen.ema import EMASet
+from distgen.ema import EMASet, gathered_emas
 from distgen.engines import Engine
 from distgen.errors import TrainingError
 from distgen.loop_state import DataCursor, Run, TrainState
@@ -66,7 +66,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
            preempt: preemption.Preemption, allow_config_change: bool, trackers: Trackers) -> int:
     tc, ec = cfg.train, cfg.eval
     trained_names = list(dict.fromkeys(p.network for p in phases))
-    fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed)
+    fast = speed.resolve(tc, eng.device, family, trained_names, eng.deepspeed, eng.fsdp is not None)
     fast.apply_backends(eng.device)
 
     # ---- what runs, said once (the batch and the run's length follow the checkpoint: below, at the resume)
@@ -97,7 +97,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     fast.checkpoint_activations(family, run.nets)
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
-    run.trained = eng.prepare(run.nets, family, fast)
+    run.trained = eng.prepare(run.nets, family, fast, run.emas)  # FSDP2 shards the EMAs as their networks
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
 
@@ -152,8 +152,10 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
             lr_mult = lr_factor(tc, state.nimg)
             train_step(run, state, cursor, lr_mult)
             log.advance()
-            if eng.main and phema.snapshot_due(state.nimg, global_batch, cfg.ema.snapshot_kimg):
-                phema.write_snapshot(run.dir, run.emas, state.step, state.nimg, cfg.ema.snapshot_dtype)
+            if phema.snapshot_due(state.nimg, global_batch, cfg.ema.snapshot_kimg):
+                with gathered_emas(run.emas):  # every rank (FSDP2 gathers the EMAs' shards); rank 0 writes
+                    if eng.main:
+                        phema.write_snapshot(run.dir, run.emas, state.step, state.nimg, cfg.ema.snapshot_dtype)
 
             # ---- records, and what ends or interrupts the run. The step's counters and losses stay on the
             # device (run.tally) and are read only here, at a record, a checkpoint or a signal.
@@ -185,7 +187,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
                 cursor.restart(state.step)
                 preemption.hold_for_test(preempt, "periodic")
             if tc.sample_every and state.step % tc.sample_every == 0 and state.step < stop_at:
-                log.image(sample_grid(run, f"step-{state.step:08d}"), state.step)
+                with gathered_emas(run.emas):
+                    log.image(sample_grid(run, f"step-{state.step:08d}"), state.step)
                 eng.barrier()
             if evaluator is not None and (state.step % ec.every == 0 or state.step == stop_at):
                 evaluate(run, state, evaluator, log)
@@ -193,7 +196,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         # ---- the end: final checkpoint, a sample grid, where everything is
         final = save_checkpoint(run, state, cursor, "end")
         preemption.hold_for_test(preempt, "final")
-        grid = sample_grid(run, f"step-{state.step:08d}")
+        with gathered_emas(run.emas):
+            grid = sample_grid(run, f"step-{state.step:08d}")
         log.image(grid, state.step)
         status = "FINISHED"
     finally:
@@ -311,7 +315,9 @@ def make_evaluator(cfg: Config, eng: Engine):
 def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
     """Metrics of the primary EMA weights; the best ones so far are kept in run_dir/best."""
     ec, t0 = run.cfg.eval, time.time()
-    res = evaluator.run(run.family, ema_view(run), run.cfg.data)
+    with gathered_emas(run.emas):  # every rank alike (FSDP2 gathers the EMAs' shards)
+        res = evaluator.run(run.family, ema_view(run), run.cfg.data)
+        primary = {n: e.state()[0][0] for n, e in run.emas.items()}
     value = res.get(ec.best_key)
     improved = value is not None and ec.better(value, state.best["value"] if state.best else None)
     if improved:
@@ -320,12 +326,10 @@ def evaluate(run: Run, state: TrainState, evaluator, log: RunLog) -> None:
     best = {f"best/{state.best['metric']}": state.best["value"], "best/step": state.best["step"]} if state.best else {}
     log.record_eval({"step": state.step, "kimg": state.nimg / 1000,
                      **{f"eval/{k}": v for k, v in res.items() if k != "skipped"}, **best})
-    if improved:
-        if run.eng.main:  # in the background with train.async_checkpoint
-            run.saver.submit(run.dir / "best", ckpt.write_best, run.dir / "best",
-                             {n: e.state()[0][0] for n, e in run.emas.items()},
-                             {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
-                              "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
+    if improved and run.eng.main:  # in the background with train.async_checkpoint
+        run.saver.submit(run.dir / "best", ckpt.write_best, run.dir / "best", primary,
+                         {"step": state.step, "nimg": state.nimg, "best": state.best, "family": run.family.name,
+                          "data_info": to_dict(run.info), "config": to_dict(run.cfg)})
     run.eng.barrier()
     run.telemetry.exclude(time.time() - t0)  # evaluation time does not count against training speed
 

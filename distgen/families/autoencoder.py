@@ -119,6 +119,13 @@ class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffuser
     def ema_networks(self):
         return ["ae"]
 
+    def fsdp_problem(self):
+        if self.cfg.disc_weight > 0:
+            return ("with the adversarial term (disc_weight > 0) the backward of a phase through the sharded "
+                    "PatchGAN discriminator failed: 'The tensor has a non-zero number of elements, but its data is "
+                    "not allocated yet' (torch 2.14, gloo); set disc_weight 0 or train with DDP")
+        return None
+
     def engine_problem(self, zero_stage):
         if zero_stage == 3 and self.cfg.disc_weight > 0:
             return ("with the adversarial term each network runs outside its own engine in the other's phase, "

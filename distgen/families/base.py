@@ -128,6 +128,25 @@ class Family:
         """Why this family's configuration cannot run under DeepSpeed ZeRO ``zero_stage`` (None: it can)."""
         return None
 
+    def fsdp_problem(self) -> Optional[str]:
+        """Why this family's configuration cannot train under FSDP2 (distgen.engines_fsdp), or None: what was
+        measured to fail with sharded (DTensor) parameters, refused at start by name."""
+        return None
+
+    def shard_blocks(self, network: str, module: nn.Module) -> list[nn.Module]:
+        """FSDP2's wrap policy for ``network``: the sub-modules sharded (gathered for their forward, freed after)
+        each on their own, before the network itself takes the rest. Default: the network's direct children that
+        hold parameters, the items of a container (ModuleList, ModuleDict) taken one by one. A block must not share
+        a parameter with another block."""
+        blocks, todo = [], list(module.children())
+        while todo:
+            m = todo.pop(0)
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # no forward of their own: FSDP2 cannot take them
+                todo[:0] = list(m.children())
+            elif any(True for _ in m.parameters()):
+                blocks.append(m)
+        return blocks
+
     def compile_problem(self, network: str) -> Optional[str]:
         """Why ``network``'s forward cannot be compiled (``train.compile``) in this configuration, or None.
         torch.compile has no double backward: a penalty on a gradient through the network (R1, a

@@ -165,6 +165,13 @@ class EBM(Family, Classifies, ExportsOnnx):
                     "parameters partitioned outside it; use ZeRO-1 or ZeRO-2")
         return None
 
+    def fsdp_problem(self):
+        if self.cfg.spectral_norm:
+            return ("spectral_norm: the spectral-normalised weights had no gradient in the first step (9 of the "
+                    "energy network's 20 parameters without optimizer state, with and without jem), and its "
+                    "checkpoint did not resume; set spectral_norm false or train with DDP")
+        return None
+
     # compile_problem: none. SGLD takes a first-order gradient with respect to the input (the loss's backward
     # is a separate one), which compiled forwards support; eval and train mode are two compiled graphs.
 

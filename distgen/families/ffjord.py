@@ -300,6 +300,13 @@ class FFJORDFamily(Family, Likelihood, ExportsOnnx):
                     "use ZeRO-1 or ZeRO-2")
         return None
 
+    def fsdp_problem(self):
+        if self.cfg.adjoint:
+            return ("odeint_adjoint (model.adjoint) reads the parameters in its own backward solve, outside any "
+                    "forward, where FSDP2 holds them sharded ('aten.cat.default got mixed torch.Tensor and "
+                    "DTensor'); set adjoint false (Hutchinson's double backward itself runs) or train with DDP")
+        return None
+
     def flops_problem(self):
         return "FFJORD's adaptive ODE solver takes as many steps as the learned dynamics need, which vary as it trains"
 

@@ -115,6 +115,12 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
                     "first (a size-0 tensor in the backward); use ZeRO-1 or ZeRO-2, or objective dsm")
         return None
 
+    def fsdp_problem(self):
+        if self.cfg.objective == "ssm":
+            return ("sliced score matching's double backward through the sharded network: the process died with "
+                    "SIGSEGV in the first step (torch 2.14, gloo); use objective dsm or train with DDP")
+        return None
+
     def compile_problem(self, network):
         if self.cfg.objective == "ssm":
             return "sliced score matching differentiates the score's Jacobian-vector product (a double backward)"

@@ -1,0 +1,236 @@
+"""FSDP2 (PyTorch's ``fully_shard``: every parameter a DTensor sharded on dim 0 across the processes), the third
+engine beside DDP and DeepSpeed, in one place: what the launcher asked for, what cannot run, sharding a network
+block by block, the optimizer step on sharded gradients, the EMAs' shards and the full state dicts a checkpoint
+holds.
+
+``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` sets ``ACCELERATE_USE_FSDP=true`` and
+``FSDP_VERSION=2``. distgen builds its Accelerator without that request (Accelerate would wrap the networks itself)
+and shards each trained network here: the blocks the family names (:meth:`Family.shard_blocks`), then the
+network, each with ``reshard_after_forward=True`` (the root too: a GAN calls each network in the other's phase,
+where its parameters must be sharded again afterwards, not held whole until a backward that never comes).
+
+Precision: ``train.mixed_precision=bf16`` gives ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (the
+shards, the optimizer and the EMAs stay float32; the gathered weights a forward uses are bf16; gradients are
+reduced in float32), and one ``torch.autocast`` around a phase's loss, as under DeepSpeed, so the networks a phase
+calls that no engine shards (a frozen autoencoder) run in the same precision.
+
+Checkpoints are distgen's ordinary ones: full state dicts gathered on save (rank 0 writes them) and scattered
+again on resume, so an FSDP2 checkpoint samples, exports and resumes like a DDP one (at any process count,
+under DDP too), and the other way round. The optimizer's file has DDP's layout (states by parameter index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from distgen import dist
+
+FSDP_ENV, VERSION_ENV = "ACCELERATE_USE_FSDP", "FSDP_VERSION"
+
+
+def fsdp_request() -> Optional[str]:
+    """The FSDP version the launcher asked for ("2"; "1" is refused later), or None."""
+    if os.environ.get(FSDP_ENV, "").lower() != "true":
+        return None
+    return os.environ.get(VERSION_ENV, "1").strip()
+
+
+@contextlib.contextmanager
+def without_accelerate_fsdp() -> Iterator[None]:
+    """The launcher's FSDP request hidden while the Accelerator is built (distgen shards, not Accelerate); put
+    back after, for the next run in this process (a sweep, a test matrix)."""
+    saved = os.environ.pop(FSDP_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[FSDP_ENV] = saved
+
+
+def config_problem(version: str, tc, device: torch.device) -> Optional[str]:
+    """Why ``train``'s settings cannot run under the launcher's FSDP request (None: they can)."""
+    if version != "2":
+        return (f"the launcher asked for FSDP version {version} (fsdp_version in the accelerate config); distgen "
+                f"shards with FSDP2 only: set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
+    if tc.mixed_precision == "fp16":
+        return ("train.mixed_precision=fp16: FSDP2 with fp16 needs a sharded gradient scaler, which distgen has not "
+                "run; use bf16")
+    if tc.channels_last is True:
+        return ("train.channels_last: FSDP2 shards parameters by flattening dim 0, which distgen has not run with "
+                "channels_last weights; use channels_last false (auto leaves it off)")
+    return None
+
+
+# Methods that networks are called through instead of forward (diffusers' autoencoders: encode, decode), which
+# FSDP2's gather-and-free hooks must wrap as they wrap forward
+FORWARD_METHODS = ("encode", "decode")
+
+
+def bf16_weights_problem(net: nn.Module) -> Optional[str]:
+    """Why ``net``'s weights are gathered in float32 under bf16 (None: in bf16). MixedPrecisionPolicy casts the
+    parameters, not the buffers, and a forward that combines float32 buffers with the weights outside autocast's
+    casts fails in bf16 (measured on CPU, torch 2.14: batch norm's running statistics in DCGAN, "expected scalar
+    type BFloat16 but found Float"; spectral norm's power iteration in JEM, "addmv input tensors must have the same
+    dtype")."""
+    found = sorted({n.rsplit(".", 1)[-1] for n, b in net.named_buffers() if b.is_floating_point()})
+    return f"float32 buffers ({', '.join(found[:3])})" if found else None
+
+
+class FSDP2:
+    """The sharding of one run: its device mesh (every process, one dimension) and mixed precision."""
+
+    def __init__(self, device: torch.device, mixed_precision: str):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        self.mesh = init_device_mesh(device.type, (dist.world_size(),))
+        self.mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                   if mixed_precision == "bf16" else MixedPrecisionPolicy())
+        self.mixed_precision, self.device = mixed_precision, device
+
+    def shard(self, net: nn.Module, blocks: list[nn.Module]) -> None:
+        """``fully_shard`` each block, then the network (its remaining parameters), in place. A network holding
+        floating-point buffers gathers float32 weights (see :func:`bf16_weights_problem`); autocast still applies."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mp = self.mp if bf16_weights_problem(net) is None else MixedPrecisionPolicy()
+        for m in [*blocks, net]:
+            fully_shard(m, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
+            for method in FORWARD_METHODS:  # called instead of forward: gather (and free) around them too
+                if callable(getattr(m, method, None)):
+                    register_fsdp_forward_method(m, method)
+
+    def autocast(self):
+        """One autocast region around a phase's loss (bf16), as under DeepSpeed."""
+        if self.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- the optimizer step
+    def step(self, t, bad: torch.Tensor, tc, tally) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Clip the sharded gradients by their global norm, skip a non-finite (or, with train.skip_grad_norm,
+        extreme) update, step, project (EDM2) and zero the gradients: :meth:`distgen.engines.Engine.step`'s
+        semantics. The skip reads the flag on the host once per step (no fused kernel's found_inf here)."""
+        norm = torch.nn.utils.clip_grad_norm_([p for p in t.raw.parameters() if p.grad is not None],
+                                              tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        norm = full(norm)
+        bad = bad | ~torch.isfinite(norm)
+        held = None
+        if tc.skip_grad_norm:
+            held = (norm > tc.skip_grad_norm) & ~bad
+            tally.count("skipped_updates_total", held)
+        skip = bad if held is None else bad | held
+        if not bool(skip):
+            t.opt.step()
+        project_local(t.projections)
+        t.opt.zero_grad(set_to_none=True)
+        return bad, held
+
+    # ---- checkpoints: full state dicts
+    @staticmethod
+    def model_state(net: nn.Module) -> dict:
+        """Every rank (a collective): the network's full state dict, on rank 0 (in CPU memory; {} elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @staticmethod
+    def optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
+        """Every rank (a collective): the optimizer's full state in DDP's layout (states by parameter index, in
+        the order the optimizer holds its parameters), on rank 0 ({} elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not by_name:
+            return {}
+        names = _param_names(net, opt)
+        index = {n: i for i, n in enumerate(names)}
+        state = {index[n]: s for n, s in by_name["state"].items()}
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    @staticmethod
+    def load(net: nn.Module, opt: torch.optim.Optimizer, weights: dict, optimizer: dict) -> None:
+        """Every rank: full state dicts (as :meth:`model_state` and :meth:`optimizer_state` give them, or as a DDP
+        run wrote them) into the sharded network and its optimizer, each rank keeping its shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(net, weights, options=options)
+        names = _param_names(net, opt)
+        by_name = {"state": {names[int(i)]: s for i, s in optimizer["state"].items()},
+                   "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                    for g in optimizer["param_groups"]]}
+        set_optimizer_state_dict(net, opt, by_name, options=options)
+
+
+def _param_names(net: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer holds, in its order (DDP's state-dict indices)."""
+    name_of = {id(p): n for n, p in net.named_parameters()}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a collective), or ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes reach the parameter), or ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def project_local(pairs: list[tuple[nn.Parameter, Callable]]) -> None:
+    """EDM2's projection on each rank's shard: it normalises every output row (dim 0), and FSDP2 shards dim 0, so
+    each rank holds whole rows and the projection of the shard is the shard of the projection."""
+    for p, fn in pairs:
+        shard = local(p)
+        if shard.numel():
+            shard.copy_(fn(shard))
+
+
+class ShardLayout:
+    """How a network's parameters are sharded, for its EMAs (:class:`distgen.ema.EMASet`): each rank keeps and
+    updates only its shard of every EMA, gathered whole when sampling, evaluating or saving."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        from torch.distributed.tensor import DTensor
+
+        self.specs = [(p.device_mesh, p.placements, p.shape, p.stride()) if isinstance(p, DTensor) else None
+                      for p in params]
+
+    def local(self, i: int, whole: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s shard of the whole tensor ``whole`` (which every rank holds alike: no collective)."""
+        spec = self.specs[i]
+        if spec is None:
+            return whole
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh, placements, _, _ = spec
+        return distribute_tensor(whole.detach().to(mesh.device_type), mesh, placements,
+                                 src_data_rank=None).to_local().clone()
+
+    def full(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every parameter whole from this rank's shards (a collective: every rank calls it alike)."""
+        from torch.distributed.tensor import DTensor
+
+        out = []
+        for spec, s in zip(self.specs, shards):
+            if spec is None:
+                out.append(s)
+                continue
+            mesh, placements, shape, stride = spec
+            out.append(DTensor.from_local(s, mesh, placements, run_check=False, shape=shape,
+                                          stride=stride).full_tensor())
+        return out
