@@ -14,6 +14,7 @@ PYTEST_ARGS ?= --durations=20
 # Two workers on 2 cores: much of a test is a subprocess starting or waiting for its peer. A test file stays on one
 # worker (its module-scoped runs made once); session-wide runs are made once (tests/conftest.py made_once).
 XDIST := -n 2 --dist loadfile
+DS_BUILD := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu)
 
 .PHONY: setup sysdeps demo test test-fast lock clean
 
@@ -27,8 +28,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	# PyPI's default torch build: PyPI's torchvision (needed by torch-fidelity) only loads next to it,
 	# and it runs on CPU.
 	$(PIP) install -c $(LOCK) torch torchvision
-	# DeepSpeed's sdist imports torch while it builds: no build isolation.
-	$(PIP) install -c $(LOCK) --no-build-isolation deepspeed
+	# DeepSpeed's sdist imports torch while it builds: no build isolation. Without a GPU, its CPU accelerator's
+	# shared-memory all-reduce op is built here, once, not by every fresh run's first DeepSpeed engine (a minute of
+	# JIT compiling, redone whenever the venv's path changes); no wheel cache, which may hold a build without it.
+	$(DS_BUILD) $(PIP) install -c $(LOCK) --no-build-isolation --no-cache-dir deepspeed
 	# the tests train with every tracker (W&B offline, MLflow's file store): the trackers extra too
 	$(PIP) install -c $(LOCK) -e '.[test,trackers]'
 	$(PY) -c "import torch, torchvision, deepspeed, accelerate, diffusers, webdataset, torch_fidelity, submitit, transformers, torchdiffeq, onnx, onnxscript, onnxruntime, wandb, mlflow"

@@ -3,7 +3,7 @@
     python benchmarks/gpu_throughput.py --preset ddpm-cifar10 --batch 128            # a GPU, bf16
     python benchmarks/gpu_throughput.py --preset small --batch 256 --resolution 28 --channels 1 \\
         --manifest data/fashion-mnist/train.manifest.json                             # the demo's U-Net
-    python benchmarks/gpu_throughput.py --preset tiny --batch 8 --steps 4 --warmup 2  # a CPU smoke run
+    python benchmarks/gpu_throughput.py --preset tiny --batch 8 --steps 4 --warmup 2 --no-compile  # a CPU smoke run
 
 The three loops train the same diffusion U-Net (diffusers' UNet2DModel, distgen's preset) with the same
 batch, precision and DDPM loss:
@@ -65,7 +65,7 @@ def loop(a, device: torch.device, tuned: bool) -> tuple[float, float]:
     net = net.to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if tuned else {}))
     ema = [p.detach().clone() for p in net.parameters()]
-    step_net = torch.compile(net) if tuned else net
+    step_net = torch.compile(net) if tuned and a.compile else net
     x0 = (torch.rand(a.batch, a.channels, a.resolution, a.resolution, device=device) * 2 - 1).to(memory_format=fmt)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
 
@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, no on CPU")
     ap.add_argument("--manifest", help="shards for distgen train (default: random images sharded to a temp folder)")
     ap.add_argument("--workers", type=int, default=6, help="distgen's loader workers")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="the tuned loop without torch.compile (a CPU smoke run: inductor's C++ build takes minutes)")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak for the precision (default: known GPUs' bf16)")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,7 +166,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     peak = a.peak_tflops or next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"device {name}, preset {a.preset}, batch {a.batch}, {a.channels}x{a.resolution}x{a.resolution}, "
-          f"precision {a.precision}, {a.steps} timed steps after {a.warmup}")
+          f"precision {a.precision}, {a.steps} timed steps after {a.warmup}"
+          + ("" if a.compile else "; tuned loop without torch.compile (--no-compile)"))
     plain, flops = loop(a, device, tuned=False)
     tuned, _ = loop(a, device, tuned=True)
     with tempfile.TemporaryDirectory() as tmp:
