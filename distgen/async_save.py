@@ -83,10 +83,7 @@ class CheckpointWriter:
                 if say and self.in_flight():
                     dist.print0(f"distgen: waiting for the checkpoint write in flight ({self._folder})")
                 self.wait()
-                failed = self._error is not None
-                if dist.world_size() > 1:  # every rank reaches a save at the same step: all learn the same
-                    failed = dist.all_reduce_sum(int(failed)) > 0
-                if failed:
+                if dist.agreed(self._error is not None):  # every rank reaches a save at the same step
                     self._raise()
             self._seen = folder
             yield

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from distgen import readback as rb
 from distgen.durable import atomic_dir, fsync_path, write_text_durably
-from distgen.errors import CheckpointError
+from distgen.errors import CheckpointError, TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -317,6 +317,13 @@ def read_meta(folder: Path, required: tuple[str, ...] = ()) -> dict:
 def weights_file(folder: Path, net: str) -> Path:
     """A network's weights (buffers included): every network under DDP, the frozen ones under DeepSpeed."""
     return folder / f"{net}.safetensors"
+
+
+def misfit(path: Path, e: Exception) -> TrainingError:
+    """The error of weights from ``path`` that do not load into the configured network (a size mismatch: another
+    model config), whichever engine loads them."""
+    first = " ".join(str(e).split())[:400]
+    return TrainingError(f"{path}: does not fit the configured network ({first})")
 
 
 def optimizer_file(folder: Path, net: str) -> Path:

@@ -193,10 +193,8 @@ class EngineCheckpoints:
             elif self.fsdp is not None:
                 try:
                     self.fsdp.load(t.raw, t.opt, data.weights.pop(n), data.optimizers[n])
-                except (RuntimeError, KeyError, ValueError) as e:  # as distgen.train.load_weights says it
-                    first = " ".join(str(e).split())[:400]
-                    raise TrainingError(f"{ckpt.weights_file(folder, n)}: does not fit the configured network "
-                                        f"({first})") from None
+                except (RuntimeError, KeyError, ValueError) as e:
+                    raise ckpt.misfit(ckpt.weights_file(folder, n), e) from None
             else:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:

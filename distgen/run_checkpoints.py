@@ -120,5 +120,4 @@ def load_weights(module: torch.nn.Module, tensors: dict, path: Path) -> None:
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:
-        first = " ".join(str(e).split())[:400]
-        raise TrainingError(f"{path}: does not fit the configured network ({first})") from None
+        raise ckpt.misfit(path, e) from None
