@@ -422,8 +422,16 @@ def _threads() -> None:
     threads.configure()
 
 
+def _logging() -> None:
+    """distgen's own records at INFO, other libraries' from WARNING. A library imported before its logging is set
+    up (a Ctrl-C during torch's import) would otherwise print INFO lines after distgen's last word: torch's
+    fake-tensor cache statistics, from an exit hook."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distgen").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         # First, before torch is imported: a scheduler's signal during start-up becomes a requeue (exit 75),

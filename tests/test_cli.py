@@ -65,3 +65,15 @@ def test_bench_rounds_and_flag_errors(capsys, fm_test_shards):
     m = re.search(r"0 worker\(s\):\s+(\d+) images/s\s+(\d\.\d\d)x raw \(rounds (\d\.\d\d)-(\d\.\d\d)x\)", text)
     assert m, text
     assert float(m.group(1)) > 0 and float(m.group(3)) <= float(m.group(2)) <= float(m.group(4))
+
+
+def test_only_distgens_own_info_lines_reach_the_terminal(env_with_repo):
+    """Another library's INFO records stay off stderr even where that library has not set its loggers' levels yet:
+    CI saw torch's fake-tensor cache statistics (an exit hook, INFO) printed after distgen's last line when a
+    Ctrl-C landed during torch's import."""
+    code = ("import logging; from distgen import cli; cli._logging(); "
+            "logging.getLogger('torch._subclasses.fake_tensor').info('cache_misses: 0'); "
+            "logging.getLogger('distgen.train').info('ours')")
+    err = subprocess.run([sys.executable, "-c", code], env=env_with_repo, capture_output=True, text=True,
+                         check=True).stderr
+    assert err.strip().splitlines() == ["INFO distgen.train: ours"]
