@@ -111,17 +111,26 @@ def domain_features(tmp_path_factory, fm_test_shards):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, fm_test_shards):
+def matrix_data(tmp_path_factory, fm_test_shards) -> dict:
+    """The data sections the matrices' families train on (tests/matrix.data_sets): the edges and class-domain
+    shards and the tiny autoencoder, made once per pytest run (about 10 s each time) and shared by every matrix."""
+    from matrix import data_sets
+
+    return data_sets(made_once(tmp_path_factory, "matrix-data", lambda root: data_sets(root, fm_test_shards)),
+                     fm_test_shards)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, matrix_data):
     """Every family of tests/matrix.py MODELS (and VARIANTS) trained with 2 processes (DDP) in one launch,
     each twice: 6 steps
     straight (``<name>-a``) and 3 steps then a resume to 6 (``<name>-b``). Made once per pytest run: the exact-
     resume harness (test_resume.py) compares them, and the families' tests sample, export and evaluate their
     ``-a`` run folders. Returns (root, {name: the launch's record})."""
-    from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, launch_matrix, read_matrix, \
-        straight_and_resumed
+    from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, launch_matrix, read_matrix, straight_and_resumed
 
     def make(root: Path) -> None:
-        data = data_sets(root, fm_test_shards)
+        data = matrix_data
         spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in [*MODELS, *VARIANTS]
                 if n != "diffusion-fast"]
         launch_matrix(spec, root, 2, "configs/accelerate/ddp.yaml")

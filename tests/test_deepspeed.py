@@ -17,7 +17,7 @@ from distgen import checkpoint as ckpt
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
 from distgen.export.native import export
-from matrix import MODELS, _load_raw, data_sets, differences, edm2_off_sphere, launch_matrix, record_differences, \
+from matrix import MODELS, _load_raw, differences, edm2_off_sphere, launch_matrix, record_differences, \
     straight_and_resumed
 from test_train import launch, run
 
@@ -34,12 +34,12 @@ STEPS, STOP = 4, 2
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory, fm_test_shards):
+def matrix(tmp_path_factory, matrix_data):
     """Every model of MODELS under ZeRO-2 and ZeRO-3 in bf16 with 2 processes (parameters, gradients and optimizer
     states really partitioned): 4 steps straight, and 2 steps then a resume to 4. All in one `accelerate launch`
     (tests/scripts/train_matrix.py), each run's stage from the environment its engine is built in."""
     root = tmp_path_factory.mktemp("ds-matrix")
-    data = data_sets(root, fm_test_shards)
+    data = matrix_data
     # ZeRO-2 first: once a ZeRO-3 engine exists, DeepSpeed keeps F.linear replaced by its own for the process
     spec = [straight_and_resumed(root, name, data, STEPS, STOP, {"mixed_precision": "bf16"}, tag=f"-z{stage}",
                                  env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)})

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from distgen import checkpoint as ckpt
-from matrix import MODELS, data_sets, differences, edm2_off_sphere, family_config, launch_matrix, record_differences, \
+from matrix import MODELS, differences, edm2_off_sphere, family_config, launch_matrix, record_differences, \
     records
 
 pytestmark = pytest.mark.e2e  # 2-process trainings (make test-fast leaves these out)
@@ -52,9 +52,9 @@ def _calls(config: str, plan: list[tuple[int, str]]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory, fm_test_shards):
+def matrix(tmp_path_factory, matrix_data):
     root = tmp_path_factory.mktemp("fsdp2")
-    data = data_sets(root, fm_test_shards)
+    data = matrix_data
     spec = []
     for run, (model, over) in EXACT.items():  # STEPS straight (-a), and STOP then a resume to STEPS (-b)
         for ab, plan in (("a", [(STEPS, "fsdp2")]), ("b", [(STOP, "fsdp2"), (STEPS, "fsdp2")])):

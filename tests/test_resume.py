@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO
 from distgen import checkpoint as ckpt
 from distgen import phema
-from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, data_sets, differences, edm2_off_sphere, \
+from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, differences, edm2_off_sphere, \
     launch_matrix, record_differences, records, straight_and_resumed
 from test_train import launch
 
@@ -68,9 +68,9 @@ def test_two_processes_resume_exactly(trained, name):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, fm_test_shards):
+def one_process(tmp_path_factory, matrix_data):
     root = tmp_path_factory.mktemp("resume-1p")
-    data = data_sets(root, fm_test_shards)
+    data = matrix_data
     spec = [straight_and_resumed(root, n, data, STEPS, STOP, TRAIN) for n in ONE_PROCESS]
     return root, launch_matrix(spec, root, 1, "configs/accelerate/ddp.yaml")
 
