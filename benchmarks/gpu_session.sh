@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session, end to end, in a fixed time budget: environment, Fashion-MNIST shards, the U-Net
 # throughput benchmark (benchmarks/gpu_throughput.py), a few bf16 steps of every family with the speed
-# defaults, DeepSpeed ZeRO-2 with one process, then (time permitting) the ddpm-cifar10 benchmark and
-# evaluation feature-extraction timings.
+# defaults, DeepSpeed ZeRO-2 with one process, then (time permitting) the ddpm-cifar10 benchmark,
+# evaluation feature-extraction timings and the memory table (benchmarks/memory.py, one process: a lent
+# machine has one GPU, so FSDP2's sharding goal, which needs 2, is not measured here; activation
+# checkpointing's is).
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]          # OUT_DIR defaults to $OUT
 #
 # Each step runs under its own `timeout`, logs to OUT_DIR/<step>.log, and a failure does not stop the
-# others. At most 8 files are written to OUT_DIR (the 7 step logs and summary.txt); the summary is also
+# others. At most 9 files are written to OUT_DIR (the 8 step logs and summary.txt); the summary is also
 # printed at the end. The raw data are Fashion-MNIST's .gz files in .gpudata/ (the repo root), or
 # $GPU_SESSION_FMNIST.
 #
@@ -15,7 +17,7 @@
 #   PY                    python to use (default python3)
 #   GPU_SESSION_CPU=1     CPU smoke run: tiny step counts, no nvidia-smi (still bf16)
 #   GPU_SESSION_BUDGET    seconds for the whole script (default 430); optional steps shrink or are skipped
-#   GPU_SESSION_STEPS     steps to run, in order (default: env shard fm families cifar evalfeat)
+#   GPU_SESSION_STEPS     steps to run, in order (default: env shard fm families cifar evalfeat memory)
 #   GPU_SESSION_FAMILIES  only these runs of the families step, e.g. "diffusion ldm zero2" (default: all configs,
 #                         the autoencoder -> ldm chain and zero2)
 #   GPU_SESSION_WORK      scratch folder (default /tmp/gpu_session)
@@ -30,7 +32,7 @@ REPO=$PWD
 PY=${PY:-python3}
 CPU=${GPU_SESSION_CPU:-0}
 BUDGET=${GPU_SESSION_BUDGET:-430}
-STEPS=${GPU_SESSION_STEPS:-"env shard fm families cifar evalfeat"}
+STEPS=${GPU_SESSION_STEPS:-"env shard fm families cifar evalfeat memory"}
 FAMILIES=${GPU_SESSION_FAMILIES:-}
 WORK=${GPU_SESSION_WORK:-/tmp/gpu_session}
 FMNIST=${GPU_SESSION_FMNIST:-$REPO/.gpudata}
@@ -46,7 +48,7 @@ if [ -e "$WORK" ]; then
   rm -rf "$WORK"
 fi
 mkdir -p "$WORK/logs" "$WORK/runs" "$WORK/rc" && touch "$WORK/.gpu_session"
-for f in env shard fm families zero2 cifar evalfeat summary; do rm -f "$OUT_DIR/$f.log" "$OUT_DIR/$f.txt"; done
+for f in env shard fm families zero2 cifar evalfeat memory summary; do rm -f "$OUT_DIR/$f.log" "$OUT_DIR/$f.txt"; done
 T0=$(date +%s)
 STATUS=()
 # What the configs need: `shards` lists the `distgen data shard` commands in the configs' comments (with
@@ -97,10 +99,14 @@ if [ "$CPU" = 1 ]; then
   FM_ARGS=(--preset tiny --batch 8 --steps 4 --warmup 2 --workers 1)
   CIFAR_ARGS=(--preset tiny --batch 8 --resolution 32 --channels 3 --steps 4 --warmup 2 --workers 1)
   FAM_STEPS=6; FAM_LOG=3; MAXJOBS=1; FAM_CAP=1200; EVAL_N=64; CIFAR_MIN=30; EVALCPU_N=32
+  MEM_ARGS=(--models unet --engines ddp --unet-preset tiny --batch 4 --resolution 8 --steps 2 --warmup 1)
 else
   FM_ARGS=(--preset small --batch 256 --steps 60 --warmup 10 --workers 6)
   CIFAR_ARGS=(--preset ddpm-cifar10 --batch 128 --resolution 32 --channels 3 --steps 40 --warmup 10 --workers 6)
   FAM_STEPS=40; FAM_LOG=20; MAXJOBS=12; FAM_CAP=180; EVAL_N=10000; CIFAR_MIN=100; EVALCPU_N=128
+  # 8 launches (2 engines x activation checkpointing off/on x 2 batches): what the budget's end leaves room for
+  MEM_ARGS=(--models unet --engines ddp,fsdp2 --batch 64 --resolution 32 --channels 3 --steps 10 --warmup 5
+            --workers 4)
 fi
 
 # ------------------------------------------------------------------ a. environment and the carried wheels
@@ -313,10 +319,17 @@ EOF
   LABEL=evalfeat-cpu run_step evalfeat "$t" "$PY" benchmarks/eval_features.py --images "$EVALCPU_N" --threads 4
 }
 
+# ------------------------------------------------------------------ g. the memory table, one process
+step_memory() {
+  local t; t=$(cap 240 3)
+  if [ "$t" -lt 60 ]; then status "STEP memory SKIPPED (${t}s left)"; return 0; fi
+  run_step memory "$t" "$PY" benchmarks/memory.py "${MEM_ARGS[@]}" --nproc 1 --timeout $(( t / 3 ))
+}
+
 for s in $STEPS; do
   case $s in
     env) step_env ;; shard) step_shard ;; fm) step_fm ;; families) step_families ;; cifar) step_cifar ;;
-    evalfeat) step_evalfeat ;; *) status "unknown step $s" ;;
+    evalfeat) step_evalfeat ;; memory) step_memory ;; *) status "unknown step $s" ;;
   esac
 done
 
@@ -333,6 +346,7 @@ wait_extra_shards
   show zero2 3
   show cifar 9
   show evalfeat 8
+  show memory 24
   echo
   echo "======== gpu_session steps ($(elapsed)s of ${BUDGET}s; cpu_mode=$CPU; all logs in $OUT_DIR)"
   printf '%s\n' "${STATUS[@]}"
