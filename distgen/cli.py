@@ -418,14 +418,11 @@ def _threads() -> None:
     """Threads per process from the cores and the local processes (distgen.threads), before any torch op: torch's
     default, every core in every process, oversubscribes a CPU shared by several processes."""
     from distgen import threads
-
     threads.configure()
 
 
 def _logging() -> None:
-    """distgen's own records at INFO, other libraries' from WARNING. A library imported before its logging is set
-    up (a Ctrl-C during torch's import) would otherwise print INFO lines after distgen's last word: torch's
-    fake-tensor cache statistics, from an exit hook."""
+    """distgen's records at INFO, others' from WARNING (torch's exit hook logs INFO after a Ctrl-C mid-import)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distgen").setLevel(logging.INFO)
 
