@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distgen import dist
 from distgen.engines_deepspeed import gathered
 
 
@@ -108,12 +109,12 @@ class EMASet:
 
     def __init__(self, network: nn.Module, halflives_kimg: Iterable[float] = (), rampup: Optional[float] = None,
                  fixed_decay: Optional[float] = None, power_stds: Iterable[float] = ()):
-        # A full copy made before any sharding (ZeRO-3): every rank holds whole EMA weights.
+        # A full copy made before any sharding, to sample from: every rank holds it whole
         self.module = copy.deepcopy(network).eval().requires_grad_(False)
         self.emas = [HalfLifeEMA(network.parameters(), h * 1000, rampup, fixed_decay) for h in halflives_kimg]
         self.emas += [PowerEMA(network.parameters(), s) for s in power_stds]
-        # Under FSDP2 (distgen.engines_fsdp.ShardLayout): each rank keeps its shard of every EMA, gathered whole
-        # only inside gathered_emas(); None: whole EMAs on every rank
+        # Under FSDP2 (distgen.engines_fsdp.ShardLayout) or ZeRO-3 (distgen.engines_deepspeed.ZeroLayout): each
+        # rank keeps its shard of every EMA, gathered whole only inside gathered_emas(); None: whole EMAs everywhere
         self.layout, self.layout_gathered = None, False
 
     def shard(self, layout) -> None:
@@ -121,6 +122,11 @@ class EMASet:
         self.layout = layout
         for e in self.emas:
             e.shadow_params = [layout.local(i, s) for i, s in enumerate(e.shadow_params)]
+
+    def held(self) -> tuple[int, int]:
+        """How many EMA values this rank holds, and how many the whole EMAs have (equal unless sharded)."""
+        whole = sum(p.numel() for p in self.module.parameters()) * len(self.emas)
+        return sum(s.numel() for e in self.emas for s in e.shadow_params), whole
 
     @classmethod
     def from_config(cls, network: nn.Module, ec) -> "EMASet":
@@ -132,17 +138,16 @@ class EMASet:
     @torch.no_grad()
     def update(self, params: list[nn.Parameter], cur_nimg: int, batch: int, network: Optional[nn.Module] = None,
                keep: Optional[torch.Tensor] = None) -> None:
-        """Move every EMA towards ``params`` (ZeRO-3-sharded ones are gathered first), unless ``keep`` (a
-        device bool: the step went through) is False.
+        """Move every EMA towards ``params`` (sharded ones: each rank its shards, from its shards of ``params``; whole
+        EMAs of ZeRO-3-partitioned parameters gather them), unless ``keep`` (a device bool: the step went through)
+        is False.
 
         Buffers (batch-norm statistics, spectral-norm vectors, StyleGAN's average w)
         are not averaged: they are copied from ``network``, as StyleGAN2-ADA does.
         """
         trainable = [p.requires_grad for p in params]
         if self.layout is not None:  # the sharded network's parameters: this rank's shards
-            from distgen.engines_fsdp import local
-
-            params = [local(p) for p in params]
+            params = self.layout.live(params)
         for e in self.emas:
             e.cur_nimg, e.batch = cur_nimg, batch
             e.step(params, keep, trainable)
@@ -189,8 +194,8 @@ class EMASet:
 
 @contextlib.contextmanager
 def gathered_emas(sets: dict[str, EMASet]) -> Iterator[None]:
-    """Every rank alike (a collective under FSDP2): inside, every EMA holds whole tensors (to sample, evaluate,
-    snapshot or save them); after, each rank's shard again, as it was. Nothing to do for whole EMAs."""
+    """Every rank alike (a collective under FSDP2 and ZeRO-3): inside, every EMA holds whole tensors (to sample,
+    evaluate, snapshot or save them); after, each rank's shard again, as it was. Nothing to do for whole EMAs."""
     sharded = [s for s in sets.values() if s.layout is not None]
     kept = [[e.shadow_params for e in s.emas] for s in sharded]
     try:
@@ -204,3 +209,12 @@ def gathered_emas(sets: dict[str, EMASet]) -> Iterator[None]:
             for e, sh in zip(s.emas, shards):
                 e.shadow_params = sh
             s.layout_gathered = False
+
+
+def shards_held(sets: dict[str, EMASet]) -> Optional[str]:
+    """What this rank holds of sharded EMAs, for the start-up line (None: every EMA whole)."""
+    held = {n: s.held() for n, s in sets.items() if s.layout is not None}
+    if not held:
+        return None
+    return "EMAs kept as shards, gathered only to sample, evaluate and save: " + ", ".join(
+        f"{n} {h} of {w} values on rank {dist.rank()}" for n, (h, w) in held.items())

@@ -26,7 +26,7 @@ import torch
 from distgen import checkpoint as ckpt
 from distgen import dist
 from distgen.durable import sync_tree
-from distgen.engines_deepspeed import DeepSpeedInternals, check_version
+from distgen.engines_deepspeed import DeepSpeedInternals, ZeroLayout, check_version
 from distgen.engines_fsdp import FSDP2, ShardLayout, config_problem, fsdp_request, without_accelerate_fsdp
 from distgen.errors import TrainingError
 
@@ -329,7 +329,8 @@ class Engine(EngineCheckpoints):
     # ---- networks
     def prepare(self, nets: dict[str, torch.nn.Module], family, speed, emas: dict) -> dict[str, Trained]:
         """AdamW for each trained network (the family's lr scale and betas power; ``speed``'s kernels),
-        wrapped by its engine. Under FSDP2 each network is sharded first, and so are its EMAs (``emas``)."""
+        wrapped by its engine. Under FSDP2 each network is sharded first, and so are its EMAs (``emas``); under
+        ZeRO-3 its EMAs are partitioned as the engine partitioned it."""
         from accelerate import Accelerator
 
         tc, trained = self.tc, {}
@@ -351,6 +352,8 @@ class Engine(EngineCheckpoints):
             model, opt = (nets[name], opt) if self.fsdp is not None else acc.prepare(nets[name], opt)
             if self.deepspeed:
                 self._ds.adopt(model)
+                if self.zero_stage == 3 and self.world > 1 and name in emas:  # partitioned now: so are its EMAs
+                    emas[name].shard(ZeroLayout(list(nets[name].parameters())))
             # The engine trains the module it was given in place (DDP's and DeepSpeed's .module are nets[name]):
             # that module is the plain one the loop, the EMAs and the checkpoints use.
             trained[name] = Trained(name, acc, model, opt, o.lr_scale, nets[name])

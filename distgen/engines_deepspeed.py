@@ -3,7 +3,8 @@ tested against (:data:`TESTED_VERSION`, the one requirements.lock pins).
 
 The rest of distgen uses DeepSpeed through Accelerate and the engine's public methods only; what it needs beyond
 them (the fp16 loss scale, a checkpoint reader that refuses pickled code, releasing ZeRO-3's gathered parameters,
-ZeRO-3's gathered view for the EMA) reads or replaces attributes that DeepSpeed may rename or drop in any release.
+ZeRO-3's partition layout for the EMAs' shards) reads or replaces attributes that DeepSpeed may rename or drop in
+any release.
 A DeepSpeed engine is therefore built only under the tested release (:func:`check_version`): another one fails by
 name at start, not with an AttributeError mid-run or, worse, a silently inexact resume.
 """
@@ -143,6 +144,73 @@ class DeepSpeedInternals:
         """
         if self.zero_stage == 3:
             engine.empty_partition_cache()  # releases every parameter, the persistent ones included
+
+
+class ZeroLayout:
+    """How ZeRO-3 partitions a network's parameters, for its EMAs (:class:`distgen.ema.EMASet`), as
+    :class:`distgen.engines_fsdp.ShardLayout` is FSDP2's: each rank keeps and updates only its partition of every
+    EMA (1/world of it), gathered whole when sampling, evaluating, snapshotting or saving.
+
+    DeepSpeed's layout (``partition_parameters._partition_param``): a parameter of ``ds_numel`` elements, flattened
+    and padded to a multiple of the partition group's size, is cut into equal parts of ``ds_tensor.ds_numel``
+    elements; rank r's ``ds_tensor`` holds part r. The EMA's shard is that part without the padding (the last
+    rank's may be shorter, or empty).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        import torch.distributed as td
+
+        self.specs = []  # per parameter: (group, world, part, start, count, shape, numel), or None (not partitioned)
+        for p in params:
+            if not hasattr(p, "ds_id"):
+                self.specs.append(None)
+                continue
+            group, part = p.ds_process_group, p.ds_tensor.ds_numel
+            start = min(td.get_rank(group) * part, p.ds_numel)
+            self.specs.append((group, td.get_world_size(group), part, start, min(part, p.ds_numel - start),
+                               p.ds_shape, p.ds_numel))
+
+    def local(self, i: int, whole: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s shard of the whole tensor ``whole`` (which every rank holds alike: no collective)."""
+        spec = self.specs[i]
+        if spec is None:
+            return whole
+        _, _, _, start, count, _, _ = spec
+        return whole.detach().reshape(-1)[start:start + count].clone()
+
+    def live(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """This rank's shards of the parameters themselves (views of their partitions, the float32 master under
+        distgen's torch_autocast), to update the EMAs' shards from: no collective.
+
+        First the parameters ZeRO-3 holds gathered (its persistent ones, all-gathered after every step) are
+        partitioned again, as the exit of the gather the whole EMAs' update ran did: the next forward fetches
+        them through the hooks, as every step's does (see :meth:`DeepSpeedInternals._release_gathered` for what
+        exact float32 copies left gathered do to the next step's loss)."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        held = [p for p, spec in zip(params, self.specs)
+                if spec is not None and p.ds_status == ZeroParamStatus.AVAILABLE]
+        if held:
+            held[0].partition(param_list=held, has_been_updated=False)
+        return [p if spec is None else p.ds_tensor.narrow(0, 0, spec[4]).to(p.device)
+                for p, spec in zip(params, self.specs)]
+
+    def full(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every parameter whole from this rank's shards (a collective: every rank calls it alike); one parameter
+        gathered at a time, so that no more than one more whole parameter is held meanwhile."""
+        import torch.distributed as td
+
+        out = []
+        for spec, s in zip(self.specs, shards):
+            if spec is None:
+                out.append(s)
+                continue
+            group, world, part, _, count, shape, numel = spec
+            padded = torch.cat([s.reshape(-1), s.new_zeros(part - count)])
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            td.all_gather(parts, padded, group=group)
+            out.append(torch.cat(parts)[:numel].view(shape))
+        return out
 
 
 def gathered(params: list[torch.nn.Parameter], modifier_rank: Optional[int] = None):

@@ -221,6 +221,10 @@ class ShardLayout:
         return distribute_tensor(whole.detach().to(mesh.device_type), mesh, placements,
                                  src_data_rank=None).to_local().clone()
 
+    def live(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's shards of the parameters themselves, to update the EMAs' shards from (no collective)."""
+        return [local(p) for p in params]
+
     def full(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every parameter whole from this rank's shards (a collective: every rank calls it alike)."""
         from torch.distributed.tensor import DTensor

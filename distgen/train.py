@@ -21,7 +21,7 @@ from distgen import dist, phema, preemption, speed, telemetry, threads
 from distgen.config import Config, to_dict, to_yaml
 from distgen.data import make_loader, make_train_loader, resolve_shards
 from distgen.durable import write_text_durably
-from distgen.ema import EMASet, gathered_emas
+from distgen.ema import EMASet, gathered_emas, shards_held
 from distgen.engines import Engine
 from distgen.errors import TrainingError
 from distgen.loop_state import DataCursor, Run, TrainState
@@ -97,7 +97,9 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     fast.checkpoint_activations(family, run.nets)
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
-    run.trained = eng.prepare(run.nets, family, fast, run.emas)  # FSDP2 shards the EMAs as their networks
+    run.trained = eng.prepare(run.nets, family, fast, run.emas)  # FSDP2 and ZeRO-3 shard the EMAs as their networks
+    if shards_held(run.emas):
+        dist.print0(f"distgen: {shards_held(run.emas)}")
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
 

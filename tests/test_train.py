@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from distgen import checkpoint as ckpt
+from distgen.ema import HalfLifeEMA
 from distgen.dist import free_port
 
 pytestmark = pytest.mark.e2e  # every test trains or launches (make test-fast leaves these out)
@@ -204,7 +206,8 @@ def test_bf16_and_gradient_accumulation(tmp_path, fm_test_shards, env_with_repo)
 
 
 def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
-    """Under ZeRO-3 parameters are sharded; the EMA (full copy on every rank) must still follow them."""
+    """Under ZeRO-3 parameters are partitioned, and so are the EMAs (each rank keeps its partition of every EMA,
+    gathered whole to sample and save); they must still follow the parameters, as DDP's whole EMAs do."""
     ddp = tiny_config(tmp_path / "ddp", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
     z3 = tiny_config(tmp_path / "z3", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
     run(launch(2) + ["train", str(ddp)], env_with_repo)
@@ -213,6 +216,28 @@ def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
     a = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     b = weights(tmp_path / "z3" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Rank 0 holds its partition of both EMAs: half of every parameter, rounded up (DeepSpeed pads each to an even
+    # count), not a whole copy
+    shards = re.search(r"EMAs kept as shards.*: unet (\d+) of (\d+) values on rank 0", r.stdout)
+    assert shards, r.stdout[-3000:]
+    held, whole = map(int, shards.groups())
+    params = [k for k in a if a[k].is_floating_point()]
+    assert whole == 2 * sum(a[k].numel() for k in params), (whole, params)
+    assert whole / 2 <= held <= whole / 2 + 2 * len(params), (held, whole)
+    # The partitions' update is the whole EMAs' update, bit for bit: step 5's EMAs from step 4's and step 5's
+    # weights of this run (DeepSpeed's float32 master, consolidated from its partitions), updated whole as the EMAs
+    # were before ZeRO-3's EMAs were partitioned
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    z3cp = tmp_path / "z3" / "run" / "checkpoints"
+    raw = get_fp32_state_dict_from_zero_checkpoint(str(z3cp / "step-00000005" / "deepspeed" / "unet"), tag="state")
+    for i, halflife in enumerate((100, 500)):
+        start = weights(z3cp / "step-00000004", f"ema{i}-unet.safetensors")
+        e = HalfLifeEMA([start[k] for k in params], halflife, None)
+        e.cur_nimg, e.batch = 80, 16
+        e.step([raw[k] for k in params], keep=torch.tensor(True), trainable=[True] * len(params))
+        got = weights(z3cp / "step-00000005", f"ema{i}-unet.safetensors")
+        assert all(torch.equal(got[k], s) for k, s in zip(params, e.shadow_params)), i
     # Step 5 moved the EMA from its step-4 value by EDM's half-life update: ema_5 = beta ema_4 + (1 - beta) raw_5,
     # beta = 0.5 ** (16 / 500) (global batch 2 x 8, ema.halflife_kimg 0.5, no ramp-up); a frozen EMA, or another
     # beta, fails. float32 (s -= (1 - beta) (s - p)): four roundings of relative 2^-24, each of a value at most
