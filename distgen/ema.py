@@ -116,16 +116,26 @@ class EMASet:
         # Under FSDP2 (distgen.engines_fsdp.ShardLayout) or ZeRO-3 (distgen.engines_deepspeed.ZeroLayout): each
         # rank keeps its shard of every EMA, gathered whole only inside gathered_emas(); None: whole EMAs everywhere
         self.layout, self.layout_gathered = None, False
+        self.shapes = [p.shape for p in self.module.parameters()]
 
     def shard(self, layout) -> None:
-        """Keep only this rank's shard of every EMA from now on (the network was sharded by ``layout``)."""
+        """Keep only this rank's shard of every EMA from now on (the network was sharded by ``layout``), and
+        the module to sample from without its parameters' storage: it is given whole tensors only while the
+        EMAs are gathered (:func:`gathered_emas`), so at rest a rank holds 1/world of the EMAs and no copy."""
         self.layout = layout
         for e in self.emas:
             e.shadow_params = [layout.local(i, s) for i, s in enumerate(e.shadow_params)]
+        self.shapes = [p.shape for p in self.module.parameters()]
+        self._storage(whole=False)
+
+    def _storage(self, whole: bool) -> None:
+        """The module's parameters given whole (uninitialised: :meth:`materialize` fills them) or no storage."""
+        for p, shape in zip(self.module.parameters(), self.shapes):
+            p.data = torch.empty(shape if whole else (0,), dtype=p.dtype, device=p.device)
 
     def held(self) -> tuple[int, int]:
         """How many EMA values this rank holds, and how many the whole EMAs have (equal unless sharded)."""
-        whole = sum(p.numel() for p in self.module.parameters()) * len(self.emas)
+        whole = sum(math.prod(shape) for shape in self.shapes) * len(self.emas)
         return sum(s.numel() for e in self.emas for s in e.shadow_params), whole
 
     @classmethod
@@ -203,12 +213,14 @@ def gathered_emas(sets: dict[str, EMASet]) -> Iterator[None]:
             for e in s.emas:
                 e.shadow_params = s.layout.full(e.shadow_params)
             s.layout_gathered = True
+            s._storage(whole=True)
         yield
     finally:
         for s, shards in zip(sharded, kept):
             for e, sh in zip(s.emas, shards):
                 e.shadow_params = sh
             s.layout_gathered = False
+            s._storage(whole=False)
 
 
 def shards_held(sets: dict[str, EMASet]) -> Optional[str]:

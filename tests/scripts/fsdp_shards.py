@@ -28,6 +28,8 @@ emas["n"].shard(ShardLayout(list(net.parameters())))
 held = sum(s.numel() for s in emas["n"].emas[0].shadow_params)
 total = sum(p.numel() for p in whole.parameters())
 assert 0 < held < total, (held, total)  # a shard of every EMA, not a copy of the network
+# ... and the module to sample from holds no parameter storage until the EMAs are gathered
+assert sum(p.numel() for p in emas["n"].module.parameters()) == 0
 
 with torch.no_grad():  # move the network, then the EMAs, both ways
     for p, q in zip(net.parameters(), whole.parameters()):
@@ -38,10 +40,13 @@ reference.update(list(whole.parameters()), 1000, 8)
 with gathered_emas(emas):
     got = list(emas["n"].emas[0].shadow_params)
     state, _ = emas["n"].state()
+    sampled = emas["n"].materialize(0)  # whole again, holding the gathered EMA
+    assert all(torch.equal(a, b) for a, b in zip(sampled.parameters(), reference.emas[0].shadow_params))
 assert [t.shape for t in got] == [p.shape for p in whole.parameters()]
 assert all(torch.equal(a, b) for a, b in zip(got, reference.emas[0].shadow_params))
 assert set(state[0]) == set(whole.state_dict())
 assert sum(s.numel() for s in emas["n"].emas[0].shadow_params) == held  # shards again after
+assert sum(p.numel() for p in emas["n"].module.parameters()) == 0
 
 conv = net[2].weight  # 1 output row over 2 ranks: one rank holds it, the other none
 for p, q in ((net[0][0].weight, whole[0][0].weight), (net[1].weight, whole[1].weight), (conv, whole[2].weight)):
