@@ -6,7 +6,7 @@ checkpointing, at 1 and 2 processes (issue 41's benchmark). One table:
 
 Each cell is a real `accelerate launch ... -m distgen train` (the engine from configs/accelerate/<engine>.yaml),
 read back from the run's metrics.jsonl: ``peak_mem_gib`` (the fullest rank's: CUDA's max allocated, on CPU the
-process's peak resident set) and ``samples_per_s`` after the first record. Every cell runs at two batch sizes,
+process's peak resident set; each record's since the one before) and ``samples_per_s``, after the warm-up record. Every cell runs at two batch sizes,
 B and 2B per device, to split the peak into what does not grow with the batch (parameters, gradients, optimizer
 states, EMAs; on CPU also the process's libraries) and what does (activations):
 
@@ -76,7 +76,9 @@ def run_cell(a, tmp: Path, manifest: Path, model: str, engine: str, nproc: int, 
         return {"error": (line or r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}")}
     recs = [json.loads(ln) for ln in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     timed = [x for x in recs if x["step"] > a.warmup] or recs[-1:]
-    return {"peak": max(x["peak_mem_gib"] for x in recs), "ips": timed[-1]["samples_per_s"]}
+    # each record's peak is its interval's (distgen.telemetry): after the warm-up, the steady state, not the
+    # start-up's whole network before sharding
+    return {"peak": max(x["peak_mem_gib"] for x in timed), "ips": timed[-1]["samples_per_s"]}
 
 
 def cell(a, tmp, manifest, model, engine, nproc, ckpt) -> dict:

@@ -167,9 +167,23 @@ class _Saved:
 
 
 # --------------------------------------------------------------------------- the records' numbers
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's counter, or on Linux the process's peak resident set (writing 5 to clear_refs
+    resets VmHWM). Each record holds the peak since the one before, as torchtitan logs it: a run's steady state
+    shows after the first record instead of the start-up's (a whole network before sharding) for ever."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then runs from the process's start
+
+
 def peak_memory(device: torch.device) -> Optional[int]:
-    """This process's peak memory in bytes: CUDA's most allocated since the run started; on CPU the peak resident
-    set (the whole process's, since it started); None elsewhere."""
+    """This process's peak memory in bytes since :func:`reset_peak_memory`: CUDA's most allocated; on CPU the
+    peak resident set; None elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if device.type == "cpu":
@@ -204,8 +218,7 @@ class Telemetry:
         self.t_last = self.t_start = time.perf_counter()
         self.n_last = self.n_start = start_nimg
         self.w_last = waited
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's in this process
+        reset_peak_memory(device)  # this run's peak, not an earlier one's in this process
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (an evaluation) out of the training pace."""
@@ -219,6 +232,7 @@ class Telemetry:
         steps = (nimg - self.n_last) / self.global_batch
         wait = min((waited - self.w_last) / elapsed, 1.0)
         mem = peak_memory(self.device)
+        reset_peak_memory(self.device)
         shares, mems = zip(*dist.all_gather_object((wait, mem)))
         sps = (nimg - self.n_last) / elapsed
         avg = (nimg - self.n_start) / max(now - self.t_start, 1e-9)

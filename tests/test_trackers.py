@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -294,3 +295,19 @@ def test_the_peak_table_finds_each_device_and_the_config_key_overrides_it(monkey
     assert device_peak(over, cuda, True) == (123.5, "train.peak_tflops, tf32")
     assert device_peak(over, torch.device("cpu"), False) == (123.5, "train.peak_tflops, fp32")
     assert device_peak(tc, torch.device("cpu"), False)[0] is None
+
+
+def test_each_record_holds_the_peak_since_the_one_before():
+    """On CPU the peak is the resident set's high-water mark (VmHWM): 256 MiB touched and freed raises it by at
+    least 256 MiB; after a reset it is the current resident set again, those 256 MiB no longer in it (freed
+    to the OS: an allocation that large is its own mapping)."""
+    from distgen.telemetry import peak_memory, reset_peak_memory
+
+    cpu, mib = torch.device("cpu"), 2 ** 20
+    reset_peak_memory(cpu)
+    before = peak_memory(cpu)
+    x = torch.ones(256 * mib // 4)
+    high = peak_memory(cpu)
+    del x
+    reset_peak_memory(cpu)
+    assert high >= before + 256 * mib and peak_memory(cpu) <= high - 256 * mib
