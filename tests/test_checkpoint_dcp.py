@@ -74,6 +74,21 @@ def test_metadata_carrying_a_pickled_callable_is_refused_naming_the_file_not_run
     assert not marker.exists()
 
 
+def test_a_value_carrying_a_pickled_callable_is_refused_not_run(tmp_path):
+    """DCP writes non-tensor values (an optimizer's param groups) with torch.save, and its planner would load them
+    with weights_only=False: distgen's reads them as data only."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    with dcp_ckpt._quiet():
+        dcp.save({"w": torch.ones(2), "param_groups": _RunsACommand(marker)},
+                 storage_writer=dcp.FileSystemWriter(tmp_path / "x.dcp"))
+    with pytest.raises(CheckpointError) as e:
+        dcp_ckpt.read_full(tmp_path / "x.dcp")
+    assert str(e.value).startswith(f"{tmp_path / 'x.dcp'}: does not load") and "weights_only" in str(e.value).lower()
+    assert not marker.exists()
+
+
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:-7])
 
