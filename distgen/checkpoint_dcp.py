@@ -78,10 +78,26 @@ def read(net: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path, name: s
     out = []
     for path, state in ((ckpt.sharded_weights_dir(folder, name), get_model_state_dict(net)),
                         (ckpt.sharded_optimizer_dir(folder, name), get_optimizer_state_dict(net, opt))):
+        if not out:
+            _check_fits(state, path)
         state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), state)
         _load(state, path)
         out.append(state)
     return out[0], out[1]
+
+
+def _check_fits(weights: dict, path: Path) -> None:
+    """Every rank alike (the same files, the same network): weights of another shape or with other names are
+    another model config (a TrainingError, :func:`distgen.checkpoint.misfit`), not a damaged checkpoint to pass
+    over, as for full checkpoints; DCP would report both as one failure."""
+    saved = read_metadata(path / ".metadata").state_dict_metadata
+    odd = sorted(set(saved) ^ set(weights))
+    if odd:
+        raise ckpt.misfit(path, ValueError(f"names differ: {', '.join(odd[:5])}"))
+    for k, v in weights.items():
+        size = getattr(saved[k], "size", None)
+        if torch.is_tensor(v) and (size is None or tuple(size) != tuple(v.shape)):
+            raise ckpt.misfit(path, ValueError(f"{k}: saved {tuple(size or ())}, the network's {tuple(v.shape)}"))
 
 
 def apply(net: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optimizer: dict) -> None:

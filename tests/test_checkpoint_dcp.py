@@ -49,6 +49,20 @@ def test_a_network_and_its_optimizer_come_back_bit_for_bit(saved):
     assert all(torch.equal(want["state"][i][k], got["state"][i][k]) for i in want["state"] for k in want["state"][i])
 
 
+def test_weights_of_another_shape_are_another_config_not_damage(saved):
+    """As for full checkpoints (checkpoint.misfit): a TrainingError that stops a resume, not a CheckpointError that
+    would set the checkpoint aside."""
+    from distgen.errors import TrainingError
+
+    folder, _, _ = saved
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
+    with pytest.raises(TrainingError) as e:
+        dcp_ckpt.read(wider, torch.optim.AdamW(wider.parameters()), folder, "net")
+    assert not isinstance(e.value, CheckpointError)
+    assert str(e.value).startswith(f"{ckpt.sharded_weights_dir(folder, 'net')}: does not fit the configured network")
+    assert "0.weight: saved (4, 3), the network's (5, 3)" in str(e.value)
+
+
 class _RunsACommand:
     def __init__(self, marker: Path):
         self.marker = marker
