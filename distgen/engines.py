@@ -196,22 +196,15 @@ class EngineCheckpoints:
 
     def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
-        FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest). A sharded
-        checkpoint's trained networks are read (DCP resharding them to this run's process count) before any is
-        applied."""
-        sharded = not self.deepspeed and dcp_ckpt.is_sharded(data.meta)
-        if sharded:
-            states = {n: dcp_ckpt.read(t.raw, t.opt, folder, n) for n, t in trained.items()}
-            for n, t in trained.items():
-                try:
-                    dcp_ckpt.apply(t.raw, t.opt, *states[n])
-                except (RuntimeError, KeyError, ValueError) as e:
-                    raise ckpt.misfit(ckpt.sharded_weights_dir(folder, n), e) from None
+        FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest); from a
+        sharded checkpoint the trained networks' weights and optimizers (:meth:`_load_sharded`)."""
+        if not self.deepspeed and dcp_ckpt.is_sharded(data.meta):
+            self._load_sharded(trained, folder)
         for n, t in trained.items():
             if self.deepspeed:
                 self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
-            elif sharded:
-                continue  # put back above
+            elif dcp_ckpt.is_sharded(data.meta):
+                continue  # read above
             elif self.fsdp is not None:
                 try:
                     self.fsdp.load(t.raw, t.opt, data.weights.pop(n), data.optimizers[n])
@@ -221,6 +214,17 @@ class EngineCheckpoints:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:
             self.acc.scaler.load_state_dict(data.scaler)
+
+    @staticmethod
+    def _load_sharded(trained: dict[str, Trained], folder: Path) -> None:
+        """Every rank: each trained network's weights and optimizer state from a sharded checkpoint, all read
+        (DCP resharding them to this run's process count and layout) before any is applied."""
+        states = {n: dcp_ckpt.read(t.raw, t.opt, folder, n) for n, t in trained.items()}
+        for n, t in trained.items():
+            try:
+                dcp_ckpt.apply(t.raw, t.opt, *states[n])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ckpt.misfit(ckpt.sharded_weights_dir(folder, n), e) from None
 
     def engine_of(self, folder: Path) -> Optional[str]:
         """Why ``folder`` cannot be resumed by this engine, or None. DeepSpeed's checkpoints hold its own
