@@ -13,6 +13,9 @@ Every file name is written and read here (the layout section at the end).
   ``torch.load(weights_only=True)``);
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: every rank's RNG states;
 - ``family-<rank>.safetensors``: a family's per-rank tensors (CycleGAN's image histories), when it keeps any;
+- ``<net>.dcp/`` and ``optim-<net>.dcp/`` instead of a trained network's weights and optimizer files with
+  ``train.checkpoint_format: sharded``: every rank's shards as torch.distributed.checkpoint writes them
+  (:mod:`distgen.checkpoint_dcp`, which reads them without unpickling code);
 - ``deepspeed/<net>/``: DeepSpeed's partitioned model and optimizer states, when
   DeepSpeed runs.
 
@@ -73,10 +76,10 @@ META_SCHEMA = rb.Obj({
     "ema_steps": rb.Map(rb.List(_COUNT, max_len=100), max_len=100),
     "best": rb.Opt(rb.Obj({"metric": rb.Str(max_len=64), "value": rb.Num(), "step": _COUNT})),
     "family_state": rb.Map(rb.Data(), max_len=100), "family": rb.Str(max_len=64), "data_info": rb.DATA_INFO,
-    "config": rb.CONFIG,
+    "config": rb.CONFIG, "checkpoint_format": rb.Str(choices=("full", "sharded")),
 }, optional=("step", "nimg", "world_size", "global_batch", "world_size_changes", "reason", "data_start_step",
              "data_skip", "counters", "interval", "ema_steps", "best", "family_state", "family", "data_info",
-             "config"), extra=True)
+             "config", "checkpoint_format"), extra=True)
 _RNG_SCHEMA = rb.Obj({
     "numpy": rb.Tuple(rb.Str(max_len=32), rb.Int(0, 1 << 20), rb.Int(0, 1), rb.Num()),  # kind, pos, has_gauss, gauss
     # version, the Mersenne Twister's 625 words, gauss_next
@@ -328,6 +331,15 @@ def misfit(path: Path, e: Exception) -> TrainingError:
 
 def optimizer_file(folder: Path, net: str) -> Path:
     return folder / f"optim-{net}.pt"
+
+
+def sharded_weights_dir(folder: Path, net: str) -> Path:
+    """A trained network's weights as torch.distributed.checkpoint wrote them (train.checkpoint_format: sharded)."""
+    return folder / f"{net}.dcp"
+
+
+def sharded_optimizer_dir(folder: Path, net: str) -> Path:
+    return folder / f"optim-{net}.dcp"
 
 
 def ema_file(folder: Path, index: int, net: str) -> Path:

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from distgen import checkpoint as ckpt
+from distgen import checkpoint_dcp as dcp_ckpt
 from distgen import dist
 from distgen.durable import sync_tree
 from distgen.engines_deepspeed import DeepSpeedInternals, ZeroLayout, check_version
@@ -140,22 +141,25 @@ def deepspeed_requested() -> bool:
 
 class EngineCheckpoints:
     """What a checkpoint holds of an engine's state, and where (a part of :class:`Engine`): distgen's own files
-    (every network's weights and optimizer under DDP and FSDP2, gathered whole), DeepSpeed's partitioned ones."""
+    (every network's weights and optimizer under DDP and FSDP2, gathered whole; with train.checkpoint_format
+    sharded the trained networks' as every rank's shards, distgen.checkpoint_dcp), DeepSpeed's partitioned ones."""
 
     deepspeed: bool
     fsdp: Optional[FSDP2]
 
-    def _in_distgen_files(self, trained: dict[str, Trained], nets: dict) -> tuple[list[str], list[str]]:
-        """(networks whose weights, networks whose optimizer states) distgen's own files hold: all under DDP;
-        under DeepSpeed only the frozen networks' weights, the rest being in DeepSpeed's files."""
-        if self.deepspeed:
+    def _in_distgen_files(self, trained: dict[str, Trained], nets: dict,
+                          sharded: bool) -> tuple[list[str], list[str]]:
+        """(networks whose weights, networks whose optimizer states) distgen's own whole files hold: all under DDP
+        and FSDP2; under DeepSpeed, or in a sharded checkpoint, only the frozen networks' weights (the trained
+        ones being in DeepSpeed's files, or DCP's)."""
+        if self.deepspeed or sharded:
             return [n for n in nets if n not in trained], []
         return list(nets), list(trained)
 
     def state_for_checkpoint(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
         """Every rank alike (under FSDP2 a collective that gathers full state dicts; rank 0 writes them): what
         distgen's own files hold (:meth:`_in_distgen_files`), and the loss scaler."""
-        weights, optimizers = self._in_distgen_files(trained, nets)
+        weights, optimizers = self._in_distgen_files(trained, nets, self.tc.checkpoint_format == "sharded")
         if self.fsdp is not None:
             return {"weights": {n: self.fsdp.model_state(nets[n]) if n in trained else nets[n].state_dict()
                                 for n in weights},
@@ -167,29 +171,40 @@ class EngineCheckpoints:
         return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
 
     def save(self, trained: dict[str, Trained], tmp: Path) -> None:
-        """Every rank: DeepSpeed's own partitioned states (nothing under DDP)."""
+        """Every rank: DeepSpeed's own partitioned states, or with train.checkpoint_format sharded each trained
+        network's shards (DCP, a collective; written here, not in the background: every rank writes)."""
         if self.deepspeed:
             for n, t in trained.items():
                 self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
+        elif self.tc.checkpoint_format == "sharded":
+            for n, t in trained.items():
+                dcp_ckpt.save(t.raw, t.opt, tmp, n)
 
     def flush(self, tmp: Path) -> None:
-        """Every rank, once all have written: DeepSpeed's files to disk (distgen's own are flushed as written)."""
+        """Every rank, once all have written: DeepSpeed's files to disk (distgen's own and DCP's are flushed as
+        written)."""
         if self.deepspeed:
             sync_tree(tmp / "deepspeed")
             self.barrier()
 
-    def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module]) -> dict:
-        """The distgen files a resume reads under this engine (see :func:`distgen.checkpoint.read`)."""
-        weights, optimizers = self._in_distgen_files(trained, nets)
+    def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module], meta: dict) -> dict:
+        """The distgen files a resume reads under this engine from a checkpoint of either format (its meta.json
+        says which; see :func:`distgen.checkpoint.read`)."""
+        weights, optimizers = self._in_distgen_files(trained, nets, dcp_ckpt.is_sharded(meta))
         return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
                 "scaler": self.acc.scaler is not None}
 
     def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
-        FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest)."""
+        FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest); from a
+        sharded checkpoint the trained networks' weights and optimizers (:meth:`_load_sharded`)."""
+        if not self.deepspeed and dcp_ckpt.is_sharded(data.meta):
+            self._load_sharded(trained, folder)
         for n, t in trained.items():
             if self.deepspeed:
                 self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
+            elif dcp_ckpt.is_sharded(data.meta):
+                continue  # read above
             elif self.fsdp is not None:
                 try:
                     self.fsdp.load(t.raw, t.opt, data.weights.pop(n), data.optimizers[n])
@@ -199,6 +214,17 @@ class EngineCheckpoints:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:
             self.acc.scaler.load_state_dict(data.scaler)
+
+    @staticmethod
+    def _load_sharded(trained: dict[str, Trained], folder: Path) -> None:
+        """Every rank: each trained network's weights and optimizer state from a sharded checkpoint, all read
+        (DCP resharding them to this run's process count and layout) before any is applied."""
+        states = {n: dcp_ckpt.read(t.raw, t.opt, folder, n) for n, t in trained.items()}
+        for n, t in trained.items():
+            try:
+                dcp_ckpt.apply(t.raw, t.opt, *states[n])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ckpt.misfit(ckpt.sharded_weights_dir(folder, n), e) from None
 
     def engine_of(self, folder: Path) -> Optional[str]:
         """Why ``folder`` cannot be resumed by this engine, or None. DeepSpeed's checkpoints hold its own
@@ -234,6 +260,10 @@ class Engine(EngineCheckpoints):
             problem = deepspeed_file_precision_problem(tc.mixed_precision)
             if problem:
                 raise TrainingError(problem)
+            if tc.checkpoint_format == "sharded":
+                raise TrainingError("train.checkpoint_format=sharded: DeepSpeed writes its own partitioned states "
+                                    "(deepspeed/<net>/ in the checkpoint, one file per rank already); set it to full "
+                                    "(the default) under DeepSpeed")
             if tc.async_checkpoint:
                 raise TrainingError("train.async_checkpoint: DeepSpeed writes its partitioned states itself, on every "
                                     "rank, from its live engine, so they cannot be copied off and written in the "

@@ -17,6 +17,7 @@ calls that no engine shards (a frozen autoencoder) run in the same precision.
 Checkpoints are distgen's ordinary ones: full state dicts gathered on save (rank 0 writes them) and scattered
 again on resume, so an FSDP2 checkpoint samples, exports and resumes like a DDP one (at any process count,
 under DDP too), and the other way round. The optimizer's file has DDP's layout (states by parameter index).
+With ``train.checkpoint_format: sharded`` every rank writes its own shards instead (distgen.checkpoint_dcp).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from distgen import checkpoint as ckpt
 from distgen import dist, preemption
 from distgen.config import model_changes, to_dict
 from distgen.ema import gathered_emas
-from distgen.errors import TrainingError
+from distgen.errors import CheckpointError, TrainingError
 from distgen.families import Family
 from distgen.loop_state import DataCursor, Run, TrainState
 from distgen.world_change import deepspeed_refusal, plan_batch
@@ -57,6 +57,7 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
         emas = {n: e.state() for n, e in run.emas.items()}
     if eng.main:
         meta = {**state.to_meta(), "world_size": eng.world, "global_batch": run.global_batch, "reason": reason,
+                "checkpoint_format": tc.checkpoint_format,
                 "ema_steps": {n: steps for n, (_, steps) in emas.items()}, "family_state": run.family.state_dict(),
                 "family": run.family.name, "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
         shared = {"emas": {n: tensors for n, (tensors, _) in emas.items()}, "meta": meta, **engine_state}
@@ -83,8 +84,16 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Optional[Path], TrainSt
             raise TrainingError(other_engine)
         if eng.deepspeed and meta["world_size"] != eng.world:  # before DeepSpeed refuses it as damage
             raise TrainingError(deepspeed_refusal(folder, list(run.trained), meta["world_size"], eng.world))
-        data = ckpt.read(folder, meta, rank=eng.rank, emas={n: len(e.emas) for n, e in run.emas.items()},
-                         family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets))
+        try:
+            data = ckpt.read(folder, meta, rank=eng.rank, emas={n: len(e.emas) for n, e in run.emas.items()},
+                             family_rank=keeps_rank_state(run.family), **eng.files_to_read(run.trained, run.nets, meta))
+            failed = None
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            failed = e
+        # Every rank agrees before the engine's load, a collective (FSDP2's scatter, DCP's reads): one rank that
+        # stopped here would leave the others waiting in it
+        if dist.agreed(failed is not None):
+            raise failed or CheckpointError(f"{folder}: does not load on another rank")
         eng.load(run.trained, folder, data)
         for n, tensors in data.weights.items():
             load_weights(run.nets[n], tensors, ckpt.weights_file(folder, n))

@@ -19,6 +19,7 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
+from distgen.checkpoint_dcp import read_weights
 from distgen.config import Config
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
@@ -87,8 +88,10 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
     for n in family.ema_networks():
         nets[n].load_state_dict(ckpt.load_tensors(ckpt.ema_file(folder, 0, n)))
     for n in set(nets) - set(family.ema_networks()):
-        if ckpt.weights_file(folder, n).is_file():  # e.g. a frozen autoencoder, as the run used it
-            nets[n].load_state_dict(ckpt.load_tensors(ckpt.weights_file(folder, n)))
+        # e.g. a frozen autoencoder, as the run used it; a sharded checkpoint's trained networks assembled whole here
+        weights = read_weights(folder, n)
+        if weights is not None:
+            nets[n].load_state_dict(weights)
     if ckpt.family_rank_file(folder, 0).is_file():  # rank 0's per-rank state (an EBM's replay buffer, for export)
         family.load_rank_state(ckpt.load_tensors(ckpt.family_rank_file(folder, 0)))
     return cfg, family, nets, meta

@@ -227,12 +227,16 @@ def test_two_processes_write_the_same_bits_in_the_background(tmp_path, fm_test_s
         assert differences(tmp_path / "sync" / name, tmp_path / "async" / name) == [], name
 
 
-def test_deepspeed_refuses_background_saves_at_start_by_name(tmp_path, fm_test_shards):
+@pytest.mark.parametrize("option, why", [
+    ("train.async_checkpoint=true", "train.async_checkpoint: DeepSpeed writes its partitioned states itself"),
+    ("train.checkpoint_format=sharded", "train.checkpoint_format=sharded: DeepSpeed writes its own partitioned states")],
+    ids=["async", "sharded"])
+def test_deepspeed_refuses_background_saves_and_sharded_checkpoints_at_start_by_name(tmp_path, fm_test_shards, option,
+                                                                                   why):
     """`accelerate launch` with a DeepSpeed config tells the engine so (ACCELERATE_USE_DEEPSPEED); the option is
     refused before any Accelerator, network or run folder exists."""
-    cfg = big_config(tmp_path, fm_test_shards, True, preset="tiny")
-    r = run(_train_cmd(cfg), {**_env(), "ACCELERATE_USE_DEEPSPEED": "true"}, check=False)
+    cfg = big_config(tmp_path, fm_test_shards, False, preset="tiny")
+    r = run(_train_cmd(cfg) + [option], {**_env(), "ACCELERATE_USE_DEEPSPEED": "true"}, check=False)
     assert r.returncode == 2
-    assert r.stderr.startswith("distgen: error: train.async_checkpoint: DeepSpeed writes its partitioned states "
-                               "itself"), r.stderr[-3000:]
+    assert r.stderr.startswith(f"distgen: error: {why}"), r.stderr[-3000:]
     assert not (tmp_path / "run").exists()

@@ -1,11 +1,16 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
 configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE and StyleGAN2;
 every family of MODELS taking a step, checkpointing and resuming (or refused at start by name); checkpoints that
-pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group."""
+pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group. Sharded checkpoints
+(train.checkpoint_format=sharded, distgen.checkpoint_dcp) in the same launch: an exact resume holding what a full
+checkpoint holds, one resumed and written again under DDP, and (in this process) with one process over a damaged
+newer one."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +19,7 @@ import torch
 import yaml
 
 from distgen import checkpoint as ckpt
+from distgen import checkpoint_dcp as dcp_ckpt
 from matrix import MODELS, differences, edm2_off_sphere, family_config, launch_matrix, record_differences, \
     records
 
@@ -46,9 +52,12 @@ def _config(root: Path, model: str, run: str, data: dict, over: dict) -> str:
     return str(path)
 
 
-def _calls(config: str, plan: list[tuple[int, str]]) -> list[dict]:
+def _calls(config: str, plan: list[tuple[int, str]], over: tuple[str, ...] = ()) -> list[dict]:
     """One call per (max_steps, engine)."""
-    return [{"config": config, "overrides": [f"train.max_steps={s}"], "env": _engine(e)} for s, e in plan]
+    return [{"config": config, "overrides": [f"train.max_steps={s}", *over], "env": _engine(e)} for s, e in plan]
+
+
+SHARDED = ("train.checkpoint_format=sharded",)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +73,11 @@ def matrix(tmp_path_factory, matrix_data):
     for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # one engine's checkpoint resumed by the other
         run = f"{first}-then-{then}"
         spec.append({"name": run, "calls": _calls(_config(root, "diffusion", run, data, {}), [(2, first), (4, then)])})
+    # sharded: STOP then a resume to STEPS under FSDP2 (the straight run to compare with is diffusion-a, full); one
+    # written under FSDP2, resumed and written again under DDP
+    for run, plan in (("diffusion-sharded-b", [(STOP, "fsdp2"), (STEPS, "fsdp2")]),
+                      ("sharded-fsdp2-then-ddp", [(2, "fsdp2"), (4, "ddp")])):
+        spec.append({"name": run, "calls": _calls(_config(root, "diffusion", run, data, {}), plan, SHARDED)})
     return root, launch_matrix(spec, root, 2, FSDP2_CONFIG, timeout=900)
 
 
@@ -119,28 +133,101 @@ def test_every_family_steps_checkpoints_and_resumes_under_fsdp2_or_is_refused_by
                for t in ema.values())
 
 
-@pytest.mark.parametrize("run", ["ddp-then-fsdp2", "fsdp2-then-ddp"])
+@pytest.mark.parametrize("run", ["ddp-then-fsdp2", "fsdp2-then-ddp", "sharded-fsdp2-then-ddp"])
 def test_a_checkpoint_resumes_under_the_other_engine(matrix, run):
-    """The checkpoint files are the same under DDP and FSDP2 (full state dicts, DDP's optimizer layout): a run
-    goes on under the other engine with its weights, EMAs and Adam's moments (not exact: bf16 autocast under DDP,
-    bf16 gathered weights under FSDP2)."""
+    """The checkpoint files are the same under DDP and FSDP2 (full state dicts, DDP's optimizer layout; or DCP's
+    sharded files, by parameter name): a run goes on under the other engine with its weights, EMAs and Adam's
+    moments (not exact: bf16 autocast under DDP, bf16 gathered weights under FSDP2)."""
     root, results = matrix
     assert [c.get("rc") for c in results[run]["calls"]] == [0, 0], results[run]["calls"]
     last = root / run / "checkpoints" / "step-00000004"
-    opt = ckpt.load_state(last / "optim-unet.pt")
+    opt = dcp_ckpt.read_full(ckpt.sharded_optimizer_dir(last, "unet")) if run.startswith("sharded") else \
+        ckpt.load_state(last / "optim-unet.pt")
     assert {int(s["step"]) for s in opt["state"].values()} == {4}
     assert sorted(records(root / run)) == [1, 2, 3, 4]
 
 
-def test_an_fsdp2_checkpoint_samples_and_exports_without_a_process_group(matrix, tmp_path):
+@pytest.mark.parametrize("run", ["diffusion-a", "diffusion-sharded-b"])
+def test_an_fsdp2_checkpoint_samples_and_exports_without_a_process_group(matrix, tmp_path, run):
     from distgen.cli import main as cli
 
     root, _ = matrix
-    run = root / "diffusion-a"
-    assert cli(["sample", str(run), "--num", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert cli(["sample", str(root / run), "--num", "2", "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").is_file()
-    assert cli(["export", str(run), str(tmp_path / "export")]) == 0
+    assert cli(["export", str(root / run), str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "distgen.json").is_file()
+
+
+def _as_full(folder: Path, out: Path) -> Path:
+    """A sharded checkpoint folder written out again as a full one (weights whole, the optimizer in DDP's layout:
+    states by their parameter's place in the param groups), read in this process without a process group."""
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.dcp"))
+    for d in folder.glob("optim-*.dcp"):
+        net = d.name[len("optim-"):-len(".dcp")]
+        ckpt.save_tensors(ckpt.weights_file(out, net), dcp_ckpt.read_weights(folder, net))
+        by_name = dcp_ckpt.read_full(d)
+        index = {n: i for i, n in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
+        ckpt.save_state(ckpt.optimizer_file(out, net), {
+            "state": dict(sorted((index[n], s) for n, s in by_name["state"].items())),
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]})
+    return out
+
+
+def test_a_sharded_checkpoint_resumes_exactly_and_holds_what_a_full_one_does(matrix, tmp_path):
+    """STOP then a resume to STEPS under FSDP2 with sharded checkpoints against STEPS straight with full ones
+    (diffusion-a): each rank wrote its own shard, and the weights and Adam's moments assembled whole in this
+    process, the EMAs, RNGs and every record are the straight run's, bit for bit."""
+    root, results = matrix
+    assert [c.get("rc") for c in results["diffusion-sharded-b"]["calls"]] == [0, 0], results["diffusion-sharded-b"]
+    b = root / "diffusion-sharded-b" / LAST
+    for d in (ckpt.sharded_weights_dir(b, "unet"), ckpt.sharded_optimizer_dir(b, "unet")):
+        assert sorted(p.name for p in d.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not ckpt.weights_file(b, "unet").exists() and ckpt.read_meta(b)["checkpoint_format"] == "sharded"
+    assert differences(root / "diffusion-a" / LAST, _as_full(b, tmp_path / "full")) == []
+    assert record_differences(root / "diffusion-a", root / "diffusion-sharded-b", STOP) == []
+
+
+@pytest.fixture(scope="module")
+def one_process(matrix, tmp_path_factory):
+    """diffusion-sharded-b copied, its newest checkpoint's rank-1 weight shard cut short, and resumed with one
+    process (FSDP2 asked for, nothing to shard) to STEPS: (run folder, the run's output)."""
+    import os
+
+    from conftest import REPO
+    from test_train import launch, run
+
+    root, _ = matrix
+    copy = tmp_path_factory.mktemp("sharded-1") / "run"
+    shutil.copytree(root / "diffusion-sharded-b", copy)
+    shard = ckpt.sharded_weights_dir(copy / LAST, "unet") / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    cfg = yaml.safe_load((root / "diffusion-sharded-b.yaml").read_text())
+    cfg["run"]["dir"] = str(copy)
+    (copy.parent / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **_engine("fsdp2"), "FSDP_VERSION": "2"}
+    r = run(launch(1) + ["train", str(copy.parent / "c.yaml"), f"train.max_steps={STEPS}", *SHARDED], env)
+    return copy, r.stdout + r.stderr, shard
+
+
+def test_a_damaged_sharded_checkpoint_is_set_aside_naming_the_file(one_process):
+    copy, out, shard = one_process
+    assert f"step-{STEPS:08d} does not load ({shard}: truncated" in out, out[-3000:]
+    assert (copy / f"{LAST}.damaged").is_dir()
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_with_one(one_process):
+    """From step STOP (the newest that loads), resharded from 2 processes' shards to one process's whole tensors:
+    Adam's step counts go on from STOP (a fresh start would count STEPS - STOP), and the new checkpoint is one
+    process's."""
+    copy, _, _ = one_process
+    last = copy / LAST
+    opt = dcp_ckpt.read_full(ckpt.sharded_optimizer_dir(last, "unet"))
+    assert {int(s["step"]) for s in opt["state"].values()} == {STEPS}
+    assert sorted(p.name for p in ckpt.sharded_weights_dir(last, "unet").iterdir()) == [".metadata", "__0_0.distcp"]
+    changes = ckpt.read_meta(last)["world_size_changes"]
+    assert [(c["step"], c["from_world"], c["to_world"]) for c in changes] == [(STOP, 2, 1)]
+    assert sorted(json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()) == \
+        list(range(1, STEPS + 1))
 
 
 def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():

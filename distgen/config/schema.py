@@ -91,6 +91,10 @@ class TrainConfig:
     # copied to host memory at the save, and the files are written, flushed and renamed into place while training
     # goes on. The same bits as a synchronous save; refused under DeepSpeed (its states are written by its engine).
     async_checkpoint: bool = False
+    # full: each trained network's weights and optimizer gathered whole and written by rank 0 (safetensors, .pt);
+    # sharded: written by every rank with torch.distributed.checkpoint, its own shards (FSDP2, DDP; DeepSpeed has
+    # its own). Either resumes at any process count and is read by sample/export/eval (docs/training.md).
+    checkpoint_format: Literal["full", "sharded"] = "full"
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this step even if kimg is not reached
     # Speed (docs/training.md#speed); what each resolves to is printed at start. "auto": on with CUDA, off on CPU.
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the trained networks' forward
