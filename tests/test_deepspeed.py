@@ -95,6 +95,7 @@ def test_activation_checkpointing_resumes_exactly_under_zero_3(matrix):
     last = f"checkpoints/step-{STEPS:08d}"
     assert (a / last / "deepspeed" / "unet").is_dir()
     assert differences(a / last, b / last) == [] and record_differences(a, b, STOP) == []
+    assert "activation checkpointing unet" in (root / "launch.out").read_text()  # on (only this run asks)
     assert records(a)[1]["loss"] == records(root / "diffusion-z3-a")[1]["loss"]
 
 
