@@ -164,11 +164,16 @@ class EngineCheckpoints:
             return {"weights": {n: self.fsdp.model_state(nets[n]) if n in trained else nets[n].state_dict()
                                 for n in weights},
                     "optimizers": {n: self.fsdp.optimizer_state(nets[n], trained[n].opt) for n in optimizers},
-                    "scaler": None}
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         weights = {n: nets[n].state_dict() for n in weights}
         optimizers = {n: trained[n].opt.state_dict() for n in optimizers}
-        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
         return {"weights": weights, "optimizers": optimizers, "scaler": scaler}
+
+    @property
+    def scaler(self):
+        """The loss scaler (fp16): Accelerate's GradScaler (DDP), FSDP2's ShardedGradScaler, or None."""
+        return self.fsdp.scaler if self.fsdp is not None else self.acc.scaler
 
     def save(self, trained: dict[str, Trained], tmp: Path) -> None:
         """Every rank: DeepSpeed's own partitioned states, or with train.checkpoint_format sharded each trained
@@ -192,7 +197,7 @@ class EngineCheckpoints:
         says which; see :func:`distgen.checkpoint.read`)."""
         weights, optimizers = self._in_distgen_files(trained, nets, dcp_ckpt.is_sharded(meta))
         return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
-                "scaler": self.acc.scaler is not None}
+                "scaler": self.scaler is not None}
 
     def load(self, trained: dict[str, Trained], folder: Path, data: "ckpt.CheckpointData") -> None:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
@@ -213,7 +218,7 @@ class EngineCheckpoints:
             else:
                 t.opt.load_state_dict(data.optimizers[n])
         if data.scaler is not None:
-            self.acc.scaler.load_state_dict(data.scaler)
+            self.scaler.load_state_dict(data.scaler)
 
     @staticmethod
     def _load_sharded(trained: dict[str, Trained], folder: Path) -> None:
@@ -239,7 +244,7 @@ class EngineCheckpoints:
 class Engine(EngineCheckpoints):
     """The Accelerator(s) that train a family's networks under ``cfg.train``: DDP, DeepSpeed or FSDP2.
 
-    Made before any network exists: what the engine cannot run (fp16 without a GPU, a DeepSpeed file
+    Made before any network exists: what the engine cannot run (fp16 without a GPU outside FSDP2, a DeepSpeed file
     whose precision contradicts distgen's, a family's ZeRO limits) fails here, before any compute.
     """
 
@@ -283,12 +288,18 @@ class Engine(EngineCheckpoints):
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         fsdp = fsdp_request()
+        sharding = fsdp is not None and dist.world_size() > 1  # one process has nothing to shard (describe())
+        acc_kw = self._acc_kw
+        if sharding:  # FSDP2's precision is distgen's own (its policy, autocast and scaler), not Accelerate's
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+            acc_kw = {**acc_kw, "mixed_precision": "no"}
         with without_accelerate_fsdp():  # distgen shards under FSDP2 itself (distgen.engines_fsdp)
-            self.acc = Accelerator(**self._acc_kw, deepspeed_plugins=plugins, log_with=log_with or None)
+            self.acc = Accelerator(**acc_kw, deepspeed_plugins=plugins, log_with=log_with or None)
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         self.zero_stage: Optional[int] = None
         self._ds: Optional[DeepSpeedInternals] = None  # DeepSpeed's internals, under DeepSpeed
-        if tc.mixed_precision == "fp16" and self.acc.device.type == "cpu":
+        if tc.mixed_precision == "fp16" and self.acc.device.type == "cpu" and not sharding:
+            # Accelerate gives no GradScaler on CPU (FSDP2 brings its own: ShardedGradScaler runs on gloo)
             raise TrainingError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         if self.deepspeed:
             self._configure_deepspeed(family)
@@ -297,7 +308,7 @@ class Engine(EngineCheckpoints):
             problem = config_problem(fsdp, tc, self.acc.device) or family.fsdp_problem()
             if problem:
                 raise TrainingError(f"FSDP2: {problem}")
-            if self.world > 1:  # one process has nothing to shard: it trains as without the request (describe())
+            if sharding:
                 self.fsdp = FSDP2(self.acc.device, tc.mixed_precision)
 
     def _configure_deepspeed(self, family) -> None:
@@ -410,7 +421,7 @@ class Engine(EngineCheckpoints):
         loss on any rank must skip the backward on all: the one place that reads the flag on the host.
         """
         if not self.deepspeed:
-            t.acc.backward(loss)
+            t.acc.backward(self.fsdp.scale(loss) if self.fsdp is not None else loss)
             return bad
         if dist.all_reduce_sum(int(bool(bad))) > 0:
             return torch.ones_like(bad)

@@ -9,10 +9,12 @@ and shards each trained network here: the blocks the family names (:meth:`Family
 network, each with ``reshard_after_forward=True`` (the root too: a GAN calls each network in the other's phase,
 where its parameters must be sharded again afterwards, not held whole until a backward that never comes).
 
-Precision: ``train.mixed_precision=bf16`` gives ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (the
-shards, the optimizer and the EMAs stay float32; the gathered weights a forward uses are bf16; gradients are
-reduced in float32), and one ``torch.autocast`` around a phase's loss, as under DeepSpeed, so the networks a phase
-calls that no engine shards (a frozen autoencoder) run in the same precision.
+Precision: ``train.mixed_precision=bf16`` (or ``fp16``) gives ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)`` (the shards, the optimizer and the EMAs stay float32; the gathered weights a forward uses are
+16-bit; gradients are reduced in float32), and one ``torch.autocast`` around a phase's loss, as under DeepSpeed, so
+the networks a phase calls that no engine shards (a frozen autoencoder) run in the same precision. fp16 adds
+``ShardedGradScaler``: the loss scaled before backward, the gradient shards unscaled before the global-norm clip,
+its inf check all-reduced (every rank skips the same updates), its state in the checkpoint's scaler file.
 
 Checkpoints are distgen's ordinary ones: full state dicts gathered on save (rank 0 writes them) and scattered
 again on resume, so an FSDP2 checkpoint samples, exports and resumes like a DDP one (at any process count,
@@ -58,9 +60,6 @@ def config_problem(version: str, tc, device: torch.device) -> Optional[str]:
     if version != "2":
         return (f"the launcher asked for FSDP version {version} (fsdp_version in the accelerate config); distgen "
                 f"shards with FSDP2 only: set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
-    if tc.mixed_precision == "fp16":
-        return ("train.mixed_precision=fp16: FSDP2 with fp16 needs a sharded gradient scaler, which distgen has not "
-                "run; use bf16")
     if tc.channels_last is True:
         return ("train.channels_last: FSDP2 shards parameters by flattening dim 0, which distgen has not run with "
                 "channels_last weights; use channels_last false (auto leaves it off)")
@@ -72,8 +71,8 @@ def config_problem(version: str, tc, device: torch.device) -> Optional[str]:
 FORWARD_METHODS = ("encode", "decode")
 
 
-def bf16_weights_problem(net: nn.Module) -> Optional[str]:
-    """Why ``net``'s weights are gathered in float32 under bf16 (None: in bf16). MixedPrecisionPolicy casts the
+def half_weights_problem(net: nn.Module) -> Optional[str]:
+    """Why ``net``'s weights are gathered in float32 under bf16 or fp16 (None: in 16 bits). MixedPrecisionPolicy casts the
     parameters, not the buffers, and a forward that combines float32 buffers with the weights outside autocast's
     casts fails in bf16 (measured on CPU, torch 2.14: batch norm's running statistics in DCGAN, "expected scalar
     type BFloat16 but found Float"; spectral norm's power iteration in JEM, "addmv input tensors must have the same
@@ -82,24 +81,31 @@ def bf16_weights_problem(net: nn.Module) -> Optional[str]:
     return f"float32 buffers ({', '.join(found[:3])})" if found else None
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class FSDP2:
-    """The sharding of one run: its device mesh (every process, one dimension) and mixed precision."""
+    """The sharding of one run: its device mesh (every process, one dimension), mixed precision and, under fp16,
+    the loss scaler (``ShardedGradScaler``: its inf check is all-reduced, so every rank skips alike)."""
 
     def __init__(self, device: torch.device, mixed_precision: str):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         self.mesh = init_device_mesh(device.type, (dist.world_size(),))
-        self.mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                   if mixed_precision == "bf16" else MixedPrecisionPolicy())
+        self.dtype = HALF.get(mixed_precision)
+        self.mp = (MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype
+                   else MixedPrecisionPolicy())
+        self.scaler = ShardedGradScaler(device.type) if mixed_precision == "fp16" else None
         self.mixed_precision, self.device = mixed_precision, device
 
     def shard(self, net: nn.Module, blocks: list[nn.Module]) -> None:
         """``fully_shard`` each block, then the network (its remaining parameters), in place. A network holding
-        floating-point buffers gathers float32 weights (see :func:`bf16_weights_problem`); autocast still applies."""
+        floating-point buffers gathers float32 weights (see :func:`half_weights_problem`); autocast still applies."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        mp = self.mp if bf16_weights_problem(net) is None else MixedPrecisionPolicy()
+        mp = self.mp if half_weights_problem(net) is None else MixedPrecisionPolicy()
         for m in [*blocks, net]:
             fully_shard(m, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
             for method in FORWARD_METHODS:  # called instead of forward: gather (and free) around them too
@@ -107,27 +113,45 @@ class FSDP2:
                     register_fsdp_forward_method(m, method)
 
     def autocast(self):
-        """One autocast region around a phase's loss (bf16), as under DeepSpeed."""
-        if self.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """One autocast region around a phase's loss (bf16 or fp16), as under DeepSpeed."""
+        if self.dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: scaled under fp16."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     # ---- the optimizer step
     def step(self, t, bad: torch.Tensor, tc, tally) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Clip the sharded gradients by their global norm, skip a non-finite (or, with train.skip_grad_norm,
         extreme) update, step, project (EDM2) and zero the gradients: :meth:`distgen.engines.Engine.step`'s
-        semantics. The skip reads the flag on the host once per step (no fused kernel's found_inf here)."""
+        semantics. The skip reads the flag on the host once per step (no fused kernel's found_inf here).
+
+        Under fp16 the gradients are unscaled first (the clip and the skip see their true norm), and a non-finite
+        norm is the scaler's overflow, as under DDP's GradScaler: counted in ``overflow_total`` (not ``bad``), the
+        update skipped by the scaler, whose scale backs off (``update`` runs every step, stepped or not)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(t.opt)  # found_inf all-reduced over the ranks
         norm = torch.nn.utils.clip_grad_norm_([p for p in t.raw.parameters() if p.grad is not None],
                                               tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         norm = full(norm)
-        bad = bad | ~torch.isfinite(norm)
+        overflow = ~torch.isfinite(norm)
+        if self.scaler is None:
+            bad = bad | overflow
         held = None
         if tc.skip_grad_norm:
-            held = (norm > tc.skip_grad_norm) & ~bad
+            held = (norm > tc.skip_grad_norm) & ~bad & ~overflow
             tally.count("skipped_updates_total", held)
         skip = bad if held is None else bad | held
         if not bool(skip):
-            t.opt.step()
+            if self.scaler is not None:
+                tally.count("overflow_total", overflow)
+                self.scaler.step(t.opt)  # no update where the gradients overflowed
+            else:
+                t.opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
         project_local(t.projections)
         t.opt.zero_grad(set_to_none=True)
         return bad, held

@@ -73,7 +73,6 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     dist.print0(to_yaml(cfg), end="")
     dist.print0(f"distgen: {eng.world} process(es) on {eng.device} ({eng.describe()}), mixed precision "
                 f"{tc.mixed_precision}, checkpoints {'in the background' if tc.async_checkpoint else 'synchronous'}")
-    dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")
 
     # ---- networks (the same initial weights on every rank), EMAs, engines
     run = Run(cfg, eng, family, phases, info, Path(cfg.run.folder), fast)  # its batch and length: at the resume
@@ -95,6 +94,7 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     run.emas = {n: EMASet.from_config(run.nets[n], cfg.ema) for n in family.ema_networks()}
     # After the EMA copies (plain modules: they only sample), before compiling (which traces the checkpoints)
     fast.checkpoint_activations(family, run.nets)
+    dist.print0(f"distgen: speed: {fast.describe()}, {threads.describe()}")  # once the networks said what they take
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast, run.emas)  # FSDP2 and ZeRO-3 shard the EMAs as their networks

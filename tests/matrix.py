@@ -134,7 +134,8 @@ def family_config(root: Path, name: str, run: str, data: dict, train: Optional[d
 
 
 def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, timeout: int = 1200) -> dict:
-    """One `accelerate launch` of tests/scripts/train_matrix.py over ``spec``; returns {name: record}."""
+    """One `accelerate launch` of tests/scripts/train_matrix.py over ``spec``; returns {name: record}. Its stdout
+    is kept in ``root/launch.out``."""
     import subprocess
 
     from distgen.dist import free_port
@@ -146,6 +147,7 @@ def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, t
            str(free_port()), str(REPO / "tests/scripts/train_matrix.py"), str(root / "spec.json"),
            str(root / "out.json")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    (root / "launch.out").write_text(r.stdout)  # the runs' start-up lines, for tests that check what a run chose
     assert r.returncode == 0 and (root / "out.json").is_file(), r.stdout[-3000:] + r.stderr[-5000:]
     return read_matrix(root)
 

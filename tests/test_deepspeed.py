@@ -18,7 +18,7 @@ from distgen.config import load_config
 from distgen.families import DataInfo, build_family
 from distgen.export.native import export
 from matrix import MODELS, _load_raw, differences, edm2_off_sphere, launch_matrix, record_differences, \
-    straight_and_resumed
+    records, straight_and_resumed
 from test_train import launch, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]  # 2-process ZeRO-2/3 trainings (make test-fast leaves these out)
@@ -31,6 +31,7 @@ REFUSED = {("autoencoder", 3), ("gan-mlp", 3), ("gan-dcgan", 3), ("gan-biggan", 
            ("ffjord", 3), ("ffjord-adjoint", 3)}
 STAGES = (2, 3)
 STEPS, STOP = 4, 2
+BF16 = {"mixed_precision": "bf16"}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,12 @@ def matrix(tmp_path_factory, matrix_data):
     root = tmp_path_factory.mktemp("ds-matrix")
     data = matrix_data
     # ZeRO-2 first: once a ZeRO-3 engine exists, DeepSpeed keeps F.linear replaced by its own for the process
-    spec = [straight_and_resumed(root, name, data, STEPS, STOP, {"mixed_precision": "bf16"}, tag=f"-z{stage}",
+    spec = [straight_and_resumed(root, name, data, STEPS, STOP, BF16, tag=f"-z{stage}",
                                  env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)})
             for stage, name in itertools.product(STAGES, MODELS)]
+    # activation checkpointing (diffusers' U-Net recomputing its blocks over ZeRO-3's partitioned parameters)
+    spec.append(straight_and_resumed(root, "diffusion", data, STEPS, STOP, {**BF16, "activation_checkpointing": True},
+                                     tag="-ac-z3", env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}))
     return root, launch_matrix(spec, root, 2, "configs/accelerate/zero2.yaml", timeout=1800)
 
 
@@ -80,6 +84,19 @@ def test_every_family_trains_and_resumes_exactly_in_bf16_under_zero_2_and_3_it_d
     assert (b / "samples" / f"step-{STEPS:08d}.png").is_file()
     if name not in ("autoencoder", "latent_diffusion"):  # those two calibrate on 2048 images: slow, tested elsewhere
         assert (export(b, tmp_path / "export") / "distgen.json").is_file()
+
+
+def test_activation_checkpointing_resumes_exactly_under_zero_3(matrix):
+    """train.activation_checkpointing under ZeRO-3: 4 steps straight and 2 then a resume, bit for bit; the first
+    step's loss is the one without it (the same maths, recomputed)."""
+    root, results = matrix
+    assert [c.get("rc") for c in results["diffusion-ac-z3"]["calls"]] == [0, 0, 0], results["diffusion-ac-z3"]
+    a, b = root / "diffusion-ac-z3-a", root / "diffusion-ac-z3-b"
+    last = f"checkpoints/step-{STEPS:08d}"
+    assert (a / last / "deepspeed" / "unet").is_dir()
+    assert differences(a / last, b / last) == [] and record_differences(a, b, STOP) == []
+    assert "activation checkpointing unet" in (root / "launch.out").read_text()  # on (only this run asks)
+    assert records(a)[1]["loss"] == records(root / "diffusion-z3-a")[1]["loss"]
 
 
 def _check_master_weights(name: str, stage: int, state: Path) -> None:

@@ -1,5 +1,6 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
-configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE and StyleGAN2;
+configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection; in fp16 with the sharded
+loss scaler; with activation checkpointing), the VAE and StyleGAN2;
 every family of MODELS taking a step, checkpointing and resuming (or refused at start by name); checkpoints that
 pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group. Sharded checkpoints
 (train.checkpoint_format=sharded, distgen.checkpoint_dcp) in the same launch: an exact resume holding what a full
@@ -13,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -29,9 +31,11 @@ FSDP2_CONFIG = "configs/accelerate/fsdp2.yaml"
 STEPS, STOP = 4, 2
 LAST = f"checkpoints/step-{STEPS:08d}"
 BF16 = {"mixed_precision": "bf16"}
-# exact resume: (run, model of MODELS, model settings over it)
-EXACT = {"diffusion": ("diffusion", {}), "diffusion-edm": ("diffusion-edm", {}), "vae": ("vae", {}),
-         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0})}
+# exact resume: (run, model of MODELS, model settings over it, train settings over BF16)
+EXACT = {"diffusion": ("diffusion", {}, {}), "diffusion-edm": ("diffusion-edm", {}, {}), "vae": ("vae", {}, {}),
+         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0}, {}),
+         "diffusion-fp16": ("diffusion", {}, {"mixed_precision": "fp16"}),  # ShardedGradScaler, its state saved
+         "diffusion-ac": ("diffusion", {}, {"activation_checkpointing": True})}  # diffusers' own checkpointing
 # What FSDP2 refuses at start (Family.fsdp_problem), by the reason's opening words; measured on torch 2.14, gloo
 REFUSED = {"autoencoder": "with the adversarial term (disc_weight > 0)", "gan-dcgan": "R1 (r1_gamma > 0)",
            "gan-stylegan2": "R1 (r1_gamma > 0)", "gan-progan": "wgan-gp's gradient penalty",
@@ -44,8 +48,8 @@ def _engine(name: str) -> dict:
     return {"ACCELERATE_USE_FSDP": "true" if name == "fsdp2" else "false"}
 
 
-def _config(root: Path, model: str, run: str, data: dict, over: dict) -> str:
-    path = family_config(root, model, run, data, BF16)
+def _config(root: Path, model: str, run: str, data: dict, over: dict, train: Optional[dict] = None) -> str:
+    path = family_config(root, model, run, data, {**BF16, **(train or {})})
     cfg = yaml.safe_load(path.read_text())
     cfg["model"].update(over)
     path.write_text(yaml.safe_dump(cfg))
@@ -65,9 +69,10 @@ def matrix(tmp_path_factory, matrix_data):
     root = tmp_path_factory.mktemp("fsdp2")
     data = matrix_data
     spec = []
-    for run, (model, over) in EXACT.items():  # STEPS straight (-a), and STOP then a resume to STEPS (-b)
+    for run, (model, over, train) in EXACT.items():  # STEPS straight (-a), and STOP then a resume to STEPS (-b)
         for ab, plan in (("a", [(STEPS, "fsdp2")]), ("b", [(STOP, "fsdp2"), (STEPS, "fsdp2")])):
-            spec.append({"name": f"{run}-{ab}", "calls": _calls(_config(root, model, f"{run}-{ab}", data, over), plan)})
+            config = _config(root, model, f"{run}-{ab}", data, over, train)
+            spec.append({"name": f"{run}-{ab}", "calls": _calls(config, plan)})
     for name in (n for n in MODELS if n not in EXACT):  # the engine matrix: a step, a checkpoint, a resume
         spec.append({"name": name, "calls": _calls(_config(root, name, name, data, {}), [(1, "fsdp2"), (2, "fsdp2")])})
     for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # one engine's checkpoint resumed by the other
@@ -82,9 +87,10 @@ def matrix(tmp_path_factory, matrix_data):
 
 
 @pytest.mark.parametrize("run", list(EXACT))
-def test_fsdp2_resumes_exactly_in_bf16(matrix, run):
-    """STEPS straight against STOP then a resume, both under FSDP2: the final checkpoints (weights, EMAs gathered
-    from their shards, the optimizer states gathered into DDP's layout, RNGs) and every record, bit for bit."""
+def test_fsdp2_resumes_exactly(matrix, run):
+    """STEPS straight against STOP then a resume, both under FSDP2 (bf16, or fp16 for diffusion-fp16): the final
+    checkpoints (weights, EMAs gathered from their shards, the optimizer states gathered into DDP's layout, RNGs,
+    fp16's loss scaler) and every record, bit for bit."""
     root, results = matrix
     for ab in "ab":
         calls = results[f"{run}-{ab}"]["calls"]
@@ -101,6 +107,13 @@ def test_fsdp2_resumes_exactly_in_bf16(matrix, run):
             assert not all(torch.equal(ema[k], w[k]) for k in w if w[k].is_floating_point())  # an average, not a copy
     if run == "diffusion-edm":  # the projection ran on each rank's rows after every step
         assert edm2_off_sphere(weights["unet"]) < 1e-5
+    if run == "diffusion-fp16":  # the scaler's state went on over the resume: STEPS steps without an overflow
+        scaler = ckpt.load_state(b / LAST / "scaler.pt")
+        assert scaler["_growth_tracker"] == STEPS and records(b)[STEPS]["overflow_total"] == 0, scaler
+        assert records(a)[1]["loss"] != records(root / "diffusion-a")[1]["loss"]  # not bf16's numbers
+    if run == "diffusion-ac":  # on (only these runs ask), and the same maths: the first step's loss as without it
+        assert "activation checkpointing unet" in (root / "launch.out").read_text()
+        assert records(a)[1]["loss"] == records(root / "diffusion-a")[1]["loss"]
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -111,7 +124,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 def test_every_family_steps_checkpoints_and_resumes_under_fsdp2_or_is_refused_by_name(matrix, name):
     root, results = matrix
     # the exact-resume runs stand for their families here: STOP steps, a checkpoint, a resume to STEPS
-    covered = name in EXACT and not EXACT[name][1]
+    covered = name in EXACT and not EXACT[name][1] and not EXACT[name][2]
     calls, run, last = (results[name]["calls"], root / name, 2) if not covered else \
         (results[f"{name}-b"]["calls"], root / f"{name}-b", STEPS)
     if name in REFUSED:
@@ -237,8 +250,7 @@ def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():
     cpu = torch.device("cpu")
     assert config_problem("2", tc, cpu) is None
     assert "fsdp_version: 2" in config_problem("1", tc, cpu)
-    assert config_problem("2", SimpleNamespace(**{**vars(tc), "mixed_precision": "fp16"}), cpu).startswith(
-        "train.mixed_precision=fp16")
+    assert config_problem("2", SimpleNamespace(**{**vars(tc), "mixed_precision": "fp16"}), cpu) is None  # scaled
     assert config_problem("2", SimpleNamespace(**{**vars(tc), "channels_last": True}), cpu).startswith(
         "train.channels_last")
 

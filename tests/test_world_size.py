@@ -1,7 +1,8 @@
 """Resuming at another world size (distgen.world_change): the global batch kept when it divides by the new process
 count, else the per-device batch kept and the change said; the samples seen go on; the log, every later checkpoint's
 meta.json and `distgen status` say that the count changed; DeepSpeed refuses another count by name, with the command
-that converts its states. Exactness is promised only at the same count: here the runs go on, with finite losses."""
+that converts its states. Exactness is promised only at the same count: here the runs go on, with finite losses
+(1 -> 2 -> 1 -> 2 processes under DDP, then 2 -> 3 under DDP and under FSDP2)."""
 
 from __future__ import annotations
 
@@ -127,6 +128,44 @@ def test_two_to_one_to_two_goes_on_with_finite_losses_and_counts_every_image(cha
     assert all(int(s["step"]) == 9 for s in opt["state"].values())  # Adam went on counting its steps
     assert ("world size 1 -> 2 process(es) at step 2 (global batch 3 -> 6); 2 -> 1 process(es) at step 5 (global "
             "batch 6 kept); 1 -> 2 process(es) at step 7 (global batch 6 kept)") in screen(run_dir)
+
+
+@pytest.fixture(scope="module")
+def three(chain, tmp_path_factory):
+    """The chain's last checkpoint (step 9, written by 2 processes, global batch 6) resumed with 3 processes to step
+    11, under DDP and under FSDP2 (the checkpoint's files are the same for both engines), in one 3-process launch
+    (global batch 6 kept: 2 per device)."""
+    import shutil
+
+    from matrix import launch_matrix
+
+    run_dir, _, _ = chain
+    root = tmp_path_factory.mktemp("three")
+    spec = []
+    for engine in ("ddp", "fsdp2"):
+        shutil.copytree(run_dir, root / engine, ignore=shutil.ignore_patterns("step-0000000[2-8]"))
+        cfg = yaml.safe_load((run_dir.parent / "c.yaml").read_text())
+        cfg["run"]["dir"] = str(root / engine)
+        (root / f"{engine}.yaml").write_text(yaml.safe_dump(cfg))
+        spec.append({"name": engine, "calls": [{"config": str(root / f"{engine}.yaml"), "overrides": [
+            "train.max_steps=11"], "env": {"ACCELERATE_USE_FSDP": "true" if engine == "fsdp2" else "false"}}]})
+    return root, launch_matrix(spec, root, 3, "configs/accelerate/fsdp2.yaml", timeout=600)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_to_three_go_on_under_ddp_and_fsdp2(three, engine):
+    root, results = three
+    assert [c.get("rc") for c in results[engine]["calls"]] == [0], results[engine]
+    run_dir = root / engine
+    meta = _meta(run_dir, 11)
+    assert (meta["world_size"], meta["global_batch"], meta["nimg"]) == (3, 6, 48 + 2 * 6)  # 6 = 2 per device x 3
+    assert meta["world_size_changes"][-1] == _change(9, 48, 2, 3, 6, 6)
+    recs = _records(run_dir)
+    assert [r["step"] for r in recs][-2:] == [10, 11] and [r["kimg"] for r in recs][-2:] == [0.054, 0.06]
+    assert all(math.isfinite(r["loss"]) for r in recs) and recs[-1]["nonfinite_total"] == 0
+    opt = ckpt.load_state(run_dir / "checkpoints" / "step-00000011" / "optim-unet.pt")
+    assert all(int(s["step"]) == 11 for s in opt["state"].values())  # Adam's states went on, sharded 3 ways or not
 
 
 @pytest.mark.e2e

@@ -3,10 +3,12 @@
 A network sharded by distgen.engines_fsdp.FSDP2 and an EMA of it kept as shards: each rank holds only part of every
 EMA, an update moves the shards as a whole-tensor update moves the whole tensors, gathered_emas gives back the whole
 tensors (and the shards after), and EDM2's projection applied to each rank's rows equals the projection of the whole
-weight. Prints "fsdp_shards: ok" on rank 0.
+weight. Under fp16, an overflow on one rank skips the update on both (ShardedGradScaler's inf check is all-reduced),
+is counted and halves the scale; a finite step then updates. Prints "fsdp_shards: ok" on rank 0.
 """
 
 import copy
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as td
@@ -54,6 +56,33 @@ for p, q in ((net[0][0].weight, whole[0][0].weight), (net[1].weight, whole[1].we
     with torch.no_grad():
         q.copy_(normalize(q))
     assert torch.equal(p.full_tensor(), q), "the projection of the shards is not the shard of the projection"
+
+# fp16: the loss scaled, the shards unscaled before the clip, an overflow on rank 1 alone skipped on both ranks
+class Tally:
+    def __init__(self):
+        self.counts = {}
+
+    def count(self, name, flag):
+        self.counts[name] = self.counts.get(name, 0) + int(flag)
+
+
+half = FSDP2(torch.device("cpu"), "fp16")
+small = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+half.shard(small, [small[0]])
+t = SimpleNamespace(raw=small, opt=torch.optim.AdamW(small.parameters(), lr=1e-2), projections=[])
+tc, tally = SimpleNamespace(grad_clip=1.0, skip_grad_norm=0), Tally()
+for step, overflow in ((1, True), (2, False)):
+    before = [p.full_tensor().clone() for p in small.parameters()]
+    with half.autocast():
+        loss = small(torch.randn(3, 4)).float().square().mean()
+    if overflow and td.get_rank() == 1:
+        loss = loss * float("inf")
+    half.scale(loss).backward()
+    bad, _ = half.step(t, torch.zeros((), dtype=torch.bool), tc, tally)
+    moved = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before, small.parameters()))
+    assert moved != overflow and not bool(bad), (step, moved, bool(bad))
+    assert tally.counts.get("overflow_total", 0) == 1, tally.counts
+    assert half.scaler.get_scale() == 2.0 ** 15, half.scaler.get_scale()  # 2**16 halved once, not grown yet
 if td.get_rank() == 0:
     print("fsdp_shards: ok", held, total, flush=True)
 td.destroy_process_group()
