@@ -101,7 +101,8 @@ class FSDP2:
         mp = self.mp if bf16_weights_problem(net) is None else MixedPrecisionPolicy()
         for m in [*blocks, net]:
             fully_shard(m, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
-            for method in FORWARD_METHODS:  # called instead of forward: gather (and free) around them too
+            # called instead of forward, or beside it (the module's forward_methods): gather (and free) around them
+            for method in (*FORWARD_METHODS, *getattr(m, "forward_methods", ())):
                 if callable(getattr(m, method, None)):
                     register_fsdp_forward_method(m, method)
 

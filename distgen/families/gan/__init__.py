@@ -121,6 +121,9 @@ class GAN(Family, ExportsOnnx):
     def fsdp_problem(self):
         return fsdp_problem(self.cfg, self.loss_kind)
 
+    def shard_blocks(self, network, module):
+        return [] if self.arch.shards_whole(network) else super().shard_blocks(network, module)
+
     def after_step(self, phase, raw):
         if phase == "D" and self.loss_kind == "wgan":
             with torch.no_grad():
@@ -313,12 +316,4 @@ def fsdp_problem(c, loss_kind: str) -> Optional[str]:
         return ("StyleGAN2's path-length regulariser (pl_weight > 0) backpropagates through a gradient of the "
                 "generator's output: the process died with SIGSEGV in that step (torch 2.14, gloo); set "
                 "pl_weight 0 or train with DDP")
-    if c.ortho_weight > 0:
-        return ("BigGAN's orthogonal regularisation (ortho_weight > 0) reads the generator's weights outside its "
-                "forward, where FSDP2 holds them sharded ('aten.mv.default got mixed torch.Tensor and DTensor'); "
-                "set ortho_weight 0 or train with DDP")
-    if c.arch == "progan":
-        return ("ProGAN's generator adds a zero term over the parameters of the blocks not yet grown, read "
-                "outside their forward, where FSDP2 holds them sharded ('aten.add.Tensor got mixed "
-                "torch.Tensor and DTensor'); train it with DDP")
     return None
