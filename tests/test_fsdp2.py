@@ -1,6 +1,7 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
-configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE and StyleGAN2;
-every family of MODELS taking a step, checkpointing and resuming (or refused at start by name); checkpoints that
+configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE, StyleGAN2 and
+the autoencoder with its discriminator; every family of MODELS (and the GANs of MORE) taking a step, checkpointing
+and resuming (or refused at start by name); checkpoints that
 pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group."""
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ LAST = f"checkpoints/step-{STEPS:08d}"
 BF16 = {"mixed_precision": "bf16"}
 # exact resume: (run, model of MODELS, model settings over it)
 EXACT = {"diffusion": ("diffusion", {}), "diffusion-edm": ("diffusion-edm", {}), "vae": ("vae", {}),
-         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0})}
+         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0}),
+         "autoencoder": ("autoencoder", {})}  # disc_weight 0.1: the frozen discriminator's term in the ae phase
+# Runs beside MODELS' (a step, a checkpoint, a resume): what FSDP2 shards as one unit (ProGAN's networks, whose
+# zero term reads the blocks not yet grown; BigGAN's G with the orthogonal penalty, a registered forward method).
+# ProGAN with hinge: its default loss, wgan-gp, is refused (REFUSED)
+MORE = {"gan-progan-hinge": ("gan-progan", {"loss": "hinge"}), "gan-biggan-ortho": ("gan-biggan", {"ortho_weight": 1e-4})}
 # What FSDP2 refuses at start (Family.fsdp_problem), by the reason's opening words; measured on torch 2.14, gloo
-REFUSED = {"autoencoder": "with the adversarial term (disc_weight > 0)", "gan-dcgan": "R1 (r1_gamma > 0)",
+REFUSED = {"gan-dcgan": "R1 (r1_gamma > 0)",
            "gan-stylegan2": "R1 (r1_gamma > 0)", "gan-progan": "wgan-gp's gradient penalty",
            "score-ncsn-ssm": "sliced score matching's double backward", "ebm-jem": "spectral_norm",
            "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
@@ -59,8 +65,9 @@ def matrix(tmp_path_factory, fm_test_shards):
     for run, (model, over) in EXACT.items():  # STEPS straight (-a), and STOP then a resume to STEPS (-b)
         for ab, plan in (("a", [(STEPS, "fsdp2")]), ("b", [(STOP, "fsdp2"), (STEPS, "fsdp2")])):
             spec.append({"name": f"{run}-{ab}", "calls": _calls(_config(root, model, f"{run}-{ab}", data, over), plan)})
-    for name in (n for n in MODELS if n not in EXACT):  # the engine matrix: a step, a checkpoint, a resume
-        spec.append({"name": name, "calls": _calls(_config(root, name, name, data, {}), [(1, "fsdp2"), (2, "fsdp2")])})
+    runs = {**{n: (n, {}) for n in MODELS if n not in EXACT}, **MORE}
+    for name, (model, over) in runs.items():  # the engine matrix: a step, a checkpoint, a resume
+        spec.append({"name": name, "calls": _calls(_config(root, model, name, data, over), [(1, "fsdp2"), (2, "fsdp2")])})
     for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # one engine's checkpoint resumed by the other
         run = f"{first}-then-{then}"
         spec.append({"name": run, "calls": _calls(_config(root, "diffusion", run, data, {}), [(2, first), (4, then)])})
@@ -93,7 +100,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in folder.glob("*.safetensors") if not p.name.startswith(("ema", "rng", "family"))}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, *MORE])
 def test_every_family_steps_checkpoints_and_resumes_under_fsdp2_or_is_refused_by_name(matrix, name):
     root, results = matrix
     # the exact-resume runs stand for their families here: STOP steps, a checkpoint, a resume to STEPS
@@ -158,7 +165,8 @@ def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():
 
 def test_the_gan_regularisers_fsdp2_cannot_run_are_refused_by_name():
     """R1 and path length on StyleGAN2 (the matrix's own StyleGAN2 has R1; path length is off there), wgan-gp on
-    DCGAN, BigGAN's orthogonal regularisation; without them the family trains (the exact-resume run above)."""
+    DCGAN and on ProGAN (its default); without them the family trains (the exact-resume run above), and so do
+    BigGAN's orthogonal regularisation and ProGAN with another loss (MORE), each network sharded as one unit."""
     from distgen.config import load_config
     from distgen.families import DataInfo, build_family
 
@@ -171,7 +179,9 @@ def test_the_gan_regularisers_fsdp2_cannot_run_are_refused_by_name():
     assert problem("stylegan2", "model.r1_gamma=1").startswith("R1 (r1_gamma > 0)")
     assert problem("stylegan2", "model.pl_weight=2").startswith("StyleGAN2's path-length regulariser")
     assert problem("dcgan", "model.loss=wgan-gp").startswith("wgan-gp's gradient penalty")
-    assert problem("biggan", "model.ortho_weight=0.0001").startswith("BigGAN's orthogonal regularisation")
+    assert problem("progan").startswith("wgan-gp's gradient penalty")
+    assert problem("progan", "model.loss=hinge") is None
+    assert problem("biggan", "model.ortho_weight=0.0001") is None
 
 
 def test_the_emas_are_kept_as_shards_and_gathered_whole(env):
