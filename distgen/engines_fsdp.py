@@ -106,6 +106,29 @@ class FSDP2:
                 if callable(getattr(m, method, None)):
                     register_fsdp_forward_method(m, method)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def gathered(net: nn.Module) -> Iterator[None]:
+        """``net``'s weights held gathered from its forward to the end of its backward (a phase that differentiates
+        through it twice: Phase.twice), then freed. With the weights freed after the forward or after the first
+        backward (FSDP2's default), the second backward failed ("The tensor has a non-zero number of elements, but
+        its data is not allocated yet"; torch 2.14, gloo). The cost: the whole network's weights in memory during
+        that phase's forward and backward. Freed again before the optimizer step, which clips the sharded
+        gradients that ``net.parameters()`` only return once it is sharded again."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in net.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+                m.set_reshard_after_backward(True, recurse=False)
+
     def autocast(self):
         """One autocast region around a phase's loss (bf16), as under DeepSpeed."""
         if self.mixed_precision == "bf16":

@@ -1,6 +1,6 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
-configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE, StyleGAN2 and
-the autoencoder with its discriminator; every family of MODELS (and the GANs of MORE) taking a step, checkpointing
+configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection), the VAE, StyleGAN2 with
+R1 and path length (double backwards) and the autoencoder with its discriminator; every family of MODELS (and the GANs of MORE) taking a step, checkpointing
 and resuming (or refused at start by name); checkpoints that
 pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group."""
 
@@ -26,17 +26,14 @@ LAST = f"checkpoints/step-{STEPS:08d}"
 BF16 = {"mixed_precision": "bf16"}
 # exact resume: (run, model of MODELS, model settings over it)
 EXACT = {"diffusion": ("diffusion", {}), "diffusion-edm": ("diffusion-edm", {}), "vae": ("vae", {}),
-         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0}),
+         "gan-stylegan2-pl": ("gan-stylegan2", {"pl_weight": 2.0, "pl_every": 2}),  # and R1 every 2 steps
          "autoencoder": ("autoencoder", {})}  # disc_weight 0.1: the frozen discriminator's term in the ae phase
 # Runs beside MODELS' (a step, a checkpoint, a resume): what FSDP2 shards as one unit (ProGAN's networks, whose
 # zero term reads the blocks not yet grown; BigGAN's G with the orthogonal penalty, a registered forward method).
-# ProGAN with hinge: its default loss, wgan-gp, is refused (REFUSED)
+# ProGAN with hinge beside its default wgan-gp (MODELS)
 MORE = {"gan-progan-hinge": ("gan-progan", {"loss": "hinge"}), "gan-biggan-ortho": ("gan-biggan", {"ortho_weight": 1e-4})}
 # What FSDP2 refuses at start (Family.fsdp_problem), by the reason's opening words; measured on torch 2.14, gloo
-REFUSED = {"gan-dcgan": "R1 (r1_gamma > 0)",
-           "gan-stylegan2": "R1 (r1_gamma > 0)", "gan-progan": "wgan-gp's gradient penalty",
-           "score-ncsn-ssm": "sliced score matching's double backward", "ebm-jem": "spectral_norm",
-           "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
+REFUSED = {"ebm-jem": "spectral_norm", "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
 
 
 def _engine(name: str) -> dict:
@@ -163,25 +160,42 @@ def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():
         "train.channels_last")
 
 
-def test_the_gan_regularisers_fsdp2_cannot_run_are_refused_by_name():
-    """R1 and path length on StyleGAN2 (the matrix's own StyleGAN2 has R1; path length is off there), wgan-gp on
-    DCGAN and on ProGAN (its default); without them the family trains (the exact-resume run above), and so do
-    BigGAN's orthogonal regularisation and ProGAN with another loss (MORE), each network sharded as one unit."""
+def test_the_phases_that_differentiate_twice_say_so():
+    """Phase.twice, which has FSDP2 hold a network gathered through the phase's backward: R1, wgan-gp's gradient
+    penalty, StyleGAN2's path length, sliced score matching; not the other phases (their weights are freed after
+    each unit's forward and backward). None of them is refused."""
     from distgen.config import load_config
     from distgen.families import DataInfo, build_family
 
-    def problem(arch: str, *over: str):
-        cfg = load_config(None, ["model.family=gan", f"model.arch={arch}", "model.preset=tiny", "data.resolution=16",
-                                 *over])
-        return build_family(cfg.model, DataInfo(16, 1, 10)).fsdp_problem()
+    def twice(*over: str) -> dict[str, bool]:
+        cfg = load_config(None, ["model.preset=tiny", "data.resolution=16", *over])
+        family = build_family(cfg.model, DataInfo(16, 1, 10))
+        assert family.fsdp_problem() is None
+        return {p.name: p.twice for p in family.phases()}
 
-    assert problem("stylegan2") is None
-    assert problem("stylegan2", "model.r1_gamma=1").startswith("R1 (r1_gamma > 0)")
-    assert problem("stylegan2", "model.pl_weight=2").startswith("StyleGAN2's path-length regulariser")
-    assert problem("dcgan", "model.loss=wgan-gp").startswith("wgan-gp's gradient penalty")
-    assert problem("progan").startswith("wgan-gp's gradient penalty")
-    assert problem("progan", "model.loss=hinge") is None
-    assert problem("biggan", "model.ortho_weight=0.0001") is None
+    gan = ("model.family=gan", "model.arch=stylegan2")
+    assert twice(*gan) == {"D": False, "G": False}
+    assert twice(*gan, "model.r1_gamma=1", "model.pl_weight=2") == {"D": False, "D_r1": True, "G": False,
+                                                                     "G_pl": True}
+    assert twice("model.family=gan", "model.arch=dcgan", "model.loss=wgan-gp") == {"D": True, "G": False}
+    assert twice("model.family=score", "model.objective=ssm", "model.sde=ncsn") == {"score": True}
+    assert twice("model.family=score") == {"score": False}
+
+
+def test_a_double_backward_through_fsdp2_gives_the_whole_networks_gradients(env):
+    """tests/scripts/fsdp_twice.py with 2 processes: R1 through DCGAN's sharded discriminator held gathered
+    (FSDP2.gathered) gives the gradients of the whole network, twice, and leaves it sharded; without the hold the
+    second backward finds its weights freed."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from distgen.dist import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(REPO / "tests/scripts/fsdp_twice.py")], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fsdp_twice: ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def test_the_emas_are_kept_as_shards_and_gathered_whole(env):

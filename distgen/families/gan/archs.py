@@ -218,7 +218,7 @@ class StyleGAN2(Arch):
         return kw
 
     def phases(self):
-        return [Phase("G_pl", "G", self.cfg.pl_every)] if self.cfg.pl_weight > 0 else []
+        return [Phase("G_pl", "G", self.cfg.pl_every, twice=True)] if self.cfg.pl_weight > 0 else []
 
     def phase_loss(self, ctx, nets, real, labels, g):
         if ctx.phase != "G_pl":
