@@ -7,7 +7,9 @@ holds.
 ``FSDP_VERSION=2``. distgen builds its Accelerator without that request (Accelerate would wrap the networks itself)
 and shards each trained network here: the blocks the family names (:meth:`Family.shard_blocks`), then the
 network, each with ``reshard_after_forward=True`` (the root too: a GAN calls each network in the other's phase,
-where its parameters must be sharded again afterwards, not held whole until a backward that never comes).
+where its parameters must be sharded again afterwards, not held whole until a backward that never comes). A phase
+that backpropagates through a gradient of its network (``Phase.twice``) holds it gathered to the end of its
+backward instead (:meth:`FSDP2.gathered`).
 
 Precision: ``train.mixed_precision=bf16`` gives ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (the
 shards, the optimizer and the EMAs stay float32; the gathered weights a forward uses are bf16; gradients are
