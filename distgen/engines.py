@@ -16,6 +16,7 @@ Under fp16 DeepSpeed's ZeRO optimizers scale the loss with torch's GradScaler.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -411,6 +412,11 @@ class Engine(EngineCheckpoints):
         if self.fsdp is not None:
             return self.fsdp.autocast()
         return t.acc.autocast()
+
+    def gathered(self, t: Trained, twice: bool):
+        """The context of a micro-step's loss and backward: under FSDP2 a phase that differentiates through its
+        network twice (``Phase.twice``) holds its weights gathered (:meth:`FSDP2.gathered`); elsewhere nothing."""
+        return self.fsdp.gathered(t.raw) if self.fsdp is not None and twice else contextlib.nullcontext()
 
     def backward(self, t: Trained, loss: torch.Tensor, bad: torch.Tensor, tally) -> torch.Tensor:
         """One micro-step's backward; returns ``bad`` (a device bool: this step's loss or gradients were not

@@ -7,7 +7,9 @@ holds.
 ``FSDP_VERSION=2``. distgen builds its Accelerator without that request (Accelerate would wrap the networks itself)
 and shards each trained network here: the blocks the family names (:meth:`Family.shard_blocks`), then the
 network, each with ``reshard_after_forward=True`` (the root too: a GAN calls each network in the other's phase,
-where its parameters must be sharded again afterwards, not held whole until a backward that never comes).
+where its parameters must be sharded again afterwards, not held whole until a backward that never comes). A phase
+that backpropagates through a gradient of its network (``Phase.twice``) holds it gathered to the end of its
+backward instead (:meth:`FSDP2.gathered`).
 
 Precision: ``train.mixed_precision=bf16`` (or ``fp16``) gives ``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)`` (the shards, the optimizer and the EMAs stay float32; the gathered weights a forward uses are
@@ -108,9 +110,33 @@ class FSDP2:
         mp = self.mp if half_weights_problem(net) is None else MixedPrecisionPolicy()
         for m in [*blocks, net]:
             fully_shard(m, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
-            for method in FORWARD_METHODS:  # called instead of forward: gather (and free) around them too
+            # called instead of forward, or beside it (the module's forward_methods): gather (and free) around them
+            for method in (*FORWARD_METHODS, *getattr(m, "forward_methods", ())):
                 if callable(getattr(m, method, None)):
                     register_fsdp_forward_method(m, method)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def gathered(net: nn.Module) -> Iterator[None]:
+        """``net``'s weights held gathered from its forward to the end of its backward (a phase that differentiates
+        through it twice: Phase.twice), then freed. With the weights freed after the forward or after the first
+        backward (FSDP2's default), the second backward failed ("The tensor has a non-zero number of elements, but
+        its data is not allocated yet"; torch 2.14, gloo). The cost: the whole network's weights in memory during
+        that phase's forward and backward. Freed again before the optimizer step, which clips the sharded
+        gradients that ``net.parameters()`` only return once it is sharded again."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in net.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+                m.set_reshard_after_backward(True, recurse=False)
 
     def autocast(self):
         """One autocast region around a phase's loss (bf16 or fp16), as under DeepSpeed."""

@@ -259,13 +259,14 @@ def run_phase(run: Run, phase: Phase, index: int, state: TrainState, cursor: Dat
         noise.manual_seed(dist.derive_seed(cfg.run.seed, eng.rank, state.step, index, micro))
         torch.manual_seed(dist.derive_seed(cfg.run.seed, eng.rank, state.step, index, micro, 1))
         with t.acc.accumulate(t.model):
-            with eng.autocast(t):
-                per_sample, extras = run.family.loss(StepContext(phase.name, state.step, state.nimg, micro), view, batch,
-                                                     noise)
-            loss = per_sample.float().mean()  # the reduction in float32 whatever the precision
-            finite = torch.isfinite(loss.detach())
-            run.tally.add(phase.name, loss, extras, finite)
-            bad = eng.backward(t, loss, bad | ~finite, run.tally)
+            with eng.gathered(t, phase.twice):  # FSDP2: a double backward's weights held to its end
+                with eng.autocast(t):
+                    per_sample, extras = run.family.loss(StepContext(phase.name, state.step, state.nimg, micro), view,
+                                                         batch, noise)
+                loss = per_sample.float().mean()  # the reduction in float32 whatever the precision
+                finite = torch.isfinite(loss.detach())
+                run.tally.add(phase.name, loss, extras, finite)
+                bad = eng.backward(t, loss, bad | ~finite, run.tally)
             bad, was_held = eng.step(t, bad, run.tally)
             if was_held is not None:
                 held = was_held if held is None else held | was_held

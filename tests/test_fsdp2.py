@@ -1,11 +1,11 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
 configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection; in fp16 with the sharded
-loss scaler; with activation checkpointing), the VAE and StyleGAN2;
-every family of MODELS taking a step, checkpointing and resuming (or refused at start by name); checkpoints that
-pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled and exported with no process group. Sharded checkpoints
-(train.checkpoint_format=sharded, distgen.checkpoint_dcp) in the same launch: an exact resume holding what a full
-checkpoint holds, one resumed and written again under DDP, and (in this process) with one process over a damaged
-newer one."""
+loss scaler; with activation checkpointing), the VAE, StyleGAN2 with R1 and path length (double backwards) and the
+autoencoder with its discriminator; every family of MODELS (and the GANs of MORE) taking a step, checkpointing and
+resuming (or refused at start by name); checkpoints that pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled
+and exported with no process group. Sharded checkpoints (train.checkpoint_format=sharded, distgen.checkpoint_dcp) in
+the same launch: an exact resume holding what a full checkpoint holds, one resumed and written again under DDP, and
+(in this process) with one process over a damaged newer one."""
 
 from __future__ import annotations
 
@@ -33,14 +33,17 @@ LAST = f"checkpoints/step-{STEPS:08d}"
 BF16 = {"mixed_precision": "bf16"}
 # exact resume: (run, model of MODELS, model settings over it, train settings over BF16)
 EXACT = {"diffusion": ("diffusion", {}, {}), "diffusion-edm": ("diffusion-edm", {}, {}), "vae": ("vae", {}, {}),
-         "gan-stylegan2-nor1": ("gan-stylegan2", {"r1_gamma": 0.0}, {}),
+         "gan-stylegan2-pl": ("gan-stylegan2", {"pl_weight": 2.0, "pl_every": 2}, {}),  # and R1 every 2 steps
+         "autoencoder": ("autoencoder", {}, {}),  # disc_weight 0.1: the frozen discriminator's term in the ae phase
          "diffusion-fp16": ("diffusion", {}, {"mixed_precision": "fp16"}),  # ShardedGradScaler, its state saved
          "diffusion-ac": ("diffusion", {}, {"activation_checkpointing": True})}  # diffusers' own checkpointing
+# Runs beside MODELS' (a step, a checkpoint, a resume): what FSDP2 shards as one unit (ProGAN's networks, whose
+# zero term reads the blocks not yet grown; BigGAN's G with the orthogonal penalty, a registered forward method).
+# ProGAN with hinge beside its default wgan-gp (MODELS)
+MORE = {"gan-progan-hinge": ("gan-progan", {"loss": "hinge"}),
+        "gan-biggan-ortho": ("gan-biggan", {"ortho_weight": 1e-4})}
 # What FSDP2 refuses at start (Family.fsdp_problem), by the reason's opening words; measured on torch 2.14, gloo
-REFUSED = {"autoencoder": "with the adversarial term (disc_weight > 0)", "gan-dcgan": "R1 (r1_gamma > 0)",
-           "gan-stylegan2": "R1 (r1_gamma > 0)", "gan-progan": "wgan-gp's gradient penalty",
-           "score-ncsn-ssm": "sliced score matching's double backward", "ebm-jem": "spectral_norm",
-           "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
+REFUSED = {"ebm-jem": "spectral_norm", "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
 
 
 def _engine(name: str) -> dict:
@@ -73,8 +76,9 @@ def matrix(tmp_path_factory, matrix_data):
         for ab, plan in (("a", [(STEPS, "fsdp2")]), ("b", [(STOP, "fsdp2"), (STEPS, "fsdp2")])):
             config = _config(root, model, f"{run}-{ab}", data, over, train)
             spec.append({"name": f"{run}-{ab}", "calls": _calls(config, plan)})
-    for name in (n for n in MODELS if n not in EXACT):  # the engine matrix: a step, a checkpoint, a resume
-        spec.append({"name": name, "calls": _calls(_config(root, name, name, data, {}), [(1, "fsdp2"), (2, "fsdp2")])})
+    runs = {**{n: (n, {}) for n in MODELS if n not in EXACT}, **MORE}
+    for name, (model, over) in runs.items():  # the engine matrix: a step, a checkpoint, a resume
+        spec.append({"name": name, "calls": _calls(_config(root, model, name, data, over), [(1, "fsdp2"), (2, "fsdp2")])})
     for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):  # one engine's checkpoint resumed by the other
         run = f"{first}-then-{then}"
         spec.append({"name": run, "calls": _calls(_config(root, "diffusion", run, data, {}), [(2, first), (4, then)])})
@@ -120,7 +124,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in folder.glob("*.safetensors") if not p.name.startswith(("ema", "rng", "family"))}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, *MORE])
 def test_every_family_steps_checkpoints_and_resumes_under_fsdp2_or_is_refused_by_name(matrix, name):
     root, results = matrix
     # the exact-resume runs stand for their families here: STOP steps, a checkpoint, a resume to STEPS
@@ -137,13 +141,26 @@ def test_every_family_steps_checkpoints_and_resumes_under_fsdp2_or_is_refused_by
     assert all(math.isfinite(r["loss"]) for r in recs.values())
     assert all(math.isfinite(v) for r in recs.values() for k, v in r.items() if k.startswith("loss/") and v is not None)
     folder = run / "checkpoints" / f"step-{last:08d}"
-    # resumed, not started afresh: every optimizer (gathered into DDP's layout) counted every step
+    # resumed, not started afresh: every optimizer (gathered into DDP's layout) counted each of its phases' steps
+    due = _optimizer_steps(run, last)
     for p in folder.glob("optim-*.pt"):
         steps = {int(s["step"]) for s in ckpt.load_state(p)["state"].values()}
-        assert steps and max(steps) == last and min(steps) >= 1, (p.name, steps)  # a lazy phase steps less often
+        assert steps and max(steps) == due[p.stem[len("optim-"):]] and min(steps) >= 1, (p.name, steps, due)
     ema = ckpt.load_tensors(next(folder.glob("ema0-*.safetensors")))
     assert all(t.dtype in (torch.float32, torch.int64, torch.bool) and torch.isfinite(t.float()).all()
                for t in ema.values())
+
+
+def _optimizer_steps(run: Path, last: int) -> dict[str, int]:
+    """How many times each network's optimizer stepped in ``last`` steps of ``run``: once for each of its phases
+    that was due (a GAN's lazy R1 steps D's optimizer again; G steps every d_steps)."""
+    from distgen.config import load_config
+    from distgen.families import DataInfo, build_family
+
+    cfg = load_config(str(run / "config.yaml"))
+    phases = build_family(cfg.model, DataInfo(cfg.data.resolution, 1, 10)).phases()
+    return {n: sum(1 for s in range(last) for p in phases if p.network == n and s % p.every == 0)
+            for n in {p.network for p in phases}}
 
 
 @pytest.mark.parametrize("run", ["ddp-then-fsdp2", "fsdp2-then-ddp", "sharded-fsdp2-then-ddp"])
@@ -255,22 +272,42 @@ def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():
         "train.channels_last")
 
 
-def test_the_gan_regularisers_fsdp2_cannot_run_are_refused_by_name():
-    """R1 and path length on StyleGAN2 (the matrix's own StyleGAN2 has R1; path length is off there), wgan-gp on
-    DCGAN, BigGAN's orthogonal regularisation; without them the family trains (the exact-resume run above)."""
+def test_the_phases_that_differentiate_twice_say_so():
+    """Phase.twice, which has FSDP2 hold a network gathered through the phase's backward: R1, wgan-gp's gradient
+    penalty, StyleGAN2's path length, sliced score matching; not the other phases (their weights are freed after
+    each unit's forward and backward). None of them is refused."""
     from distgen.config import load_config
     from distgen.families import DataInfo, build_family
 
-    def problem(arch: str, *over: str):
-        cfg = load_config(None, ["model.family=gan", f"model.arch={arch}", "model.preset=tiny", "data.resolution=16",
-                                 *over])
-        return build_family(cfg.model, DataInfo(16, 1, 10)).fsdp_problem()
+    def twice(*over: str) -> dict[str, bool]:
+        cfg = load_config(None, ["model.preset=tiny", "data.resolution=16", *over])
+        family = build_family(cfg.model, DataInfo(16, 1, 10))
+        assert family.fsdp_problem() is None
+        return {p.name: p.twice for p in family.phases()}
 
-    assert problem("stylegan2") is None
-    assert problem("stylegan2", "model.r1_gamma=1").startswith("R1 (r1_gamma > 0)")
-    assert problem("stylegan2", "model.pl_weight=2").startswith("StyleGAN2's path-length regulariser")
-    assert problem("dcgan", "model.loss=wgan-gp").startswith("wgan-gp's gradient penalty")
-    assert problem("biggan", "model.ortho_weight=0.0001").startswith("BigGAN's orthogonal regularisation")
+    gan = ("model.family=gan", "model.arch=stylegan2")
+    assert twice(*gan) == {"D": False, "G": False}
+    assert twice(*gan, "model.r1_gamma=1", "model.pl_weight=2") == {"D": False, "D_r1": True, "G": False,
+                                                                     "G_pl": True}
+    assert twice("model.family=gan", "model.arch=dcgan", "model.loss=wgan-gp") == {"D": True, "G": False}
+    assert twice("model.family=score", "model.objective=ssm", "model.sde=ncsn") == {"score": True}
+    assert twice("model.family=score") == {"score": False}
+
+
+def test_a_double_backward_through_fsdp2_gives_the_whole_networks_gradients(env):
+    """tests/scripts/fsdp_twice.py with 2 processes: R1 through DCGAN's sharded discriminator held gathered
+    (FSDP2.gathered) gives the gradients of the whole network, twice, and leaves it sharded; without the hold the
+    second backward finds its weights freed."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from distgen.dist import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(REPO / "tests/scripts/fsdp_twice.py")], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fsdp_twice: ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def test_the_emas_are_kept_as_shards_and_gathered_whole(env):

@@ -119,12 +119,13 @@ class Autoencoder(Family, Reconstructs, Calibrates, ExportsOnnx, ExportsDiffuser
     def ema_networks(self):
         return ["ae"]
 
-    def fsdp_problem(self):
-        if self.cfg.disc_weight > 0:
-            return ("with the adversarial term (disc_weight > 0) the backward of a phase through the sharded "
-                    "PatchGAN discriminator failed: 'The tensor has a non-zero number of elements, but its data is "
-                    "not allocated yet' (torch 2.14, gloo); set disc_weight 0 or train with DDP")
-        return None
+    def shard_blocks(self, network, module):
+        # FSDP2: AutoencoderKL's parts (encoder, quant_conv, post_quant_conv, decoder) each sharded on its own. The
+        # AutoencoderKL as one unit, gathered around encode and then decode, is freed by the post-backward hook
+        # at decode's input, and the backward through encode then found its weights freed ("The tensor has a
+        # non-zero number of elements, but its data is not allocated yet"; torch 2.14, gloo; with disc_weight 0
+        # as with the discriminator). Each part is called once in a forward.
+        return super().shard_blocks(network, module.ae if network == "ae" else module)
 
     def engine_problem(self, zero_stage):
         if zero_stage == 3 and self.cfg.disc_weight > 0:

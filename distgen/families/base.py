@@ -44,6 +44,10 @@ class Phase:
     name: str
     network: str
     every: int = 1
+    # The loss backpropagates through a gradient of the network (R1, a gradient penalty, path length, sliced score
+    # matching): a sharding engine (FSDP2) holds the network's weights gathered from its forward to the end of the
+    # phase's backward, not freed after the first backward as the second still needs them
+    twice: bool = False
 
 
 @dataclass(frozen=True)

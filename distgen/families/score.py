@@ -107,18 +107,12 @@ class Score(Family, Likelihood, ExportsOnnx, ExportsDiffusers):
         return {"unet": UNet2DModel(**self.unet_kwargs())}
 
     def phases(self):
-        return [Phase("score", "unet")]
+        return [Phase("score", "unet", twice=self.cfg.objective == "ssm")]
 
     def engine_problem(self, zero_stage):
         if zero_stage == 3 and self.cfg.objective == "ssm":
             return ("sliced score matching's second backward needs weights that ZeRO-3 has already released after the "
                     "first (a size-0 tensor in the backward); use ZeRO-1 or ZeRO-2, or objective dsm")
-        return None
-
-    def fsdp_problem(self):
-        if self.cfg.objective == "ssm":
-            return ("sliced score matching's double backward through the sharded network: the process died with "
-                    "SIGSEGV in the first step (torch 2.14, gloo); use objective dsm or train with DDP")
         return None
 
     def compile_problem(self, network):

@@ -26,7 +26,6 @@ is the arch object's (:mod:`.archs`), picked once by ``model.arch``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -72,11 +71,11 @@ class GAN(Family, ExportsOnnx):
     def _regularisers(self) -> list[Phase]:
         """Lazy regularisers (every k steps, scaled by k): R1, and the arch's own."""
         c = self.cfg
-        return ([Phase("D_r1", "D", c.r1_every)] if c.r1_gamma > 0 else []) + self.arch.phases()
+        return ([Phase("D_r1", "D", c.r1_every, twice=True)] if c.r1_gamma > 0 else []) + self.arch.phases()
 
     def phases(self):
         lazy = self._regularisers()
-        return [Phase("D", "D"), *(p for p in lazy if p.network == "D"), Phase("G", "G", self.cfg.d_steps),
+        return [Phase("D", "D", twice=self.loss_kind == "wgan-gp"), *(p for p in lazy if p.network == "D"), Phase("G", "G", self.cfg.d_steps),
                 *(p for p in lazy if p.network == "G")]
 
     def ema_networks(self):
@@ -118,8 +117,8 @@ class GAN(Family, ExportsOnnx):
                        "nonsaturating")
         return problem
 
-    def fsdp_problem(self):
-        return fsdp_problem(self.cfg, self.loss_kind)
+    def shard_blocks(self, network, module):
+        return [] if self.arch.shards_whole(network) else super().shard_blocks(network, module)
 
     def after_step(self, phase, raw):
         if phase == "D" and self.loss_kind == "wgan":
@@ -298,27 +297,3 @@ class _GeneratorGraph(nn.Module):
         kw = {"truncation": truncation} if self.style else dict(self.fixed)
         return self.G(z, labels if self.conditional else None, **kw).float().clamp(-1, 1)
 
-
-def fsdp_problem(c, loss_kind: str) -> Optional[str]:
-    """Why a GAN of config ``c`` cannot train under FSDP2 (measured; Family.fsdp_problem), or None."""
-    if c.r1_gamma > 0 or loss_kind == "wgan-gp":
-        what = "R1 (r1_gamma > 0)" if c.r1_gamma > 0 else "wgan-gp's gradient penalty"
-        return (f"{what} differentiates the discriminator's output with create_graph and then backpropagates "
-                "through that gradient, and FSDP2 frees the gathered weights after the first backward: the "
-                "second fails ('setStorage: ... out of bounds for storage of size 0', 'The tensor has a "
-                "non-zero number of elements, but its data is not allocated yet'; torch 2.14, gloo, with "
-                "reshard_after_forward true or false, fp32 or bf16); set r1_gamma 0 / another loss, or train "
-                "with DDP")
-    if c.pl_weight > 0:
-        return ("StyleGAN2's path-length regulariser (pl_weight > 0) backpropagates through a gradient of the "
-                "generator's output: the process died with SIGSEGV in that step (torch 2.14, gloo); set "
-                "pl_weight 0 or train with DDP")
-    if c.ortho_weight > 0:
-        return ("BigGAN's orthogonal regularisation (ortho_weight > 0) reads the generator's weights outside its "
-                "forward, where FSDP2 holds them sharded ('aten.mv.default got mixed torch.Tensor and DTensor'); "
-                "set ortho_weight 0 or train with DDP")
-    if c.arch == "progan":
-        return ("ProGAN's generator adds a zero term over the parameters of the blocks not yet grown, read "
-                "outside their forward, where FSDP2 holds them sharded ('aten.add.Tensor got mixed "
-                "torch.Tensor and DTensor'); train it with DDP")
-    return None

@@ -100,6 +100,12 @@ class Arch:
         """A term added to the generator's loss (None: none) and scalars to log in its phase."""
         return None, {}
 
+    def shards_whole(self, network: str) -> bool:
+        """Whether FSDP2 shards ``network`` as one unit (gathered whole around its forward) instead of block by
+        block: its forward, or a method registered with it (the module's ``forward_methods``), reads the weights of
+        blocks it does not run."""
+        return False
+
     def compile_problem(self, network: str) -> Optional[str]:
         return None
 
@@ -178,6 +184,11 @@ class BigGAN(Arch):
         ortho = nets.raw["G"].orthogonal_penalty()
         return self.cfg.ortho_weight * ortho, {"ortho": ortho.detach()}
 
+    def shards_whole(self, network):
+        # the penalty reads every weight of G outside its forward: FSDP2 gathers them around orthogonal_penalty
+        # (G's forward_methods), which it can only do for the weights of G's own unit
+        return network == "G" and self.cfg.ortho_weight > 0
+
 
 class StyleGAN2(Arch):
     """StyleGAN2 (Karras et al. 2020): style mixing and the average w in training, the truncation trick in W,
@@ -207,7 +218,7 @@ class StyleGAN2(Arch):
         return kw
 
     def phases(self):
-        return [Phase("G_pl", "G", self.cfg.pl_every)] if self.cfg.pl_weight > 0 else []
+        return [Phase("G_pl", "G", self.cfg.pl_every, twice=True)] if self.cfg.pl_weight > 0 else []
 
     def phase_loss(self, ctx, nets, real, labels, g):
         if ctx.phase != "G_pl":
@@ -296,6 +307,9 @@ class ProGAN(Arch):
     def generator_terms(self, ctx, nets):
         res, alpha = self.stage(ctx)  # the growth, logged as G/res and G/alpha
         return None, {"res": float(res), "alpha": float(alpha)}
+
+    def shards_whole(self, network):
+        return True  # the zero term over the blocks not yet grown reads their weights inside the network's forward
 
     def compile_problem(self, network):
         return ("ProGAN's blocks and fade-in weight change with the growth (a Python float alpha every step of a "

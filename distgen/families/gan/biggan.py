@@ -283,6 +283,8 @@ class Generator(nn.Module, Checkpointable):
     the linear layer and the blocks are conditioned on the class embedding alone (plain batch norm with learned
     affine when also unconditional).
     """
+    # read the weights beside forward: a sharding engine (FSDP2) gathers them around these as around forward
+    forward_methods = ("orthogonal_penalty",)
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0, *, ch: int, z_dim: int,
                  shared_dim: int, attn_res: int, hier: bool = True):
