@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import pickle
 import re
 import warnings
@@ -235,6 +236,21 @@ def read_metadata(path: Path):
         if info.offset + info.length > sizes[info.relative_path]:
             raise CheckpointError(f"{shard}: truncated ({sizes[info.relative_path]} bytes; the metadata places "
                                   f"data up to byte {info.offset + info.length})")
+    # what a tensor's metadata asks to allocate, against the bytes its chunks take in the shard files (torch.save'd:
+    # at least the raw data), so a crafted size cannot make a reader allocate more than the folder holds
+    stored: dict[str, int] = {}
+    for index, info in md.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    for key, m in md.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            continue
+        dims = tuple(m.size) if isinstance(m.size, tuple) else None
+        dtype = getattr(getattr(m, "properties", None), "dtype", None)
+        if dims is None or not all(isinstance(d, int) and d >= 0 for d in dims) or not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{path}: not DCP metadata ({key}: size {m.size!r}, dtype {dtype!r})")
+        if math.prod(dims) * dtype.itemsize > stored.get(key, 0):
+            raise CheckpointError(f"{path}: {key} is {tuple(dims)} {dtype}, more than its {stored.get(key, 0)} "
+                                  f"stored bytes hold")
     pd = md.planner_data
     if pd is not None and not (isinstance(pd, dict) and all(
             isinstance(k, str) and isinstance(v, tuple) and all(isinstance(p, (str, int)) for p in v)

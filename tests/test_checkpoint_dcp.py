@@ -133,3 +133,16 @@ def test_a_damaged_sharded_checkpoint_is_named_and_passed_over(saved, damage, ca
     got, _ = ckpt.load_newest(folder.parent, lambda f: dcp_ckpt.read(*_net_and_optimizer(1), f, "net"))
     assert got == older
     assert f"{folder} does not load ({ckpt.sharded_weights_dir(folder, 'net') / name}" in capsys.readouterr().out
+
+
+def test_a_tensor_larger_than_its_stored_bytes_is_refused_before_anything_is_allocated(saved):
+    """A size in the metadata is read against the bytes the shard files hold for that tensor: a crafted 2^40
+    elements is refused, naming the file and the tensor, instead of being allocated for the whole read."""
+    folder, _, _ = saved
+    meta = ckpt.sharded_weights_dir(folder, "net") / ".metadata"
+    md = dcp_ckpt.read_metadata(meta)
+    md.state_dict_metadata["0.weight"].size = torch.Size([2 ** 20, 2 ** 20])
+    meta.write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError) as e:
+        dcp_ckpt.read_weights(folder, "net")
+    assert str(e.value).startswith(f"{meta}: 0.weight is (1048576, 1048576) torch.float32, more than its ")
