@@ -6,9 +6,9 @@ checkpointing, at 1 and 2 processes (issue 41's benchmark). One table:
 
 Each cell is a real `accelerate launch ... -m distgen train` (the engine from configs/accelerate/<engine>.yaml),
 read back from the run's metrics.jsonl: ``peak_mem_gib`` (the fullest rank's: CUDA's max allocated, on CPU the
-process's peak resident set; each record's since the one before) and ``samples_per_s``, after the warm-up record. Every cell runs at two batch sizes,
-B and 2B per device, to split the peak into what does not grow with the batch (parameters, gradients, optimizer
-states, EMAs; on CPU also the process's libraries) and what does (activations):
+process's peak resident set; each record's since the one before) and ``samples_per_s``, after the warm-up record.
+Every cell runs at two batch sizes, B and 2B per device, to split the peak into what does not grow with the batch
+(parameters, gradients, optimizer states, EMAs; on CPU also the process's libraries) and what does (activations):
 
     activation(B) = peak(2B) - peak(B)        static = peak(B) - activation(B)
 

@@ -125,7 +125,6 @@ class EMASet:
         self.layout = layout
         for e in self.emas:
             e.shadow_params = [layout.local(i, s) for i, s in enumerate(e.shadow_params)]
-        self.shapes = [p.shape for p in self.module.parameters()]
         self._storage(whole=False)
 
     def _storage(self, whole: bool) -> None:

@@ -204,12 +204,13 @@ class EngineCheckpoints:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
         FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest); from a
         sharded checkpoint the trained networks' weights and optimizers (:meth:`_load_sharded`)."""
-        if not self.deepspeed and dcp_ckpt.is_sharded(data.meta):
+        sharded = not self.deepspeed and dcp_ckpt.is_sharded(data.meta)
+        if sharded:
             self._load_sharded(trained, folder)
         for n, t in trained.items():
             if self.deepspeed:
                 self._ds.load(t.model, ckpt.deepspeed_dir(folder, n), folder)
-            elif dcp_ckpt.is_sharded(data.meta):
+            elif sharded:
                 continue  # read above
             elif self.fsdp is not None:
                 try:

@@ -74,8 +74,8 @@ FORWARD_METHODS = ("encode", "decode")
 
 
 def half_weights_problem(net: nn.Module) -> Optional[str]:
-    """Why ``net``'s weights are gathered in float32 under bf16 or fp16 (None: in 16 bits). MixedPrecisionPolicy casts the
-    parameters, not the buffers, and a forward that combines float32 buffers with the weights outside autocast's
+    """Why ``net``'s weights are gathered in float32 under bf16 or fp16 (None: in 16 bits). MixedPrecisionPolicy casts
+    the parameters, not the buffers, and a forward that combines float32 buffers with the weights outside autocast's
     casts fails in bf16 (measured on CPU, torch 2.14: batch norm's running statistics in DCGAN, "expected scalar
     type BFloat16 but found Float"; spectral norm's power iteration in JEM, "addmv input tensors must have the same
     dtype")."""
@@ -100,7 +100,7 @@ class FSDP2:
         self.mp = (MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if self.dtype
                    else MixedPrecisionPolicy())
         self.scaler = ShardedGradScaler(device.type) if mixed_precision == "fp16" else None
-        self.mixed_precision, self.device = mixed_precision, device
+        self.device = device
 
     def shard(self, net: nn.Module, blocks: list[nn.Module]) -> None:
         """``fully_shard`` each block, then the network (its remaining parameters), in place. A network holding

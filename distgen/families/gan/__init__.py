@@ -75,8 +75,8 @@ class GAN(Family, ExportsOnnx):
 
     def phases(self):
         lazy = self._regularisers()
-        return [Phase("D", "D", twice=self.loss_kind == "wgan-gp"), *(p for p in lazy if p.network == "D"), Phase("G", "G", self.cfg.d_steps),
-                *(p for p in lazy if p.network == "G")]
+        return [Phase("D", "D", twice=self.loss_kind == "wgan-gp"), *(p for p in lazy if p.network == "D"),
+                Phase("G", "G", self.cfg.d_steps), *(p for p in lazy if p.network == "G")]
 
     def ema_networks(self):
         return ["G"]
