@@ -98,8 +98,9 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
     for n in fast.compiled:  # after the EMA copies: those are plain modules (sampling is not compiled)
         fast.compile_network(run.nets[n])
     run.trained = eng.prepare(run.nets, family, fast, run.emas)  # FSDP2 and ZeRO-3 shard the EMAs as their networks
-    if shards_held(run.emas):
-        dist.print0(f"distgen: {shards_held(run.emas)}")
+    ema_shards = shards_held(run.emas)
+    if ema_shards:
+        dist.print0(f"distgen: {ema_shards}")
     for n in set(run.nets) - set(run.trained):
         run.nets[n].requires_grad_(False)  # networks no phase trains (a frozen autoencoder)
 
