@@ -298,16 +298,20 @@ def test_the_peak_table_finds_each_device_and_the_config_key_overrides_it(monkey
 
 
 def test_each_record_holds_the_peak_since_the_one_before():
-    """On CPU the peak is the resident set's high-water mark (VmHWM): 256 MiB touched and freed raises it by at
-    least 256 MiB; after a reset it is the current resident set again, those 256 MiB no longer in it (freed
-    to the OS: an allocation that large is its own mapping)."""
+    """On CPU the peak is the resident set's high-water mark (VmHWM). 256 MiB touched (its own mapping: an
+    allocation that large is mmapped, so freeing it returns it to the system) shows in the peak, and after it is
+    freed a reset brings the peak back down. The margins are half the allocation: the rest of the process may
+    allocate or free a little meanwhile (a full suite's worker did, by 24 KB), but not 128 MiB."""
     from distgen.telemetry import peak_memory, reset_peak_memory
+
+    def resident() -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
 
     cpu, mib = torch.device("cpu"), 2 ** 20
     reset_peak_memory(cpu)
-    before = peak_memory(cpu)
+    before = resident()
     x = torch.ones(256 * mib // 4)
     high = peak_memory(cpu)
     del x
     reset_peak_memory(cpu)
-    assert high >= before + 256 * mib and peak_memory(cpu) <= high - 256 * mib
+    assert high >= before + 128 * mib and peak_memory(cpu) <= high - 128 * mib, (before, high, peak_memory(cpu))
