@@ -338,6 +338,11 @@ def sharded_weights_dir(folder: Path, net: str) -> Path:
     return folder / f"{net}.dcp"
 
 
+def is_sharded(meta: dict) -> bool:
+    """Was this checkpoint written with ``train.checkpoint_format: sharded`` (meta.json says; older ones: full)?"""
+    return meta.get("checkpoint_format", "full") == "sharded"
+
+
 def sharded_optimizer_dir(folder: Path, net: str) -> Path:
     return folder / f"optim-{net}.dcp"
 

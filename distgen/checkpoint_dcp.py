@@ -50,11 +50,6 @@ _ALLOWED = {(_DCP_META, n) for n in ("Metadata", "MetadataIndex", "ChunkStorageM
     ("collections", "OrderedDict")}
 
 
-def is_sharded(meta: dict) -> bool:
-    """Was this checkpoint written with ``train.checkpoint_format: sharded`` (meta.json says; older ones: full)?"""
-    return meta.get("checkpoint_format", "full") == "sharded"
-
-
 # --------------------------------------------------------------------------- writing (every rank, a collective)
 def save(net: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path, name: str) -> None:
     """Every rank: ``net``'s weights and ``opt``'s state (as DCP holds them: this rank's shards under FSDP2, plain

@@ -25,7 +25,6 @@ from typing import Callable, Optional
 import torch
 
 from distgen import checkpoint as ckpt
-from distgen import checkpoint_dcp as dcp_ckpt
 from distgen import dist
 from distgen.durable import sync_tree
 from distgen.engines_deepspeed import DeepSpeedInternals, ZeroLayout, check_version
@@ -135,6 +134,14 @@ class Trained:
             p.requires_grad_(keep)
 
 
+def _dcp():
+    """distgen.checkpoint_dcp, imported only where a sharded checkpoint is written or read: importing
+    torch.distributed.checkpoint adds 0.9 s to every command's start-up."""
+    from distgen import checkpoint_dcp
+
+    return checkpoint_dcp
+
+
 def deepspeed_requested() -> bool:
     """Did the launcher (accelerate launch with a DeepSpeed config) ask for DeepSpeed?"""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -184,7 +191,7 @@ class EngineCheckpoints:
                 self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
         elif self.tc.checkpoint_format == "sharded":
             for n, t in trained.items():
-                dcp_ckpt.save(t.raw, t.opt, tmp, n)
+                _dcp().save(t.raw, t.opt, tmp, n)
 
     def flush(self, tmp: Path) -> None:
         """Every rank, once all have written: DeepSpeed's files to disk (distgen's own and DCP's are flushed as
@@ -196,7 +203,7 @@ class EngineCheckpoints:
     def files_to_read(self, trained: dict[str, Trained], nets: dict[str, torch.nn.Module], meta: dict) -> dict:
         """The distgen files a resume reads under this engine from a checkpoint of either format (its meta.json
         says which; see :func:`distgen.checkpoint.read`)."""
-        weights, optimizers = self._in_distgen_files(trained, nets, dcp_ckpt.is_sharded(meta))
+        weights, optimizers = self._in_distgen_files(trained, nets, ckpt.is_sharded(meta))
         return {"weights": weights, "optimizers": optimizers, "deepspeed": list(trained) if self.deepspeed else [],
                 "scaler": self.scaler is not None}
 
@@ -204,7 +211,7 @@ class EngineCheckpoints:
         """Put a checkpoint's engine state back: DeepSpeed's own files, or the optimizers and the scaler. Under
         FSDP2 the sharded networks' weights too, taken out of ``data.weights`` (the loop loads the rest); from a
         sharded checkpoint the trained networks' weights and optimizers (:meth:`_load_sharded`)."""
-        sharded = not self.deepspeed and dcp_ckpt.is_sharded(data.meta)
+        sharded = not self.deepspeed and ckpt.is_sharded(data.meta)
         if sharded:
             self._load_sharded(trained, folder)
         for n, t in trained.items():
@@ -226,6 +233,7 @@ class EngineCheckpoints:
     def _load_sharded(trained: dict[str, Trained], folder: Path) -> None:
         """Every rank: each trained network's weights and optimizer state from a sharded checkpoint, all read
         (DCP resharding them to this run's process count and layout) before any is applied."""
+        dcp_ckpt = _dcp()
         states = {n: dcp_ckpt.read(t.raw, t.opt, folder, n) for n, t in trained.items()}
         for n, t in trained.items():
             try:

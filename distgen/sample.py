@@ -19,7 +19,6 @@ import torch
 
 from distgen import checkpoint as ckpt
 from distgen import dist
-from distgen.checkpoint_dcp import read_weights
 from distgen.config import Config
 from distgen.errors import CheckpointError, ConfigError, SampleError
 from distgen.families import DataInfo, build_family
@@ -89,6 +88,8 @@ def _read_ema_checkpoint(folder: Path) -> tuple[Config, Any, dict, dict]:
         nets[n].load_state_dict(ckpt.load_tensors(ckpt.ema_file(folder, 0, n)))
     for n in set(nets) - set(family.ema_networks()):
         # e.g. a frozen autoencoder, as the run used it; a sharded checkpoint's trained networks assembled whole here
+        from distgen.checkpoint_dcp import read_weights  # torch.distributed.checkpoint: 0.9 s, so imported here
+
         weights = read_weights(folder, n)
         if weights is not None:
             nets[n].load_state_dict(weights)

@@ -142,7 +142,7 @@ def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, t
 
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, 2 // nproc))}
     cmd = [*ACCEL, "--config_file", accel_config, "--num_processes", str(nproc), "--main_process_port",
            str(free_port()), str(REPO / "tests/scripts/train_matrix.py"), str(root / "spec.json"),
            str(root / "out.json")]
