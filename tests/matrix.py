@@ -335,3 +335,21 @@ def record_differences(a: Path, b: Path, stop: int, log_every: int = 1) -> list[
         if bad:
             out.append(f"step {s}: {bad[:4]} differ")
     return out
+
+
+def snapshot_differences(a: Path, b: Path) -> list[str]:
+    """Post-hoc EMA snapshots of two runs: the same sample counts, and each file's tensors bit for bit (not the
+    files' hashes: safetensors writes its metadata in a hash map's order)."""
+    from safetensors.torch import load_file
+
+    from distgen import phema
+
+    ia, ib = phema.read_index(a), phema.read_index(b)
+    if [e["nimg"] for e in ia] != [e["nimg"] for e in ib]:
+        return [f"snapshots at {[e['nimg'] for e in ia]} and {[e['nimg'] for e in ib]}"]
+    out = []
+    for ea, eb in zip(ia, ib):
+        ta, tb = (load_file(str(r / phema.SNAPSHOT_DIR / e["file"])) for r, e in ((a, ea), (b, eb)))
+        if ta.keys() != tb.keys() or not all(ta[k].equal(tb[k]) for k in ta):
+            out.append(ea["file"])
+    return out

@@ -13,12 +13,15 @@ import pytest
 import torch
 import yaml
 
+from safetensors.torch import load_file
+
 from distgen import checkpoint as ckpt
+from distgen import phema
 from distgen.config import load_config
 from distgen.families import DataInfo, build_family
 from distgen.export.native import export
 from matrix import MODELS, _load_raw, differences, edm2_off_sphere, launch_matrix, record_differences, \
-    records, straight_and_resumed
+    records, snapshot_differences, straight_and_resumed
 from test_train import launch, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]  # 2-process ZeRO-2/3 trainings (make test-fast leaves these out)
@@ -48,6 +51,9 @@ def matrix(tmp_path_factory, matrix_data):
     # activation checkpointing (diffusers' U-Net recomputing its blocks over ZeRO-3's partitioned parameters)
     spec.append(straight_and_resumed(root, "diffusion", data, STEPS, STOP, {**BF16, "activation_checkpointing": True},
                                      tag="-ac-z3", env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}))
+    # EDM2's power EMAs kept as ZeRO-3 partitions, gathered for a post-hoc EMA snapshot at every step
+    spec.append(straight_and_resumed(root, "diffusion-power", data, STEPS, STOP, BF16, tag="-z3",
+                                     env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}))
     return root, launch_matrix(spec, root, 2, "configs/accelerate/zero2.yaml", timeout=1800)
 
 
@@ -97,6 +103,26 @@ def test_activation_checkpointing_resumes_exactly_under_zero_3(matrix):
     assert differences(a / last, b / last) == [] and record_differences(a, b, STOP) == []
     assert "activation checkpointing unet" in (root / "launch.out").read_text()  # on (only this run asks)
     assert records(a)[1]["loss"] == records(root / "diffusion-z3-a")[1]["loss"]
+
+
+def test_post_hoc_ema_snapshots_resume_exactly_under_zero_3(matrix):
+    """Power EMAs under ZeRO-3 (each rank holds its partition of them) snapshotted at every step: the same
+    snapshots straight and resumed, bit for bit, the same final checkpoint, and each snapshot the EMAs gathered
+    whole."""
+    root, results = matrix
+    assert [c.get("rc") for c in results["diffusion-power-z3"]["calls"]] == [0, 0, 0], results["diffusion-power-z3"]
+    a, b = root / "diffusion-power-z3-a", root / "diffusion-power-z3-b"
+    last = f"checkpoints/step-{STEPS:08d}"
+    assert differences(a / last, b / last) == [] and record_differences(a, b, STOP) == []
+    index = phema.read_index(a)
+    assert len(index) == STEPS and snapshot_differences(a, b) == []
+    # the last snapshot (step 4) is both EMAs as the step-4 checkpoint holds them, gathered whole, in the
+    # snapshot's dtype (ema.snapshot_dtype)
+    snap = load_file(str(a / phema.SNAPSHOT_DIR / index[-1]["file"]))  # unet/<EMA index>/<parameter name>
+    for i in (0, 1):
+        ema = ckpt.load_tensors(a / last / f"ema{i}-unet.safetensors")
+        assert {k for k in snap if k.startswith(f"unet/{i}/")} == {f"unet/{i}/{k}" for k in ema}
+        assert all(snap[f"unet/{i}/{k}"].equal(v.to(snap[f"unet/{i}/{k}"].dtype)) for k, v in ema.items())
 
 
 def _check_master_weights(name: str, stage: int, state: Path) -> None:

@@ -20,7 +20,7 @@ from conftest import REPO
 from distgen import checkpoint as ckpt
 from distgen import phema
 from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, differences, edm2_off_sphere, \
-    launch_matrix, record_differences, records, straight_and_resumed
+    launch_matrix, record_differences, records, snapshot_differences, straight_and_resumed
 from test_train import launch
 
 pytestmark = pytest.mark.e2e  # the shared runs and real kills (make test-fast leaves these out)
@@ -30,22 +30,6 @@ pytestmark = pytest.mark.e2e  # the shared runs and real kills (make test-fast l
 # with 2 processes (matrix.PAIRS)
 ONE_PROCESS = ("diffusion", "gan-dcgan", "cyclegan", "ebm", "glow", "diffusion-fast", "diffusion-flow")
 LAST = f"checkpoints/step-{STEPS:08d}"
-
-
-def snapshot_differences(a: Path, b: Path) -> list[str]:
-    """Post-hoc EMA snapshots of two runs: the same sample counts, and each file's tensors bit for bit (not the
-    files' hashes: safetensors writes its metadata in a hash map's order)."""
-    from safetensors.torch import load_file
-
-    ia, ib = phema.read_index(a), phema.read_index(b)
-    if [e["nimg"] for e in ia] != [e["nimg"] for e in ib]:
-        return [f"snapshots at {[e['nimg'] for e in ia]} and {[e['nimg'] for e in ib]}"]
-    out = []
-    for ea, eb in zip(ia, ib):
-        ta, tb = (load_file(str(r / phema.SNAPSHOT_DIR / e["file"])) for r, e in ((a, ea), (b, eb)))
-        if ta.keys() != tb.keys() or not all(ta[k].equal(tb[k]) for k in ta):
-            out.append(ea["file"])
-    return out
 
 
 def _check(root: Path, rec: dict, run: str) -> None:
