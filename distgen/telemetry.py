@@ -1,6 +1,7 @@
 """Step telemetry, in every record (progress line, metrics.jsonl, trackers): samples/s in all and per device, step
 time, the share of it spent waiting for the next batch (the loader's stall), peak memory, and model FLOP
-utilisation (MFU) where one step's FLOPs can be counted and the device's peak is known.
+utilisation (MFU) where one step's FLOPs can be counted and the device's peak is known; and the model state a rank
+holds (``state_gib``: what sharding divides, counted from the tensors, so the same on CPU as on a GPU).
 
 Nothing here reads the device inside a step: times are the host's clock between records (a record reads the
 device's numbers anyway, so the queue has drained there), the data wait is the host's time inside the loader's
@@ -203,8 +204,49 @@ def peak_memory(device: torch.device) -> Optional[int]:
 
 # The keys of a record that measure the machine (its pace, its memory), not the training: two runs of the same
 # training (a straight one and a resumed one) differ in these only
-PACE_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib", "mfu",
-             "eta_s", "checkpoint_blocked_s", "checkpoint_write_s")  # the last two: distgen.async_save
+PACE_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib",
+             "state_gib", "mfu", "eta_s", "checkpoint_blocked_s", "checkpoint_write_s")  # the last two: distgen.async_save
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: a DTensor's local shard (FSDP2), a ZeRO-3 parameter's partition."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    return getattr(t, "ds_tensor", t)
+
+
+def state_bytes(trained: dict) -> int:
+    """The trained networks' state this rank holds: their parameters (its shards under FSDP2 and ZeRO-3), the
+    optimizers' parameters where they are other tensors (DeepSpeed's fp32 master partitions) and states, each
+    storage once, plus one gradient for each parameter the optimizer steps (the gradients live from the backward
+    to the step, so a record between steps finds none). What sharding divides: counted from the tensors, it reads
+    the same on CPU as on a GPU, and leaves out what an allocator adds (caches, the weights FSDP2 gathers for a
+    forward, DDP's gradient buckets)."""
+    storages: dict[int, int] = {}
+    grads = 0
+
+    def hold(t: torch.Tensor) -> None:
+        s = _local(t).untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+
+    for t in trained.values():
+        for p in t.raw.parameters():
+            hold(p)
+        opt = t.opt
+        while getattr(opt, "optimizer", None) is not None:
+            opt = opt.optimizer  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer: the torch one inside
+        # the parameters it steps: its groups', and its states' keys (ZeRO-3 empties the groups between steps)
+        stepped = {id(p): p for group in opt.param_groups for p in group["params"]}
+        stepped.update((id(p), p) for p in opt.state if torch.is_tensor(p))
+        for p in stepped.values():
+            hold(p)
+            grads += _local(p).numel() * p.element_size() if p.requires_grad else 0
+        for st in opt.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    hold(v)
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values()) + grads
 
 
 class Telemetry:
@@ -212,8 +254,8 @@ class Telemetry:
     record holds the slowest (data wait) and fullest (memory) device's."""
 
     def __init__(self, device: torch.device, world: int, global_batch: int, start_nimg: int, waited: float,
-                 flops: Optional[float], peak_tflops: Optional[float]):
-        self.device, self.world, self.global_batch = device, world, global_batch
+                 flops: Optional[float], peak_tflops: Optional[float], trained: Optional[dict] = None):
+        self.device, self.world, self.global_batch, self.trained = device, world, global_batch, trained or {}
         self.flops, self.peak = flops, peak_tflops
         self.t_last = self.t_start = time.perf_counter()
         self.n_last = self.n_start = start_nimg
@@ -233,12 +275,12 @@ class Telemetry:
         wait = min((waited - self.w_last) / elapsed, 1.0)
         mem = peak_memory(self.device)
         reset_peak_memory(self.device)
-        shares, mems = zip(*dist.all_gather_object((wait, mem)))
+        shares, mems, states = zip(*dist.all_gather_object((wait, mem, state_bytes(self.trained))))
         sps = (nimg - self.n_last) / elapsed
         avg = (nimg - self.n_start) / max(now - self.t_start, 1e-9)
         rec = {"samples_per_s": sps, "samples_per_s_per_device": sps / self.world,
                "step_time_s": elapsed / steps if steps else None, "data_wait_share": max(shares),
-               **({"peak_mem_gib": max(mems) / GiB} if None not in mems else {}),
+               **({"peak_mem_gib": max(mems) / GiB} if None not in mems else {}), "state_gib": max(states) / GiB,
                "eta_s": (stop_at - step) * self.global_batch / avg if avg > 0 else None}
         if self.flops and self.peak and steps:
             rec["mfu"] = self.flops / (elapsed / steps) / (self.peak * 1e12)

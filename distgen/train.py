@@ -137,7 +137,8 @@ def _train(cfg: Config, eng: Engine, family: Family, phases: list[Phase], info: 
         run.preview = preview_batch(cfg, tc.sample_num, eng.device)
     log = RunLog(run.dir, stop_at, state.step, eng.main, trackers, shown=family.progress_scalars)
     flops = flops and flops * run.batch.per_device / tc.batch_size  # counted at the config's per-device batch
-    run.telemetry = telemetry.Telemetry(eng.device, eng.world, global_batch, state.nimg, cursor.waited, flops, peak)
+    run.telemetry = telemetry.Telemetry(eng.device, eng.world, global_batch, state.nimg, cursor.waited, flops, peak,
+                                        run.trained)
     run.tally = Tally(eng.device, state.counters["nonfinite_run"])
     evaluator = make_evaluator(cfg, eng) if ec.every else None
     last_good = latest

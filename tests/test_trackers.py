@@ -24,7 +24,8 @@ from test_train import in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TELEMETRY = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib")
+TELEMETRY = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_share", "peak_mem_gib",
+             "state_gib")
 
 
 def tiny(tmp_path: Path, fm_test_shards: Path, trackers: list, model: str = "diffusion", **train) -> Path:
