@@ -62,9 +62,10 @@ def config_problem(version: str, tc, device: torch.device) -> Optional[str]:
     if version != "2":
         return (f"the launcher asked for FSDP version {version} (fsdp_version in the accelerate config); distgen "
                 f"shards with FSDP2 only: set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
-    if tc.channels_last is True:
-        return ("train.channels_last: FSDP2 shards parameters by flattening dim 0, which distgen has not run with "
-                "channels_last weights; use channels_last false (auto leaves it off)")
+    if tc.channels_last is True:  # tests/scripts/fsdp_shards.py checks that fully_shard still refuses them
+        return ("train.channels_last: FSDP2's fully_shard takes only contiguous parameters (torch 2.14, on a "
+                "channels_last conv weight: \"FSDP does not support non-contiguous parameters yet\") and gathers "
+                "each one contiguous; use channels_last false (auto leaves it off)")
     return None
 
 
@@ -139,9 +140,15 @@ class FSDP2:
                 m.set_reshard_after_backward(True, recurse=False)
 
     def autocast(self):
-        """One autocast region around a phase's loss (bf16 or fp16), as under DeepSpeed."""
+        """One autocast region around a phase's loss (bf16 or fp16), as under DeepSpeed, without autocast's cache
+        of weight casts. A network gathered in float32 (:func:`half_weights_problem`) and called twice in a phase
+        reused the first call's cast of each gathered parameter, whose gradient node, older than the second
+        forward's, ran after FSDP2's post-backward had reduced that unit's gradients: the gradient came one step
+        late (none at a process's first step). Measured on JEM's spectral-normalised energy network (SGLD's calls,
+        then the loss's; torch 2.14, gloo): 9 of its 20 parameters (the biases outside the stem) without
+        gradient at first, and no exact resume."""
         if self.dtype is not None:
-            return torch.autocast(self.device.type, dtype=self.dtype)
+            return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:

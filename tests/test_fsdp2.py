@@ -1,7 +1,7 @@
 """FSDP2 (distgen.engines_fsdp) with 2 CPU processes in bf16, in one `accelerate launch` of
 configs/accelerate/fsdp2.yaml: exact resume of diffusion (U-Net; EDM2 with its projection; in fp16 with the sharded
-loss scaler; with activation checkpointing), the VAE, StyleGAN2 with R1 and path length (double backwards) and the
-autoencoder with its discriminator; every family of MODELS (and the GANs of MORE) taking a step, checkpointing and
+loss scaler; with activation checkpointing), the VAE, StyleGAN2 with R1 and path length (double backwards), the
+autoencoder with its discriminator and JEM's spectral-normalised energy network; every family of MODELS (and the GANs of MORE) taking a step, checkpointing and
 resuming (or refused at start by name); checkpoints that pass between FSDP2 and DDP; and an FSDP2 checkpoint sampled
 and exported with no process group. Sharded checkpoints (train.checkpoint_format=sharded, distgen.checkpoint_dcp) in
 the same launch: an exact resume holding what a full checkpoint holds, one resumed and written again under DDP, and
@@ -36,14 +36,16 @@ EXACT = {"diffusion": ("diffusion", {}, {}), "diffusion-edm": ("diffusion-edm", 
          "gan-stylegan2-pl": ("gan-stylegan2", {"pl_weight": 2.0, "pl_every": 2}, {}),  # and R1 every 2 steps
          "autoencoder": ("autoencoder", {}, {}),  # disc_weight 0.1: the frozen discriminator's term in the ae phase
          "diffusion-fp16": ("diffusion", {}, {"mixed_precision": "fp16"}),  # ShardedGradScaler, its state saved
-         "diffusion-ac": ("diffusion", {}, {"activation_checkpointing": True})}  # diffusers' own checkpointing
+         "diffusion-ac": ("diffusion", {}, {"activation_checkpointing": True}),  # diffusers' own checkpointing
+         # spectral norm's buffers gather its weights in float32, and SGLD calls the network before the loss does
+         "ebm-jem": ("ebm-jem", {}, {})}
 # Runs beside MODELS' (a step, a checkpoint, a resume): what FSDP2 shards as one unit (ProGAN's networks, whose
 # zero term reads the blocks not yet grown; BigGAN's G with the orthogonal penalty, a registered forward method).
 # ProGAN with hinge beside its default wgan-gp (MODELS)
 MORE = {"gan-progan-hinge": ("gan-progan", {"loss": "hinge"}),
         "gan-biggan-ortho": ("gan-biggan", {"ortho_weight": 1e-4})}
 # What FSDP2 refuses at start (Family.fsdp_problem), by the reason's opening words; measured on torch 2.14, gloo
-REFUSED = {"ebm-jem": "spectral_norm", "ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
+REFUSED = {"ffjord-adjoint": "odeint_adjoint (model.adjoint)"}
 
 
 def _engine(name: str) -> dict:
@@ -118,6 +120,13 @@ def test_fsdp2_resumes_exactly(matrix, run):
     if run == "diffusion-ac":  # on (only these runs ask), and the same maths: the first step's loss as without it
         assert "activation checkpointing unet" in (root / "launch.out").read_text()
         assert records(a)[1]["loss"] == records(root / "diffusion-a")[1]["loss"]
+    if run == "ebm-jem":  # every parameter had its gradient at every step, each process's first included (the
+        # gradients of autocast's cached casts came a step late: FSDP2.autocast)
+        for ab in "ab":
+            opt = ckpt.load_state(root / f"{run}-{ab}" / LAST / "optim-E.pt")
+            assert len(opt["state"]) == len(opt["param_groups"][0]["params"]) == 20, sorted(opt["state"])
+            assert {int(s["step"]) for s in opt["state"].values()} == {STEPS}
+        assert sum(k.endswith(("._u", "._v")) for k in weights["E"]) == 20  # power iteration's state, checkpointed
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -274,8 +283,9 @@ def test_what_fsdp2_cannot_run_is_refused_naming_the_setting():
     assert config_problem("2", tc, cpu) is None
     assert "fsdp_version: 2" in config_problem("1", tc, cpu)
     assert config_problem("2", SimpleNamespace(**{**vars(tc), "mixed_precision": "fp16"}), cpu) is None  # scaled
+    # fully_shard refuses channels_last weights (tests/scripts/fsdp_shards.py checks it still does)
     assert config_problem("2", SimpleNamespace(**{**vars(tc), "channels_last": True}), cpu).startswith(
-        "train.channels_last")
+        "train.channels_last: FSDP2's fully_shard takes only contiguous parameters")
 
 
 def test_the_phases_that_differentiate_twice_say_so():

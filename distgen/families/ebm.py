@@ -12,9 +12,12 @@ negated output; JEM: K classes, whose logits also classify). The phase ``E`` run
 
 The chains run through the plain module in eval mode (spectral norm's power iteration does not step, and
 DDP / DeepSpeed see no extra forward); the loss then runs the engine's forward once on real and negative
-images together. All randomness is the phase's generator, so a resumed run draws what the straight run
-drew. The buffer is per-rank state (``family-<rank>.safetensors`` in every checkpoint), ``buffer_size``
-images per process: each rank's chains are revisited at the same rate whatever the number of processes.
+images together. Under FSDP2 the plain module is the sharded one (its hooks gather the weights around every
+chain step); spectral norm's power-iteration vectors are buffers, not sharded, which every rank updates alike
+from the same gathered weight, and the checkpoint holds them. All randomness is the phase's generator, so a
+resumed run draws what the straight run drew. The buffer is per-rank state (``family-<rank>.safetensors`` in
+every checkpoint), ``buffer_size`` images per process: each rank's chains are revisited at the same rate
+whatever the number of processes.
 
 Deviations from the references: the chains pick buffer slots without replacement (JEM draws with
 replacement, and two chains writing one slot would be order-dependent on a GPU); every step clamps to the
@@ -163,13 +166,6 @@ class EBM(Family, Classifies, ExportsOnnx):
         if zero_stage == 3:
             return ("the SGLD chains run the energy network outside its engine's forward, and ZeRO-3 keeps "
                     "parameters partitioned outside it; use ZeRO-1 or ZeRO-2")
-        return None
-
-    def fsdp_problem(self):
-        if self.cfg.spectral_norm:
-            return ("spectral_norm: the spectral-normalised weights had no gradient in the first step (9 of the "
-                    "energy network's 20 parameters without optimizer state, with and without jem), and its "
-                    "checkpoint did not resume; set spectral_norm false or train with DDP")
         return None
 
     # compile_problem: none. SGLD takes a first-order gradient with respect to the input (the loss's backward
