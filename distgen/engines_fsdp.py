@@ -79,7 +79,11 @@ def half_weights_problem(net: nn.Module) -> Optional[str]:
     the parameters, not the buffers, and a forward that combines float32 buffers with the weights outside autocast's
     casts fails in bf16 (measured on CPU, torch 2.14: batch norm's running statistics in DCGAN, "expected scalar
     type BFloat16 but found Float"; spectral norm's power iteration in JEM, "addmv input tensors must have the same
-    dtype")."""
+    dtype"). A network that turns autocast off to run in float32 says why in ``float32_forward`` (FFJORD: the policy
+    would otherwise cast its ODE states to bf16 at each block's forward, and odeint_adjoint's backward solve meets
+    bf16 weights with float32 states)."""
+    if getattr(net, "float32_forward", None):  # a network that runs in float32 whatever the run's precision
+        return net.float32_forward
     found = sorted({n.rsplit(".", 1)[-1] for n, b in net.named_buffers() if b.is_floating_point()})
     return f"float32 buffers ({', '.join(found[:3])})" if found else None
 

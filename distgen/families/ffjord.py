@@ -131,6 +131,9 @@ class CNF(nn.Module):
 class FFJORD(nn.Module):
     """log p(y) of images y on [0, 1] (the logit transform, then the multiscale CNF, then N(0, I))."""
 
+    # FSDP2 gathers these weights in float32 under bf16 / fp16 (distgen.engines_fsdp.half_weights_problem)
+    float32_forward = "its ODE solves run in float32 whatever the run's precision"
+
     def __init__(self, channels: int = 1, resolution: int = 28, scales: int = 2, blocks: int = 2, hidden: int = 64,
                  layers: int = 3, activation: str = "softplus", time_length: float = 1.0, alpha: float = 1e-6):
         super().__init__()
@@ -300,12 +303,15 @@ class FFJORDFamily(Family, Likelihood, ExportsOnnx):
                     "use ZeRO-1 or ZeRO-2")
         return None
 
-    def fsdp_problem(self):
-        if self.cfg.adjoint:
-            return ("odeint_adjoint (model.adjoint) reads the parameters in its own backward solve, outside any "
-                    "forward, where FSDP2 holds them sharded ('aten.cat.default got mixed torch.Tensor and "
-                    "DTensor'); set adjoint false (Hutchinson's double backward itself runs) or train with DDP")
-        return None
+    def shard_blocks(self, network, module):
+        # FSDP2 shards the whole network as one unit: one all-gather around FFJORD's forward and one around its
+        # backward, however many steps the solver takes. A CNF block as a unit gathers (and reduces) at every
+        # function evaluation, whose number differs between ranks (their images differ): the collectives went out
+        # of step (150 vs 162 evaluations, gloo "Received data size doesn't match expected size"). And
+        # odeint_adjoint takes a block's parameters before the block's forward: as a unit, sharded DTensors ("got
+        # mixed torch.Tensor and DTensor" in its backward solve); inside the network's unit they are the gathered
+        # weights the solves read, whose gradients it returns to FSDP2's reduce-scatter (tests/scripts/fsdp_twice.py)
+        return []
 
     def flops_problem(self):
         return "FFJORD's adaptive ODE solver takes as many steps as the learned dynamics need, which vary as it trains"
