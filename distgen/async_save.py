@@ -9,7 +9,10 @@ The rules, the same on every rank:
 
 - Each rank's own files (its RNG states, a family's per-rank tensors: kilobytes) are written at the save itself by
   every rank, before rank 0 hands its files (weights, optimizer states, EMAs, meta.json: the large ones) to the
-  thread. So only rank 0 writes in the background, and no collective ever runs off the main thread.
+  thread. So only rank 0 writes in the background, and no collective runs off the main thread; except for sharded
+  checkpoints (``train.checkpoint_format: sharded``), whose shards every rank copies at the save and writes in its
+  own thread, DCP's collectives on a gloo group of their own (:func:`distgen.checkpoint_dcp.stage`); rank 0's
+  thread writes its files and renames the folder only once that write has returned, when every rank's are flushed.
 - At most one write in flight: a save, or a ``best/`` update, first waits for the previous write.
 - A write's outcome is settled at the next checkpoint save (:meth:`CheckpointWriter.saving`), which the end of the
   run and a signal's save are too: rank 0 waits for the write, every rank learns whether it failed, and every rank
@@ -92,8 +95,9 @@ class CheckpointWriter:
                 self._blocked += time.perf_counter() - t0
 
     def submit(self, folder: Path, write: Callable[..., Any], *args: Any, background: bool = True) -> None:
-        """Rank 0: ``write(*args)``, which makes ``folder``. In the background when this writer and ``background``
-        say so (``args`` snapshotted first, then the loop goes on); else now, its error raised here."""
+        """Rank 0 (every rank for sharded files): ``write(*args)``, which makes ``folder``. In the background when
+        this writer and ``background`` say so (``args`` snapshotted first, then the loop goes on); else now, its error
+        raised here."""
         self.wait()
         if not (self.background and background):
             t0 = time.perf_counter()
@@ -133,6 +137,9 @@ class CheckpointWriter:
         """The loop is left (an error, Ctrl-C, a signal, the end): the write in flight finishes, and a failure of it
         not raised yet (the run stops on another error) is printed, never dropped."""
         self.wait()
+        dcp_ckpt = sys.modules.get("distgen.checkpoint_dcp")  # imported where sharded files were written
+        if dcp_ckpt is not None:
+            dcp_ckpt.release_writer_group()  # the background writes' group, if this run made one
         if self._error is not None:
             try:
                 self._raise()

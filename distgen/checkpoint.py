@@ -395,12 +395,16 @@ def write(tmp: Path, *, weights: dict, optimizers: dict, scaler: Optional[Any],
     write_meta(tmp, meta)
 
 
-def commit(root: Path, step: int, keep: int, shared: dict) -> Path:
+def commit(root: Path, step: int, keep: int, shared: dict, shards: Optional[Callable[[], Any]] = None) -> Path:
     """Rank 0, once every rank's own files are in the temporary folder: the shared files (:func:`write`'s keyword
     arguments ``shared``), then :func:`finalize`. A failure removes the temporary folder (distgen's own), leaving
-    the checkpoints as they were. What a background write runs (:mod:`distgen.async_save`), and a synchronous one."""
+    the checkpoints as they were. What a background write runs (:mod:`distgen.async_save`), and a synchronous one;
+    in the background with sharded files, ``shards`` first: every rank's shards, which it returns from once all
+    are flushed (:func:`distgen.checkpoint_dcp.stage`)."""
     tmp = tmp_dir(root, step)
     try:
+        if shards is not None:
+            shards()
         write(tmp, **shared)
         return finalize(root, step, keep)
     except BaseException:

@@ -5,7 +5,8 @@ process group (:func:`read_full`, what ``distgen sample`` uses for weights that 
 
 Why not save full state dicts: under FSDP2 a full save gathers every network on rank 0 (its memory and one
 writer's bandwidth); here each rank writes its own shards (under DDP the replicated tensors once, spread over the
-ranks by DCP's deduplication).
+ranks by DCP's deduplication). With ``train.async_checkpoint`` a periodic save copies each rank's shards to host
+memory and every rank writes them in the background (:func:`stage`).
 
 Reading back without running code: torch 2.14's ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with
 ``pickle.load`` and its default planner loads non-tensor values (the optimizer's param_groups) with
@@ -27,7 +28,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -62,6 +63,73 @@ def save(net: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path, name: s
                         (ckpt.sharded_optimizer_dir(folder, name), get_optimizer_state_dict(net, opt))):
         with _quiet():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
+
+
+def stage(nets: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path) -> Callable[[], None]:
+    """Every rank, for a save in the background (train.async_checkpoint): what :func:`save` writes of each network
+    (name -> (network, optimizer)), copied here to host memory by DCP's own staging (what its ``async_save`` does:
+    the steps that follow cannot change the copies), and the function that writes those copies, to run on every
+    rank in distgen's writer thread (distgen.async_save). The same ``dcp.save`` on the same values: the files hold
+    the tensors a foreground save writes, bit for bit. Its collectives run on a gloo group of their own
+    (:func:`_writer_group`), beside the main thread's on the default group. When it returns on rank 0, every
+    rank's shard files are flushed: DCP's last step gathers every rank's write result before rank 0 writes
+    ``.metadata``, so the folder may then be renamed into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    staged = []
+    for name, (net, opt) in nets.items():
+        for path, state in ((ckpt.sharded_weights_dir(folder, name), get_model_state_dict(net)),
+                            (ckpt.sharded_optimizer_dir(folder, name), get_optimizer_state_dict(net, opt))):
+            writer = dcp.FileSystemWriter(path, sync_files=True)
+            staged.append((writer, writer.stage(state)))
+    group = _writer_group()
+    if group is None:  # one process: DCP would warn from the thread (warnings' filters are not thread-safe to swap)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+    def write() -> None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        for writer, state in staged:
+            try:
+                dcp.save(state, storage_writer=writer, process_group=group)
+            except CheckpointException as e:  # its message lists only the ranks: the first one's cause, by folder
+                rank, (exc, _trace) = next(iter(e.failures.items())) if e.failures else (None, (e, None))
+                raise CheckpointError(f"{writer.path}: rank {rank}: {type(exc).__name__}: "
+                                      f"{ckpt.first_line(exc)[:300]}") from None
+
+    return write
+
+
+_GROUP: list = []  # the background writes' gloo group, while a run has one (release_writer_group)
+
+
+def _writer_group():
+    """Every rank alike, on the main thread (``new_group`` is a collective of the default group): a gloo group for
+    the background writes' collectives, made at a run's first such save (None without a process group). A group of
+    its own, so they never interleave with the training's collectives on the default group, and gloo, which runs
+    them on CPU tensors whatever the training's backend (DCP's async_save asks the same)."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    if not _GROUP:
+        _GROUP.append(tdist.new_group(backend="gloo"))
+    return _GROUP[0]
+
+
+def release_writer_group() -> None:
+    """Every rank, once its writes have ended (the run's end, :meth:`distgen.async_save.CheckpointWriter.close`): the
+    group destroyed now. Held here until interpreter teardown, gloo's threads abort a finished process (exit -6)."""
+    import torch.distributed as tdist
+
+    while _GROUP:
+        group = _GROUP.pop()
+        if tdist.is_initialized():
+            try:
+                tdist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - leaving anyway (the default group may be gone with it)
+                pass
 
 
 # --------------------------------------------------------------------------- reading

@@ -183,15 +183,19 @@ class EngineCheckpoints:
         """The loss scaler (fp16): Accelerate's GradScaler (DDP), FSDP2's ShardedGradScaler, or None."""
         return self.fsdp.scaler if self.fsdp is not None else self.acc.scaler
 
-    def save(self, trained: dict[str, Trained], tmp: Path) -> None:
+    def save(self, trained: dict[str, Trained], tmp: Path, stage: bool = False) -> Optional[Callable[[], None]]:
         """Every rank: DeepSpeed's own partitioned states, or with train.checkpoint_format sharded each trained
-        network's shards (DCP, a collective; written here, not in the background: every rank writes)."""
+        network's shards (DCP, a collective). With ``stage`` (a save in the background) the shards are copied
+        and their write returned, for every rank's writer thread (checkpoint_dcp.stage); else None."""
         if self.deepspeed:
             for n, t in trained.items():
                 self._ds.save(t.model, ckpt.deepspeed_dir(tmp, n))
         elif self.tc.checkpoint_format == "sharded":
+            if stage:
+                return _dcp().stage({n: (t.raw, t.opt) for n, t in trained.items()}, tmp)
             for n, t in trained.items():
                 _dcp().save(t.raw, t.opt, tmp, n)
+        return None
 
     def flush(self, tmp: Path) -> None:
         """Every rank, once all have written: DeepSpeed's files to disk (distgen's own and DCP's are flushed as

@@ -4,6 +4,7 @@ its readers are distgen.checkpoint's; what an engine keeps is distgen.engines'."
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -44,7 +45,9 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
             shutil.rmtree(tmp)  # distgen's own temporary folder (.tmp-step-*), never a user's
         tmp.mkdir(parents=True)
     eng.barrier()
-    eng.save(run.trained, tmp)
+    background = run.saver.background and reason == "periodic"
+    # sharded files in the background: each rank's shards copied here, written by every rank's writer thread
+    shards = eng.save(run.trained, tmp, stage=background)
     ckpt.save_rng(tmp, eng.rank)
     if keeps_rank_state(run.family):
         ckpt.save_tensors(ckpt.family_rank_file(tmp, eng.rank), run.family.rank_state())
@@ -61,8 +64,11 @@ def _write_checkpoint(run: Run, state: TrainState, cursor: DataCursor, reason: s
                 "ema_steps": {n: steps for n, (_, steps) in emas.items()}, "family_state": run.family.state_dict(),
                 "family": run.family.name, "data_info": to_dict(run.info), "config": to_dict(run.cfg)}
         shared = {"emas": {n: tensors for n, (tensors, _) in emas.items()}, "meta": meta, **engine_state}
-        run.saver.submit(ckpt.step_dir(run.root, state.step), ckpt.commit, run.root, state.step, tc.keep_checkpoints,
-                         shared, background=reason == "periodic")
+        # the shards' write passed bound, not as an argument: the arguments are snapshotted, and it holds copies
+        run.saver.submit(ckpt.step_dir(run.root, state.step), functools.partial(ckpt.commit, shards=shards),
+                         run.root, state.step, tc.keep_checkpoints, shared, background=background)
+    elif shards is not None:  # rank 0 renames the folder once its own write of them returns: all ranks' are flushed
+        run.saver.submit(ckpt.step_dir(run.root, state.step), shards)
     eng.barrier()
     return ckpt.step_dir(run.root, state.step)
 

@@ -133,9 +133,10 @@ def family_config(root: Path, name: str, run: str, data: dict, train: Optional[d
     return path
 
 
-def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, timeout: int = 1200) -> dict:
-    """One `accelerate launch` of tests/scripts/train_matrix.py over ``spec``; returns {name: record}. Its stdout
-    is kept in ``root/launch.out``."""
+def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, timeout: int = 1200,
+                  prefix: tuple[str, ...] = ()) -> dict:
+    """One `accelerate launch` of tests/scripts/train_matrix.py over ``spec`` (run under ``prefix``, e.g. strace);
+    returns {name: record}. Its stdout is kept in ``root/launch.out``."""
     import subprocess
 
     from distgen.dist import free_port
@@ -143,11 +144,12 @@ def launch_matrix(spec: list[dict], root: Path, nproc: int, accel_config: str, t
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, 2 // nproc))}
-    cmd = [*ACCEL, "--config_file", accel_config, "--num_processes", str(nproc), "--main_process_port",
+    cmd = [*prefix, *ACCEL, "--config_file", accel_config, "--num_processes", str(nproc), "--main_process_port",
            str(free_port()), str(REPO / "tests/scripts/train_matrix.py"), str(root / "spec.json"),
            str(root / "out.json")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     (root / "launch.out").write_text(r.stdout)  # the runs' start-up lines, for tests that check what a run chose
+    (root / "launch.err").write_text(r.stderr)
     assert r.returncode == 0 and (root / "out.json").is_file(), r.stdout[-3000:] + r.stderr[-5000:]
     return read_matrix(root)
 
@@ -287,7 +289,13 @@ def differences(a: Path, b: Path) -> list[str]:
         return [f"files differ: {sorted(set(fa) ^ set(fb))}"]
     for rel in fa:
         pa, pb = a / rel, b / rel
-        if rel.endswith(".safetensors"):
+        if pa.parent.name.endswith(".dcp"):  # DCP's files (sharded): compared as the tensors and values they hold,
+            if pa.name != ".metadata":       # read whole once (.metadata's bytes hold the folder's path and an id)
+                continue
+            from distgen import checkpoint_dcp
+
+            ta, tb = _flat(checkpoint_dcp.read_full(pa.parent)), _flat(checkpoint_dcp.read_full(pb.parent))
+        elif rel.endswith(".safetensors"):
             ta, tb = load_file(str(pa)), load_file(str(pb))
         elif rel.endswith(".pt"):
             ta, tb = _load_pt(pa), _load_pt(pb)

@@ -2,7 +2,10 @@
 same bits as synchronous saves (1 and 2 processes) with the loop held for less than the write; a kill -9 during a
 background write leaves the previous checkpoint the newest that loads, and the resumed run ends as the straight one;
 a signal during a write waits for it; a write that fails (a real file-size limit) stops the run at the next save,
-naming the folder; DeepSpeed refuses the option at start.
+naming the folder; DeepSpeed refuses the option at start. With sharded checkpoints (every rank writes its DCP shards
+in the background) in one 2-process FSDP2 launch on a slowed disk: the same tensors as foreground sharded saves with
+the loop held for less than half the write, and a kill -9 of every process of a launch during a write that leaves
+the previous checkpoint the newest and a resume that ends as the straight run.
 
 A background write has to be seen under way from outside. The same-bits and kill tests use a model whose checkpoint
 takes a while to write: the MLP GAN at its paper size on 48x48 images (8.5M parameters: weights, Adam's two moments
@@ -29,7 +32,8 @@ import yaml
 
 from conftest import REPO
 from distgen import checkpoint as ckpt
-from matrix import differences, launch_matrix, records
+from distgen.dist import free_port
+from matrix import ACCEL, differences, launch_matrix, records
 from test_train import run
 
 pytestmark = pytest.mark.e2e  # trains, launches and kills processes
@@ -240,3 +244,96 @@ def test_deepspeed_refuses_background_saves_and_sharded_checkpoints_at_start_by_
     assert r.returncode == 2
     assert r.stderr.startswith(f"distgen: error: {why}"), r.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- sharded checkpoints in the background
+FSDP2 = "configs/accelerate/fsdp2.yaml"
+SHARDED_STEPS = 6
+SHARDED_LAST = f"checkpoints/step-{SHARDED_STEPS:08d}"
+
+
+def _sharded_config(folder: Path, manifest: Path, async_checkpoint: bool) -> Path:
+    """The module's model at its tiny size (GAN: G and D trained, each written as DCP shards), 6 steps of 2
+    processes, a checkpoint every 2 with train.checkpoint_format sharded."""
+    path = big_config(folder, manifest, async_checkpoint, preset="tiny")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"].update(checkpoint_format="sharded", total_kimg=SHARDED_STEPS * 8 / 1000)  # a global batch of 8
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (torch's launcher starts each worker in a session of its own: a process
+    group kill would miss them)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, fm_test_shards):
+    """2 processes under FSDP2 (gloo), every fsync held 0.1 s (a slow disk: the background write outlasts a step).
+    First a run killed (-9, every process of the launch) as soon as the background write of step 4 is seen; then one
+    launch that trains the module's tiny model with sharded checkpoints in the foreground and in the background, and
+    resumes the killed run. Returns (root, the killed run's checkpoints as the kill left them, results)."""
+    root = tmp_path_factory.mktemp("async-sharded")
+    slow = _slow_fsync([], 0.1)
+    cfg = _sharded_config(root / "killed", fm_test_shards, True)
+    ckpts = root / "killed" / "run" / "checkpoints"
+    launch = [*ACCEL, "--config_file", FSDP2, "--num_processes", "2", "--main_process_port", str(free_port()),
+              "-m", "distgen", "train", str(cfg)]
+    p = _start_and_catch_write(slow + launch, [ckpt.tmp_dir(ckpts, 4), ckpt.step_dir(ckpts, 4)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for pid in _tree(p.pid):
+        os.kill(pid, signal.SIGKILL)
+    p.wait(30)
+    left = {"folders": [f.name for f in ckpt.checkpoint_folders(ckpts)],
+            "cut": sorted(f.name for f in ckpt.tmp_dir(ckpts, 4).iterdir())}
+    spec = [{"name": mode, "calls": [{"config": str(_sharded_config(root / mode, fm_test_shards, mode == "bg"))}]}
+            for mode in ("fg", "bg")] + [{"name": "killed", "calls": [{"config": str(cfg)}]}]
+    return root, left, launch_matrix(spec, root, 2, FSDP2, timeout=600, prefix=tuple(slow))
+
+
+def test_sharded_background_saves_write_the_same_tensors_and_hold_the_loop_less_than_the_write(sharded):
+    """Every rank copies its shards at the save and writes them in its writer thread; rank 0 renames the folder once
+    all are flushed. The same tensors as foreground sharded saves (DCP's files read whole), every rank's shards in
+    each DCP folder, and the loop held at the step-2 save for less than half its write and than the foreground
+    save's hold. (The foreground run, first in the launch, imported DCP in these processes: the background run's
+    first save does not pay for it; each write lasts past the next save here, which waits for it.)"""
+    root, _, results = sharded
+    assert [c.get("rc") for m in ("fg", "bg") for c in results[m]["calls"]] == [0, 0], results
+    fg, bg = root / "fg" / "run", root / "bg" / "run"
+    for step in range(EVERY, SHARDED_STEPS + 1, EVERY):
+        name = f"checkpoints/step-{step:08d}"
+        assert sorted(p.name for p in ckpt.sharded_optimizer_dir(bg / name, "G").iterdir()) == [
+            ".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert differences(fg / name, bg / name) == [], name
+    assert not list((bg / "checkpoints").glob(".tmp-*"))
+    rf, ra = records(fg), records(bg)
+    assert rf[3]["checkpoint_blocked_s"] >= rf[3]["checkpoint_write_s"] > 0  # foreground: held for the whole write
+    # the step-2 write ended by the save at 4 (which waits for it): reported in a record from 3 to 5
+    write = next(ra[s]["checkpoint_write_s"] for s in (3, 4, 5) if "checkpoint_write_s" in ra[s])
+    print(f"sharded, step 2: held {ra[3]['checkpoint_blocked_s']:.3f} s in the background, written in {write:.3f} s; "
+          f"held {rf[3]['checkpoint_blocked_s']:.3f} s in the foreground")
+    # held: 2 slowed fsyncs a rank (its RNG files); the write: ~20 (8 of DCP's on rank 0, its EMAs, meta.json, the
+    # folders): under half of it, where shards written at the save (distgen before) hold the loop about as long
+    assert ra[3]["checkpoint_blocked_s"] < min(write / 2, rf[3]["checkpoint_blocked_s"])
+
+
+def test_a_kill_during_a_background_sharded_write_leaves_the_previous_checkpoint_and_resumes_exactly(sharded):
+    """kill -9 of the launcher and both ranks during the background write of step 4: step 2 stays the newest
+    checkpoint, the cut folder is never taken for one, and the resumed run ends as the straight foreground one."""
+    root, left, results = sharded
+    assert left["folders"] == ["step-00000002"] and "meta.json" not in left["cut"], left
+    assert [c.get("rc") for c in results["killed"]["calls"]] == [0], results["killed"]
+    ckpts = root / "killed" / "run" / "checkpoints"
+    assert f"resumed from {ckpts / 'step-00000002'} (step 2," in (root / "launch.out").read_text()
+    assert not list(ckpts.glob("*.damaged*")) and not list(ckpts.glob(".tmp-*"))
+    assert differences(root / "fg" / "run" / SHARDED_LAST, root / "killed" / "run" / SHARDED_LAST) == []

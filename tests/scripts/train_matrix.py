@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 
+from distgen import dist
 from distgen.config import load_config
 from distgen.errors import ERRORS
 from distgen.train import train
@@ -44,3 +45,6 @@ for item in spec:
     print(f"train_matrix: {item['name']}: {rec['calls']}"[:300], flush=True)
 rank = int(os.environ.get("RANK", "0"))
 json.dump(results, open(out if rank == 0 else f"{out}.rank{rank}", "w"), indent=1)
+# Every process group left before exit, as every distgen command does (cli.py): gloo's threads left to interpreter
+# teardown were seen to abort a finished process (exit -6).
+dist.shutdown()
