@@ -213,6 +213,11 @@ class ZeroLayout:
         return out
 
 
+def held(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: a ZeRO-3 parameter's partition (its own storage is emptied), else ``t``."""
+    return getattr(t, "ds_tensor", t)
+
+
 def gathered(params: list[torch.nn.Parameter], modifier_rank: Optional[int] = None):
     """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: gather the full tensors (for the EMA's
     update: read-only, ``modifier_rank=None`` writes nothing back; with a rank, that rank's edits are broadcast and

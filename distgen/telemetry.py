@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from distgen import dist
+from distgen.engines_deepspeed import held
 
 GiB = 2 ** 30
 
@@ -210,9 +211,7 @@ PACE_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_s", "data_w
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` this rank holds: a DTensor's local shard (FSDP2), a ZeRO-3 parameter's partition."""
-    if hasattr(t, "to_local"):
-        return t.to_local()
-    return getattr(t, "ds_tensor", t)
+    return t.to_local() if hasattr(t, "to_local") else held(t)
 
 
 def state_bytes(trained: dict) -> int:
