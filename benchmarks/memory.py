@@ -68,8 +68,8 @@ def run_cell(a, tmp: Path, manifest: Path, model: str, engine: str, nproc: int, 
     accel = REPO / "configs" / "accelerate" / f"{engine}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel), "--num_processes",
            str(nproc), "--main_process_port", str(free_port())]
-    if a.cpu:
-        cmd.append("--cpu")
+    # no --cpu on a CPU machine: with it accelerate launch starts one process whatever --num_processes says, and
+    # drops the FSDP request (gloo runs every engine here without it)
     cmd += ["-m", "distgen", "train", str(path)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=a.timeout)
@@ -80,6 +80,11 @@ def run_cell(a, tmp: Path, manifest: Path, model: str, engine: str, nproc: int, 
     timed = [x for x in recs if x["step"] > a.warmup] or recs[-1:]
     # each record's peak is its interval's (distgen.telemetry): after the warm-up, the steady state, not the
     # start-up's whole network before sharding
+    from distgen import checkpoint as ckpt
+
+    world = ckpt.read_meta(ckpt.complete_checkpoints(tmp / name / "checkpoints")[-1])["world_size"]
+    if world != nproc:  # the cell would not be what its row says
+        return {"error": f"ran {world} process(es), not {nproc}"}
     return {"peak": max(x["peak_mem_gib"] for x in timed), "ips": timed[-1]["samples_per_s"],
             "state": timed[-1].get("state_gib")}
 

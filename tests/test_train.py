@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from conftest import REPO
 from distgen import checkpoint as ckpt
 from distgen.ema import HalfLifeEMA
 from distgen.dist import free_port
+from matrix import launch_matrix
 
 pytestmark = pytest.mark.e2e  # every test trains or launches (make test-fast leaves these out)
 
@@ -210,8 +212,14 @@ def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
     gathered whole to sample and save); they must still follow the parameters, as DDP's whole EMAs do."""
     ddp = tiny_config(tmp_path / "ddp", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
     z3 = tiny_config(tmp_path / "z3", fm_test_shards, train={"total_kimg": 0.08, "checkpoint_every": 4})
-    run(launch(2) + ["train", str(ddp)], env_with_repo)
-    r = run(launch(2, "configs/accelerate/zero3.yaml") + ["train", str(z3)], env_with_repo)
+    # both in one 2-process launch of the ZeRO-3 config, the first with DeepSpeed off (DDP; first: once a ZeRO-3
+    # engine exists, DeepSpeed keeps F.linear replaced by its own for the process)
+    spec = [{"name": n, "calls": [{"config": str(c), "env": {"ACCELERATE_USE_DEEPSPEED": ds}}]}
+            for n, c, ds in (("ddp", ddp, "false"), ("z3", z3, "true"))]
+    results = launch_matrix(spec, tmp_path, 2, "configs/accelerate/zero3.yaml")
+    assert [c.get("rc") for n in ("ddp", "z3") for c in results[n]["calls"]] == [0, 0], results
+    assert not (tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005" / "deepspeed").exists()
+    r = SimpleNamespace(stdout=(tmp_path / "launch.out").read_text())
     assert "ZeRO-3" in r.stdout
     a = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     b = weights(tmp_path / "z3" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
