@@ -137,3 +137,22 @@ def trained(tmp_path_factory, matrix_data):
 
     root = made_once(tmp_path_factory, "trained", make)
     return root, read_matrix(root)
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own, so a process
+    group does not hold them all)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        out.add(q)
+        todo += children.get(q, [])
+    return out

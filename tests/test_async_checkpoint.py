@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, descendants
 from distgen import checkpoint as ckpt
 from distgen.dist import free_port
 from matrix import ACCEL, differences, launch_matrix, records
@@ -262,21 +262,6 @@ def _sharded_config(folder: Path, manifest: Path, async_checkpoint: bool) -> Pat
     return path
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process under it (torch's launcher starts each worker in a session of its own: a process
-    group kill would miss them)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, fm_test_shards):
     """2 processes under FSDP2 (gloo), every fsync held 0.1 s (a slow disk: the background write outlasts a step).
@@ -291,7 +276,7 @@ def sharded(tmp_path_factory, fm_test_shards):
               "-m", "distgen", "train", str(cfg)]
     p = _start_and_catch_write(slow + launch, [ckpt.tmp_dir(ckpts, 4), ckpt.step_dir(ckpts, 4)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for pid in _tree(p.pid):
+    for pid in descendants(p.pid):
         os.kill(pid, signal.SIGKILL)
     p.wait(30)
     left = {"folders": [f.name for f in ckpt.checkpoint_folders(ckpts)],

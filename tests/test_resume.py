@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, descendants
 from distgen import checkpoint as ckpt
 from distgen import phema
 from matrix import MODELS, STEPS, STOP, TRAIN, VARIANTS, differences, edm2_off_sphere, \
@@ -82,25 +82,6 @@ def _env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def _descendants(pid: int) -> set[int]:
-    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own, so a process
-    group does not hold them all)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        q = todo.pop()
-        out.add(q)
-        todo += children.get(q, [])
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -126,13 +107,13 @@ def test_a_run_killed_mid_step_resumes_exactly(trained, tmp_path):
                 break
             time.sleep(0.02)
         assert p.poll() is None, "the run ended before it could be killed"
-        tree = _descendants(p.pid)
+        tree = descendants(p.pid)
         assert len(tree) >= 3  # the launcher and two ranks
         for q in tree:
             os.kill(q, signal.SIGKILL)
         p.wait(30)
     finally:
-        for q in _descendants(p.pid) if p.poll() is None else ():
+        for q in descendants(p.pid) if p.poll() is None else ():
             os.kill(q, signal.SIGKILL)
     deadline = time.time() + 30
     while any(_alive(q) for q in tree) and time.time() < deadline:
