@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,7 +91,11 @@ class Train:
         if code == 0 or state == "finished":  # a signal after the end checkpoint can fail the launcher
             return "done"
         if state == "preempted":
-            time.sleep(3600)  # the checkpoint is written; task 0 is requeueing the job, which ends this one
+            # The checkpoint is written; task 0 is requeueing the job, which ends this task with SIGTERM.
+            # submitit's handler ignores that signal on tasks other than 0 (so as not to end the job early),
+            # which left the requeue waiting SLURM's KillWait (30 s by default) for this task: let it end it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(3600)
         raise RuntimeError(f"training exited with status {code}")
 
     def checkpoint(self):

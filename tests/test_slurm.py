@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,12 @@ def _preempt_after_first_checkpoint(job: str, run_dir: Path, signal: list[str] =
     subprocess.run(["scancel", *signal, job], check=True)
 
 
+def _kill_wait() -> float:
+    """SLURM's KillWait: seconds between the SIGTERM that ends a job's tasks and the SIGKILL."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return float(next(l for l in out.splitlines() if l.startswith("KillWait")).split("=")[1].split()[0])
+
+
 def _steps(run_dir: Path) -> list[int]:
     return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -92,6 +99,13 @@ def test_submitit_two_machines_preempted_and_requeued_end_as_an_uninterrupted_ru
     assert "2 process(es)" in log and "resumed from" in log  # 2 machine ranks met over loopback
     steps = _steps(tmp_path / "run")
     assert steps == sorted(set(steps)) and steps[-1] == 30  # the step count went on from the checkpoint
+    # The requeue ends every task with SIGTERM, and SLURM kills a task that outlives it after KillWait. The job
+    # starts again once all are gone (plus the credential's expiry and a scheduling pass), so a task that waited
+    # for the kill would put KillWait between the requeue and the restart.
+    stamps = lambda text: [datetime.strptime(l.split("(", 1)[1].split(")", 1)[0], "%Y-%m-%d %H:%M:%S,%f")  # noqa
+                           for l in log.splitlines() if l.startswith("submitit ") and text in l]
+    requeued, restarted = stamps("Requeued job")[0], stamps("Starting with JobEnvironment")[1]
+    assert (restarted - requeued).total_seconds() < _kill_wait(), (requeued, restarted)
 
     # The same config straight through, 2 processes on one machine: identical final weights.
     ref = tmp_path / "ref"
