@@ -290,6 +290,36 @@ def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, ho
 
 
 @pytest.mark.e2e
+def test_a_native_crash_prints_every_threads_python_stack(tmp_path, fm_test_shards):
+    """A crash below Python (an abort in a collective's library, a kernel's segfault) leaves the job's log the
+    stack of each thread, naming where the loop was, rather than only the launcher's exit code."""
+    cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
+    c = __import__("yaml").safe_load(cfg.read_text())
+    reading = tmp_path / "reading"
+    c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
+    cfg.write_text(__import__("yaml").safe_dump(c))
+    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not reading.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGABRT)  # what glibc raises on a corrupted heap
+        rc = p.wait(60)
+        out = p.stdout.read()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc == -signal.SIGABRT, out[-2000:]
+    assert "Fatal Python error: Aborted" in out, out[-2000:]
+    stack = out.split("Fatal Python error: Aborted", 1)[1]
+    assert "Current thread" in stack and 'distgen/train.py", line' in stack, stack[-3000:]
+
+
+@pytest.mark.e2e
 def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_shards):
     run_dir = tmp_path / "run"
     cfg = _tiny(tmp_path, fm_test_shards, run_dir)

@@ -9,6 +9,7 @@ run's calls stop at the first that fails. OUT gets, per run, each call's return 
 its crash (traceback), and its seconds.
 """
 
+import faulthandler
 import gc
 import json
 import os
@@ -21,6 +22,9 @@ from distgen.config import load_config
 from distgen.errors import ERRORS
 from distgen.train import train
 
+# A native crash (a malloc abort was seen once in the FSDP2 matrix, and not again in 17 reruns) prints every
+# thread's Python stack, naming the run and the call that died.
+faulthandler.enable(all_threads=True)
 spec, out = json.load(open(sys.argv[1])), sys.argv[2]
 results = []
 for item in spec:
