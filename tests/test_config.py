@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from distgen.config import ConfigError, load_config, to_dict
+from test_train import run
 
 
 @pytest.fixture
@@ -86,13 +87,13 @@ def test_resolved_config_round_trips(cfg_file, tmp_path):
 
 
 def test_cli_dry_run_and_error(cfg_file, env_with_repo):
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg_file), "train.batch_size=16", "--dry-run"],
-                       capture_output=True, text=True, env=env_with_repo)
+    r = run([sys.executable, "-m", "distgen", "train", str(cfg_file), "train.batch_size=16", "--dry-run"],
+            env_with_repo, check=False)
     assert r.returncode == 0, r.stderr
     shown = yaml.safe_load(r.stdout)
     assert shown["train"]["batch_size"] == 16 and shown["run"]["name"] == "exp1"
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg_file), "data.workers=-1", "--dry-run"],
-                       capture_output=True, text=True, env=env_with_repo)
+    r = run([sys.executable, "-m", "distgen", "train", str(cfg_file), "data.workers=-1", "--dry-run"],
+            env_with_repo, check=False)
     assert r.returncode == 2 and "data.workers: must be >= 0, got -1" in r.stderr
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from test_train import run as distgen_run  # in this process: no 7 s of imports per call
 from distgen import phema
 from distgen.cli import main as cli
 from distgen.config import ConfigError, load_config
@@ -193,8 +194,7 @@ def test_train_refuses_a_folder_it_did_not_make(tmp_path, fm_test_shards):
     before = _tree(tmp_path)
     cfg = _tiny(tmp_path / "cfg", fm_test_shards, mine)
     after_cfg = _tree(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"distgen: error: run.dir {mine}: a folder of other files")
     assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith("cfg")} == before
@@ -216,8 +216,7 @@ def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_pat
         for line in first.stdout:  # held after its first periodic checkpoint, the lock taken
             if "holding after the periodic checkpoint" in line:
                 break
-        r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                           text=True, timeout=300)
+        r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
         assert r.returncode == 2, r.stderr[-3000:]
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"distgen: error: run.dir {run_dir}: another distgen train is training in it "
@@ -227,8 +226,7 @@ def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_pat
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout and "done at step 8" in r.stdout
 
@@ -237,8 +235,7 @@ def test_one_trainer_per_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_pat
 def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_test_shards):
     run_dir = tmp_path / ("x" * 300) / "run"
     cfg = _tiny(tmp_path, fm_test_shards, run_dir)
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"distgen: error: run.dir {run_dir}: cannot be written (") and "shorter name" in last, last
@@ -348,8 +345,7 @@ def test_ctrl_c_during_training_ends_with_one_line_and_130(tmp_path, fm_test_sha
 def tiny_run(tmp_path_factory, fm_test_shards):
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = _tiny(root, fm_test_shards, root / "run", total_kimg=0.016)
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
 
@@ -404,8 +400,7 @@ def tmpfs(tmp_path):
 def test_a_full_or_read_only_disk_is_one_line_with_the_path_and_what_to_do(tmp_path, fm_test_shards, tmpfs, case):
     fs = tmpfs("1M", ro=case == "read-only")
     cfg = _tiny(tmp_path, fm_test_shards, fs / "run")
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = distgen_run([sys.executable, "-m", "distgen", "train", str(cfg)], _env(), check=False)
     assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from distgen.evaluate import refstats
 from distgen.evaluate.command import format_results
 from distgen.evaluate.extractors import BUNDLED, DOMAIN_FORMAT, Extractor
 from conftest import REPO
-from test_train import tiny_config
+from test_train import run, tiny_config
 
 D = 256  # the bundled Fashion-MNIST extractor's features (ResNet of width 32: 8 x 32)
 EPS32 = float(np.finfo(np.float32).eps)
@@ -261,8 +260,7 @@ def run_dir(tmp_path_factory, shards):
     cfg = tiny_config(root, shards, train={"total_kimg": 0.008, "log_every": 1, "checkpoint_every": 1,
                                            "sample_every": 0})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "distgen", "train", str(cfg)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
+    r = run([sys.executable, "-m", "distgen", "train", str(cfg)], env, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
 
