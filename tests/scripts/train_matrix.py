@@ -9,6 +9,7 @@ run's calls stop at the first that fails. OUT gets, per run, each call's return 
 its crash (traceback), and its seconds.
 """
 
+import atexit
 import faulthandler
 import gc
 import json
@@ -48,7 +49,12 @@ for item in spec:
     results.append(rec)
     print(f"train_matrix: {item['name']}: {rec['calls']}"[:300], flush=True)
 rank = int(os.environ.get("RANK", "0"))
-json.dump(results, open(out if rank == 0 else f"{out}.rank{rank}", "w"), indent=1)
-# Every process group left before exit, as every distgen command does (cli.py): gloo's threads left to interpreter
-# teardown were seen to abort a finished process (exit -6).
+with open(out if rank == 0 else f"{out}.rank{rank}", "w") as f:
+    json.dump(results, f, indent=1)
+# Every process group left, and then the interpreter's teardown skipped, as `python -m distgen` does under a
+# multi-process launch: that teardown was seen to abort a finished process (exit -6).
 dist.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+atexit._run_exitfuncs()
+os._exit(0)
