@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -242,6 +243,30 @@ def test_a_name_too_long_is_reported_with_the_path_and_what_to_do(tmp_path, fm_t
 
 
 # ----------------------------------------------------------------------------- signals
+def _stuck_on_its_data(tmp_path: Path, fm_test_shards: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """A fresh `distgen train` in a session of its own, returned once its first step waits for data that never
+    comes (a pipe whose command sleeps); stdout and stderr together in its stdout."""
+    cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
+    c = __import__("yaml").safe_load(cfg.read_text())
+    reading = tmp_path / "reading"  # made by the pipe's command: the first step is waiting for its data
+    c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
+    cfg.write_text(__import__("yaml").safe_dump(c))
+    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), **(env or {})},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not reading.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return p
+
+
+def _kill_session(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # the pipe's sleep, orphaned by the exit
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.parametrize("how", ["watchdog", "duplicate", "second-signal"])
 @pytest.mark.e2e
 def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, how):
@@ -250,20 +275,9 @@ def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, ho
     (SLURM and torch's launcher both deliver it, within milliseconds) is not a second one."""
     from distgen.preemption import DUPLICATE_S
 
-    cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
-    c = __import__("yaml").safe_load(cfg.read_text())
-    reading = tmp_path / "reading"  # made by the pipe's command: the first step is waiting for its data
-    c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
-    cfg.write_text(__import__("yaml").safe_dump(c))
     grace = 30 if how == "second-signal" else 3
-    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)],
-                         env={**_env(), "DISTGEN_SIGNAL_GRACE": str(grace)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = _stuck_on_its_data(tmp_path, fm_test_shards, {"DISTGEN_SIGNAL_GRACE": str(grace)})
     try:
-        deadline = time.time() + 120
-        while not reading.exists() and p.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
         t0 = time.time()
         p.send_signal(signal.SIGTERM)
         if how != "watchdog":
@@ -273,10 +287,7 @@ def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, ho
         took = time.time() - t0
         out = p.stdout.read()
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the pipe's sleep, orphaned by the exit
-        except ProcessLookupError:
-            pass
+        _kill_session(p)
     assert rc == 75, out[-2000:]
     if how == "second-signal":
         assert "a second signal (SIGTERM)" in out and took < DUPLICATE_S + 3, (took, out[-1000:])
@@ -290,26 +301,13 @@ def test_a_signal_ends_a_run_whose_step_never_comes(tmp_path, fm_test_shards, ho
 def test_a_native_crash_prints_every_threads_python_stack(tmp_path, fm_test_shards):
     """A crash below Python (an abort in a collective's library, a kernel's segfault) leaves the job's log the
     stack of each thread, naming where the loop was, rather than only the launcher's exit code."""
-    cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
-    c = __import__("yaml").safe_load(cfg.read_text())
-    reading = tmp_path / "reading"
-    c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
-    cfg.write_text(__import__("yaml").safe_dump(c))
-    p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = _stuck_on_its_data(tmp_path, fm_test_shards)
     try:
-        deadline = time.time() + 120
-        while not reading.exists() and p.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
         p.send_signal(signal.SIGABRT)  # what glibc raises on a corrupted heap
         rc = p.wait(60)
         out = p.stdout.read()
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_session(p)
     assert rc == -signal.SIGABRT, out[-2000:]
     assert "Fatal Python error: Aborted" in out, out[-2000:]
     stack = out.split("Fatal Python error: Aborted", 1)[1]
