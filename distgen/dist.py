@@ -98,6 +98,24 @@ def shutdown() -> None:
             pass
 
 
+def end_rank(code: int) -> None:
+    """End this process, one rank of a multi-process launch whose work is done: its process group left, stdout and
+    stderr flushed, Python's exit handlers run (logging, trackers, worker processes), then ``os._exit`` without
+    the interpreter's teardown. After the group was destroyed, that teardown was still seen to abort a rank that
+    had written its output ("terminate called without an active exception", exit -6, no Python frame left: a gloo
+    thread's objects freed as the interpreter went), failing the whole launch."""
+    import atexit
+    import sys
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def barrier() -> None:
     if initialized():
         td.barrier()

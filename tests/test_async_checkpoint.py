@@ -274,7 +274,7 @@ def sharded(tmp_path_factory, fm_test_shards):
     ckpts = root / "killed" / "run" / "checkpoints"
     launch = [*ACCEL, "--config_file", FSDP2, "--num_processes", "2", "--main_process_port", str(free_port()),
               "-m", "distgen", "train", str(cfg)]
-    for attempt in range(3):
+    for _ in range(3):
         p = _start_and_catch_write(slow + launch, [ckpt.tmp_dir(ckpts, 4), ckpt.step_dir(ckpts, 4)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for pid in descendants(p.pid):

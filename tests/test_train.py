@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -219,15 +218,15 @@ def test_zero3_ema_matches_ddp(tmp_path, fm_test_shards, env_with_repo):
     results = launch_matrix(spec, tmp_path, 2, "configs/accelerate/zero3.yaml")
     assert [c.get("rc") for n in ("ddp", "z3") for c in results[n]["calls"]] == [0, 0], results
     assert not (tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005" / "deepspeed").exists()
-    r = SimpleNamespace(stdout=(tmp_path / "launch.out").read_text())
-    assert "ZeRO-3" in r.stdout
+    out = (tmp_path / "launch.out").read_text()
+    assert "ZeRO-3" in out
     a = weights(tmp_path / "ddp" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     b = weights(tmp_path / "z3" / "run" / "checkpoints" / "step-00000005", "ema1-unet.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # Rank 0 holds its partition of both EMAs: half of every parameter, rounded up (DeepSpeed pads each to an even
     # count), not a whole copy
-    shards = re.search(r"EMAs kept as shards.*: unet (\d+) of (\d+) values on rank 0", r.stdout)
-    assert shards, r.stdout[-3000:]
+    shards = re.search(r"EMAs kept as shards.*: unet (\d+) of (\d+) values on rank 0", out)
+    assert shards, out[-3000:]
     held, whole = map(int, shards.groups())
     params = [k for k in a if a[k].is_floating_point()]
     assert whole == 2 * sum(a[k].numel() for k in params), (whole, params)

@@ -9,7 +9,6 @@ run's calls stop at the first that fails. OUT gets, per run, each call's return 
 its crash (traceback), and its seconds.
 """
 
-import atexit
 import faulthandler
 import gc
 import json
@@ -51,10 +50,4 @@ for item in spec:
 rank = int(os.environ.get("RANK", "0"))
 with open(out if rank == 0 else f"{out}.rank{rank}", "w") as f:
     json.dump(results, f, indent=1)
-# Every process group left, and then the interpreter's teardown skipped, as `python -m distgen` does under a
-# multi-process launch: that teardown was seen to abort a finished process (exit -6).
-dist.shutdown()
-sys.stdout.flush()
-sys.stderr.flush()
-atexit._run_exitfuncs()
-os._exit(0)
+dist.end_rank(0)  # as `python -m distgen` ends a rank: no interpreter teardown, which was seen to abort one
