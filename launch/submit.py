@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -91,11 +90,17 @@ class Train:
         if code == 0 or state == "finished":  # a signal after the end checkpoint can fail the launcher
             return "done"
         if state == "preempted":
-            # The checkpoint is written; task 0 is requeueing the job, which ends this task with SIGTERM.
-            # submitit's handler ignores that signal on tasks other than 0 (so as not to end the job early),
-            # which left the requeue waiting SLURM's KillWait (30 s by default) for this task: let it end it.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(3600)
+            if int(os.environ.get("SLURM_PROCID", 0)) != 0:
+                # This machine's part of the checkpoint is written and task 0's submitit handler is requeueing
+                # the job: this task is done. (Waiting for the requeue's SIGTERM to end it did not work: submitit
+                # ignores SIGTERM on tasks other than 0, so SLURM killed a waiting task only after KillWait,
+                # 30 s by default; restoring the default handler first still lost a SIGTERM that came while
+                # this machine's training was ending, seen under CI.)
+                print("distgen submit: preempted; this machine's part of the checkpoint is written", flush=True)
+                return "preempted"
+            # Task 0's training took a signal that this process did not get, so nothing requeues the job.
+            raise RuntimeError(f"{self.config}: training was stopped by a signal and checkpointed, but the job "
+                               "got no preemption signal and is not requeued; submit it again to resume")
         raise RuntimeError(f"training exited with status {code}")
 
     def checkpoint(self):
