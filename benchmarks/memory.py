@@ -158,7 +158,9 @@ def main() -> None:
     for model, nproc, engine, ckpt, r in rows:
         head = f"| {model} | {nproc} | {engine} | {'on' if ckpt else 'off'} |"
         if "error" in r:
-            print(f"{head} {r['error'][:100]} |||||||||")
+            why = r["error"].removeprefix("distgen: error: ")
+            why = why if len(why) <= 100 else why[:100].rsplit(" ", 1)[0] + " ..."  # a table cell, cut at a word
+            print(f"{head} {why} |||||||||")
             continue
         # speed against DDP without checkpointing: the recomputation's cost shows in the checkpointed rows
         d, p, base = ref.get((model, nproc, ckpt)), plain.get((model, nproc, engine)), ref.get((model, nproc, False))
