@@ -70,7 +70,8 @@ class Train:
         if run_state(self.config, self.overrides) == "finished":
             print(f"distgen submit: the run of {self.config} has already finished; nothing to do", flush=True)
             return "done"
-        cmd = train_command(self.config, self.overrides, self.procs, rendezvous())
+        place = rendezvous()
+        cmd = train_command(self.config, self.overrides, self.procs, place)
         print("distgen submit: " + " ".join(cmd), flush=True)
         env = dict(os.environ)
         tasks_here = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
@@ -90,7 +91,7 @@ class Train:
         if code == 0 or state == "finished":  # a signal after the end checkpoint can fail the launcher
             return "done"
         if state == "preempted":
-            if int(os.environ.get("SLURM_PROCID", 0)) != 0:
+            if place.machine_rank != 0:
                 # This machine's part of the checkpoint is written and task 0's submitit handler is requeueing
                 # the job: this task is done. (Waiting for the requeue's SIGTERM to end it did not work: submitit
                 # ignores SIGTERM on tasks other than 0, so SLURM killed a waiting task only after KillWait,
