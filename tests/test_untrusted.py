@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import yaml
 
 from conftest import REPO
 from test_train import run as distgen_run  # in this process: no 7 s of imports per call
@@ -178,9 +179,9 @@ def _tiny(tmp_path: Path, manifest: Path, run_dir: Path, **train) -> Path:
     from test_train import tiny_config
 
     cfg = tiny_config(tmp_path, manifest, train={"checkpoint_every": 2, "log_every": 2, **train})
-    c = __import__("yaml").safe_load(cfg.read_text())
+    c = yaml.safe_load(cfg.read_text())
     c["run"]["dir"] = str(run_dir)
-    cfg.write_text(__import__("yaml").safe_dump(c))
+    cfg.write_text(yaml.safe_dump(c))
     return cfg
 
 
@@ -247,10 +248,10 @@ def _stuck_on_its_data(tmp_path: Path, fm_test_shards: Path, env: Optional[dict]
     """A fresh `distgen train` in a session of its own, returned once its first step waits for data that never
     comes (a pipe whose command sleeps); stdout and stderr together in its stdout."""
     cfg = _tiny(tmp_path, fm_test_shards, tmp_path / "run")
-    c = __import__("yaml").safe_load(cfg.read_text())
+    c = yaml.safe_load(cfg.read_text())
     reading = tmp_path / "reading"  # made by the pipe's command: the first step is waiting for its data
     c["data"].update(train=[f"pipe:touch {reading} && sleep 120"], workers=0)
-    cfg.write_text(__import__("yaml").safe_dump(c))
+    cfg.write_text(yaml.safe_dump(c))
     p = subprocess.Popen([sys.executable, "-m", "distgen", "train", str(cfg)], env={**_env(), **(env or {})},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
